@@ -1,0 +1,45 @@
+"""The `k2jax` command: one subcommand per module, each module owning its own arguments.
+
+A subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
+`func` (called with the parsed args, returns an exit code). Adding a command is one line in
+SUBCOMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from k2jax.errors import UserError
+
+SUBCOMMAND_MODULES = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k2jax",
+        description="K2-65B pretraining in JAX/Flax: train, data order, conversion, checks.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"k2jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
