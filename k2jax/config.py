@@ -110,6 +110,9 @@ class DataConfig:
     global_batch_size: int = 2040
     micro_batch_size: int = 2040  # rows per accumulation micro-step, over the whole mesh
     start_row: int = 0  # global row offset added to step * global_batch_size
+    # [start, count] global row windows moved to the end of the order, applied in turn
+    # (what K2's team did by hand after a malignant loss spike; rollback appends here).
+    moved_row_ranges: list[list[int]] = dataclasses.field(default_factory=list)
     worker_count: int = 0
     prefetch: int = 2
 
@@ -125,6 +128,10 @@ class DataConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError("data.micro_batch_size", f"{self.micro_batch_size} does not divide "
                               f"data.global_batch_size={self.global_batch_size}")
+        for i, window in enumerate(self.moved_row_ranges):
+            if len(window) != 2 or window[0] < 0 or window[1] <= 0:
+                raise ConfigError(f"data.moved_row_ranges[{i}]", f"expected [start >= 0, count > 0], "
+                                  f"got {window}")
         if self.source == "k2" and not self.path:
             raise ConfigError("data.path", "required when data.source is 'k2'")
 
