@@ -106,6 +106,7 @@ class DataConfig:
     path: Optional[str] = None  # directory of chunk_{i}.jsonl (and its index / packed form)
     order: Union[str, list[int]] = "k2-stage1"  # preset name or explicit chunk id list
     format: Literal["auto", "jsonl", "packed"] = "auto"
+    index_dir: Optional[str] = None  # line-offset index of jsonl chunks; None: <path>/.k2index
     seq_len: int = 2048
     global_batch_size: int = 2040
     micro_batch_size: int = 2040  # rows per accumulation micro-step, over the whole mesh
@@ -134,6 +135,12 @@ class DataConfig:
                                   f"got {window}")
         if self.source == "k2" and not self.path:
             raise ConfigError("data.path", "required when data.source is 'k2'")
+        if isinstance(self.order, list) and (not self.order or min(self.order) < 0):
+            raise ConfigError("data.order", f"expected a preset name or a non-empty list of "
+                              f"chunk ids >= 0, got {self.order}")
+        if self.worker_count < 0 or self.prefetch < 0:
+            raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
+                              f"{self.worker_count} and {self.prefetch}")
 
 
 @dataclasses.dataclass
@@ -364,8 +371,13 @@ def model_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelCo
     """Derive a ModelConfig from a Hugging Face LlamaForCausalLM config.json dict."""
     if hf_config.get("model_type") not in (None, "llama"):
         raise UserError(f"config.json: model_type {hf_config.get('model_type')!r} is not 'llama'")
-    if hf_config.get("rope_scaling"):
-        raise UserError("config.json: rope_scaling is not supported (K2 uses none)")
+    # Older configs (K2's) carry rope_theta/rope_scaling; transformers 5 writes rope_parameters.
+    rope = hf_config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    if hf_config.get("rope_scaling") or rope_type != "default":
+        raise UserError("config.json: rope scaling is not supported (K2 uses none), got "
+                        f"{hf_config.get('rope_scaling') or rope}")
+    rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         raise UserError("config.json: attention_bias/mlp_bias are not supported (K2 has no biases)")
     num_heads = hf_config["num_attention_heads"]
@@ -378,7 +390,7 @@ def model_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelCo
         num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
         head_dim=hf_config.get("head_dim"),
         max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-        rope_theta=float(hf_config.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
         initializer_range=float(hf_config.get("initializer_range", 0.02)),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),

@@ -1,0 +1,1 @@
+"""Hugging Face interop: the one name/layout table and in-memory conversions."""

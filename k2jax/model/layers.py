@@ -1,0 +1,119 @@
+"""The building blocks of a K2 decoder layer. No biases anywhere (K2 has none).
+
+Parameters are stored in `param_dtype` (fp32 master weights) and cast to `compute_dtype`
+(bf16 for K2) at use. Every parameter carries logical axis names; k2jax/sharding maps them to
+mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from k2jax.config import ModelConfig
+from k2jax.model.attention_core import dot_product_attention
+from k2jax.model.rope import apply_rope
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+                  init, dtype) -> jnp.ndarray:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def constrain(x: jnp.ndarray, axes: tuple[Optional[str], ...]) -> jnp.ndarray:
+    """Sharding hint for activations; a no-op outside a mesh with logical axis rules."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """y = scale * x / sqrt(mean(x^2) + eps), normalised in fp32 as Hugging Face Llama does."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxE: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.config
+        scale_E = logical_param(self, "scale", (cfg.hidden_size,), ("norm",), nn.initializers.ones,
+                                dtype_of(cfg.param_dtype))
+        x32 = x_BxSxE.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        compute = dtype_of(cfg.compute_dtype)
+        return scale_E.astype(compute) * x32.astype(compute)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
+        cfg = self.config
+        head_dim = cfg.resolved_head_dim
+        init = nn.initializers.normal(cfg.initializer_range)
+        pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        e, n, k = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
+
+        def proj(name, shape, axes):
+            return logical_param(self, name, shape, axes, init, pdtype).astype(compute)
+
+        wq_ExNxD = proj("q_proj", (e, n, head_dim), ("embed", "heads", "head_dim"))
+        wk_ExKxD = proj("k_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
+        wv_ExKxD = proj("v_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
+        wo_NxDxE = proj("o_proj", (n, head_dim, e), ("heads", "head_dim", "embed"))
+
+        q = checkpoint_name(jnp.einsum("bse,end->bsnd", x_BxSxE, wq_ExNxD), "query_proj")
+        key = checkpoint_name(jnp.einsum("bse,ekd->bskd", x_BxSxE, wk_ExKxD), "key_proj")
+        value = checkpoint_name(jnp.einsum("bse,ekd->bskd", x_BxSxE, wv_ExKxD), "value_proj")
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        q, key = apply_rope(q, cos_BxSxD, sin_BxSxD), apply_rope(key, cos_BxSxD, sin_BxSxD)
+        out_BxSxNxD = dot_product_attention(
+            q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
+            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+        out_BxSxE = jnp.einsum("bsnd,nde->bse", out_BxSxNxD, wo_NxDxE)
+        return checkpoint_name(out_BxSxE, "attention_out")
+
+
+class Mlp(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxE):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
+        w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
+        w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"), init, pdtype)
+        gate_BxSxM = jnp.einsum("bse,em->bsm", x_BxSxE, w_gate_ExM.astype(compute))
+        up_BxSxM = jnp.einsum("bse,em->bsm", x_BxSxE, w_up_ExM.astype(compute))
+        hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))
+        out_BxSxE = jnp.einsum("bsm,me->bse", hidden_BxSxM, w_down_MxE.astype(compute))
+        return checkpoint_name(out_BxSxE, "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Scan-compatible signature."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
+        x_BxSxE = constrain(x_BxSxE, ("batch", "length", "embed"))
+        h = RMSNorm(self.config, name="input_norm")(x_BxSxE)
+        x_BxSxE = x_BxSxE + Attention(self.config, name="attention")(
+            h, cos_BxSxD, sin_BxSxD, segment_ids_BxS)
+        h = RMSNorm(self.config, name="post_attention_norm")(x_BxSxE)
+        x_BxSxE = x_BxSxE + Mlp(self.config, name="mlp")(h)
+        return x_BxSxE, None

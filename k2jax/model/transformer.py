@@ -1,0 +1,82 @@
+"""The K2 decoder-only transformer (Hugging Face LlamaForCausalLM, exactly).
+
+Layers are scanned by default (`model.scan_layers`): one layer is traced and compiled whatever
+the depth, and its parameters are stacked on a leading "layers" axis. Remat policies trade
+recomputation for activation memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax.config import ModelConfig
+from k2jax.model.layers import DecoderLayer, RMSNorm, constrain, dtype_of, logical_param
+from k2jax.model.rope import rope_cos_sin
+
+_SAVED_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
+
+
+def remat_policy(name: str):
+    """jax.checkpoint policy for `model.remat` (None: no remat at all)."""
+    policies = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": policies.nothing_saveable,
+        "save_dots": policies.checkpoint_dots,
+        "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_out": policies.save_only_these_names(*_SAVED_PROJECTIONS),
+    }[name]
+
+
+class K2Model(nn.Module):
+    """tokens int32 [B, S] -> logits float32 [B, S, vocab]."""
+
+    config: ModelConfig
+
+    def _layer_class(self):
+        cfg = self.config
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat),
+                             prevent_cse=not cfg.scan_layers)
+        return layer
+
+    @nn.compact
+    def __call__(self, tokens_BxS: jnp.ndarray, positions_BxS: Optional[jnp.ndarray] = None,
+                 segment_ids_BxS: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+        cfg = self.config
+        pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        init = nn.initializers.normal(cfg.initializer_range)
+        if positions_BxS is None:
+            positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+
+        embedding_VxE = logical_param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size),
+                                      ("vocab", "embed"), init, pdtype)
+        x_BxSxE = jnp.take(embedding_VxE, tokens_BxS, axis=0).astype(compute)
+        x_BxSxE = constrain(x_BxSxE, ("batch", "length", "embed"))
+        cos, sin = rope_cos_sin(positions_BxS, cfg.resolved_head_dim, cfg.rope_theta, compute)
+
+        layer = self._layer_class()
+        if cfg.scan_layers:
+            scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxSxE, _ = scanned(cfg, name="layers")(x_BxSxE, cos, sin, segment_ids_BxS)
+        else:
+            for i in range(cfg.num_layers):
+                x_BxSxE, _ = layer(cfg, name=f"layers_{i}")(x_BxSxE, cos, sin, segment_ids_BxS)
+
+        x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)
+        if cfg.tie_word_embeddings:
+            head_ExV = embedding_VxE.T
+        else:
+            head_ExV = logical_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
+                                     ("embed", "vocab"), init, pdtype)
+        logits = jnp.einsum("bse,ev->bsv", x_BxSxE, head_ExV.astype(compute),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
