@@ -57,9 +57,16 @@ class StepBatches:
 
 
 def make_row_source(config: Config, seed: int) -> RowSource:
-    if config.data.source == "synthetic":
-        return SyntheticSource(config.model.vocab_size, config.data.seq_len, seed)
-    raise UserError(f"data.source={config.data.source!r} is not available yet")
+    """The rows of `config.data` in training order (seed only matters for synthetic data)."""
+    data = config.data
+    if data.source == "synthetic":
+        return SyntheticSource(config.model.vocab_size, data.seq_len, seed)
+    if data.source == "k2":
+        from k2jax.data.chunked_source import open_chunk_source  # keeps synthetic runs light
+
+        return open_chunk_source(data.path, data.order, data.seq_len, config.model.vocab_size,
+                                 data.format, data.index_dir)
+    raise UserError(f"config key 'data.source': unknown source {data.source!r}")
 
 
 def make_step_batches(config: Config, process_index: int = 0, process_count: int = 1

@@ -1,0 +1,104 @@
+"""Names and small I/O helpers for K2Datasets chunk files, local or on GCS (via etils.epath).
+
+Layout of a data directory (all optional except the chunks of the form in use):
+  chunk_{i}.jsonl                 K2Datasets rows, one JSON object per line
+  .k2index/chunk_{i}.offsets.npy  byte offset of every line start, plus the file size (int64)
+  .k2index/chunk_{i}.json         manifest: line count, file size, mtime when indexed
+  chunk_{i}.tokens.u16            packed rows, uint16 [num_rows, seq_len], row-major
+  chunk_{i}.mask.u8               packed tgt_mask, uint8 [num_rows, seq_len] (only if any)
+  chunk_{i}.packed.json           packed manifest
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+from etils import epath
+
+from k2jax.errors import UserError
+
+INDEX_DIRNAME = ".k2index"
+_CHUNK_RE = re.compile(r"^chunk_(\d+)\.(jsonl|packed\.json)$")
+
+
+def jsonl_path(data_dir: epath.Path, chunk_id: int) -> epath.Path:
+    return data_dir / f"chunk_{chunk_id}.jsonl"
+
+
+def default_index_dir(data_dir: epath.Path) -> epath.Path:
+    return data_dir / INDEX_DIRNAME
+
+
+def resolve_index_dir(data_dir: epath.Path, index_dir: Optional[str | os.PathLike]) -> epath.Path:
+    """The index directory: explicit (for read-only data dirs) or DATA_DIR/.k2index."""
+    return epath.Path(index_dir) if index_dir else default_index_dir(data_dir)
+
+
+def find_chunk_ids(data_dir: epath.Path, kind: str = "jsonl") -> list[int]:
+    """Sorted ids of `chunk_{i}.jsonl` (kind 'jsonl') or packed chunks (kind 'packed')."""
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: not a directory")
+    wanted = "jsonl" if kind == "jsonl" else "packed.json"
+    ids = []
+    for name in data_dir.listdir() if hasattr(data_dir, "listdir") else os.listdir(data_dir):
+        match = _CHUNK_RE.match(str(name))
+        if match and match.group(2) == wanted:
+            ids.append(int(match.group(1)))
+    return sorted(ids)
+
+
+def file_signature(path: epath.Path) -> dict[str, int]:
+    """What identifies a file's version: size in bytes and modification time (seconds)."""
+    try:
+        stat = path.stat()
+    except (FileNotFoundError, OSError):
+        raise UserError(f"{path}: not found")
+    return {"size": int(stat.length), "mtime": int(stat.mtime)}
+
+
+def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
+    """Write via a temporary sibling and rename, so a crash never leaves a complete-looking file."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_json_atomic(path: epath.Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_npy_atomic(path: epath.Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def read_json(path: epath.Path) -> Optional[dict]:
+    """Parsed JSON, or None when the file does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); delete it "
+                        f"and re-run the command that wrote it")
+
+
+def read_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
+    """A .npy array; memory-mapped when the file is local (GCS files are read whole)."""
+    if mmap and is_local(path):
+        return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+    with path.open("rb") as f:
+        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+def is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)

@@ -1,0 +1,149 @@
+"""Reading rows of K2Datasets `chunk_{i}.jsonl` files through their line-offset index.
+
+A row is one JSON object per line: `token_ids` (seq_len ints in [0, vocab_size)), optional
+`tgt_mask` (seq_len 0/1 values, the per-target-token loss mask), other fields ignored. Every
+problem is a UserError naming the file and the 1-based line; bad rows are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+from etils import epath
+
+from k2jax.data import chunk_files
+from k2jax.data.chunk_index import ChunkIndex
+from k2jax.errors import UserError
+
+
+def parse_row(line: bytes, path: object, line_number: int, seq_len: int, vocab_size: int
+              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """One JSON line -> tokens int32 [seq_len] and tgt_mask uint8 [seq_len] (None if absent).
+
+    `line_number` is 1-based (it is only used in messages).
+    """
+    where = f"{path}:{line_number}"
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = "empty line" if not line.strip() else f"malformed JSON ({getattr(err, 'msg', err)})"
+        raise UserError(f"{where}: {problem}") from None
+    if not isinstance(obj, dict) or "token_ids" not in obj:
+        raise UserError(f"{where}: expected a JSON object with a 'token_ids' field")
+    tokens = _int_array(obj["token_ids"], where, "token_ids", seq_len)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise UserError(f"{where}: token id {bad} is outside [0, {vocab_size}) "
+                        f"(model.vocab_size)")
+    tgt_mask = None
+    if obj.get("tgt_mask") is not None:
+        tgt_mask = _int_array(obj["tgt_mask"], where, "tgt_mask", seq_len)
+        if tgt_mask.min() < 0 or tgt_mask.max() > 1:
+            raise UserError(f"{where}: tgt_mask values must be 0 or 1")
+        tgt_mask = tgt_mask.astype(np.uint8)
+    return tokens.astype(np.int32), tgt_mask
+
+
+def _int_array(value: object, where: str, field: str, seq_len: int) -> np.ndarray:
+    if not isinstance(value, list):
+        raise UserError(f"{where}: '{field}' is not a list")
+    if len(value) != seq_len:
+        raise UserError(f"{where}: '{field}' has {len(value)} entries, expected "
+                        f"data.seq_len={seq_len}")
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError):
+        raise UserError(f"{where}: '{field}' is not a flat list of integers") from None
+    if array.ndim != 1 or array.dtype.kind not in "iub":
+        raise UserError(f"{where}: '{field}' is not a flat list of integers")
+    return array.astype(np.int64)
+
+
+def consecutive_runs(lines: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split line numbers [n] into runs of consecutive increasing values.
+
+    Returns (index of the run's first element in `lines`, first line, length) per run: a batch
+    usually covers one or two runs, so it costs one read per run rather than one per row.
+    """
+    if len(lines) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(lines) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [len(lines)]])
+    return [(int(a), int(lines[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class JsonlChunkReader:
+    """Reads given lines of indexed chunk files: tokens int32 [n, S], tgt_mask or None.
+
+    Local files use os.pread on a cached descriptor (thread-safe: Grain reads batches from
+    several threads); GCS files are opened per read run.
+    """
+
+    def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int):
+        self.index = index
+        self.line_counts = index.line_counts
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, chunk_id: int) -> epath.Path:
+        return chunk_files.jsonl_path(self.index.data_dir, chunk_id)
+
+    def _read_bytes(self, chunk_id: int, start: int, size: int) -> bytes:
+        path = self.path(chunk_id)
+        if chunk_files.is_local(path):
+            with self._lock:
+                fd = self._fds.get(chunk_id)
+                if fd is None:
+                    fd = self._fds[chunk_id] = os.open(os.fspath(path), os.O_RDONLY)
+            data = os.pread(fd, size, start)
+        else:
+            with path.open("rb") as f:
+                f.seek(start)
+                data = f.read(size)
+        if len(data) != size:
+            raise UserError(f"{path}: shorter than its index says; re-run `k2jax data index`")
+        return data
+
+    def read_lines(self, chunk_id: int, lines: np.ndarray
+                   ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        lines = np.asarray(lines, np.int64)
+        offsets = self.index.offsets(chunk_id)
+        tokens = np.empty((len(lines), self.seq_len), np.int32)
+        tgt_mask: Optional[np.ndarray] = None
+        path = self.path(chunk_id)
+        for first_index, first_line, count in consecutive_runs(lines):
+            span = np.asarray(offsets[first_line:first_line + count + 1], np.int64)
+            data = self._read_bytes(chunk_id, int(span[0]), int(span[-1] - span[0]))
+            starts = span - span[0]
+            for k in range(count):
+                line = data[starts[k]:starts[k + 1]]
+                row_tokens, row_mask = parse_row(line, path, first_line + k + 1, self.seq_len,
+                                                 self.vocab_size)
+                tokens[first_index + k] = row_tokens
+                if row_mask is not None:
+                    if tgt_mask is None:
+                        tgt_mask = np.ones((len(lines), self.seq_len), np.uint8)
+                    tgt_mask[first_index + k] = row_mask
+        return tokens, tgt_mask
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

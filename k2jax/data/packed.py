@@ -1,0 +1,246 @@
+"""The packed form of chunk files: fixed-stride uint16 token rows, memory-mapped.
+
+Per chunk id (ids kept, so every order preset works on packed data too):
+  chunk_{i}.tokens.u16   uint16 [num_rows, seq_len] row-major, no header (K2's 32032 < 65536)
+  chunk_{i}.mask.u8      uint8  [num_rows, seq_len] tgt_mask; only when some row has one
+                         (rows without a tgt_mask get all ones, which means the same)
+  chunk_{i}.packed.json  manifest, written last: its presence marks a complete chunk
+Row j of the packed chunk is line j of the jsonl chunk, exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from typing import Optional, Sequence
+
+import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from k2jax.data import chunk_files
+from k2jax.data.chunk_index import ChunkIndex
+from k2jax.data.jsonl_source import consecutive_runs, parse_row
+from k2jax.errors import UserError
+
+PACKED_VERSION = 1
+TOKEN_DTYPE = np.uint16
+_ROWS_PER_WRITE = 1024
+
+
+def tokens_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
+    return out_dir / f"chunk_{chunk_id}.tokens.u16"
+
+
+def mask_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
+    return out_dir / f"chunk_{chunk_id}.mask.u8"
+
+
+def packed_manifest_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
+    return out_dir / f"chunk_{chunk_id}.packed.json"
+
+
+def _temp_sibling(path: epath.Path) -> epath.Path:
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signature: dict,
+               seq_len: int, vocab_size: int, counter=None) -> dict:
+    """Rewrite one indexed jsonl chunk into its packed form; returns the manifest."""
+    data_dir, out_dir = epath.Path(data_dir), epath.Path(out_dir)
+    source = chunk_files.jsonl_path(data_dir, chunk_id)
+    tok_tmp = _temp_sibling(tokens_path(out_dir, chunk_id))
+    mask_tmp = _temp_sibling(mask_path(out_dir, chunk_id))
+    any_mask = False
+    max_token = -1
+    rows = 0
+    try:
+        with source.open("rb") as src, tok_tmp.open("wb") as tok_out, mask_tmp.open("wb") as mask_out:
+            tok_buf = np.empty((_ROWS_PER_WRITE, seq_len), TOKEN_DTYPE)
+            mask_buf = np.ones((_ROWS_PER_WRITE, seq_len), np.uint8)
+            filled = 0
+            for line in src:
+                rows += 1
+                tokens, tgt_mask = parse_row(line, source, rows, seq_len, vocab_size)
+                tok_buf[filled] = tokens
+                mask_buf[filled] = 1 if tgt_mask is None else tgt_mask
+                any_mask = any_mask or tgt_mask is not None
+                max_token = max(max_token, int(tokens.max()))
+                filled += 1
+                if filled == _ROWS_PER_WRITE:
+                    tok_out.write(tok_buf.tobytes())
+                    mask_out.write(mask_buf.tobytes())
+                    filled = 0
+                    if counter is not None:
+                        with counter.get_lock():
+                            counter.value += _ROWS_PER_WRITE
+            tok_out.write(tok_buf[:filled].tobytes())
+            mask_out.write(mask_buf[:filled].tobytes())
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += filled
+        if rows != num_lines or chunk_files.file_signature(source) != signature:
+            raise UserError(f"{source}: changed since it was indexed; re-run `k2jax data index`")
+        tok_tmp.replace(tokens_path(out_dir, chunk_id))
+        if any_mask:
+            mask_tmp.replace(mask_path(out_dir, chunk_id))
+        else:
+            mask_tmp.unlink()
+            if mask_path(out_dir, chunk_id).exists():  # left over from an older pack
+                mask_path(out_dir, chunk_id).unlink()
+    except BaseException:
+        for tmp in (tok_tmp, mask_tmp):
+            if tmp.exists():
+                tmp.unlink()
+        raise
+    manifest = {"chunk_id": chunk_id, "num_rows": rows, "seq_len": seq_len,
+                "dtype": "uint16", "has_mask": any_mask, "max_token_id": max_token,
+                "source": {"file": source.name, **signature}, "version": PACKED_VERSION}
+    chunk_files.write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
+    return manifest
+
+
+_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _pack_in_worker(args: tuple) -> dict:
+    return pack_chunk(*args, counter=_counter)
+
+
+def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                chunk_ids: Optional[Sequence[int]] = None, seq_len: int = 2048,
+                vocab_size: int = 32032, index_dir: Optional[str | os.PathLike] = None,
+                workers: int = 1, progress: bool = True) -> list[dict]:
+    """Pack indexed jsonl chunks (all, or `chunk_ids`) into `out_dir`, `workers` at a time.
+
+    A chunk whose packed manifest already records the same source size and mtime is skipped.
+    """
+    if vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise UserError(f"model.vocab_size={vocab_size} does not fit the packed form's uint16")
+    data_dir, out_path = epath.Path(data_dir), epath.Path(out_dir)
+    ids = list(chunk_ids) if chunk_ids is not None else chunk_files.find_chunk_ids(data_dir)
+    if not ids:
+        raise UserError(f"{data_dir}: no chunk_*.jsonl files to pack")
+    index = ChunkIndex(data_dir, ids, index_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    jobs, done = [], []
+    for chunk_id in index.chunk_ids:
+        signature = chunk_files.file_signature(chunk_files.jsonl_path(data_dir, chunk_id))
+        old = chunk_files.read_json(packed_manifest_path(out_path, chunk_id))
+        if (old and old.get("source", {}).get("size") == signature["size"]
+                and old["source"].get("mtime") == signature["mtime"]
+                and old.get("seq_len") == seq_len and old.get("version") == PACKED_VERSION):
+            done.append(old)
+            continue
+        jobs.append((os.fspath(data_dir), os.fspath(out_path), chunk_id,
+                     index.line_counts[chunk_id], signature, seq_len, vocab_size))
+    bar = tqdm(total=sum(job[3] for job in jobs), unit="row", unit_scale=True,
+               desc=f"pack {len(jobs)} files", disable=not progress)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            counter = multiprocessing.Value("q", 0, lock=True)
+            for job in jobs:
+                done.append(pack_chunk(*job, counter=counter))
+                bar.update(counter.value - bar.n)
+        else:
+            counter = multiprocessing.get_context("fork").Value("q", 0, lock=True)
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("fork"),
+                    initializer=_init_worker, initargs=(counter,)) as pool:
+                futures = [pool.submit(_pack_in_worker, job) for job in jobs]
+                while not all(f.done() for f in futures):
+                    bar.update(counter.value - bar.n)
+                    time.sleep(0.2)
+                done.extend(f.result() for f in futures)
+            bar.update(counter.value - bar.n)
+    finally:
+        bar.close()
+    return done
+
+
+class PackedChunkReader:
+    """Reads given rows of packed chunks: tokens int32 [n, S], tgt_mask uint8 [n, S] or None."""
+
+    def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int):
+        self.data_dir = epath.Path(data_dir)
+        self.seq_len = seq_len
+        self.chunk_ids = sorted(set(int(c) for c in chunk_ids))
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            manifests = list(pool.map(self._checked_manifest, self.chunk_ids))
+        self.manifests = dict(zip(self.chunk_ids, manifests))
+        self.line_counts = {cid: int(m["num_rows"]) for cid, m in self.manifests.items()}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _checked_manifest(self, chunk_id: int) -> dict:
+        path = packed_manifest_path(self.data_dir, chunk_id)
+        manifest = chunk_files.read_json(path)
+        if manifest is None:
+            raise UserError(f"{path}: packed chunk not found (run `k2jax data pack`)")
+        if manifest.get("version") != PACKED_VERSION or manifest.get("seq_len") != self.seq_len:
+            raise UserError(f"{path}: packed with seq_len={manifest.get('seq_len')} (version "
+                            f"{manifest.get('version')}), expected data.seq_len={self.seq_len}")
+        expected = int(manifest["num_rows"]) * self.seq_len
+        files = [(tokens_path(self.data_dir, chunk_id), 2 * expected)]
+        if manifest["has_mask"]:
+            files.append((mask_path(self.data_dir, chunk_id), expected))
+        for file, size in files:
+            actual = chunk_files.file_signature(file)["size"]
+            if actual != size:
+                raise UserError(f"{file}: {actual} bytes, expected {size} from {path}; re-run "
+                                f"`k2jax data pack`")
+        return manifest
+
+    def _array(self, chunk_id: int, kind: str) -> np.ndarray:
+        key = (chunk_id, kind)
+        with self._lock:
+            if key not in self._maps:
+                path, dtype = ((tokens_path(self.data_dir, chunk_id), TOKEN_DTYPE) if kind == "tokens"
+                               else (mask_path(self.data_dir, chunk_id), np.uint8))
+                self._maps[key] = np.memmap(os.fspath(path), dtype, "r",
+                                            shape=(self.line_counts[chunk_id], self.seq_len))
+            return self._maps[key]
+
+    def _read_remote(self, path: epath.Path, lines: np.ndarray, dtype) -> np.ndarray:
+        out = np.empty((len(lines), self.seq_len), dtype)
+        row_bytes = self.seq_len * np.dtype(dtype).itemsize
+        with path.open("rb") as f:
+            for first_index, first_line, count in consecutive_runs(lines):
+                f.seek(first_line * row_bytes)
+                data = f.read(count * row_bytes)
+                out[first_index:first_index + count] = np.frombuffer(data, dtype).reshape(
+                    count, self.seq_len)
+        return out
+
+    def read_lines(self, chunk_id: int, lines: np.ndarray
+                   ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        lines = np.asarray(lines, np.int64)
+        has_mask = self.manifests[chunk_id]["has_mask"]
+        if chunk_files.is_local(self.data_dir):
+            tokens = self._array(chunk_id, "tokens")[lines].astype(np.int32)
+            mask = self._array(chunk_id, "mask")[lines] if has_mask else None
+        else:
+            tokens = self._read_remote(tokens_path(self.data_dir, chunk_id), lines,
+                                       TOKEN_DTYPE).astype(np.int32)
+            mask = (self._read_remote(mask_path(self.data_dir, chunk_id), lines, np.uint8)
+                    if has_mask else None)
+        return tokens, mask
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
