@@ -5,13 +5,14 @@
 # resource's state. ACTIVE or still queueing: nothing to do. Preempted or lost
 # (SUSPENDING, SUSPENDED, FAILED, not found): delete it, create it again, wait for
 # ACTIVE, set up the workers and launch the same command, which resumes from the
-# latest checkpoint in the run dir. Start it with no queued resource and it does the
-# first create too (it counts as a restart). A failed gcloud query is retried, never taken for a preemption.
+# latest checkpoint in the run dir. Started with no queued resource, it does the
+# first create too (that counts as a restart). A failed gcloud query is retried at
+# the next poll, never taken for a preemption.
 # Gives up (exit 1) after K2_MAX_RESTARTS restarts; exits 0 after K2_BABYSIT_MAX_POLLS
 # polls. It watches the slices, not the trainer: a trainer that exits on a healthy
 # slice (finished, or crashed) is not relaunched.
 # --dry-run prints the polling query and one recovery cycle.
-# Run it where it can outlive your laptop session, e.g. a small VM under tmux.
+# Run it where it outlives your laptop session, e.g. under tmux on a small VM.
 # Settings: K2_ENV (default gcp/k2.env).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh

@@ -34,7 +34,7 @@ parse_common_args() {
 # K2_ENV=path picks another settings file; the committed gcp/k2.env is the example.
 load_env() {
   K2_ENV="${K2_ENV:-$GCP_DIR/k2.env}"
-  [[ -f "$K2_ENV" ]] || die "settings file $K2_ENV not found (set K2_ENV=path or copy gcp/k2.env)"
+  [[ -r "$K2_ENV" ]] || die "settings file $K2_ENV not found (set K2_ENV=path or copy gcp/k2.env)"
   # shellcheck disable=SC1090  # the user's settings file, shaped like gcp/k2.env
   source "$K2_ENV"
   # Defaults for the optional settings (k2.env documents each).
@@ -54,13 +54,14 @@ load_env() {
   for var in K2_POLL_S K2_WAIT_TIMEOUT_S K2_STOP_TIMEOUT_S K2_MAX_RESTARTS K2_BABYSIT_POLL_S K2_BABYSIT_MAX_POLLS; do
     [[ "${!var}" =~ ^[0-9]+$ ]] || die "setting $var='${!var}' in $K2_ENV must be a whole number"
   done
+  [[ "$K2_SLICES" =~ ^[1-9][0-9]*$ ]] || die "setting K2_SLICES='$K2_SLICES' in $K2_ENV must be a positive integer"
   # The run name names the queued resource and is the node prefix, so the nodes are
   # RUN-0, RUN-1, ... (the --node-count/--node-prefix scheme; one slice uses RUN-0 too).
   QR_NAME="${K2_RUN_NAME:-}"
   # shellcheck disable=SC2034  # read by launch.sh
   RUN_DIR="${K2_BUCKET%/}/runs/${K2_RUN_NAME:-}"
   NODES=()
-  for ((i = 0; i < ${K2_SLICES//[^0-9]/}; i++)); do NODES+=("$QR_NAME-$i"); done
+  for ((i = 0; i < K2_SLICES; i++)); do NODES+=("$QR_NAME-$i"); done
   # Shared by every TPU call. --quiet: never stop at a prompt (babysit runs unattended).
   TPU_FLAGS=("--project=${K2_PROJECT:-}" "--zone=${K2_ZONE:-}" --quiet)
 }
@@ -75,8 +76,6 @@ require() {
     case "$var" in
       K2_RUN_NAME) [[ "$K2_RUN_NAME" =~ ^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$ ]] ||
         die "setting K2_RUN_NAME='$K2_RUN_NAME' in $K2_ENV must be lowercase letters, digits and '-' (it names TPU nodes)" ;;
-      K2_SLICES) [[ "$K2_SLICES" =~ ^[1-9][0-9]*$ ]] ||
-        die "setting K2_SLICES='$K2_SLICES' in $K2_ENV must be a positive integer" ;;
       K2_CAPACITY) [[ "$K2_CAPACITY" =~ ^(spot|reserved|on-demand)$ ]] ||
         die "setting K2_CAPACITY='$K2_CAPACITY' in $K2_ENV must be spot, reserved or on-demand" ;;
       K2_BUCKET | K2_DATA_PATH) [[ "${!var}" == gs://* ]] ||

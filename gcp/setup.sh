@@ -22,7 +22,7 @@ case "$K2_SOURCE" in
   gs://*.whl)
     wheel="k2/$(basename "$K2_SOURCE")"
     # pip cannot read gs://, so the wheel is copied next to the venv first.
-    fetch="gcloud storage cp $(shq "$K2_SOURCE") $(shq "$wheel") && "
+    fetch="gcloud storage cp $(shq "$K2_SOURCE") $(shq "$wheel"); "
     spec="k2jax[tpu] @ file://\$HOME/$wheel" ;;
   *://*) fetch="" spec="k2jax[tpu] @ $K2_SOURCE" ;;
   *) die "setting K2_SOURCE='$K2_SOURCE' in $K2_ENV must be gs://.../k2jax-*.whl or a pip URL (git+https://...@REF)" ;;
