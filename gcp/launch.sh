@@ -4,7 +4,8 @@
 # Starts the same trainer command on every worker of every slice, in the background
 # (nohup), logging to ~/k2/train.log on each worker:
 #   k2jax train --config ~/k2/config.yaml train.run_dir=gs://BUCKET/runs/RUN \
-#     data.path=K2_DATA_PATH K2_OVERRIDES [key=value ...]
+#     data.path=K2_DATA_PATH [mesh.dcn_data=K2_SLICES] K2_OVERRIDES [key=value ...]
+# (mesh.dcn_data only with several slices and no mesh.dcn_* override; later keys win).
 # No coordinator flags: jax.distributed finds its peers from the TPU VM metadata.
 # A run_dir that holds checkpoints resumes from the latest, so relaunching after a
 # preemption is this same command. A worker whose trainer is still alive is left alone.
@@ -21,8 +22,13 @@ for kv in "${overrides[@]}" "${ARGS[@]}"; do
   [[ "$kv" == *=* ]] || die "override '$kv' is not key=value"
 done
 read -ra remote_env <<<"$K2_REMOTE_ENV"
+# Several slices are joined data-parallel over DCN unless the overrides say otherwise.
+dcn=()
+if ((K2_SLICES > 1)) && [[ " ${overrides[*]} ${ARGS[*]}" != *" mesh.dcn_"* ]]; then
+  dcn=("mesh.dcn_data=$K2_SLICES")
+fi
 train=(k2/venv/bin/k2jax train --config k2/config.yaml
-  "train.run_dir=$RUN_DIR" "data.path=$K2_DATA_PATH" "${overrides[@]}" "${ARGS[@]}")
+  "train.run_dir=$RUN_DIR" "data.path=$K2_DATA_PATH" "${dcn[@]}" "${overrides[@]}" "${ARGS[@]}")
 ((${#remote_env[@]} == 0)) || train=(env "${remote_env[@]}" "${train[@]}")
 
 # The worker's shell expands $!, $(...) and $HOSTNAME, hence single quotes.

@@ -147,6 +147,8 @@ def test_single_slice_lifecycle(tmp_path):
             "train.run_dir=gs://bkt/runs/k2-test data.path=gs://bkt/K2Datasets "
             "data.source=k2 train.steps=100 >> k2/train.log 2>&1") in launch
     assert "echo $! > k2/train.pid" in launch and "MEGASCALE" not in launch
+    assert "mesh.dcn_" not in launch
+
     assert "kill -TERM" in flag(calls[7], "command")
     assert "seq 60" in flag(calls[8], "command")
     assert calls[9][4] == "k2-test" and "--force" in calls[9]
@@ -174,7 +176,14 @@ def test_two_slices_lifecycle(tmp_path):
     launches = [flag(c, "command") for c in calls[6:8]]
     assert launches[0] == launches[1] and launches[0].count("train.steps=") == 2
     assert launches[0].index("train.steps=100") < launches[0].index("train.steps=5")
+    assert "data.path=gs://bkt/K2Datasets mesh.dcn_data=2 data.source=k2" in launches[0]
     assert "kill -TERM" in flag(calls[8], "command") and "kill -TERM" in flag(calls[9], "command")
+
+
+def test_explicit_dcn_mesh_is_kept(tmp_path):
+    cloud = Cloud(tmp_path, K2_SLICES="2")
+    out = cloud.ok("launch.sh", "--dry-run", "mesh.dcn_fsdp=2")
+    assert "mesh.dcn_data" not in out and out.count("mesh.dcn_fsdp=2") == 2
 
 
 @pytest.mark.parametrize("slices", ["1", "2"])
