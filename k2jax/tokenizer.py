@@ -1,0 +1,96 @@
+"""K2's tokenizer: the LLaMA SentencePiece model plus 18 added special tokens (K2_SPEC section 2).
+
+Special tokens are split out of the text before SentencePiece sees it, as Hugging Face's
+tokenizer does for added tokens. `</s>`, `<s>` and `<unk>` are split out the same way and map
+to the model's own EOS/BOS/UNK ids: in LLaMA's model they are control pieces, which
+SentencePiece would otherwise tokenize as the literal characters '<', '/', 's', '>'.
+No BOS is added (K2's training data has none).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Sequence
+
+from k2jax.errors import UserError
+
+# In id order from the base id (32000 in K2): K2_SPEC section 2 (order presumed).
+K2_SPECIAL_TOKENS = (
+    "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
+    "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",
+    "<jupyter_code>", "<jupyter_output>", "<empty_output>", "<commit_before>", "<commit_msg>",
+    "<commit_after>", "<reponame>",
+)
+EOS_TEXT = "</s>"
+
+
+class K2Tokenizer:
+    """encode(text) -> list[int] ids (no BOS); decode(ids) -> text.
+
+    `special_base_id`: id of the first added token; default the SentencePiece vocabulary size
+    (32000 for LLaMA's model, K2's layout). `vocab_size` is the number of real tokens (32018 for
+    K2); the model's embedding may be padded beyond it (32032).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, special_base_id: Optional[int] = None,
+                 special_tokens: Sequence[str] = K2_SPECIAL_TOKENS):
+        import sentencepiece
+
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: SentencePiece model not found")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"{path}: not a SentencePiece model ({err})") from None
+        self.sp_size = self.sp.GetPieceSize()
+        self.special_base_id = self.sp_size if special_base_id is None else special_base_id
+        if self.special_base_id < self.sp_size:
+            raise UserError(f"special token base id {self.special_base_id} overlaps the "
+                            f"SentencePiece vocabulary of {self.sp_size} pieces")
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id()
+        self.token_to_id: dict[str, int] = {
+            tok: self.special_base_id + i for i, tok in enumerate(special_tokens)}
+        for text, piece_id in (("</s>", self.eos_id), ("<s>", self.bos_id),
+                               ("<unk>", self.sp.unk_id())):
+            if piece_id >= 0:
+                self.token_to_id[text] = piece_id
+        self.id_to_token = {i: t for t, i in self.token_to_id.items()}
+        self.vocab_size = self.special_base_id + len(special_tokens)
+        # Longest first, so a token that is a prefix of another never splits it.
+        alternatives = sorted(self.token_to_id, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`: special tokens split out first, each other span by SentencePiece."""
+        ids: list[int] = []
+        for i, span in enumerate(self._split.split(text)):
+            if i % 2:  # re.split puts the captured separators at odd positions
+                ids.append(self.token_to_id[span])
+            elif span:
+                ids.extend(self.sp.EncodeAsIds(span))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; runs of SentencePiece ids between special tokens decode as one span."""
+        parts: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            token = int(token)
+            if token in self.id_to_token:
+                if run:
+                    parts.append(self.sp.DecodeIds(run))
+                    run = []
+                parts.append(self.id_to_token[token])
+            elif 0 <= token < self.sp_size:
+                run.append(token)
+            else:
+                raise UserError(f"token id {token} is outside the tokenizer's vocabulary "
+                                f"(SentencePiece 0..{self.sp_size - 1}, special "
+                                f"{self.special_base_id}..{self.vocab_size - 1})")
+        if run:
+            parts.append(self.sp.DecodeIds(run))
+        return "".join(parts)
