@@ -1,0 +1,1 @@
+"""Orbax checkpoints: training state (manager) and parameter-only weights (conversion, init)."""

@@ -1,0 +1,83 @@
+"""Parameter-only Orbax checkpoints: what `k2jax convert hf-to-orbax` writes and
+`train.init_from` / `eval-loss --checkpoint` / `convert orbax-to-hf` read.
+
+Layout of a weights directory DIR:
+  DIR/params/             Orbax PyTree checkpoint of the params tree (scanned layout: every
+                          per-layer tensor stacked on a leading `layers` axis)
+  DIR/k2jax_model.json    the ModelConfig fields the weights were made for
+
+A training checkpoint step directory (run_dir/checkpoints/<step>, item `state`) is accepted
+wherever a weights directory is, and its parameters are read without the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from k2jax.config import ModelConfig, _build
+from k2jax.errors import UserError
+
+PARAMS_ITEM = "params"
+MODEL_CONFIG_FILE = "k2jax_model.json"
+
+
+def save_params(directory: str, params: Any, model_config: ModelConfig) -> None:
+    """Write a weights directory (the caller handles atomic renaming of `directory`)."""
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / PARAMS_ITEM, params)
+    (path / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config), indent=1))
+
+
+def weights_kind(directory: str) -> str:
+    """'params' for a weights directory, 'state' for a training checkpoint step directory."""
+    path = epath.Path(directory)
+    if (path / PARAMS_ITEM).exists():
+        return "params"
+    if (path / "state").exists():
+        return "state"
+    raise UserError(f"{directory}: not a k2jax weights directory (no params/) nor a training "
+                    "checkpoint step directory (no state/)")
+
+
+def read_model_config(directory: str) -> ModelConfig | None:
+    """The ModelConfig stored with the weights (None if absent)."""
+    path = epath.Path(directory)
+    if (path / MODEL_CONFIG_FILE).exists():
+        return _build(ModelConfig, json.loads((path / MODEL_CONFIG_FILE).read_text()), "model")
+    config_item = path / "config"
+    for candidate in (config_item / "metadata", config_item):
+        if candidate.is_file():
+            return _build(ModelConfig, json.loads(candidate.read_text())["model"], "model")
+    return None
+
+
+def restore_params(directory: str, abstract_params: Any) -> Any:
+    """Restore parameters into `abstract_params` (ShapeDtypeStructs carrying shardings, so each
+    host reads only its shards). Works on weights and training-checkpoint directories."""
+    path = epath.Path(directory)
+    kind = weights_kind(directory)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        if kind == "params":
+            target, item = abstract_params, path / PARAMS_ITEM
+        else:
+            target, item = {"params": abstract_params}, path / "state"
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise UserError(f"{item}: parameters do not match the model config ({err})")
+    return restored if kind == "params" else restored["params"]
+
+
+def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
