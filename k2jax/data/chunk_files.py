@@ -46,8 +46,8 @@ def find_chunk_ids(data_dir: epath.Path, kind: str = "jsonl") -> list[int]:
         raise UserError(f"{data_dir}: not a directory")
     wanted = "jsonl" if kind == "jsonl" else "packed.json"
     ids = []
-    for name in data_dir.listdir() if hasattr(data_dir, "listdir") else os.listdir(data_dir):
-        match = _CHUNK_RE.match(str(name))
+    for child in data_dir.iterdir():
+        match = _CHUNK_RE.match(child.name)
         if match and match.group(2) == wanted:
             ids.append(int(match.group(1)))
     return sorted(ids)
