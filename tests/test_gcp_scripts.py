@@ -324,3 +324,56 @@ def test_scripts_are_executable_bash():
         assert os.access(path, os.X_OK), name
         text = path.read_text()
         assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text, name
+
+
+FAKE_TRAINER = """#!/usr/bin/env bash
+echo "args: $*"
+trap 'echo "checkpointed"; exit 0' TERM
+for _ in $(seq 300); do sleep 0.1; done
+"""
+
+
+def test_worker_side_commands_run_in_bash(tmp_path):
+    """The launch and stop commands, run by a local bash as a worker would run them."""
+    cloud = Cloud(tmp_path)
+    worker_home = tmp_path / "worker"
+    trainer = worker_home / "k2" / "venv" / "bin" / "k2jax"
+    trainer.parent.mkdir(parents=True)
+    trainer.write_text(FAKE_TRAINER)
+    trainer.chmod(0o755)
+
+    def remote(script: str) -> list[str]:
+        words = [subprocess.run(["bash", "-c", 'printf "%s\\n" ' + line], capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+                 for line in cloud.ok(script, "--dry-run").splitlines()]
+        return [flag(w, "command") for w in words]
+
+    def on_worker(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], cwd=worker_home, capture_output=True,
+                              text=True, timeout=30, env={**cloud.env, "HOME": str(worker_home)})
+
+    (launch,) = remote("launch.sh")
+    term, wait = remote("stop.sh")
+    # One shell plays the worker throughout, so it reaps the trainer when it exits
+    # (as init does on a TPU VM) whatever the PID 1 of the machine running the tests.
+    script = "; ".join([
+        launch, "echo launched $(cat k2/train.pid)", launch,
+        term, f"( {wait} )", "echo wait=$?", "kill -0 $(cat k2/train.pid) 2>/dev/null || echo gone",
+    ])
+    r = on_worker(script)
+    pid_file = worker_home / "k2" / "train.pid"
+    try:
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"launched {pid_file.read_text().strip()}"
+        assert lines[1].startswith("k2jax already running on ")
+        assert lines[2:] == ["wait=0", "gone"]
+        log = (worker_home / "k2" / "train.log").read_text()
+        assert "args: train --config k2/config.yaml train.run_dir=gs://bkt/runs/k2-test" in log
+        assert log.count("args:") == 1 and "checkpointed" in log
+    finally:
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), 9)
+            except ProcessLookupError:
+                pass
