@@ -23,6 +23,7 @@ case "$K2_SOURCE" in
     wheel="k2/$(basename "$K2_SOURCE")"
     # pip cannot read gs://, so the wheel is copied next to the venv first.
     fetch="gcloud storage cp $(shq "$K2_SOURCE") $(shq "$wheel"); "
+    # \$HOME stays literal: the worker's shell expands it.
     spec="k2jax[tpu] @ file://\$HOME/$wheel" ;;
   *://*) fetch="" spec="k2jax[tpu] @ $K2_SOURCE" ;;
   *) die "setting K2_SOURCE='$K2_SOURCE' in $K2_ENV must be gs://.../k2jax-*.whl or a pip URL (git+https://...@REF)" ;;
@@ -35,8 +36,9 @@ esac
 
 # The TPU VM images ship Ubuntu 22.04's Python 3.10 and k2jax needs >= 3.11, so uv
 # (a pip-installable binary) fetches a standalone Python K2_PYTHON for the venv.
-# "$HOME" stays literal here: the worker's shell expands it.
-remote="set -e; mkdir -p k2; python3 -m pip install --user --quiet --upgrade uv"
+# Images whose Python is marked externally managed (PEP 668) need the second pip form.
+pip_uv="python3 -m pip install --user --quiet --upgrade uv"
+remote="set -e; mkdir -p k2; $pip_uv || $pip_uv --break-system-packages"
 remote+="; [ -x k2/venv/bin/python ] || ~/.local/bin/uv venv --python $(shq "$K2_PYTHON") k2/venv"
 remote+="; ${fetch}~/.local/bin/uv pip install --python k2/venv/bin/python --reinstall-package k2jax \"$spec\""
 remote+="; k2/venv/bin/k2jax --help > /dev/null${get_config:+; $get_config}"
