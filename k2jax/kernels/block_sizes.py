@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # TPU vregs are (8 sublanes x 128 lanes); bf16 packs 16 rows per vreg. Compiled kernels need
 # blocks that tile vregs exactly; interpret mode (CPU) only needs sublane alignment.
@@ -72,6 +73,22 @@ def tpu_generation(device_kind_or_generation: Optional[str] = None) -> str:
         return "v5p"
     raise ValueError(f"device_kind_or_generation: expected one of {GENERATIONS} or a jax "
                      f"device_kind such as 'TPU v5 lite', got {device_kind_or_generation!r}")
+
+
+def idiv(a, b):
+    """a // b for non-negative ints that may be traced grid indices. jnp's `//` is floor
+    division, which adds sign() fix-ups that Mosaic lowers through device queries (and extra
+    scalar ops); for non-negative operands truncating lax.div is the same and cheaper."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a // b
+    return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
+def imod(a, b):
+    """a % b for non-negative ints that may be traced (see idiv)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a % b
+    return lax.rem(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -131,13 +148,13 @@ class Geometry:
         future (causal) or padding."""
         last = (self.seq_len - 1) // self.block_kv
         if self.causal:
-            last = jnp.minimum(last, ((q_block + 1) * self.block_q - 1) // self.block_kv)
+            last = jnp.minimum(last, idiv((q_block + 1) * self.block_q - 1, self.block_kv))
         return last
 
     def first_q_block(self, kv_block):
         """First q block that sees kv block `kv_block` (causal: earlier queries do not)."""
         if self.causal:
-            return (kv_block * self.block_kv) // self.block_q
+            return idiv(kv_block * self.block_kv, self.block_q)
         return jnp.int32(0)
 
     def last_q_block(self):

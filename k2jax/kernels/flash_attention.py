@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from k2jax.kernels.block_sizes import (INTERPRET_BLOCK_MULTIPLE, NUM_LANES, NUM_SUBLANES,
                                        TPU_BLOCK_MULTIPLE, Geometry, default_block_sizes,
-                                       round_up, tpu_generation)
+                                       idiv, round_up, tpu_generation)
 
 # Finite, so masked logits never produce inf - inf = nan; far below any real logit.
 MASK_VALUE = -1e30
@@ -197,7 +197,7 @@ def forward(q, k, v, q_seg, kv_seg, static: Static):
     bq, bkv, dim = geo.block_q, geo.block_kv, layout.head_dim
 
     def kv_block(b, h, i, j):  # clamped: hidden blocks re-use the last visible one (no DMA)
-        return b, h // group, jnp.minimum(j, geo.last_kv_block(i))
+        return b, idiv(h, group), jnp.minimum(j, geo.last_kv_block(i))
 
     in_specs = [layout.block_spec(bq, lambda b, h, i, j: (b, h, i)),
                 layout.block_spec(bkv, kv_block), layout.block_spec(bkv, kv_block)]

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from k2jax.kernels.block_sizes import NUM_LANES
+from k2jax.kernels.block_sizes import NUM_LANES, idiv, imod
 from k2jax.kernels.flash_attention import (NN_DIMS, NT_DIMS, Static, load_segments, run_block,
                                            segment_specs, stats_spec)
 
@@ -80,7 +80,7 @@ def _dkv_kernel(*refs, static: Static, precision):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
         qseg_ref = kvseg_ref = None
     kj, t = pl.program_id(2), pl.program_id(3)
-    qi = t % geo.num_q_blocks
+    qi = imod(t, geo.num_q_blocks)
 
     @pl.when(t == 0)
     def _init():
@@ -141,7 +141,7 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, static: Static):
 
     # ---- dq: grid (b, h, i, j); kv blocks hidden by the causal mask are clamped away.
     def kv_block(b, h, i, j):
-        return b, h // group, jnp.minimum(j, geo.last_kv_block(i))
+        return b, idiv(h, group), jnp.minimum(j, geo.last_kv_block(i))
 
     def q_block(b, h, i, j):
         return b, h, i
@@ -173,8 +173,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, static: Static):
     # kv block j (before it, causal) or hold only padding are clamped to the nearest useful
     # one, so they cost neither DMA nor compute.
     def q_block_t(b, g, j, t):
-        i = jnp.minimum(jnp.maximum(t % nq, geo.first_q_block(j)), geo.last_q_block())
-        return b, g * group + t // nq, i
+        i = jnp.minimum(jnp.maximum(imod(t, nq), geo.first_q_block(j)), geo.last_q_block())
+        return b, g * group + idiv(t, nq), i
 
     def kv_block_t(b, g, j, t):
         return b, g, j
