@@ -1,0 +1,116 @@
+"""`k2jax data ...` through k2jax.cli.main: return codes, outputs, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_fixtures import SEQ_LEN, k2_stage1_line_counts, reference_rows, write_chunk
+from k2jax.cli import main
+from k2jax.data.order import k2_stage1_chunk_order
+
+
+@pytest.fixture(scope="module")
+def k2_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli")
+    for chunk_id in range(360):
+        write_chunk(directory, chunk_id, k2_stage1_line_counts(chunk_id))
+    return directory
+
+
+def run(capsys, *argv):
+    code = main(["data", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_index_batch_locate_pack(k2_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "index", k2_dir, "--workers", 2, "--quiet")
+    assert code == 0 and "indexed 360 files" in out
+    code, out, _ = run(capsys, "index", k2_dir, "--quiet")
+    assert code == 0 and "skipped 360 already indexed" in out
+
+    ref_tokens, _ = reference_rows(k2_dir, k2_stage1_chunk_order())
+    batch_file = tmp_path / "b.npy"
+    step, batch = 3, 7  # rows 21..27: crosses from chunk 5 into chunk 6 of the order
+    code, out, _ = run(capsys, "batch", "--data", k2_dir, "--step", step, "--global-batch", batch,
+                       "--seq-len", SEQ_LEN, "--order", "k2-stage1", "--out", batch_file)
+    assert code == 0 and "int32 [7, 8]" in out
+    got = np.load(batch_file)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref_tokens[step * batch:(step + 1) * batch])
+
+    code, out, _ = run(capsys, "locate", "--data", k2_dir, "--step", step, "--global-batch",
+                       batch, "--seq-len", SEQ_LEN)
+    assert code == 0
+    located = json.loads(out)
+    assert located["global_rows_start"] == 21 and located["global_rows_end_exclusive"] == 28
+    pieces = located["pieces"]
+    assert sum(p["num_rows"] for p in pieces) == batch and len(pieces) >= 2
+    for piece in pieces:  # the fixture's rows start with [chunk id, line]
+        lines = range(piece["first_line_0based"], piece["end_line_0based_exclusive"])
+        rows = got[piece["first_batch_row"]:piece["first_batch_row"] + piece["num_rows"]]
+        assert rows[:, 0].tolist() == [piece["chunk_id"]] * len(lines)
+        assert rows[:, 1].tolist() == list(lines)
+        assert piece["file"].endswith(f"chunk_{piece['chunk_id']}.jsonl")
+
+    packed = tmp_path / "packed"
+    code, out, _ = run(capsys, "pack", "--data", k2_dir, "--out", packed, "--seq-len", SEQ_LEN,
+                       "--chunks", "0,1,2,3,4,5,6", "--quiet")
+    assert code == 0 and "packed 7 chunks" in out
+    reference = reference_rows(k2_dir, [0, 1, 2, 3, 4, 5, 6])[0]  # 26 rows
+    code, _, _ = run(capsys, "batch", "--data", packed, "--step", 2, "--global-batch", batch,
+                     "--seq-len", SEQ_LEN, "--order", "0,1,2,3,4,5,6", "--format", "packed",
+                     "--out", tmp_path / "p.npy")
+    assert code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), reference[14:21])
+
+    code, out, _ = run(capsys, "order", "--order", "k2-stage1")
+    assert code == 0 and json.loads(out)[-3:] == [359, 160, 186]
+
+
+def test_errors_are_one_line_with_exit_code_2(k2_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "batch", "--data", tmp_path / "nope", "--step", 0, "--out",
+                       tmp_path / "x.npy")
+    assert code == 2 and err.count("\n") == 1 and "not a directory" in err
+    assert not (tmp_path / "x.npy").exists()
+
+    write_chunk(tmp_path, 0, 3)
+    (tmp_path / "chunk_1.jsonl").write_text('{"token_ids": [1, 2]}\n')
+    code, _, _ = run(capsys, "index", tmp_path, "--quiet")
+    assert code == 0
+    code, _, err = run(capsys, "batch", "--data", tmp_path, "--step", 1, "--global-batch", 2,
+                       "--seq-len", SEQ_LEN, "--order", "sequential", "--out", tmp_path / "x.npy")
+    assert code == 2 and err.count("\n") == 1
+    assert "chunk_1.jsonl:1: 'token_ids' has 2 entries, expected data.seq_len=8" in err
+    assert not (tmp_path / "x.npy").exists()
+
+    code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 5, "--global-batch", 2,
+                       "--seq-len", SEQ_LEN, "--order", "sequential")
+    assert code == 2 and "step 5 needs global rows [10, 12) but the order holds 4 rows" in err
+
+    write_chunk(tmp_path, 0, 5)
+    code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 0, "--global-batch", 2,
+                       "--seq-len", SEQ_LEN, "--order", "0")
+    assert code == 2 and "index is stale" in err and err.count("\n") == 1
+
+
+def test_prepare_then_index_then_batch(tmp_path, capsys):
+    import sentencepiece
+
+    sentences = [f"row {i} of the tiny corpus with some words" for i in range(200)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "tok"), vocab_size=300,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        normalization_rule_name="identity", minloglevel=2)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    out = tmp_path / "chunks"
+    code, text, _ = run(capsys, "prepare", "--tokenizer", tmp_path / "tok.model", "--input", docs,
+                        "--out", out, "--num-chunks", 2, "--seq-len", 32, "--quiet")
+    assert code == 0 and "into 2 chunk files" in text
+    assert run(capsys, "index", out, "--quiet")[0] == 0
+    code, _, _ = run(capsys, "batch", "--data", out, "--step", 1, "--global-batch", 4,
+                     "--seq-len", 32, "--order", "sequential", "--vocab-size", 318,
+                     "--out", tmp_path / "b.npy")
+    assert code == 0 and np.load(tmp_path / "b.npy").shape == (4, 32)
