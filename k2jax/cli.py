@@ -14,6 +14,7 @@ import sys
 from k2jax.errors import UserError
 
 SUBCOMMAND_MODULES = [
+    "k2jax.commands.train",
     "k2jax.commands.data",
 ]
 

@@ -194,6 +194,7 @@ class MeshConfig:
     # logical axis name -> mesh axis name(s); every parameter axis must be covered.
     rules: dict[str, Union[str, list[str], None]] = dataclasses.field(default_factory=lambda: {
         "batch": ["data", "fsdp"],
+        "length": None,
         "vocab": "tensor",
         "embed": "fsdp",
         "heads": "tensor",

@@ -1,0 +1,80 @@
+"""Training checkpoints under `run_dir/checkpoints/<step>/` with three items:
+  state   the TrainState (step, params, optimizer state), each host writing its own shards
+  config  the resolved config, so a resume can refuse an incompatible one
+  data    the data position (step, moved row windows) and the spike detector's history
+
+Orbax commits a step only when every item is written (a temporary directory renamed at the
+end), so a run killed mid-save leaves the previous step as the latest complete one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from k2jax.config import TrainConfig
+from k2jax.errors import UserError
+
+# Keys that must match to resume: they fix parameter shapes or the meaning of a data position.
+RESUME_KEYS = {
+    "model": ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim", "tie_word_embeddings", "scan_layers", "param_dtype"),
+    "data": ("seq_len", "global_batch_size", "order", "start_row", "source"),
+    "train": ("seed",),
+}
+
+
+def incompatible_keys(saved: dict, current: dict) -> list[str]:
+    differing = []
+    for section, keys in RESUME_KEYS.items():
+        for key in keys:
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if old != new:
+                differing.append(f"{section}.{key} (checkpoint {old!r}, now {new!r})")
+    return differing
+
+
+class RunCheckpoints:
+    def __init__(self, run_dir: str, train: TrainConfig):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=train.keep_checkpoints, keep_period=train.keep_period,
+            enable_async_checkpointing=train.async_checkpoint, create=True)
+        self.directory = epath.Path(run_dir) / "checkpoints"
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "config", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, config: dict, data: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+            data=ocp.args.JsonSave(data)), force=True)
+
+    def read_json(self, step: int) -> tuple[dict, dict]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        return restored["config"], restored["data"]
+
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
+    def check_compatible(self, step: int, current_config: dict) -> None:
+        saved, _ = self.read_json(step)
+        differing = incompatible_keys(saved, current_config)
+        if differing:
+            raise UserError(f"checkpoint {self.directory / str(step)} was made with a different "
+                            f"config: {'; '.join(differing)}")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

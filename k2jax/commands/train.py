@@ -1,0 +1,31 @@
+"""`k2jax train --config FILE [key=value ...]`: the project's main job."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a K2-architecture model (resumes from run_dir if it has checkpoints)",
+        description="Train with K2's recipe. Example: k2jax train --config configs/tiny.yaml "
+                    "train.steps=300 train.run_dir=runs/tiny")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.steps=100 model.num_layers=2")
+    cluster = parser.add_argument_group("multi-host (not needed on TPU VMs)")
+    cluster.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    cluster.add_argument("--num-processes", type=int)
+    cluster.add_argument("--process-id", type=int)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2jax import distributed
+    from k2jax.config import load_config
+
+    config = load_config(args.config, args.overrides)  # validate before touching devices
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from k2jax.train.trainer import train
+
+    return train(config)

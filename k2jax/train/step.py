@@ -1,0 +1,94 @@
+"""The jitted train step: micro-batch gradient accumulation (a scan, fp32), clipping, AdamW.
+
+Gradients of the *summed* masked loss are accumulated over micro-batches and divided once by
+the global mask count, which is exactly K2's loss = sum(loss * mask) / sum(mask) over the whole
+global batch, whatever the micro-batch split.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from k2jax.config import Config
+from k2jax.model import K2Model, masked_next_token_loss
+from k2jax.sharding.rules import batch_sharding, rules_list
+from k2jax.train.state import TrainState
+
+
+def _global_norm(tree) -> jnp.ndarray:
+    return optax.global_norm(tree)
+
+
+def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    shardings: TrainState):
+    """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
+
+    batch: tokens int32 [B, S], loss_mask float32 [B, S] (sharded over the batch axes).
+    loss_ceiling: float32 scalar; the update is applied only if the loss is finite and at most
+    this (spike handling passes +inf to always apply).
+    """
+    model = K2Model(config.model)
+    accumulation = config.data.accumulation_steps
+    rules = rules_list(config.mesh.rules)
+    micro_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh, config.mesh.rules).spec))
+
+    def summed_loss(params, tokens, loss_mask):
+        logits = model.apply({"params": params}, tokens)
+        return masked_next_token_loss(logits, tokens, loss_mask)
+
+    def step(state: TrainState, batch, loss_ceiling):
+        tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+        rows, seq = tokens.shape
+        micro = rows // accumulation
+
+        # Micro-step a takes rows {m * A + a}: each device's contiguous rows hold a share of
+        # every micro-batch, so the split needs no cross-device shuffle.
+        def split(x):
+            x = x.reshape(micro, accumulation, seq).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+        def accumulate(carry, micro_batch):
+            grads_acc, loss_acc, count_acc = carry
+            (loss_sum, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+                state.params, micro_batch[0], micro_batch[1])
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        with mesh, nn.logical_axis_rules(rules):
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                accumulate, init, (split(tokens), split(loss_mask)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = loss_sum / count
+        grad_norm = _global_norm(grads)
+
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        apply = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_ceiling)
+        new_state = jax.lax.cond(
+            apply,
+            lambda: TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state),
+            lambda: TrainState(step=state.step + 1, params=state.params,
+                               opt_state=state.opt_state))
+        param_norm = _global_norm(new_state.params)
+        metrics = {
+            "loss": loss,
+            "tokens": count,
+            "grad_norm": grad_norm,
+            "param_norm": param_norm,
+            "update_ratio": _global_norm(updates) / jnp.maximum(param_norm, 1e-12),
+            "applied": apply,
+        }
+        return new_state, metrics
+
+    batch_sh = batch_sharding(mesh, config.mesh.rules)
+    return jax.jit(step, in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh},
+                                       None),
+                   out_shardings=(shardings, None), donate_argnums=0)

@@ -1,0 +1,272 @@
+"""The training loop: resume or initialise, step, log, checkpoint, handle spikes and signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import yaml
+from etils import epath
+from tqdm import tqdm
+
+from k2jax.checkpoint.manager import RunCheckpoints
+from k2jax.checkpoint.params_io import abstract_with_shardings, restore_params
+from k2jax.config import Config
+from k2jax.data.pipeline import make_step_batches
+from k2jax.errors import UserError
+from k2jax.model.param_count import count_params
+from k2jax.sharding.mesh import build_mesh
+from k2jax.sharding.rules import batch_sharding
+from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
+from k2jax.train.metrics import MetricsWriter
+from k2jax.train.optimizer import make_optimizer
+from k2jax.train.spikes import SpikeDetector
+from k2jax.train.state import abstract_state, create_train_state, state_shardings
+from k2jax.train.step import make_train_step
+
+DATA_ORDER_FILE = "data_order.json"
+
+
+class StopRequested:
+    """SIGTERM (TPU preemption notice) or Ctrl-C: finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.run_dir = epath.Path(config.train.run_dir)
+        self.primary = jax.process_index() == 0
+        self.mesh = build_mesh(config.mesh)
+        self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
+        self.boxed, self.shardings = state_shardings(config, self.optimizer, self.mesh)
+        self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
+        self.detector = SpikeDetector(config.train.spikes)
+        self._load_data_order()
+        self.batches = make_step_batches(config, jax.process_index(), jax.process_count())
+        self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
+        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _load_data_order(self) -> None:
+        """Rollbacks append moved windows to run_dir/data_order.json; it outranks the config."""
+        path = self.run_dir / DATA_ORDER_FILE
+        if path.exists():
+            moved = json.loads(path.read_text())["moved_row_ranges"]
+            self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
+
+    def _save_data_order(self) -> None:
+        if self.primary:
+            tmp = self.run_dir / (DATA_ORDER_FILE + ".tmp")
+            tmp.write_text(json.dumps({"moved_row_ranges": self.config.data.moved_row_ranges}))
+            tmp.rename(self.run_dir / DATA_ORDER_FILE)
+
+    def _restore(self, step: int):
+        self.checkpoints.check_compatible(step, self.config.to_dict())
+        target = abstract_state(self.shardings, self.config, self.optimizer)
+        state = self.checkpoints.restore_state(step, target)
+        _, data = self.checkpoints.read_json(step)
+        self.detector.restore(data.get("spike_history", []))
+        return state
+
+    def initial_state(self):
+        """(state, step): resume_step, else the latest checkpoint, else init_from, else fresh."""
+        train = self.config.train
+        steps = self.checkpoints.all_steps()
+        if train.resume_step is not None:
+            if train.resume_step not in steps:
+                raise UserError(f"train.resume_step={train.resume_step}: no such checkpoint in "
+                                f"{self.checkpoints.directory} (have {steps})")
+            return self._restore(train.resume_step), train.resume_step
+        for step in reversed(steps):
+            try:
+                return self._restore(step), step
+            except UserError:
+                raise
+            except Exception as err:  # a damaged checkpoint: fall back to the previous one
+                self.log(f"checkpoint {step} failed to restore ({type(err).__name__}: {err}); "
+                         "trying the previous one")
+        if train.init_from:
+            target = abstract_with_shardings(
+                jax.tree.map(lambda s: s, abstract_state(self.shardings, self.config,
+                                                         self.optimizer).params),
+                self.shardings.params)
+            params = restore_params(train.init_from, target)
+            self.log(f"initialised parameters from {train.init_from}")
+            return create_train_state(self.config, self.optimizer, self.mesh, self.shardings,
+                                      params), 0
+        return create_train_state(self.config, self.optimizer, self.mesh, self.shardings), 0
+
+    def save(self, step: int, state, metrics: Optional[dict]) -> None:
+        if metrics is not None and not math.isfinite(metrics["param_norm"]):
+            self.log(f"step {step}: parameters are not finite; checkpoint NOT saved")
+            return
+        data = {"step": step, "moved_row_ranges": self.config.data.moved_row_ranges,
+                "spike_history": self.detector.state()}
+        self.checkpoints.save(step, state, self.config.to_dict(), data)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        if self.primary:
+            tqdm.write(f"[k2jax] {message}", file=sys.stderr)
+
+    def global_batch(self, step: int) -> dict[str, jax.Array]:
+        host = self.batches.host_batch(step)
+        shape = lambda x: (self.config.data.global_batch_size,) + x.shape[1:]
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
+                for k, v in host.items()}
+
+    def peak_flops(self) -> float:
+        if self.config.train.peak_flops_per_device:
+            return self.config.train.peak_flops_per_device
+        known = peak_flops_for(jax.devices()[0])
+        if known:
+            return known
+        self.log("measuring this device's matmul peak for MFU (set "
+                 "train.peak_flops_per_device to skip)")
+        return measure_matmul_peak()
+
+    def rollback(self, step: int):
+        """Move the spiking step's rows to the end of the order and restore the last good
+        checkpoint at or before `step` (what K2's team did by hand, automated)."""
+        size = self.config.data.global_batch_size
+        window = [self.config.data.start_row + step * size, size]
+        moved = self.config.data.moved_row_ranges + [window]
+        self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
+        self._save_data_order()
+        self.batches = make_step_batches(self.config, jax.process_index(), jax.process_count())
+        self.checkpoints.wait()
+        good = [s for s in self.checkpoints.all_steps() if s <= step]
+        return window, (good[-1] if good else None)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.config
+        if self.primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(),
+                                                                     sort_keys=False))
+        state, step = self.initial_state()
+        self.log(f"run dir {self.run_dir} | {count_params(cfg.model):,} parameters | mesh "
+                 f"{dict(self.mesh.shape)} | {jax.device_count()} devices, "
+                 f"{jax.process_count()} processes")
+        self.log(f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+        if step >= cfg.train.steps:
+            self.log(f"nothing to do: checkpoint at step {step} >= train.steps={cfg.train.steps}")
+            return 0
+
+        start = time.perf_counter()
+        ceiling = np.float32(self.detector.loss_ceiling())
+        compiled = make_train_step(cfg, self.optimizer, self.mesh, self.shardings).lower(
+            state, self.global_batch(step), ceiling).compile()
+        compile_seconds = time.perf_counter() - start
+        self.log(f"compiled the train step in {compile_seconds:.1f} s")
+        self.writer.scalars(step, {"compile_seconds": compile_seconds})
+
+        tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        peak = self.peak_flops() * jax.device_count()
+        stop = StopRequested()
+        progress = tqdm(total=cfg.train.steps, initial=step, disable=not self.primary,
+                        unit="step", dynamic_ncols=True)
+        metrics = None
+        try:
+            while step < cfg.train.steps:
+                batch = self.global_batch(step)
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, batch, np.float32(self.detector.loss_ceiling()))
+                metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                seconds = time.perf_counter() - t0
+                spike = self.detector.check(metrics["loss"], metrics["grad_norm"])
+                if spike:
+                    step, state = self.handle_spike(step, spike, metrics, state)
+                    continue
+                step += 1
+                progress.update(1)
+                record = {
+                    "loss": metrics["loss"], "lr": float(self.optimizer_lr(step - 1)),
+                    "grad_norm": metrics["grad_norm"], "param_norm": metrics["param_norm"],
+                    "update_ratio": metrics["update_ratio"],
+                    "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
+                    "mfu": model_flops / (seconds * peak), "tokens": metrics["tokens"],
+                }
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}",
+                                     mfu=f"{record['mfu']:.1%}")
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    self.writer.record(step, record)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    self.save(step, state, metrics)
+                if stop.requested:
+                    self.log(f"stop requested: checkpointing step {step} and exiting")
+                    if step % cfg.train.checkpoint_every:
+                        self.save(step, state, metrics)
+                    break
+        finally:
+            progress.close()
+            stop.restore()
+            self.checkpoints.wait()
+            self.checkpoints.close()
+            self.writer.close()
+        self.log(f"done at step {step}; checkpoints in {self.checkpoints.directory}")
+        return 0
+
+    def optimizer_lr(self, step: int) -> float:
+        from k2jax.train.schedule import k2_learning_rate
+
+        return k2_learning_rate(self.config.optimizer)(step)
+
+    def handle_spike(self, step: int, kind: str, metrics: dict, state) -> tuple[int, Any]:
+        action = self.config.train.spikes.action
+        event: dict[str, Any] = {"step": step, "kind": kind, "loss": metrics["loss"],
+                                 "grad_norm": metrics["grad_norm"],
+                                 "median": self.detector.median(), "action": action,
+                                 "update_applied": bool(metrics["applied"])}
+        next_step = step + 1
+        if action == "rollback":
+            window, good = self.rollback(step)
+            event["moved_rows"] = window
+            if good is not None:
+                state = self._restore(good)
+                next_step = good
+            else:
+                next_step = step  # the update was refused, so the state is still the good one
+                state = state.replace(step=state.step - 1)
+            event["resumed_from_step"] = next_step
+        self.writer.append_jsonl("spikes.jsonl", event)
+        self.writer.scalars(step, {"spike": 1.0, "spike_loss": metrics["loss"]
+                                   if math.isfinite(metrics["loss"]) else -1.0})
+        self.log(f"loss spike at step {step} ({kind}, loss {metrics['loss']:.4g}): {action}"
+                 + (f", rows {event['moved_rows']} moved to the end, resuming at step "
+                    f"{next_step}" if action == "rollback" else ""))
+        if action != "rollback" and self.config.train.steps:
+            # log/skip: the step counts as done (its update applied or refused in the step).
+            if next_step % self.config.train.checkpoint_every == 0:
+                self.save(next_step, state, metrics)
+        return next_step, state
+
+
+def train(config: Config) -> int:
+    return Trainer(config).run()
