@@ -116,6 +116,10 @@ class DataConfig:
     moved_row_ranges: list[list[int]] = dataclasses.field(default_factory=list)
     worker_count: int = 0
     prefetch: int = 2
+    # Fault injection for the synthetic source (tests of spike handling): [start, count] windows
+    # of original rows replaced by uniform random tokens, or given a non-finite loss mask.
+    synthetic_poison_rows: list[list[int]] = dataclasses.field(default_factory=list)
+    synthetic_poison_kind: Literal["random", "nonfinite"] = "random"
 
     @property
     def accumulation_steps(self) -> int:

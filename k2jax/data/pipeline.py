@@ -60,7 +60,9 @@ def make_row_source(config: Config, seed: int) -> RowSource:
     """The rows of `config.data` in training order (seed only matters for synthetic data)."""
     data = config.data
     if data.source == "synthetic":
-        return SyntheticSource(config.model.vocab_size, data.seq_len, seed)
+        return SyntheticSource(config.model.vocab_size, data.seq_len, seed,
+                               poison_rows=data.synthetic_poison_rows,
+                               poison_kind=data.synthetic_poison_kind)
     if data.source == "k2":
         from k2jax.data.chunked_source import open_chunk_source  # keeps synthetic runs light
 

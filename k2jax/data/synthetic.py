@@ -17,10 +17,17 @@ ALPHABET_OFFSET = 3  # keep clear of pad/bos/eos ids 0..2
 class SyntheticSource:
     num_rows = None
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int, alphabet: int = 64):
+    def __init__(self, vocab_size: int, seq_len: int, seed: int, alphabet: int = 64,
+                 poison_rows: list[list[int]] = (), poison_kind: str = "random"):
         self.seq_len = seq_len
         self.seed = seed
+        self.vocab_size = vocab_size
         self.alphabet = max(2, min(alphabet, vocab_size - ALPHABET_OFFSET))
+        self.poison_rows = [tuple(w) for w in poison_rows]
+        self.poison_kind = poison_kind
+
+    def _poisoned(self, row: int) -> bool:
+        return any(start <= row < start + count for start, count in self.poison_rows)
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, np.int64)
@@ -31,4 +38,12 @@ class SyntheticSource:
             start, stride = rng.integers(0, self.alphabet, size=2)
             stride = 1 + stride % 7
             tokens[i] = ALPHABET_OFFSET + (start + stride * positions) % self.alphabet
-        return tokens, shifted_loss_mask(len(rows), self.seq_len)
+        mask = shifted_loss_mask(len(rows), self.seq_len)
+        for i, row in enumerate(rows):
+            if self._poisoned(int(row)):
+                if self.poison_kind == "random":
+                    rng = np.random.default_rng([self.seed, int(row), 1])
+                    tokens[i] = rng.integers(0, self.vocab_size, self.seq_len)
+                else:
+                    mask[i, 0] = np.nan
+        return tokens, mask
