@@ -181,3 +181,20 @@ def test_step_past_the_end_is_an_error(tmp_path):
     step_batches.global_batch(0)
     with pytest.raises(UserError, match="step 1 needs row 3 but the data holds only 3 rows"):
         step_batches.global_batch(1)
+
+
+@pytest.mark.parametrize("line", [
+    '{"tgt_mask": [0, 1, 1, 0, 1, 1, 1, 1], "token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}',
+    '{"token_ids":[1,2,3,4,5,6,7,8],"meta":{"a":[1,2]},"tgt_mask":null}',
+    '{"src_filename": "\\"token_ids\\": [9]", "token_ids": [ 1 , 2,3,4,5,6,7,8 ] }',
+    '{"token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "token_ids": [8, 7, 6, 5, 4, 3, 2, 1]}',
+    '{"token_ids": [1, 2, 3, 4, 5, 6, 7, 8], "tgt_mask": [true, true, false, 1, 1, 1, 1, 1]}',
+])
+def test_fast_row_parser_agrees_with_json(line):
+    from k2jax.data.jsonl_source import parse_row
+
+    obj = json.loads(line)
+    tokens, mask = parse_row(line.encode(), "f", 1, SEQ_LEN, VOCAB)
+    assert tokens.tolist() == obj["token_ids"]
+    expected_mask = None if obj.get("tgt_mask") is None else [int(v) for v in obj["tgt_mask"]]
+    assert (None if mask is None else mask.tolist()) == expected_mask

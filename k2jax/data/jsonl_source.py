@@ -27,6 +27,77 @@ def parse_row(line: bytes, path: object, line_number: int, seq_len: int, vocab_s
     `line_number` is 1-based (it is only used in messages).
     """
     where = f"{path}:{line_number}"
+    fields = _fast_fields(line)
+    if fields is None:
+        fields = _json_fields(line, where)
+    tokens = _checked_ints(fields["token_ids"], where, "token_ids", seq_len)
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise UserError(f"{where}: token id {bad} is outside [0, {vocab_size}) "
+                        f"(model.vocab_size)")
+    tgt_mask = None
+    if fields.get("tgt_mask") is not None:
+        tgt_mask = _checked_ints(fields["tgt_mask"], where, "tgt_mask", seq_len)
+        if tgt_mask.min() < 0 or tgt_mask.max() > 1:
+            raise UserError(f"{where}: tgt_mask values must be 0 or 1")
+        tgt_mask = tgt_mask.astype(np.uint8)
+    return tokens.astype(np.int32), tgt_mask
+
+
+_LIST_KEYS = (b'"token_ids"', b'"tgt_mask"')
+_INT_LIST_BYTES = b"0123456789, -"
+
+
+def _fast_fields(line: bytes) -> Optional[dict]:
+    """{'token_ids': int64 [n], 'tgt_mask': int64 [n] or None}, or None to take the slow path.
+
+    json.loads turns a K2 row's 2048 numbers into Python ints at ~30 MB/s; here the integer
+    lists are cut out and parsed by numpy (~4x faster), and the rest of the line (with the lists
+    emptied) still goes through json.loads, which proves the line is one JSON object and that the
+    cut-out spans really were those fields. Anything unusual returns None, and the json.loads
+    path decides (and names the problem).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    spans = []
+    for key in _LIST_KEYS:
+        k = line.find(key)
+        if k < 0:
+            continue
+        a = line.find(b"[", k + len(key))
+        b = line.find(b"]", a + 1)
+        if a < 0 or b < 0 or line[k + len(key):a].strip() != b":":
+            return None
+        body = line[a + 1:b]
+        if not body.strip() or body.translate(None, _INT_LIST_BYTES):
+            return None
+        try:
+            array = np.fromstring(body, np.int64, sep=",")
+        except (ValueError, DeprecationWarning):
+            return None
+        if len(array) != body.count(b",") + 1:
+            return None
+        arrays[key.strip(b'"').decode()] = array
+        spans.append((a + 1, b))
+    if "token_ids" not in arrays:
+        return None
+    spans.sort()
+    pieces, position = [], 0
+    for a, b in spans:
+        pieces.append(line[position:a])
+        position = b
+    pieces.append(line[position:])
+    try:
+        rest = json.loads(b"".join(pieces))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(rest, dict) or rest.get("token_ids") != []:
+        return None
+    if rest.get("tgt_mask") != ([] if "tgt_mask" in arrays else None):
+        return None
+    return {"token_ids": arrays["token_ids"], "tgt_mask": arrays.get("tgt_mask")}
+
+
+def _json_fields(line: bytes, where: str) -> dict:
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -34,33 +105,25 @@ def parse_row(line: bytes, path: object, line_number: int, seq_len: int, vocab_s
         raise UserError(f"{where}: {problem}") from None
     if not isinstance(obj, dict) or "token_ids" not in obj:
         raise UserError(f"{where}: expected a JSON object with a 'token_ids' field")
-    tokens = _int_array(obj["token_ids"], where, "token_ids", seq_len)
-    if tokens.min() < 0 or tokens.max() >= vocab_size:
-        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
-        raise UserError(f"{where}: token id {bad} is outside [0, {vocab_size}) "
-                        f"(model.vocab_size)")
-    tgt_mask = None
-    if obj.get("tgt_mask") is not None:
-        tgt_mask = _int_array(obj["tgt_mask"], where, "tgt_mask", seq_len)
-        if tgt_mask.min() < 0 or tgt_mask.max() > 1:
-            raise UserError(f"{where}: tgt_mask values must be 0 or 1")
-        tgt_mask = tgt_mask.astype(np.uint8)
-    return tokens.astype(np.int32), tgt_mask
+    return obj
 
 
-def _int_array(value: object, where: str, field: str, seq_len: int) -> np.ndarray:
-    if not isinstance(value, list):
+def _checked_ints(value: object, where: str, field: str, seq_len: int) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        array = value
+    elif not isinstance(value, list):
         raise UserError(f"{where}: '{field}' is not a list")
-    if len(value) != seq_len:
-        raise UserError(f"{where}: '{field}' has {len(value)} entries, expected "
+    else:
+        try:
+            array = np.asarray(value)
+        except (ValueError, OverflowError):
+            raise UserError(f"{where}: '{field}' is not a flat list of integers") from None
+        if array.ndim != 1 or (len(array) and array.dtype.kind not in "iub"):
+            raise UserError(f"{where}: '{field}' is not a flat list of integers")
+    if len(array) != seq_len:
+        raise UserError(f"{where}: '{field}' has {len(array)} entries, expected "
                         f"data.seq_len={seq_len}")
-    try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError):
-        raise UserError(f"{where}: '{field}' is not a flat list of integers") from None
-    if array.ndim != 1 or array.dtype.kind not in "iub":
-        raise UserError(f"{where}: '{field}' is not a flat list of integers")
-    return array.astype(np.int64)
+    return array.astype(np.int64, copy=False)
 
 
 def consecutive_runs(lines: np.ndarray) -> list[tuple[int, int, int]]:

@@ -1,0 +1,131 @@
+"""Data benchmark: index build speed vs a plain read, loader tokens/s for jsonl and packed rows.
+
+    JAX_PLATFORMS=cpu python benchmarks/data_loader.py [--size-mb 400] [--dir /tmp/x]
+
+Writes K2-like chunk files (2048 random ids per row plus K2's metadata fields) into a temporary
+directory (removed afterwards unless --dir is given), never into the repository. Reads are from
+the page cache when the files fit in RAM, so the index figure is its CPU cost relative to a
+plain read of the same bytes; on a TPU VM's persistent disk or GCS the read dominates both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from k2jax.data.chunk_index import build_index  # noqa: E402
+from k2jax.data.chunked_source import open_chunk_source  # noqa: E402
+from k2jax.data.grain_loader import iterate_host_batches  # noqa: E402
+from k2jax.data.packed import pack_chunks  # noqa: E402
+from k2jax.data.pipeline import StepBatches  # noqa: E402
+from k2jax.config import DataConfig  # noqa: E402
+
+
+def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: int) -> None:
+    rng = np.random.default_rng(0)
+    for chunk_id in range(num_files):
+        with open(directory / f"chunk_{chunk_id}.jsonl", "w") as f:
+            written, line = 0, 0
+            while written < mb_per_file * 2**20:
+                text = json.dumps({"token_ids": rng.integers(0, 32032, seq_len).tolist(),
+                                   "source": "bench", "subset_name": "bench",
+                                   "src_filename": "bench.jsonl", "line_idx_in_src": line}) + "\n"
+                f.write(text)
+                written += len(text)
+                line += 1
+
+
+def plain_read_seconds(paths: list[Path]) -> float:
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def loader_tokens_per_second(step_batches: StepBatches, steps: int, grain_threads: int = 0
+                             ) -> float:
+    tokens = steps * step_batches.host_batch_size * step_batches.data.seq_len
+    start = time.perf_counter()
+    if grain_threads:
+        for _ in iterate_host_batches(step_batches, 0, steps, 0, grain_threads):
+            pass
+    else:
+        for step in range(steps):
+            step_batches.host_batch(step)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, default=400, help="total jsonl size")
+    parser.add_argument("--files", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--host-batch", type=int, default=64)
+    parser.add_argument("--dir", default=None, help="keep the files here (default: a temp dir)")
+    args = parser.parse_args()
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="k2jax-bench-"))
+    data, packed = root / "jsonl", root / "packed"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        write_chunks(data, args.files, args.size_mb / args.files, args.seq_len)
+        paths = sorted(data.glob("chunk_*.jsonl"))
+        total_mb = sum(p.stat().st_size for p in paths) / 2**20
+        plain_read_seconds(paths)  # warm the page cache the same way for both
+        read_s = min(plain_read_seconds(paths) for _ in range(2))
+        rows.append(("plain sequential read (16 MiB blocks)", f"{total_mb / read_s:,.0f} MB/s",
+                     "baseline"))
+        for workers in (1, args.files):
+            shutil.rmtree(data / ".k2index", ignore_errors=True)
+            start = time.perf_counter()
+            build_index(data, workers=workers, progress=False)
+            index_s = time.perf_counter() - start
+            rows.append((f"k2jax data index, {workers} worker(s)",
+                         f"{total_mb / index_s:,.0f} MB/s", f"{read_s / index_s:.2f}x plain read"))
+
+        start = time.perf_counter()
+        pack_chunks(data, packed, seq_len=args.seq_len, workers=args.files, progress=False)
+        rows.append(("k2jax data pack (json parse, %d procs)" % args.files,
+                     f"{total_mb / (time.perf_counter() - start):,.0f} MB/s", "one-off"))
+
+        config = DataConfig(source="k2", path=str(data), order="sequential",
+                            seq_len=args.seq_len, global_batch_size=args.host_batch,
+                            micro_batch_size=args.host_batch)
+        for form, path in (("jsonl", data), ("packed", packed)):
+            source = open_chunk_source(path, "sequential", args.seq_len, 32032, form)
+            step_batches = StepBatches(source, config)
+            steps = min(source.num_rows // args.host_batch, 200 if form == "packed" else 40)
+            tps = loader_tokens_per_second(step_batches, steps)
+            rows.append((f"loader {form}, host batch {args.host_batch}, 1 core",
+                         f"{tps / 1e6:,.2f} M tokens/s", f"{steps} steps"))
+            tps = loader_tokens_per_second(step_batches, steps, grain_threads=2)
+            rows.append((f"loader {form} via Grain (2 threads)", f"{tps / 1e6:,.2f} M tokens/s",
+                         f"{steps} steps"))
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print(f"# data benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()} "
+          f"({os.cpu_count()} CPUs), {args.files} files, {total_mb:,.0f} MB jsonl, "
+          f"seq_len {args.seq_len}")
+    print("| measurement | rate | note |\n|---|---|---|")
+    for name, rate, note in rows:
+        print(f"| {name} | {rate} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
