@@ -119,16 +119,18 @@ class Static:
 # --------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(*refs, static: Static, precision):
+def _forward_kernel(*refs, static: Static, precision, save_lse: bool):
     """One grid step (b, h, q block i, kv block j). Refs are VMEM tiles:
-    q [bq, D], k/v [bkv, D], optional segment ids, outputs o [bq, D] and lse [bq, 128],
+    q [bq, D], k/v [bkv, D], optional segment ids, outputs o [bq, D] and (if save_lse) lse
+    [bq, 128],
     scratch m/l [bq, 128] fp32 (lane-replicated) and acc [bq, D] fp32."""
     geo = static.geometry
-    if geo.segmented:
-        q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-        qseg_ref = kvseg_ref = None
+    refs = list(refs)
+    q_ref, k_ref, v_ref = refs[:3]
+    qseg_ref, kvseg_ref = refs[3:5] if geo.segmented else (None, None)
+    o_ref, *outs_and_scratch = refs[5 if geo.segmented else 3:]
+    lse_ref = outs_and_scratch.pop(0) if save_lse else None
+    m_sc, l_sc, acc_sc = outs_and_scratch
     qi, kj = pl.program_id(2), pl.program_id(3)
 
     @pl.when(kj == 0)
@@ -163,7 +165,8 @@ def _forward_kernel(*refs, static: Static, precision):
         l = l_sc[...]
         l = jnp.where(l == 0.0, 1.0, l)  # a row with no visible key outputs 0, not nan
         o_ref[...] = (acc_sc[...] * (1.0 / l[:, :1])).astype(o_ref.dtype)
-        lse_ref[...] = m_sc[...] + jnp.log(l)
+        if save_lse:
+            lse_ref[...] = m_sc[...] + jnp.log(l)
 
 
 def load_segments(qseg_ref, kvseg_ref):
@@ -188,10 +191,11 @@ def run_block(geo: Geometry, qi, kj, body) -> None:
     pl.when(runs & jnp.logical_not(needs_mask))(lambda: body(False))
 
 
-def forward(q, k, v, q_seg, kv_seg, static: Static):
+def forward(q, k, v, q_seg, kv_seg, static: Static, save_lse: bool = True):
     """Pallas forward. q: kernel layout of [B, Sp, H, D]; k/v: of [B, Sp, KVH, D];
     q_seg int32 [B, Sp, 128] and kv_seg int32 [B, 8, Sp] or None.
-    Returns o (like q) and lse fp32 [B, H, Sp] (natural log, includes sm_scale)."""
+    Returns o (like q) and lse fp32 [B, H, Sp] (natural log, includes sm_scale), or None when
+    not save_lse (no gradient wanted: skips the lane-replicated [B, H, Sp, 128] write)."""
     geo, layout = static.geometry, static.layout
     batch, heads, group = q.shape[0], static.num_heads, static.group
     bq, bkv, dim = geo.block_q, geo.block_kv, layout.head_dim
@@ -208,14 +212,18 @@ def forward(q, k, v, q_seg, kv_seg, static: Static):
         args += [q_seg, kv_seg]
     lse_shape = (batch, heads, geo.padded_len, NUM_LANES)
     flops = 4 * batch * heads * geo.padded_len ** 2 * dim // (2 if geo.causal else 1)
-    o, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, static=static, precision=static.precision(q.dtype)),
+    out_specs = [layout.block_spec(bq, lambda b, h, i, j: (b, h, i))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if save_lse:
+        out_specs.append(stats_spec(bq, lambda b, h, i, j: (b, h, i)))
+        out_shape.append(jax.ShapeDtypeStruct(lse_shape, jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_forward_kernel, static=static, precision=static.precision(q.dtype),
+                          save_lse=save_lse),
         grid=(batch, heads, geo.num_q_blocks, geo.num_kv_blocks),
         in_specs=in_specs,
-        out_specs=[layout.block_spec(bq, lambda b, h, i, j: (b, h, i)),
-                   stats_spec(bq, lambda b, h, i, j: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                         pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                         pltpu.VMEM((bq, dim), jnp.float32)],
@@ -227,7 +235,7 @@ def forward(q, k, v, q_seg, kv_seg, static: Static):
         interpret=static.interpret,
         name="k2_flash_attention_fwd",
     )(*args)
-    return o, lse[..., 0]
+    return (outs[0], outs[1][..., 0]) if save_lse else (outs[0], None)
 
 
 # ------------------------------------------------------------------------------ custom_vjp
@@ -235,7 +243,7 @@ def forward(q, k, v, q_seg, kv_seg, static: Static):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, q_seg, kv_seg, static: Static):
-    return forward(q, k, v, q_seg, kv_seg, static)[0]
+    return forward(q, k, v, q_seg, kv_seg, static, save_lse=False)[0]
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, static: Static):
