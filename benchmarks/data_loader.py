@@ -46,11 +46,11 @@ def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: i
                 line += 1
 
 
-def plain_read_seconds(paths: list[Path]) -> float:
+def plain_read_seconds(paths: list[Path], block_bytes: int) -> float:
     start = time.perf_counter()
     for path in paths:
         with open(path, "rb", buffering=0) as f:
-            while f.read(16 << 20):
+            while f.read(block_bytes):
                 pass
     return time.perf_counter() - start
 
@@ -85,15 +85,19 @@ def main() -> None:
         write_chunks(data, args.files, args.size_mb / args.files, args.seq_len)
         paths = sorted(data.glob("chunk_*.jsonl"))
         total_mb = sum(p.stat().st_size for p in paths) / 2**20
-        plain_read_seconds(paths)  # warm the page cache the same way for both
-        read_s = min(plain_read_seconds(paths) for _ in range(2))
-        rows.append(("plain sequential read (16 MiB blocks)", f"{total_mb / read_s:,.0f} MB/s",
-                     "baseline"))
+        plain_read_seconds(paths, 16 << 20)  # warm the page cache the same way for both
+        # The baseline is the faster of small and large plain reads, best of 3.
+        read_s = min(plain_read_seconds(paths, size) for size in (256 << 10, 16 << 20)
+                     for _ in range(3))
+        rows.append(("plain sequential read (best of 256 KiB / 16 MiB blocks)",
+                     f"{total_mb / read_s:,.0f} MB/s", "baseline"))
         for workers in (1, args.files):
-            shutil.rmtree(data / ".k2index", ignore_errors=True)
-            start = time.perf_counter()
-            build_index(data, workers=workers, progress=False)
-            index_s = time.perf_counter() - start
+            index_s = float("inf")
+            for _ in range(3):
+                shutil.rmtree(data / ".k2index", ignore_errors=True)
+                start = time.perf_counter()
+                build_index(data, workers=workers, progress=False)
+                index_s = min(index_s, time.perf_counter() - start)
             rows.append((f"k2jax data index, {workers} worker(s)",
                          f"{total_mb / index_s:,.0f} MB/s", f"{read_s / index_s:.2f}x plain read"))
 

@@ -25,7 +25,11 @@ from k2jax.data import chunk_files
 from k2jax.errors import UserError
 
 INDEX_VERSION = 1
-BLOCK_BYTES = 16 << 20  # large reads keep the disk (or GCS stream) at full speed
+# Local reads are sized to stay in CPU cache between the read and the newline search (256 KiB
+# measured ~2x faster than 16 MiB here; the kernel's readahead keeps the disk streaming).
+# GCS reads are large, because each read is a request.
+BLOCK_BYTES = 256 << 10
+REMOTE_BLOCK_BYTES = 16 << 20
 
 
 def offsets_path(index_dir: epath.Path, chunk_id: int) -> epath.Path:
@@ -69,9 +73,10 @@ def scan_line_offsets(path: epath.Path, on_bytes: Callable[[int], None] = lambda
     """int64 [num_lines + 1] line-start offsets of `path` plus its size (see module doc)."""
     starts = [np.zeros(1, np.int64)]
     position = 0
+    block_bytes = BLOCK_BYTES if chunk_files.is_local(path) else REMOTE_BLOCK_BYTES
     with _open_for_streaming(path) as f:
         while True:
-            block = f.read(BLOCK_BYTES)
+            block = f.read(block_bytes)
             if not block:
                 break
             starts.append(newline_positions(block) + (position + 1))
