@@ -327,8 +327,8 @@ def test_scripts_are_executable_bash():
 
 
 FAKE_TRAINER = """#!/usr/bin/env bash
-echo "args: $*"
 trap 'echo "checkpointed"; exit 0' TERM
+echo "args: $*"
 for _ in $(seq 300); do sleep 0.1; done
 """
 
@@ -358,6 +358,8 @@ def test_worker_side_commands_run_in_bash(tmp_path):
     # (as init does on a TPU VM) whatever the PID 1 of the machine running the tests.
     script = "; ".join([
         launch, "echo launched $(cat k2/train.pid)", launch,
+        # a real trainer takes minutes to start; this one must reach its trap before SIGTERM
+        "for _ in $(seq 200); do grep -q args: k2/train.log 2>/dev/null && break; sleep 0.05; done",
         term, f"( {wait} )", "echo wait=$?", "kill -0 $(cat k2/train.pid) 2>/dev/null || echo gone",
     ])
     r = on_worker(script)
