@@ -168,6 +168,21 @@ def test_shifted_segment_boundary_is_detected():
     assert rel_err(got[0], mutated[0]) > 1e-3
 
 
+@pytest.mark.parametrize("mutation", ["skip_diagonal_block", "unmasked_diagonal_block"])
+def test_wrong_block_decisions_are_detected(monkeypatch, mutation):
+    """Sabotage the kernel's block decisions and check the reference comparison fails: a
+    skipped visible block, or a diagonal block computed without its mask, must be caught."""
+    if mutation == "skip_diagonal_block":
+        monkeypatch.setattr(Geometry, "block_runs",
+                            lambda self, i, j: j < self.last_kv_block(i))
+    else:
+        monkeypatch.setattr(Geometry, "block_needs_mask", lambda self, i, j: jnp.bool_(False))
+    q, k, v, do, _ = random_inputs(14, 1, 64, 2, 2, 64, jnp.float32, 0)
+    got = kernel_outputs(q, k, v, do, causal=True, block_q=16, block_kv=16)
+    want = reference(q, k, v, do, reference_mask(64, True, None), 0.125)
+    assert rel_err(got[0], want[0]) > 1e-3
+
+
 def test_causal_skipping_matches_brute_force():
     """Block-level decisions (skip, mask, DMA clamp) against a brute-force scan of the mask,
     over block shapes with bq <, =, > bkv and padded sequences."""
