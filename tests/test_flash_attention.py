@@ -258,3 +258,17 @@ def test_default_block_sizes():
         default_block_sizes("v9x", 2048)
     with pytest.raises(ValueError, match="seq_len"):
         default_block_sizes("v5p", 0)
+
+
+def test_sharded_wrapper_matches_unsharded():
+    """shard_map plumbing (with and without segment ids) on a 1x1 CPU mesh; the multi-chip
+    case is compiled for TPU in test_flash_attention_tpu_compile.py."""
+    from k2jax.kernels import sharded_flash_attention
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))
+    q, k, v, _, seg = random_inputs(15, 2, 32, 2, 1, 64, jnp.float32, 2)
+    for segment_ids in (None, seg):
+        want = flash_attention(q, k, v, segment_ids=segment_ids, block_q=16, block_kv=16)
+        got = sharded_flash_attention(q, k, v, mesh=mesh, batch_axes="data", head_axes="tensor",
+                                      segment_ids=segment_ids, block_q=16, block_kv=16)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -370,3 +370,26 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         kv_seg = jnp.broadcast_to(seg[:, None, :], (batch, NUM_SUBLANES, padded_len))
     out = _attention(q_k, k_k, v_k, q_seg, kv_seg, static)
     return layout.from_kernel(out, heads)[:, :seq]
+
+
+def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh,
+                            batch_axes=None, head_axes=None,
+                            segment_ids: Optional[jax.Array] = None, **kwargs) -> jax.Array:
+    """`flash_attention` on arrays sharded over `mesh`, one kernel call per device.
+
+    A pallas_call is opaque to XLA's SPMD partitioner (it would gather its inputs onto every
+    device), so the model must call the kernel per shard under shard_map. Batch may be split
+    over `batch_axes` (data/fsdp mesh axes) and heads over `head_axes` (tensor axis; it must
+    divide kv_heads too); the sequence must not be sharded (attention needs every key).
+    Shapes and kwargs as for `flash_attention`, with global (unsharded) shapes.
+    """
+    qkv_spec = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+    kernel = functools.partial(flash_attention, **kwargs)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v), mesh=mesh,
+                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
+                             check_vma=False)(q, k, v)
+    segment_spec = jax.sharding.PartitionSpec(batch_axes, None)
+    return jax.shard_map(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
+                         in_specs=(qkv_spec,) * 3 + (segment_spec,), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
