@@ -20,7 +20,7 @@ from k2jax.train.state import TrainState
 
 
 def _global_norm(tree) -> jnp.ndarray:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
