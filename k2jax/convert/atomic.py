@@ -1,0 +1,65 @@
+"""An output directory appears complete or not at all.
+
+Everything is written into a hidden sibling `.NAME.incomplete-XXXX` and renamed to NAME only
+after the last byte is written; an interrupted conversion leaves only the hidden directory (or
+nothing), never a directory that looks complete. An existing NAME is replaced only with force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from k2jax.errors import UserError
+
+
+def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()
+                 ) -> Path:
+    """Refuse to overwrite without force, and never to replace (or nest in) an input."""
+    out_path = Path(out).absolute()
+    if out_path.exists() and not force:
+        raise UserError(f"{out}: output directory exists; pass --force to replace it")
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    for source in inputs:
+        source_path = Path(source).absolute()
+        if out_path == source_path or out_path in source_path.parents:
+            raise UserError(f"{out}: the output would replace the input {source}")
+    return out_path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+    """Yield a fresh staging directory; on success it becomes `out`, on any error it is removed."""
+    out_path = check_output(out, force)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.incomplete-", dir=out_path.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if out_path.exists():  # --force: swap, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.old-", dir=out_path.parent))
+            old.rmdir()
+            out_path.rename(old)
+            staging.rename(out_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    # Data must be on disk before the rename makes the directory look complete.
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,121 @@
+"""Write a Hugging Face model directory: safetensors shards streamed tensor by tensor, the
+index, config.json, generation_config.json and tokenizer files.
+
+The safetensors library writes a file from tensors all held in memory (a 5 GB shard's worth);
+the format is simple enough to stream instead: an 8-byte little-endian header length, a JSON
+header giving every tensor's dtype, shape and byte range (padded with spaces to a multiple of
+8), then the raw C-order bytes in header order. All shapes are known before the first byte,
+so the header is written first and each tensor is appended as it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from k2jax.convert import dtypes
+from k2jax.errors import UserError
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(entries: list[ShardEntry], shard_bytes: int) -> list[list[ShardEntry]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow this one (a
+    tensor larger than shard_bytes gets a shard of its own), as transformers does."""
+    shards: list[list[ShardEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def safetensors_header(entries: list[ShardEntry]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": dtypes.NUMPY_TO_SAFETENSORS[entry.dtype],
+                              "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keeps the data 8-byte aligned for memory mapping
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors_shards(directory: Path, entries: list[ShardEntry], shard_bytes: int,
+                             arrays: Iterator[tuple[str, np.ndarray]],
+                             on_tensor: Callable[[int], None] = lambda n: None) -> None:
+    """Write shards and the index. `arrays` yields (name, array) in `entries` order; each array
+    is written before the next is requested, so it may live in a reused buffer."""
+    shards = plan_shards(entries, shard_bytes)
+    names = shard_names(len(shards))
+    weight_map = {}
+    for shard, file_name in zip(shards, names):
+        with open(directory / file_name, "wb") as f:
+            f.write(safetensors_header(shard))
+            for entry in shard:
+                name, array = next(arrays)
+                if name != entry.name or array.shape != entry.shape or array.dtype != entry.dtype:
+                    raise RuntimeError(f"expected {entry}, got {name} {array.shape} {array.dtype}")
+                # bytes via uint8: the buffer protocol has no code for bfloat16
+                f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+                weight_map[name] = file_name
+                on_tensor(entry.nbytes)
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+             "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def generation_config(hf_config: dict) -> dict:
+    return {"_from_model_config": True,
+            **{key: hf_config.get(key) for key in ("bos_token_id", "eos_token_id",
+                                                   "pad_token_id")}}
+
+
+def tokenizer_files(tokenizer_dir: str) -> list[Path]:
+    """The tokenizer files in a directory (UserError if it has none)."""
+    root = Path(tokenizer_dir)
+    if not root.is_dir():
+        raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
+    found = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
+    if not found:
+        raise UserError(f"--tokenizer {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES)} "
+                        "found")
+    return found
+
+
+def copy_files(files: Iterable[Path], directory: Path) -> None:
+    for file in files:
+        shutil.copyfile(file, directory / file.name)
