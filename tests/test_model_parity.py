@@ -149,3 +149,29 @@ def test_remat_policies_give_identical_gradients(remat):
     for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads(remat))):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # recompute order: fp32 rounding
+
+
+def test_pallas_attention_in_the_model_matches_xla():
+    """The fused kernel (interpret mode on CPU): logits and gradients as the XLA path."""
+    hf_model = tiny_llama(vocab_size=250, num_kv_heads=2)
+    tokens = jnp.asarray(random_tokens(250, batch=1, seq=32))
+    mask = jnp.ones(tokens.shape, jnp.float32)
+
+    def logits_and_grads(impl):
+        config = k2jax_config(hf_model, attention=impl, attention_block_q=16,
+                              attention_block_kv=16)
+        params = params_from_hf(state_dict_numpy(hf_model).__getitem__, config)
+        model = K2Model(config)
+
+        def loss(p):
+            total, count = masked_next_token_loss(model.apply({"params": p}, tokens), tokens, mask)
+            return total / count
+
+        return model.apply({"params": params}, tokens), jax.grad(loss)(params)
+
+    xla_logits, xla_grads = logits_and_grads("xla")
+    pallas_logits, pallas_grads = logits_and_grads("pallas")
+    assert np.abs(np.asarray(xla_logits - pallas_logits)).max() <= LOGIT_ATOL
+    for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(pallas_grads)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

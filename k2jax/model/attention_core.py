@@ -4,10 +4,27 @@ without resetting attention at EOS."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.interpreters import pxla
+
+# None: Pallas kernels run in interpret mode off TPU. Ahead-of-time TPU compiles on a CPU host
+# set False (see `pallas_interpret`), so Mosaic lowers the real kernel.
+_PALLAS_INTERPRET: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def pallas_interpret(value: Optional[bool]):
+    global _PALLAS_INTERPRET
+    previous, _PALLAS_INTERPRET = _PALLAS_INTERPRET, value
+    try:
+        yield
+    finally:
+        _PALLAS_INTERPRET = previous
 
 
 def resolve_attention_impl(name: str) -> str:
@@ -44,8 +61,20 @@ def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_id
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
     if impl == "pallas":
-        from k2jax.kernels import flash_attention
-
-        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                               block_q=block_q, block_kv=block_kv)
+        return _pallas_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                 block_q=block_q, block_kv=block_kv)
     raise ValueError(f"model.attention: unknown implementation {impl!r}")
+
+
+def _pallas_attention(q, k, v, **kwargs):
+    """The fused kernel, one call per device under shard_map when a mesh is active: a
+    pallas_call is opaque to XLA's partitioner, which would otherwise gather q, k, v."""
+    from k2jax.kernels import flash_attention, sharded_flash_attention
+
+    kwargs["interpret"] = _PALLAS_INTERPRET
+    mesh = pxla.thread_resources.env.physical_mesh
+    if mesh.empty:
+        return flash_attention(q, k, v, **kwargs)
+    rules = dict(nn.get_logical_axis_rules())
+    return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=rules.get("batch"),
+                                   head_axes=rules.get("heads"), **kwargs)
