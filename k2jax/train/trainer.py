@@ -22,6 +22,7 @@ from k2jax.config import Config
 from k2jax.data.pipeline import make_step_batches
 from k2jax.errors import UserError
 from k2jax.model.param_count import count_params
+from k2jax.sharding.batch import pad_rows, padded_global_rows
 from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
@@ -64,6 +65,9 @@ class Trainer:
         self._load_data_order()
         self.batches = make_step_batches(config, jax.process_index(), jax.process_count())
         self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
+        # Device batches are padded with zero-mask rows to a multiple of the data-parallel size
+        # (k2jax/sharding/batch.py); the loss and MFU count only the real rows.
+        self.device_rows = padded_global_rows(config, self.mesh, jax.process_count())
         self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
 
     # -- state -------------------------------------------------------------------------------
@@ -132,8 +136,8 @@ class Trainer:
             tqdm.write(f"[k2jax] {message}", file=sys.stderr)
 
     def global_batch(self, step: int) -> dict[str, jax.Array]:
-        host = self.batches.host_batch(step)
-        shape = lambda x: (self.config.data.global_batch_size,) + x.shape[1:]
+        host = pad_rows(self.batches.host_batch(step), self.device_rows // jax.process_count())
+        shape = lambda x: (self.device_rows,) + x.shape[1:]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
                 for k, v in host.items()}
 

@@ -1,0 +1,1 @@
+"""Ahead-of-time TPU compiles of the complete train step: does a plan fit, how fast might it be."""

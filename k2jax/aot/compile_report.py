@@ -1,0 +1,186 @@
+"""Compile the complete train step (forward, backward, micro-batch accumulation, AdamW update)
+for a TPU slice that is not here, and report per-chip memory, FLOPs and an estimated MFU.
+
+Inputs are ShapeDtypeStructs carrying their shardings: nothing is allocated. The compiler's
+cost analysis counts the body of a loop once (not times its trip count), so the FLOPs and
+`optimal_seconds` of the scanned 80-layer step would be those of one layer of one micro-batch.
+Step FLOPs are therefore measured on two small unrolled compiles of the same micro-batch and
+mesh (1 and 2 layers) and extrapolated: flops = A * (f1 + (L - 1) * (f2 - f1)) for L layers
+and A micro-batches (the optimizer's few FLOPs per parameter are inside f1 and f2 once per
+micro-batch, an over-count below 0.1%). Remat recomputation is included (it is compiled);
+collectives are not timed: the estimate is a compute/HBM roofline, an upper bound on MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from k2jax.aot.topology import Slice
+from k2jax.config import Config
+from k2jax.sharding.batch import padded_global_rows
+from k2jax.sharding.mesh import build_mesh
+from k2jax.sharding.rules import batch_sharding, replicated
+from k2jax.train.flops import flops_per_token
+
+
+def topology_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology,
+                                             **kwargs).devices)
+
+
+def _shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def lower_train_step(config: Config, devices: list):
+    """(lowered step, abstract state, batch rows, mesh) for `config` over `devices`."""
+    from k2jax.train.optimizer import make_optimizer
+    from k2jax.train.state import abstract_state, state_shardings
+    from k2jax.train.step import make_train_step
+
+    mesh = build_mesh(config.mesh, devices)
+    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
+    _, shardings = state_shardings(config, optimizer, mesh)
+    state = abstract_state(shardings, config, optimizer)
+    rows = padded_global_rows(config, mesh)
+    batch_sh = batch_sharding(mesh, config.mesh.rules)
+    batch = {"tokens": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.int32,
+                                            sharding=batch_sh),
+             "loss_mask": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32,
+                                               sharding=batch_sh)}
+    ceiling = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
+    step = make_train_step(config, optimizer, mesh, shardings)
+    return step.lower(state, batch, ceiling), state, rows, mesh
+
+
+def _layer_variant(config: Config, layers: int, micro_rows: int) -> Config:
+    """The same micro-batch, mesh and remat, `layers` unrolled layers, one accumulation step."""
+    model = dataclasses.replace(config.model, num_layers=layers, scan_layers=False)
+    data = dataclasses.replace(config.data, global_batch_size=micro_rows,
+                               micro_batch_size=micro_rows)
+    return dataclasses.replace(config, model=model, data=data)
+
+
+def step_cost(config: Config, devices: list, micro_rows: int) -> dict:
+    """Per-chip compiler FLOPs and optimal seconds of one whole step, extrapolated from 1- and
+    2-layer unrolled compiles of one (padded) micro-batch."""
+    costs = []
+    for layers in (1, 2):
+        lowered = lower_train_step(_layer_variant(config, layers, micro_rows), devices)[0]
+        costs.append(_cost(lowered.compile()))
+    layers, accumulation = config.model.num_layers, config.data.accumulation_steps
+    out = {}
+    for key in ("flops", "optimal_seconds"):
+        if key in costs[0] and key in costs[1]:
+            one, two = costs[0][key], costs[1][key]
+            out[key] = accumulation * (one + (layers - 1) * (two - one))
+    return out
+
+
+def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
+                   measure_flops: bool = True) -> dict:
+    """Compile for `tpu_slice` (x num_slices) and return the report (see `k2jax aot --help`)."""
+    devices = topology_devices(tpu_slice, num_slices)
+    chips = len(devices)
+    start = time.perf_counter()
+    lowered, state, rows, mesh = lower_train_step(config, devices)
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+
+    params_bytes = _shard_bytes(state.params)
+    opt_bytes = _shard_bytes(state.opt_state)
+    # Arguments (state, batch) + outputs not aliased to a donated argument + temporaries.
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    hbm = tpu_slice.generation.hbm_bytes
+    peak = tpu_slice.generation.peak_flops
+    real_tokens = config.data.global_batch_size * config.data.seq_len
+    model_flops = flops_per_token(config.model, config.data.seq_len) * real_tokens
+
+    report = {
+        "topology": tpu_slice.name, "topology_string": tpu_slice.topology,
+        "slices": num_slices, "chips": chips, "mesh": dict(mesh.shape),
+        "attention": config.model.attention, "remat": config.model.remat,
+        "global_batch_size": config.data.global_batch_size,
+        "micro_batch_size": config.data.micro_batch_size,
+        "accumulation_steps": config.data.accumulation_steps,
+        "device_batch_rows": rows, "padding_rows": rows - config.data.global_batch_size,
+        "seq_len": config.data.seq_len,
+        "params_bytes_per_chip": params_bytes, "optimizer_bytes_per_chip": opt_bytes,
+        "argument_bytes_per_chip": memory.argument_size_in_bytes,
+        "output_bytes_per_chip": memory.output_size_in_bytes,
+        "alias_bytes_per_chip": memory.alias_size_in_bytes,
+        "temp_bytes_per_chip": memory.temp_size_in_bytes,
+        "bytes_per_chip": total, "hbm_bytes_per_chip": hbm,
+        "hbm_fraction": total / hbm, "fits": total <= hbm,
+        "compile_seconds": round(compile_seconds, 2),
+        "model_flops_per_step": model_flops, "peak_flops_per_chip": peak,
+        "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None,
+        "step_time_source": None,
+    }
+    if measure_flops:
+        start = time.perf_counter()
+        micro_rows = rows // config.data.accumulation_steps
+        cost = step_cost(config, devices, micro_rows)
+        report["cost_compile_seconds"] = round(time.perf_counter() - start, 2)
+        flops = cost.get("flops")
+        if flops is not None:
+            report["flops_per_step"] = flops * chips  # cost analysis is per chip
+        seconds: Optional[float] = cost.get("optimal_seconds")
+        source = "optimal_seconds"
+        if not seconds or seconds <= 0:
+            seconds, source = (flops / peak if flops else None), "flops/peak"
+        if seconds:
+            report["estimated_step_seconds"] = seconds
+            report["step_time_source"] = source
+            report["estimated_mfu"] = model_flops / (seconds * chips * peak)
+    return report
+
+
+def format_report(report: dict) -> str:
+    gib = lambda b: f"{b / 1024 ** 3:.2f} GiB"
+    lines = [
+        f"{report['topology']} ({report['topology_string']} x {report['slices']} slice(s), "
+        f"{report['chips']} chips), mesh {report['mesh']}, remat {report['remat']}, "
+        f"attention {report['attention']}",
+        f"batch {report['global_batch_size']} x {report['seq_len']} in "
+        f"{report['accumulation_steps']} micro-batch(es) of {report['micro_batch_size']} "
+        f"(+{report['padding_rows']} zero-mask padding rows on the devices)",
+        f"per chip: parameters {gib(report['params_bytes_per_chip'])}, optimizer state "
+        f"{gib(report['optimizer_bytes_per_chip'])}, temporaries "
+        f"{gib(report['temp_bytes_per_chip'])}",
+        f"per chip total {gib(report['bytes_per_chip'])} of {gib(report['hbm_bytes_per_chip'])} "
+        f"HBM ({report['hbm_fraction']:.0%}): {'FITS' if report['fits'] else 'DOES NOT FIT'}",
+        f"compile {report['compile_seconds']:.1f} s",
+    ]
+    if report["flops_per_step"] is not None:
+        lines.append(f"compiler FLOPs/step {report['flops_per_step']:.4g} (model "
+                     f"{report['model_flops_per_step']:.4g})")
+    if report["estimated_step_seconds"] is not None:
+        lines.append(f"estimated step {report['estimated_step_seconds']:.3f} s "
+                     f"({report['step_time_source']}), estimated MFU "
+                     f"{report['estimated_mfu']:.1%} (no communication time: an upper bound)")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""`k2jax aot --config FILE --topology NAME [key=value ...]`: compile the train step for a TPU
+slice ahead of time (libtpu, no TPU needed) and report whether it fits and how fast it may be."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+TOPOLOGY_HELP = (
+    "TPU slice in Google's naming: v4-N and v5p-N count TensorCores (2 per chip: v5p-512 is "
+    "256 chips, topology v5p:4x8x8; v4-1024 is 512 chips, v4:8x8x8); v5e-N and v6e-N count "
+    "chips (v5e-256 is v5e:16x16). A topology string such as v5p:4x8x8 is also accepted.")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "aot", help="compile the train step for a TPU slice ahead of time; per-chip memory, "
+                    "fit, FLOPs and estimated MFU",
+        description="Compile the complete train step (forward, backward, accumulation, AdamW) "
+                    "for a TPU topology with libtpu, without a TPU, and report per chip the "
+                    "bytes of parameters, optimizer state and temporaries against HBM (v4 32 "
+                    "GiB, v5e 16, v5p 95, v6e 32), compiler FLOPs per step, an estimated step "
+                    "time and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
+                    "configs/k2-65b.yaml --topology v5p-512",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
+    parser.add_argument("--slices", type=int, default=1,
+                        help="number of slices (multi-slice over DCN; set mesh.dcn_* to match)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-flops", action="store_true",
+                        help="skip the two small extra compiles that measure step FLOPs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. mesh.tensor=4 model.remat=save_qkv_out")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2jax.aot.topology import parse_slice
+    from k2jax.config import load_config
+    from k2jax.errors import UserError
+
+    config = load_config(args.config, args.overrides)
+    tpu_slice = parse_slice(args.topology)
+    if args.slices < 1:
+        raise UserError(f"--slices: must be >= 1, got {args.slices}")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError("AOT TPU compiles need libtpu: pip install 'k2jax[tpu]'") from None
+    from k2jax.aot.compile_report import compile_report, format_report
+
+    report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
