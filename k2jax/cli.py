@@ -16,6 +16,7 @@ from k2jax.errors import UserError
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
     "k2jax.commands.data",
+    "k2jax.commands.aot",
     "k2jax.commands.convert",
 ]
 
