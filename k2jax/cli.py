@@ -18,6 +18,9 @@ SUBCOMMAND_MODULES = [
     "k2jax.commands.data",
     "k2jax.commands.aot",
     "k2jax.commands.convert",
+    "k2jax.commands.eval_loss",
+    "k2jax.commands.compare_hf",
+    "k2jax.commands.compare_curves",
 ]
 
 

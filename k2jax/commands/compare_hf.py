@@ -1,0 +1,165 @@
+"""`k2jax compare-hf`: the same rows through transformers (PyTorch, CPU, fp32, eager) and k2jax
+(fp32), with max abs logit difference, mean KL, top-1 agreement and both losses.
+
+Exit 0 if within --max-abs and --max-kl, 1 if not, 2 on bad input. Without --checkpoint the
+k2jax weights are the --hf weights converted in memory (testing the name map and the model);
+with it, a k2jax checkpoint is compared against the HF model (testing a conversion too).
+`--per-layer` adds the hidden-state difference after every layer, to find where stacks part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from k2jax.errors import UserError
+from k2jax.eval.step_data import add_data_args
+
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                       "num_heads", "num_kv_heads", "resolved_head_dim", "rope_theta",
+                       "rms_norm_eps", "tie_word_embeddings")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare-hf", help="k2jax vs transformers logits on the same rows (fp32, CPU)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="k2jax weights to compare (default: --hf converted in memory)")
+    add_data_args(p, data_required=False)
+    p.add_argument("--step", type=int, help="with --data: take rows of this step")
+    p.add_argument("--token-ids", metavar="FILE.npy", help="int array [rows, seq] or [seq]")
+    p.add_argument("--rows", type=int, default=1, help="first N rows of the step or file")
+    p.add_argument("--max-abs", type=float, default=1e-3, help="max abs logit difference")
+    p.add_argument("--max-kl", type=float, default=1e-6, help="mean KL(transformers || k2jax)")
+    p.add_argument("--per-layer", action="store_true", help="hidden-state differences per layer")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def _rows(args, model_config):
+    """tokens int32 [N, S], loss_mask float32 [N, S] and a description."""
+    import numpy as np
+
+    from k2jax.data.source import shifted_loss_mask
+
+    if args.rows <= 0:
+        raise UserError(f"--rows must be positive, got {args.rows}")
+    if args.token_ids:
+        if args.data or args.step is not None:
+            raise UserError("give either --token-ids or --data with --step, not both")
+        try:
+            tokens = np.load(args.token_ids)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--token-ids {args.token_ids}: cannot read .npy ({err})")
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or tokens.shape[1] < 2:
+            raise UserError(f"--token-ids {args.token_ids}: expected integer ids [rows, seq >= "
+                            f"2], got {tokens.dtype} {list(tokens.shape)}")
+        tokens = tokens[:args.rows].astype(np.int32)
+        if tokens.min() < 0 or tokens.max() >= model_config.vocab_size:
+            raise UserError(f"--token-ids {args.token_ids}: ids must be in [0, "
+                            f"{model_config.vocab_size})")
+        return tokens, shifted_loss_mask(*tokens.shape), f"{args.token_ids}"
+    if not args.data or args.step is None:
+        raise UserError("give --data DIR with --step T, or --token-ids FILE.npy")
+    if args.step < 0:
+        raise UserError(f"--step must be >= 0, got {args.step}")
+    from k2jax.eval.step_data import step_batches
+
+    batches = step_batches(args, model_config)
+    rows = batches.global_rows(args.step)[:args.rows]
+    tokens, loss_mask = batches.source.read_rows(rows)
+    return tokens, loss_mask, f"step {args.step} of {args.data}"
+
+
+def _k2jax_params(args, hf, per_layer: bool):
+    from k2jax.eval import weights
+
+    hf_config = weights.hf_model_config(hf.config)
+    if not args.checkpoint:
+        from k2jax.hf.name_map import params_from_hf
+
+        config = weights.eval_model_config(hf_config, "fp32", scan_layers=not per_layer,
+                                           attention="xla")
+        return config, params_from_hf(hf.get, config)
+    base = weights.checkpoint_model_config(args.checkpoint)
+    for field in ARCHITECTURE_FIELDS:
+        if getattr(base, field) != getattr(hf_config, field):
+            raise UserError(f"--checkpoint {args.checkpoint}: model {field} is "
+                            f"{getattr(base, field)} but --hf config.json has "
+                            f"{getattr(hf_config, field)}")
+    from k2jax.config import MeshConfig
+    from k2jax.sharding.mesh import build_mesh
+
+    config = weights.eval_model_config(base, "fp32", scan_layers=True, attention="xla")
+    mesh_config = MeshConfig()
+    mesh = build_mesh(mesh_config)
+    params = weights.params_from_checkpoint_on_mesh(args.checkpoint, config, mesh,
+                                                    mesh_config.rules)
+    if per_layer:
+        params = weights.unstack_layers(params, config.num_layers)
+        config = dataclasses.replace(config, scan_layers=False)
+    return config, params
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2jax.eval.hf_weights import HFWeights
+    from k2jax.eval.weights import hf_model_config, stderr_log
+
+    hf = HFWeights(args.hf)
+    tokens, loss_mask, where = _rows(args, hf_model_config(hf.config))
+    stderr_log(f"compare-hf: {tokens.shape[0]} row(s) x {tokens.shape[1]} tokens from {where}")
+
+    config, params = _k2jax_params(args, hf, args.per_layer)
+    from k2jax.eval.k2jax_forward import k2jax_forward
+
+    stderr_log("compare-hf: k2jax forward (fp32)")
+    ours, our_states = k2jax_forward(params, config, tokens, hidden_states=args.per_layer)
+    del params
+    from k2jax.eval.hf_reference import hf_forward, load_hf_model
+
+    stderr_log("compare-hf: transformers forward (PyTorch, CPU, fp32, eager attention)")
+    theirs, their_states = hf_forward(load_hf_model(args.hf), tokens, args.per_layer)
+
+    from k2jax.eval.logit_compare import compare_hidden_states, compare_logits
+
+    result = compare_logits(theirs, ours, tokens, loss_mask)
+    failures = []
+    if not result["max_abs"] <= args.max_abs:  # `not <=` also catches NaN
+        failures.append(f"max abs logit difference {result['max_abs']:.3g} exceeds --max-abs "
+                        f"{args.max_abs:g}")
+    if not result["mean_kl"] <= args.max_kl:
+        failures.append(f"mean KL {result['mean_kl']:.3g} exceeds --max-kl {args.max_kl:g}")
+    layers = compare_hidden_states(their_states, our_states) if args.per_layer else []
+    report = {"rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "source": where,
+              **result, "max_abs_threshold": args.max_abs, "max_kl_threshold": args.max_kl,
+              "passed": not failures, "per_layer": layers}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_table(report))
+    if failures:
+        print(f"k2jax compare-hf: FAILED: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _table(report: dict) -> str:
+    lines = [
+        f"max |logit difference|  {report['max_abs']:.3e}  (--max-abs {report['max_abs_threshold']:g})",
+        f"mean KL(hf || k2jax)    {report['mean_kl']:.3e}  (--max-kl {report['max_kl_threshold']:g})",
+        f"top-1 agreement         {100 * report['top1_agreement']:.2f} % of "
+        f"{report['positions']} positions",
+        f"loss transformers       {report['loss_reference']:.6f}  ({report['tokens']} tokens)",
+        f"loss k2jax              {report['loss_candidate']:.6f}",
+    ]
+    if report["per_layer"]:
+        lines.append("hidden states (max abs, relative to max |hf|):")
+        lines += [f"  {row['name']:<28} {row['max_abs']:.3e}  {row['relative']:.3e}"
+                  for row in report["per_layer"]]
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)

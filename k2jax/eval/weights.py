@@ -1,0 +1,153 @@
+"""Put evaluation weights on a device mesh: from a Hugging Face directory (converted in memory,
+one tensor at a time, through the name map) or from a k2jax weights / training checkpoint.
+
+No host ever holds the whole model: every tensor goes to its devices as soon as it is read
+(`jax.make_array_from_callback`, so on a pod each host supplies only its own shards), and the
+per-layer tensors of the scanned layout are stacked on device, one parameter group at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from k2jax.checkpoint import params_io
+from k2jax.config import ModelConfig, model_config_from_hf
+from k2jax.errors import UserError
+from k2jax.hf.name_map import hf_to_k2jax, k2jax_shape, mappings
+from k2jax.model import K2Model
+from k2jax.sharding.rules import param_shardings
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
+                      attention: str = "auto") -> ModelConfig:
+    """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
+    bf16 params and compute (what Megatron's --bf16 forward used)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return dataclasses.replace(base, param_dtype=DTYPES[dtype], compute_dtype=DTYPES[dtype],
+                               remat="none", scan_layers=scan_layers, attention=attention)
+
+
+def hf_model_config(hf_config: dict) -> ModelConfig:
+    try:
+        return model_config_from_hf(hf_config)
+    except KeyError as err:
+        raise UserError(f"config.json: missing field {err}")
+
+
+def checkpoint_model_config(directory: str) -> ModelConfig:
+    params_io.weights_kind(directory)  # a clear error for a directory that is neither kind
+    config = params_io.read_model_config(directory)
+    if config is None:
+        raise UserError(f"--checkpoint {directory}: no {params_io.MODEL_CONFIG_FILE} nor run "
+                        "config next to the weights, so the architecture is unknown")
+    return config
+
+
+def abstract_params(config: ModelConfig, mesh: Mesh, rules: dict) -> tuple[Any, Any]:
+    """(unboxed ShapeDtypeStruct tree, NamedSharding tree) of the params, allocating nothing."""
+    model = K2Model(config)
+    boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 2), jnp.int32))["params"],
+                           jax.random.key(0))
+    return nn.meta.unbox(boxed), param_shardings(boxed, mesh, rules)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _to_devices(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _without_leading_axis(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+
+
+def params_from_hf_on_mesh(get_tensor: Callable[[str], np.ndarray], config: ModelConfig,
+                           mesh: Mesh, rules: dict, log: Optional[Callable[[str], None]] = None
+                           ) -> Any:
+    """The k2jax params tree (config.scan_layers layout, config.param_dtype), sharded on `mesh`.
+
+    get_tensor(name) -> float32 numpy array in the Hugging Face layout.
+    """
+    shapes, shardings = abstract_params(config, mesh, rules)
+    dtype = jnp.dtype(config.param_dtype)
+    params: dict = {}
+    names = mappings(config)
+
+    def load(name: str, mapping) -> np.ndarray:
+        array = get_tensor(name)
+        expected = k2jax_shape(mapping, config)
+        converted = np.asarray(hf_to_k2jax(array, mapping, config)) if array.size == np.prod(
+            expected) else None
+        if converted is None or converted.shape != expected:
+            raise UserError(f"tensor {name}: shape {list(array.shape)} does not fit the model "
+                            f"config (k2jax expects {list(expected)} after conversion)")
+        return np.ascontiguousarray(converted.astype(dtype))
+
+    for k, mapping in enumerate(names):
+        if log:
+            log(f"weights {k + 1}/{len(names)}: {mapping.hf_name}")
+        if not mapping.per_layer:
+            _set(params, mapping.path, _to_devices(load(mapping.hf_name, mapping),
+                                                   _get(shardings, mapping.path)))
+        elif config.scan_layers:
+            sharding = _get(shardings, ("layers",) + mapping.path)
+            ndim = len(_get(shapes, ("layers",) + mapping.path).shape)
+            per_layer_sharding = _without_leading_axis(sharding, ndim)
+            layers = [_to_devices(load(mapping.hf_name.format(i=i), mapping), per_layer_sharding)
+                      for i in range(config.num_layers)]
+            stacked = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
+            del layers  # frees the per-layer copies before the next group is read
+            _set(params, ("layers",) + mapping.path, stacked)
+        else:
+            for i in range(config.num_layers):
+                path = (f"layers_{i}",) + mapping.path
+                _set(params, path, _to_devices(load(mapping.hf_name.format(i=i), mapping),
+                                               _get(shardings, path)))
+    return params
+
+
+def params_from_checkpoint_on_mesh(directory: str, config: ModelConfig, mesh: Mesh,
+                                   rules: dict) -> Any:
+    """Restore a weights directory or training checkpoint step directory (scanned layout)
+    straight into sharded arrays of config.param_dtype."""
+    if not config.scan_layers:
+        raise UserError("k2jax checkpoints hold the scanned layout (internal: use "
+                        "scan_layers=True and unstack afterwards)")
+    shapes, shardings = abstract_params(config, mesh, rules)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+    return params_io.restore_params(directory, target)
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned layout -> per-layer `layers_{i}` layout (host numpy; for small-model checks)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
+    return out
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

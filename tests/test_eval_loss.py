@@ -1,0 +1,82 @@
+"""eval-loss on a tiny HF model and its Orbax weights equals transformers' K2 loss, by hand."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval_fixtures as fx
+from k2jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return fx.build(tmp_path_factory.mktemp("eval"))
+
+
+def hand_loss(model, data_dir, step):
+    """K2's loss of `step` from transformers' logits: sum(-log p(next) * mask) / sum(mask)."""
+    tokens, masks = fx.reference_rows(data_dir)
+    rows = slice(step * fx.GLOBAL_BATCH, (step + 1) * fx.GLOBAL_BATCH)
+    tokens, masks = tokens[rows], masks[rows]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens)).logits.double().numpy()
+    total = count = 0.0
+    for b in range(len(tokens)):
+        for i in range(fx.SEQ - 1):
+            row = logits[b, i]
+            log_norm = row.max() + np.log(np.exp(row - row.max()).sum())
+            total += (log_norm - row[tokens[b, i + 1]]) * masks[b, i]
+            count += masks[b, i]
+    return total / count, count
+
+
+def eval_loss(capsys, *args):
+    code = main(["eval-loss", *args, "--order", "0,1", "--seq-len", str(fx.SEQ),
+                 "--global-batch", str(fx.GLOBAL_BATCH), "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("source,micro", [("hf", None), ("orbax", None), ("orbax", "3")])
+def test_eval_loss_matches_transformers(setup, capsys, source, micro):
+    weights = ["--hf", str(setup["hf"])] if source == "hf" else [
+        "--checkpoint", str(setup["orbax"])]
+    extra = ["--micro-batch", micro] if micro else []  # 3: padded to 6 rows, 2 micro-steps
+    records = eval_loss(capsys, *weights, "--data", str(setup["data"]), "--steps", "0:2",
+                        *extra)
+    assert [r["step"] for r in records] == [0, 1]
+    assert [r["iteration"] for r in records] == [1, 2]
+    for record in records:
+        expected, count = hand_loss(setup["model"], setup["data"], record["step"])
+        assert record["tokens"] == count
+        assert abs(record["loss"] - expected) < 1e-5, (record, expected)
+    # Step 1 has the row with a tgt_mask: fewer than 4 x 15 counted predictions.
+    assert records[0]["tokens"] == 4 * (fx.SEQ - 1) > records[1]["tokens"]
+
+
+def test_eval_loss_bf16_close(setup, capsys):
+    records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
+                        "--steps", "1", "--dtype", "bf16")
+    expected, _ = hand_loss(setup["model"], setup["data"], 1)
+    assert abs(records[0]["loss"] - expected) < 0.05 * expected
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--hf", "/nonexistent/k2", "--data", "{data}", "--steps", "0"], "/nonexistent/k2"),
+    (["--hf", "{hf}", "--data", "{data}", "--steps", "5:3"], "5:3"),
+    (["--hf", "{hf}", "--data", "{data}", "--steps", "1,x"], "'x'"),
+    (["--hf", "{hf}", "--data", "/nonexistent/d", "--steps", "0"], "/nonexistent/d"),
+    (["--hf", "{hf}", "--data", "{data}", "--steps", "2"], "step 2"),  # past the 11 rows
+    (["--checkpoint", "{data}", "--data", "{data}", "--steps", "0"], "not a k2jax weights"),
+])
+def test_eval_loss_bad_input_one_line_exit_2(setup, capsys, args, needle):
+    args = [a.format(hf=setup["hf"], data=setup["data"]) for a in args]
+    code = main(["eval-loss", *args, "--order", "0,1", "--seq-len", str(fx.SEQ),
+                 "--global-batch", str(fx.GLOBAL_BATCH)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err  # checked before loading
+    assert err.startswith("k2jax eval-loss: error: ") and needle in err, err
