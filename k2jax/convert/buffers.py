@@ -49,16 +49,22 @@ def copy_into(src: np.ndarray, out: np.ndarray) -> np.ndarray:
         src, out = src.view(_SAME_WIDTH_INT[src.dtype.itemsize]), out.view(
             _SAME_WIDTH_INT[src.dtype.itemsize])
     if src.flags.c_contiguous or src.ndim < 2:
-        np.copyto(out, src, casting="unsafe")
+        with np.errstate(over="ignore"):  # callers that narrow (fp16) check for inf themselves
+            np.copyto(out, src, casting="unsafe")
         return result
     src2 = _as_2d(src)
     out2 = out.reshape(src2.shape)  # out is C-contiguous: always a view
     rows, cols = src2.shape
+    with np.errstate(over="ignore"):
+        _copy_tiles(src2, out2, rows, cols)
+    return result
+
+
+def _copy_tiles(src2: np.ndarray, out2: np.ndarray, rows: int, cols: int) -> None:
     for i in range(0, rows, TILE):
         for j in range(0, cols, TILE):
             np.copyto(out2[i:i + TILE, j:j + TILE], src2[i:i + TILE, j:j + TILE],
                       casting="unsafe")
-    return result
 
 
 _SAME_WIDTH_INT = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
@@ -69,10 +75,8 @@ def _as_2d(a: np.ndarray) -> np.ndarray:
     if a.ndim == 2:
         return a
     for shape in ((a.shape[0], -1), (-1, a.shape[-1])):
-        view = a.view()
         try:
-            view.shape = shape  # assigning .shape raises instead of silently copying
-            return view
-        except AttributeError:
+            return np.reshape(a, shape, copy=False)  # raises instead of silently copying
+        except ValueError:
             continue
     raise ValueError(f"cannot view strides {a.strides} of shape {a.shape} as 2-D")

@@ -1,0 +1,145 @@
+"""Conversion throughput and peak memory on a synthetic K2-width checkpoint.
+
+Builds a bf16 Hugging Face checkpoint with K2's widths (hidden 8192, intermediate 22016,
+vocab 32032, 64 heads) and a few layers in a temporary directory, converts it both ways with
+`k2jax convert` (each direction in its own subprocess, so its peak RSS is its own), checks the
+round trip is bit-exact, and prints a table against a plain sequential read of the same input
+files. Writes nothing into the repository.
+
+    JAX_PLATFORMS=cpu python benchmarks/convert.py [--layers 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from k2jax.config import ModelConfig
+from k2jax.convert.expected import expected_tensors
+from k2jax.convert.hf_writer import ShardEntry, write_safetensors_shards
+from k2jax.convert import dtypes
+from k2jax.hf.name_map import hf_config_dict
+
+GB = 1e9
+BF16 = dtypes.CLI_TO_NUMPY["bf16"]
+
+
+def build_checkpoint(directory: Path, config: ModelConfig) -> tuple[int, int]:
+    """Random bf16 tensors in K2's HF layout, 2 GB shards. Returns (total, largest) bytes."""
+    directory.mkdir(parents=True)
+    expected = expected_tensors(config)
+    entries = [ShardEntry(name, e.hf_shape, BF16) for name, e in expected.items()]
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 2**16, size=2**25, dtype=np.uint16)  # 64 MiB of random bits
+
+    def arrays():
+        for i, entry in enumerate(entries):
+            n = int(np.prod(entry.shape))
+            # A rolled random block: every tensor differs, and it is fast to make.
+            data = np.resize(np.roll(block, i * 7919), n).view(BF16).reshape(entry.shape)
+            yield entry.name, data
+
+    write_safetensors_shards(directory, entries, 2 * 10**9, arrays())
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    return sum(e.nbytes for e in entries), max(e.nbytes for e in entries)
+
+
+def plain_read_seconds(files: list[Path]) -> float:
+    """Sequential read of every file through one reused 64 MiB buffer (the I/O floor)."""
+    buffer = bytearray(64 * 2**20)
+    start = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    return time.perf_counter() - start
+
+
+def run_child(argv: list[str]) -> tuple[float, int]:
+    """Run `python -m k2jax.cli argv` and return (seconds, peak RSS bytes of that child)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "k2jax.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"k2jax {' '.join(argv)} failed with exit {proc.returncode}")
+    return seconds, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def compare_bits(a: Path, b: Path) -> int:
+    """Number of tensors compared (raises on any difference)."""
+    from k2jax.convert.hf_reader import iter_tensors, open_hf_checkpoint
+
+    left, right = open_hf_checkpoint(str(a)), open_hf_checkpoint(str(b))
+    assert sorted(left.tensors) == sorted(right.tensors)
+    theirs = {info.name: array.copy() for info, array in iter_tensors(right)}
+    for info, array in iter_tensors(left):
+        if not np.array_equal(array.view(np.uint16), theirs.pop(info.name).view(np.uint16)):
+            raise SystemExit(f"round trip differs in {info.name}")
+    return len(left.tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="work directory (default: a new /tmp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    args = parser.parse_args()
+    config = ModelConfig(num_layers=args.layers)  # K2's widths
+    work = Path(args.dir or tempfile.mkdtemp(prefix="k2jax-convert-bench-"))
+    try:
+        hf, orbax, back = work / "hf", work / "orbax", work / "hf_back"
+        t0 = time.perf_counter()
+        total, largest = build_checkpoint(hf, config)
+        print(f"synthetic checkpoint: {args.layers} layers, {total / GB:.2f} GB bf16, largest "
+              f"tensor {largest / GB:.3f} GB, built in {time.perf_counter() - t0:.0f}s")
+
+        plain_read_seconds(files_under(hf))  # warm the page cache like a second run would
+        read_hf = plain_read_seconds(files_under(hf))
+        to_orbax = run_child(["convert", "hf-to-orbax", "--hf", str(hf), "--out", str(orbax),
+                              "--no-progress"])
+        plain_read_seconds(files_under(orbax))
+        read_orbax = plain_read_seconds(files_under(orbax))
+        to_hf = run_child(["convert", "orbax-to-hf", "--checkpoint", str(orbax), "--out",
+                           str(back), "--dtype", "bf16", "--no-progress"])
+        checked = compare_bits(hf, back)
+
+        budget = 2 * largest + 1 * 2**30
+        rows = [("hf-to-orbax", read_hf, *to_orbax), ("orbax-to-hf", read_orbax, *to_hf)]
+        print(f"round trip bit-exact: {checked} tensors\n")
+        print("| direction | GB | plain read GB/s | convert s | convert GB/s | ratio | "
+              "peak RSS GB | 2x largest + 1 GiB | within |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, read_s, conv_s, rss in rows:
+            print(f"| {name} | {total / GB:.2f} | {total / GB / read_s:.2f} | {conv_s:.1f} | "
+                  f"{total / GB / conv_s:.2f} | {read_s / conv_s:.2f} | {rss / GB:.2f} | "
+                  f"{budget / GB:.2f} | {'yes' if rss <= budget else 'NO'} |")
+        k2_bytes = 130e9
+        print(f"\nK2-65B (130 GB bf16) at these rates: hf-to-orbax "
+              f"{k2_bytes / (total / to_orbax[0]) / 60:.0f} min, orbax-to-hf "
+              f"{k2_bytes / (total / to_hf[0]) / 60:.0f} min; largest K2 tensor "
+              "(embedding, 32032x8192 bf16) 0.52 GB, so the same memory bound.")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
