@@ -80,3 +80,24 @@ def test_eval_loss_bad_input_one_line_exit_2(setup, capsys, args, needle):
     assert code == 2
     assert "Traceback" not in err and len(err.splitlines()) == 1, err  # checked before loading
     assert err.startswith("k2jax eval-loss: error: ") and needle in err, err
+
+
+def test_eval_loss_sharded_over_4_devices(setup):
+    """4 CPU devices (fsdp 2 x tensor 2), micro-batch 8 (the 4-row batch padded with masked
+    rows): the same losses. A subprocess, since the device count is fixed at jax import."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run(
+        [sys.executable, "-m", "k2jax.cli", "eval-loss", "--hf", str(setup["hf"]), "--data",
+         str(setup["data"]), "--steps", "0,1", "--order", "0,1", "--seq-len", str(fx.SEQ),
+         "--global-batch", str(fx.GLOBAL_BATCH), "--tensor-parallel", "2", "--micro-batch", "8",
+         "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "'fsdp': 2, 'tensor': 2" in out.stderr and "padded 4 -> 8 rows" in out.stderr
+    for record in map(json.loads, out.stdout.splitlines()):
+        expected, _ = hand_loss(setup["model"], setup["data"], record["step"])
+        assert abs(record["loss"] - expected) < 1e-5
