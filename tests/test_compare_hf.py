@@ -33,6 +33,7 @@ def test_faithful_conversion_passes_with_per_layer(setup, capsys):
     names = [row["name"] for row in report["per_layer"]]
     assert names[0] == "embeddings" and names[1] == "layer 0" and names[-1].startswith("final")
     assert max(row["max_abs"] for row in report["per_layer"]) < 1e-4
+    assert report["parts_at"] is None
 
 
 def test_orbax_checkpoint_and_token_ids_pass(setup, capsys, tmp_path):
@@ -53,6 +54,7 @@ def test_perturbed_weights_fail_and_show_the_layer(setup, capsys):
     by_name = {row["name"]: row["max_abs"] for row in report["per_layer"]}
     assert by_name["layer 0"] < 1e-5  # layer 1 (the last) was perturbed, layer 0 was not
     assert report["per_layer"][-1]["max_abs"] > 1e-2
+    assert report["parts_at"].startswith("final norm (layer 1")
 
 
 @pytest.mark.parametrize("args,needle", [

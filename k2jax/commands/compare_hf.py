@@ -137,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     layers = compare_hidden_states(their_states, our_states) if args.per_layer else []
     report = {"rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "source": where,
               **result, "max_abs_threshold": args.max_abs, "max_kl_threshold": args.max_kl,
-              "passed": not failures, "per_layer": layers}
+              "passed": not failures, "per_layer": layers,
+              # The first stage past --max-abs: where the two stacks part.
+              "parts_at": next((r["name"] for r in layers if not r["max_abs"] <= args.max_abs),
+                               None)}
     if args.json:
         print(json.dumps(report))
     else:
@@ -161,5 +164,6 @@ def _table(report: dict) -> str:
         lines.append("hidden states (max abs, relative to max |hf|):")
         lines += [f"  {row['name']:<28} {row['max_abs']:.3e}  {row['relative']:.3e}"
                   for row in report["per_layer"]]
+        lines.append(f"stacks part at: {report['parts_at'] or 'nowhere (all within --max-abs)'}")
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
