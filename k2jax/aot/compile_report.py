@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from typing import Any, Optional
 
@@ -31,6 +33,9 @@ from k2jax.train.flops import flops_per_token
 
 
 def topology_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
+    # Compiling needs no TPU, so several compiles (tests, a sweep) may share a host: libtpu's
+    # one-process lockfile would refuse all but the first.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
@@ -52,6 +57,27 @@ def _cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
+
+
+_SUFFIX = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _oom_bytes(message: str) -> Optional[int]:
+    """Bytes the compiler says it needs, from a TPU compile-time HBM OOM error (else None)."""
+    match = re.search(r"memory required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
+    if "Ran out of memory" not in message or not match:
+        return None
+    return int(float(match.group(1)) * _SUFFIX[match.group(2)])
+
+
+@dataclasses.dataclass
+class _OomMemory:
+    """memory_analysis() stand-in when the compile failed for lack of HBM."""
+
+    temp_size_in_bytes: int
+    argument_size_in_bytes: int = 0
+    output_size_in_bytes: int = 0
+    alias_size_in_bytes: int = 0
 
 
 def lower_train_step(config: Config, devices: list):
@@ -106,12 +132,20 @@ def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
     chips = len(devices)
     start = time.perf_counter()
     lowered, state, rows, mesh = lower_train_step(config, devices)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # the TPU compiler refuses programs that exceed HBM
+        required = _oom_bytes(str(err))
+        if required is None:
+            raise
+        compiled = None
     compile_seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+    memory = compiled.memory_analysis() if compiled is not None else None
 
     params_bytes = _shard_bytes(state.params)
     opt_bytes = _shard_bytes(state.opt_state)
+    if memory is None:  # out of HBM at compile time: the compiler's own figure
+        memory = _OomMemory(required)
     # Arguments (state, batch) + outputs not aliased to a donated argument + temporaries.
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
@@ -135,13 +169,14 @@ def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
         "alias_bytes_per_chip": memory.alias_size_in_bytes,
         "temp_bytes_per_chip": memory.temp_size_in_bytes,
         "bytes_per_chip": total, "hbm_bytes_per_chip": hbm,
-        "hbm_fraction": total / hbm, "fits": total <= hbm,
+        "hbm_fraction": total / hbm, "fits": compiled is not None and total <= hbm,
+        "compiler_oom": compiled is None,
         "compile_seconds": round(compile_seconds, 2),
         "model_flops_per_step": model_flops, "peak_flops_per_chip": peak,
         "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None,
         "step_time_source": None,
     }
-    if measure_flops:
+    if measure_flops and compiled is not None:
         start = time.perf_counter()
         micro_rows = rows // config.data.accumulation_steps
         cost = step_cost(config, devices, micro_rows)

@@ -61,7 +61,10 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        with mesh, nn.logical_axis_rules(rules):
+        # `with mesh` alone does not define the abstract mesh that flax's logical constraints
+        # look for (they were silently dropped); use_abstract_mesh makes them bind.
+        with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                nn.logical_axis_rules(rules):
             (grads, loss_sum, count), _ = jax.lax.scan(
                 accumulate, init, (split(tokens), split(loss_mask)))
         count = jnp.maximum(count, 1.0)

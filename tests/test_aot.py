@@ -1,0 +1,78 @@
+"""`k2jax aot`: TPU slice names, and a real AOT compile of the small model for v5e-4 (libtpu)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from k2jax.aot.topology import parse_slice
+from k2jax.errors import UserError
+from train_utils import REPO, SMALL_MODEL, TINY, subprocess_env
+
+
+@pytest.mark.parametrize("name, topology, chips", [
+    ("v5p-512", "v5p:4x8x8", 256),  # v5p and v4 suffixes count TensorCores (2 per chip)
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("v4-1024", "v4:8x8x8", 512),
+    ("v5e-256", "v5e:16x16", 256),  # v5e and v6e suffixes count chips
+    ("v6e-8", "v6e:2x4", 8),
+    ("v5p:8x8x8", "v5p:8x8x8", 512),
+])
+def test_slice_names(name, topology, chips):
+    tpu_slice = parse_slice(name)
+    assert (tpu_slice.topology, tpu_slice.chips) == (topology, chips)
+
+
+@pytest.mark.parametrize("name", ["v5p-12", "v7x-8", "tpu", "v5e-3"])
+def test_bad_slice_names(name):
+    with pytest.raises(UserError, match="--topology"):
+        parse_slice(name)
+
+
+def test_missing_libtpu_is_one_line(monkeypatch, capsys):
+    from k2jax.commands import aot
+
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+    args = argparse.Namespace(config=str(TINY), overrides=[], topology="v5e-4", slices=1,
+                              json=True, no_flops=True)
+    with pytest.raises(UserError, match=r"pip install 'k2jax\[tpu\]'"):
+        aot.run(args)
+
+
+def test_oom_message_is_parsed():
+    from k2jax.aot.compile_report import _oom_bytes
+
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+               "memory required for HLO temporaries (3.69T) exceeds available HBM (95.73G).")
+    assert _oom_bytes(message) == int(3.69 * 1024 ** 4)
+    assert _oom_bytes("some other error") is None
+
+
+def test_aot_compile_small_model_for_v5e_4():
+    pytest.importorskip("libtpu")
+    cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",
+           "v5e-4", "--json", *SMALL_MODEL, "mesh.fsdp=2", "mesh.tensor=2",
+           "data.micro_batch_size=2", "model.attention=xla"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("fits", "bytes_per_chip", "hbm_bytes_per_chip", "compile_seconds",
+                "flops_per_step", "estimated_step_seconds", "estimated_mfu"):
+        assert key in report, key
+    assert report["fits"] is True and report["chips"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert report["hbm_bytes_per_chip"] == 16 * 1024 ** 3
+    assert 0 < report["bytes_per_chip"] < report["hbm_bytes_per_chip"]
+    # 4 micro-batches of 2 rows over 2 data-parallel chips: no padding needed.
+    assert report["accumulation_steps"] == 4 and report["padding_rows"] == 0
+    # Parameters sharded 4 ways: each chip holds a quarter of the fp32 weights (norms aside).
+    assert report["params_bytes_per_chip"] < 0.3 * report["model_flops_per_step"]
+    # Compiled FLOPs cover forward + backward (+ remat): at least the model's FLOPs.
+    assert report["flops_per_step"] >= 0.9 * report["model_flops_per_step"]
+    assert 0 < report["estimated_mfu"] <= 1.0
+    assert report["compile_seconds"] > 0
