@@ -19,6 +19,7 @@ from tqdm import tqdm
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import abstract_with_shardings, restore_params
 from k2jax.config import Config
+from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
 from k2jax.errors import UserError
 from k2jax.model.param_count import count_params
@@ -135,11 +136,18 @@ class Trainer:
         if self.primary:
             tqdm.write(f"[k2jax] {message}", file=sys.stderr)
 
-    def global_batch(self, step: int) -> dict[str, jax.Array]:
-        host = pad_rows(self.batches.host_batch(step), self.device_rows // jax.process_count())
+    def global_batch(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows (padded with zero-mask rows to the data-parallel size) -> the
+        global batch arrays, sharded over the batch axes."""
+        host = pad_rows(host, self.device_rows // jax.process_count())
         shape = lambda x: (self.device_rows,) + x.shape[1:]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
                 for k, v in host.items()}
+
+    def host_batches(self, step: int):
+        """(step, host batch) from `step` on, read ahead by Grain (data.prefetch/worker_count)."""
+        return iterate_host_batches(self.batches, step, self.config.train.steps - step,
+                                    self.config.data.worker_count, self.config.data.prefetch)
 
     def peak_flops(self) -> float:
         if self.config.train.peak_flops_per_device:
@@ -184,7 +192,7 @@ class Trainer:
         start = time.perf_counter()
         ceiling = np.float32(self.detector.loss_ceiling())
         compiled = make_train_step(cfg, self.optimizer, self.mesh, self.shardings).lower(
-            state, self.global_batch(step), ceiling).compile()
+            state, self.global_batch(self.batches.host_batch(step)), ceiling).compile()
         compile_seconds = time.perf_counter() - start
         self.log(f"compiled the train step in {compile_seconds:.1f} s")
         self.writer.scalars(step, {"compile_seconds": compile_seconds})
@@ -196,16 +204,23 @@ class Trainer:
         progress = tqdm(total=cfg.train.steps, initial=step, disable=not self.primary,
                         unit="step", dynamic_ncols=True)
         metrics = None
+        batches = self.host_batches(step)
         try:
             while step < cfg.train.steps:
-                batch = self.global_batch(step)
+                batch_step, host = next(batches)
+                assert batch_step == step, (batch_step, step)
+                batch = self.global_batch(host)
                 t0 = time.perf_counter()
                 state, metrics = compiled(state, batch, np.float32(self.detector.loss_ceiling()))
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
                 spike = self.detector.check(metrics["loss"], metrics["grad_norm"])
                 if spike:
-                    step, state = self.handle_spike(step, spike, metrics, state)
+                    next_step, state = self.handle_spike(step, spike, metrics, state)
+                    if next_step != step + 1:  # rolled back: the order and position changed
+                        batches = self.host_batches(next_step)
+                    step = progress.n = next_step
+                    progress.refresh()
                     continue
                 step += 1
                 progress.update(1)
