@@ -15,11 +15,12 @@ is mapped at a time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import struct
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -187,27 +188,34 @@ def _bin_infos(path: Path) -> list[TensorInfo]:
 
 
 def iter_tensors(checkpoint: HFCheckpoint, names: Optional[set[str]] = None,
-                 read_buffer: Optional[np.ndarray] = None
+                 read_buffer: np.ndarray | Sequence[np.ndarray] | None = None
                  ) -> Iterator[tuple[TensorInfo, np.ndarray]]:
     """Yield (info, array) shard by shard, in file order.
 
     For safetensors the array is a view of `read_buffer` (uint8, at least the largest tensor's
-    bytes; reused, so it is only valid until the next item). For .bin it is a view of the
-    memory-mapped shard, which is released before the next shard is mapped.
+    bytes; reused, so it is only valid until the next item). Given several buffers, tensors
+    go into them in turn, so an item stays valid while the next len(buffers) - 1 are read (a
+    caller may still be writing it). For .bin it is a view of the memory-mapped shard, which
+    is released once the last array of that shard is no longer referenced.
     """
+    buffers = [read_buffer] if isinstance(read_buffer, np.ndarray) else list(read_buffer or [])
+    turn = itertools.count()
     for file in checkpoint.files:
         infos = [i for i in checkpoint.tensors.values()
                  if i.file == file and (names is None or i.name in names)]
         if checkpoint.format == "safetensors":
-            yield from _iter_safetensors(file, sorted(infos, key=lambda i: i.offset), read_buffer)
+            yield from _iter_safetensors(file, sorted(infos, key=lambda i: i.offset), buffers,
+                                         turn)
         else:
             yield from _iter_bin(file, infos)
 
 
-def _iter_safetensors(file: Path, infos: list[TensorInfo], buffer: Optional[np.ndarray]):
+def _iter_safetensors(file: Path, infos: list[TensorInfo], buffers: list[np.ndarray],
+                      turn: Iterator[int]):
     with open(file, "rb", buffering=0) as f:
         for info in infos:
             dtype = dtypes.numpy_dtype(info.dtype, f"tensor {info.name} in {file}")
+            buffer = buffers[next(turn) % len(buffers)] if buffers else None
             if buffer is None or buffer.nbytes < info.nbytes:
                 buffer = np.empty(info.nbytes, np.uint8)
             raw = buffer[: info.nbytes]

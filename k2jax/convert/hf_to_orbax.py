@@ -1,7 +1,12 @@
 """Hugging Face LlamaForCausalLM directory -> k2jax Orbax weights directory, streaming.
 
-Peak memory: one read buffer and one re-layout buffer, each the size of the largest tensor
-(plus TensorStore's copy of the tensor being written), whatever the model size.
+Tensors go to disk in their Hugging Face byte order (orbax_writer.py stores each leaf with a
+zarr3 transpose codec), so the bytes read are the bytes written: no CPU transpose. Reading
+tensor i+1 overlaps TensorStore's asynchronous write of tensor i (a double buffer).
+
+Peak memory: two read buffers of the largest tensor (the one being read, the one being
+written; TensorStore writes straight from it), plus two cast buffers only when the stored
+dtype differs from the source's, whatever the model size.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from k2jax.convert.expected import check_tensors, expected_tensors, model_config
 from k2jax.convert.hf_reader import HFCheckpoint, iter_tensors, open_hf_checkpoint
 from k2jax.convert.orbax_writer import StreamingParamsWriter
 from k2jax.convert.progress import Progress
-from k2jax.hf import name_map
 
 
 def default_dtype(checkpoint: HFCheckpoint, names) -> str:
@@ -43,19 +47,53 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
     expected = expected_tensors(config)
     out_dtype = dtypes.CLI_TO_NUMPY[dtype or default_dtype(checkpoint, expected)]
     infos = [checkpoint.tensors[name] for name in expected]
-    largest = max(info.nbytes for info in infos)
-    read_buffer = ReusableBuffer(largest if checkpoint.format == "safetensors" else 0)
-    layout_buffer = ReusableBuffer()
+    largest = max(info.nbytes for info in infos) if checkpoint.format == "safetensors" else 0
+    # Two of each: tensor i is still being written from one while tensor i+1 fills the other.
+    read_buffers = [np.empty(largest, np.uint8) for _ in range(2)]
+    cast_buffers = [ReusableBuffer(), ReusableBuffer()]  # allocated only if a cast is needed
 
     with atomic_output_dir(out_path, force) as staging, Progress(
             "hf-to-orbax", sum(i.nbytes for i in infos), len(infos), progress) as bar:
         writer = StreamingParamsWriter(staging, config, out_dtype)
-        for info, array in iter_tensors(checkpoint, set(expected), read_buffer.raw):
-            entry = expected[info.name]
-            view = name_map.hf_to_k2jax(array, entry.mapping, config)
-            if not (view.flags.c_contiguous and view.dtype == out_dtype):
-                view = copy_into(view, layout_buffer.view(view.shape, out_dtype))
-            writer.write(entry.mapping, entry.layer, view)
-            bar.update(info.nbytes)
+        in_flight = InFlight(bar.update)
+        try:
+            tensors = iter_tensors(checkpoint, set(expected), read_buffers)
+            for turn, (info, array) in enumerate(tensors):
+                entry = expected[info.name]
+                if array.dtype != out_dtype or not array.flags.c_contiguous:
+                    array = copy_into(array, cast_buffers[turn % 2].view(array.shape, out_dtype))
+                in_flight.push(writer.write(entry.mapping, entry.layer, array), info.nbytes)
+        except BaseException:
+            in_flight.drain(quiet=True)  # no write may outlive the staging directory
+            raise
+        in_flight.drain()
         writer.close()
     return out_path
+
+
+class InFlight:
+    """At most one write waiting: pushing tensor i's write waits for tensor i-1's, so the
+    buffer behind i-1 is free again before the reader refills it with tensor i+1."""
+
+    def __init__(self, on_done):
+        self._pending = None
+        self._on_done = on_done
+
+    def push(self, future, nbytes: int) -> None:
+        self.drain()
+        self._pending = (future, nbytes)
+
+    def drain(self, quiet: bool = False) -> None:
+        """Wait for the pending write; `quiet` (on the way out of an error) swallows its own
+        error so the first one is the one reported."""
+        if self._pending is None:
+            return
+        future, nbytes = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except Exception:
+            if not quiet:
+                raise
+            return
+        self._on_done(nbytes)

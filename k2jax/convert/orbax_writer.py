@@ -4,11 +4,16 @@ Orbax saves a PyTree from arrays held in memory; a stacked 65B leaf (q_proj: [80
 128], 10.7 GB in bf16) must never be. So:
   1. Orbax itself saves the tree with tiny placeholder leaves (same structure, dtype and rank),
      which writes its own metadata (_METADATA, _CHECKPOINT_METADATA) in its own format, with
-     OCDBT off so each leaf is a plain zarr array in its own directory params/<leaf>/;
+     OCDBT off so each leaf is a plain zarr v3 array in its own directory params/<leaf>/;
   2. each leaf's zarr array is then recreated by TensorStore at its full shape, chunked one
      layer slice (or less) per chunk, and filled slice by slice as tensors arrive.
-Orbax's restore reads shape, chunks and dtype from each array's own .zarray, so the result
-restores with `restore_params` into any sharding (verified by tests/test_convert.py).
+
+Each leaf keeps the k2jax (logical) shape, e.g. gate_proj [L, in, out], but a zarr3 `transpose`
+codec stores its chunks in the Hugging Face byte order ([L, out, in]). Hugging Face bytes thus
+go to disk as they are read, with no CPU transpose (the converter's former bottleneck), and
+each chunk is one contiguous byte range of one HF tensor. Orbax's restore opens each array from
+its own zarr.json (codecs included), so `restore_params` returns the k2jax layout into any
+sharding (tests/test_convert.py); TensorStore transposes each host's shards as it reads them.
 Chunks are uncompressed: bf16/fp32 weights barely compress and zstd would make conversion
 CPU-bound.
 """
@@ -44,22 +49,48 @@ def leaf_shape(mapping: name_map.TensorMapping, config: ModelConfig) -> tuple[in
     return ((config.num_layers,) + shape) if mapping.per_layer else shape
 
 
-def chunk_shape(shape: tuple[int, ...], itemsize: int, per_layer: bool) -> list[int]:
-    """One layer per chunk (a layer slice is written whole), halving the largest other axis
-    until a chunk is at most CHUNK_BYTES, so a host restoring a shard reads little extra."""
+# Per layout: the k2jax axes in Hugging Face (on-disk) order, slowest first. HF keeps
+# [out, in]; k2jax keeps transpose [in, out], heads_in [E, N, D] (HF [N*D, E]) and
+# heads_out [N, D, E] (HF [E, N*D]).
+_HF_ORDER = {"identity": None, "transpose": (1, 0), "heads_in": (1, 2, 0),
+             "heads_out": (2, 0, 1)}
+
+
+def disk_order(mapping: name_map.TensorMapping, config: ModelConfig) -> tuple[int, ...]:
+    """Permutation of the leaf's axes giving the HF byte order (the layer axis stays first)."""
+    ndim = len(name_map.k2jax_shape(mapping, config))
+    order = _HF_ORDER[mapping.layout] or tuple(range(ndim))
+    return ((0,) + tuple(a + 1 for a in order)) if mapping.per_layer else tuple(order)
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, per_layer: bool,
+                order: tuple[int, ...] | None = None) -> list[int]:
+    """One layer per chunk (a layer slice is written whole), then halving the slowest on-disk
+    axis (then the next) until a chunk is at most CHUNK_BYTES: so every chunk is one contiguous
+    byte range of its HF tensor, and a host restoring a shard reads little extra."""
+    order = order or tuple(range(len(shape)))
     chunks = list(shape)
     if per_layer:
         chunks[0] = 1
-    while math.prod(chunks) * itemsize > CHUNK_BYTES:
-        axis = max(range(1 if per_layer else 0, len(chunks)), key=lambda a: chunks[a])
-        if chunks[axis] == 1:
-            break
-        chunks[axis] = -(-chunks[axis] // 2)
+    for axis in order[1 if per_layer else 0:]:
+        while math.prod(chunks) * itemsize > CHUNK_BYTES and chunks[axis] > 1:
+            chunks[axis] = -(-chunks[axis] // 2)
     return chunks
 
 
+def hf_view(store: ts.TensorStore, order: tuple[int, ...], layer: int | None) -> ts.TensorStore:
+    """One parameter of a stacked leaf, its axes permuted into HF order: a view, no I/O.
+
+    Reading or writing through it moves bytes in on-disk order when the leaf was written by
+    this module (the copy is then sequential), and still works on any other layout."""
+    if layer is not None:
+        store = store[layer]
+        order = tuple(a - 1 for a in order[1:])
+    return store[ts.d[order].transpose[:]] if order != tuple(range(len(order))) else store
+
+
 class StreamingParamsWriter:
-    """`write(mapping, layer, k2jax_array)` for every table entry and layer, then `close()`."""
+    """`write(mapping, layer, hf_array)` for every table entry and layer, then `close()`."""
 
     def __init__(self, directory: Path, config: ModelConfig, dtype: np.dtype):
         self._directory = Path(directory)
@@ -73,44 +104,52 @@ class StreamingParamsWriter:
             ndim = len(leaf_shape(mapping, self._config))
             _set(skeleton, leaf_path(mapping), np.zeros((1,) * ndim, self._dtype))
         _quiet_orbax()
-        with ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False) as checkpointer:
+        with ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=True) as checkpointer:
             checkpointer.save(item, skeleton)
         context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays = {}
         for mapping in mappings:
             leaf_dir = item / ".".join(leaf_path(mapping))
-            if not (leaf_dir / ".zarray").is_file():  # Orbax's leaf naming is what we rely on
-                raise RuntimeError(f"Orbax did not write {leaf_dir}/.zarray; its non-OCDBT "
+            if not (leaf_dir / "zarr.json").is_file():  # Orbax's leaf naming is what we rely on
+                raise RuntimeError(f"Orbax did not write {leaf_dir}/zarr.json; its non-OCDBT "
                                    "layout changed and orbax_writer.py needs updating")
-            shape = leaf_shape(mapping, self._config)
+            shape, order = leaf_shape(mapping, self._config), disk_order(mapping, self._config)
+            chunks = chunk_shape(shape, self._dtype.itemsize, mapping.per_layer, order)
+            codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+            if order != tuple(range(len(order))):
+                codecs.insert(0, {"name": "transpose", "configuration": {"order": list(order)}})
             spec = {
-                "driver": "zarr",
+                "driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(leaf_dir)},
                 "metadata": {
-                    "shape": list(shape), "dtype": _zarr_dtype(self._dtype),
-                    "chunks": chunk_shape(shape, self._dtype.itemsize, mapping.per_layer),
-                    "compressor": None, "fill_value": None, "dimension_separator": ".",
+                    "shape": list(shape), "data_type": _zarr_dtype(self._dtype),
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+                    "codecs": codecs, "fill_value": 0,
                 },
                 "create": True, "delete_existing": True,
             }
-            self._arrays[mapping] = ts.open(spec, context=context).result()
+            self._arrays[mapping] = (ts.open(spec, context=context).result(), order)
 
     @property
     def config(self) -> ModelConfig:
         """The config stored with the weights (scanned, param_dtype = the stored dtype)."""
         return self._config
 
-    def write(self, mapping: name_map.TensorMapping, layer: int | None, array: np.ndarray
-              ) -> None:
-        """Write one parameter in the k2jax layout (unstacked), already of the output dtype.
-
-        Blocks until written: the caller reuses the buffer behind `array` afterwards.
-        """
-        if array.dtype != self._dtype:
-            raise ValueError(f"{mapping.hf_name}: dtype {array.dtype}, writer holds {self._dtype}")
-        target = self._arrays[mapping]
-        target = target[layer] if layer is not None else target
-        target.write(array).result()
+    def write(self, mapping: name_map.TensorMapping, layer: int | None, hf_array: np.ndarray
+              ) -> ts.WriteFutures:
+        """Start writing one parameter given in the Hugging Face layout, already of the output
+        dtype and C-contiguous. Returns TensorStore's futures: `hf_array`'s memory must stay
+        untouched until `.result()` (the commit) returns, because TensorStore is allowed to
+        write from it directly instead of copying it first (one memory copy fewer per byte)."""
+        if hf_array.dtype != self._dtype:
+            raise ValueError(f"{mapping.hf_name}: dtype {hf_array.dtype}, writer holds "
+                             f"{self._dtype}")
+        if not hf_array.flags.c_contiguous:
+            raise ValueError(f"{mapping.hf_name}: the writer takes C-contiguous arrays")
+        store, order = self._arrays[mapping]
+        target = hf_view(store, order, layer)
+        return target.write(hf_array.reshape(target.shape),
+                            can_reference_source_data_indefinitely=True)
 
     def close(self) -> None:
         (self._directory / MODEL_CONFIG_FILE).write_text(
@@ -118,7 +157,8 @@ class StreamingParamsWriter:
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype == dtypes.SAFETENSORS_TO_NUMPY["BF16"] else dtype.str
+    return "bfloat16" if dtype == dtypes.SAFETENSORS_TO_NUMPY["BF16"] else dtype.name
+
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
