@@ -1,5 +1,5 @@
 """Read a k2jax weights directory, or a training checkpoint step directory, one layer slice at
-a time.
+a time, in the Hugging Face layout.
 
 Orbax's metadata API gives each leaf's name (its key in the checkpoint), shape and dtype;
 TensorStore then reads single slices of the stacked arrays. Both the converter's own layout
@@ -19,13 +19,13 @@ import tensorstore as ts
 
 from k2jax.checkpoint.params_io import PARAMS_ITEM, read_model_config, weights_kind
 from k2jax.config import ModelConfig
-from k2jax.convert.orbax_writer import leaf_shape
+from k2jax.convert.orbax_writer import disk_order, hf_view, leaf_shape
 from k2jax.errors import UserError
 from k2jax.hf import name_map
 
 
 class OrbaxParamsReader:
-    """`read(mapping, layer)` -> one parameter in the k2jax layout (unstacked), as stored."""
+    """`start_read_hf(mapping, layer, buffer)` -> one parameter (unstacked) in the HF layout."""
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
@@ -64,8 +64,10 @@ class OrbaxParamsReader:
 
     def check(self) -> np.dtype:
         """Every parameter the config names is present with its shape; returns the stored dtype
-        of the largest one (for the default export dtype). Raises UserError otherwise."""
+        of the largest one (for the default export dtype), and sets `largest_nbytes` (one
+        parameter, as stored). Raises UserError otherwise."""
         stored = {}
+        self.largest_nbytes = 0
         for name, mapping, layer in name_map.hf_names(self.config):
             path, index = self.leaf_key(mapping, layer)
             meta = self._metadata(path)
@@ -81,12 +83,28 @@ class OrbaxParamsReader:
                 raise UserError(f"{self._item}: parameter {'/'.join(path)} has dtype "
                                 f"{meta.dtype}, expected a float dtype")
             stored[np.prod(want)] = np.dtype(meta.dtype)
+            count = int(np.prod(want[1:] if index is not None else want))
+            self.largest_nbytes = max(self.largest_nbytes, count * np.dtype(meta.dtype).itemsize)
         return stored[max(stored)]
 
-    def read(self, mapping: name_map.TensorMapping, layer: Optional[int]) -> np.ndarray:
+    def start_read_hf(self, mapping: name_map.TensorMapping, layer: Optional[int],
+                      buffer: np.ndarray) -> tuple[ts.WriteFutures, np.ndarray]:
+        """Start reading one parameter into `buffer` (uint8, reused) in the Hugging Face layout,
+        as stored. Returns (future, array): `array` (HF shape, a view of `buffer`) is valid
+        once `future.result()` returns. TensorStore does the permutation while copying out of
+        its chunks, which the converter's own layout stores in HF order already."""
         path, index = self.leaf_key(mapping, layer)
-        array = self._store(path)
-        return (array[index] if index is not None else array).read().result()
+        order = disk_order(mapping, self.config)
+        if mapping.per_layer and index is None:  # unscanned training layout: no layer axis
+            order = tuple(a - 1 for a in order[1:])
+        source = hf_view(self._store(path), order, index)
+        dtype = source.dtype.numpy_dtype
+        nbytes = int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
+        if buffer.nbytes < nbytes:
+            buffer = np.empty(nbytes, np.uint8)
+        target = buffer[:nbytes].view(dtype).reshape(source.shape)
+        future = ts.array(target, copy=False, write=True).write(source)
+        return future, target.reshape(name_map.hf_shape(mapping, self.config))
 
     def _metadata(self, path: tuple[str, ...]):
         node = self._tree

@@ -1,7 +1,12 @@
 """k2jax Orbax weights (or a training checkpoint step directory) -> Hugging Face
 LlamaForCausalLM directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-Peak memory: one layer slice as read, plus one re-layout buffer of the largest tensor.
+Slices are read straight into the Hugging Face layout (orbax_reader.start_read_hf; for the
+converter's own layout the stored bytes are already in HF order), and reading slice i+1
+overlaps writing slice i to its safetensors shard (a double buffer).
+
+Peak memory: two read buffers of the largest tensor as stored, plus one cast buffer when the
+export dtype differs from the stored one.
 """
 
 from __future__ import annotations
@@ -36,14 +41,25 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
     out_dtype = dtypes.CLI_TO_NUMPY[dtype]
     expected = expected_tensors(config)
     entries = [ShardEntry(name, e.hf_shape, out_dtype) for name, e in expected.items()]
-    layout_buffer = ReusableBuffer()
+    items = list(expected.items())
+    # Two read buffers: slice i+1 is read into one while slice i, in the other, is written.
+    read_buffers = [np.empty(reader.largest_nbytes, np.uint8) for _ in range(2)]
+    cast_buffer = ReusableBuffer()
+
+    def start(i):
+        _, entry = items[i]
+        return reader.start_read_hf(entry.mapping, entry.layer, read_buffers[i % 2])
 
     def arrays():
-        for name, entry in expected.items():
-            stored = reader.read(entry.mapping, entry.layer)
-            view = name_map.k2jax_to_hf(stored, entry.mapping, config)
-            if not (view.flags.c_contiguous and view.dtype == out_dtype):
-                view = copy_into(view, layout_buffer.view(view.shape, out_dtype))
+        pending = start(0)
+        for i, (name, _) in enumerate(items):
+            future, stored = pending
+            future.result()
+            # The caller has finished with slice i-1, whose buffer now takes slice i+1.
+            pending = start(i + 1) if i + 1 < len(items) else None
+            view = stored
+            if view.dtype != out_dtype:
+                view = copy_into(stored, cast_buffer.view(stored.shape, out_dtype))
             if out_dtype == dtypes.CLI_TO_NUMPY["fp16"] and not np.isfinite(view).all() \
                     and np.isfinite(stored).all():
                 raise UserError(f"tensor {name}: values exceed the float16 range; export with "
