@@ -5,8 +5,8 @@ zarr3 transpose codec), so the bytes read are the bytes written: no CPU transpos
 tensor i+1 overlaps TensorStore's asynchronous write of tensor i (a double buffer).
 
 Peak memory: two read buffers of the largest tensor (the one being read, the one being
-written; TensorStore writes straight from it), plus two cast buffers only when the stored
-dtype differs from the source's, whatever the model size.
+written), TensorStore's encoded chunks of the one tensor being written, plus two cast buffers
+only when the stored dtype differs from the source's, whatever the model size.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
                 entry = expected[info.name]
                 if array.dtype != out_dtype or not array.flags.c_contiguous:
                     array = copy_into(array, cast_buffers[turn % 2].view(array.shape, out_dtype))
+                # Tensor i+1 was read while tensor i was written; wait for that write before
+                # starting this one, so TensorStore holds one tensor's chunks at a time.
+                in_flight.drain()
                 in_flight.push(writer.write(entry.mapping, entry.layer, array), info.nbytes)
         except BaseException:
             in_flight.drain(quiet=True)  # no write may outlive the staging directory
@@ -72,15 +75,14 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
 
 
 class InFlight:
-    """At most one write waiting: pushing tensor i's write waits for tensor i-1's, so the
-    buffer behind i-1 is free again before the reader refills it with tensor i+1."""
+    """The one write in progress, and its byte count for the progress bar once committed."""
 
     def __init__(self, on_done):
         self._pending = None
         self._on_done = on_done
 
     def push(self, future, nbytes: int) -> None:
-        self.drain()
+        assert self._pending is None, "drain() first"
         self._pending = (future, nbytes)
 
     def drain(self, quiet: bool = False) -> None:
