@@ -53,3 +53,23 @@ def run(args: argparse.Namespace) -> int:
     report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m k2jax.commands.aot ...`: the same command without the CLI registry."""
+    import sys
+
+    from k2jax.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="k2jax")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["aot", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"k2jax aot: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
