@@ -198,3 +198,21 @@ def test_fast_row_parser_agrees_with_json(line):
     assert tokens.tolist() == obj["token_ids"]
     expected_mask = None if obj.get("tgt_mask") is None else [int(v) for v in obj["tgt_mask"]]
     assert (None if mask is None else mask.tolist()) == expected_mask
+
+
+
+def test_hosts_that_do_not_divide_the_batch_get_padded_slices(k2_dir):
+    """As K2's 2040 rows over 64 hosts: each host reads only its real rows of the padded
+    batch; padding rows are token 0 with loss mask 0."""
+    config = k2_config(k2_dir[0], batch=6)
+    for step in (0, 7):
+        whole = make_step_batches(config).global_batch(step)
+        parts = [make_step_batches(config, p, 4, padded_batch_size=8).host_batch(step)
+                 for p in range(4)]
+        tokens = np.concatenate([part["tokens"] for part in parts])
+        mask = np.concatenate([part["loss_mask"] for part in parts])
+        np.testing.assert_array_equal(tokens[:6], whole["tokens"])
+        np.testing.assert_array_equal(mask[:6], whole["loss_mask"])
+        assert not tokens[6:].any() and not mask[6:].any()
+    with pytest.raises(UserError, match="not divisible by the number of processes"):
+        make_step_batches(config, 0, 4)

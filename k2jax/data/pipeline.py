@@ -2,8 +2,10 @@
 
 Step t reads global rows [start_row + t * B, start_row + (t + 1) * B) of the order (B =
 data.global_batch_size), after data.moved_row_ranges is applied. Process p of P gets the
-contiguous slice [p * B / P, (p + 1) * B / P) of those rows, so the global batch is the same
-for any number of hosts. Resuming at step t costs O(B) reads and needs no saved iterator: the
+contiguous slice [p * H, (p + 1) * H) of those rows, H = padded / P, where `padded` >= B is the
+row count the devices need (a multiple of the data-parallel size and of P; K2's 2040 rows
+divide no power-of-two pod). Rows past B are padding: token 0, loss mask 0, so they change
+neither sum(loss * mask) nor sum(mask). The global batch is the same for any number of hosts. Resuming at step t costs O(B) reads and needs no saved iterator: the
 step number in the checkpoint is the data position.
 """
 
@@ -19,18 +21,22 @@ from k2jax.errors import UserError
 
 class StepBatches:
     def __init__(self, source: RowSource, data: DataConfig, process_index: int = 0,
-                 process_count: int = 1):
-        if data.global_batch_size % process_count:
-            raise UserError(f"data.global_batch_size={data.global_batch_size} is not divisible "
-                            f"by the number of processes ({process_count})")
+                 process_count: int = 1, padded_batch_size: int | None = None):
+        padded = padded_batch_size or data.global_batch_size
+        if padded < data.global_batch_size or padded % process_count:
+            raise UserError(f"data.global_batch_size={data.global_batch_size} (padded to "
+                            f"{padded} rows) is not divisible by the number of processes "
+                            f"({process_count})")
         self.source = source
         self.data = data
         self.process_index = process_index
         self.process_count = process_count
+        self.padded_batch_size = padded
 
     @property
     def host_batch_size(self) -> int:
-        return self.data.global_batch_size // self.process_count
+        """Rows per process, padding included."""
+        return self.padded_batch_size // self.process_count
 
     def global_rows(self, step: int) -> np.ndarray:
         """Original-order row indices int64 [B] consumed by `step`."""
@@ -43,12 +49,18 @@ class StepBatches:
         return rows
 
     def host_rows(self, step: int) -> np.ndarray:
+        """The real (unpadded) original-order rows of this process's slice of `step`."""
         lo = self.process_index * self.host_batch_size
         return self.global_rows(step)[lo:lo + self.host_batch_size]
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's rows of `step`: tokens int32 [B/P, S], loss_mask float32 [B/P, S]."""
-        tokens, loss_mask = self.source.read_rows(self.host_rows(step))
+        """This process's rows of `step`, padded: tokens int32 [H, S], loss_mask float32 [H, S]."""
+        rows = self.host_rows(step)
+        seq = self.data.seq_len
+        tokens = np.zeros((self.host_batch_size, seq), np.int32)
+        loss_mask = np.zeros((self.host_batch_size, seq), np.float32)
+        if len(rows):
+            tokens[:len(rows)], loss_mask[:len(rows)] = self.source.read_rows(rows)
         return {"tokens": tokens, "loss_mask": loss_mask}
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -71,7 +83,7 @@ def make_row_source(config: Config, seed: int) -> RowSource:
     raise UserError(f"config key 'data.source': unknown source {data.source!r}")
 
 
-def make_step_batches(config: Config, process_index: int = 0, process_count: int = 1
-                      ) -> StepBatches:
+def make_step_batches(config: Config, process_index: int = 0, process_count: int = 1,
+                      padded_batch_size: int | None = None) -> StepBatches:
     source = make_row_source(config, config.train.seed)
-    return StepBatches(source, config.data, process_index, process_count)
+    return StepBatches(source, config.data, process_index, process_count, padded_batch_size)

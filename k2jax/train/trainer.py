@@ -23,7 +23,7 @@ from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
 from k2jax.errors import UserError
 from k2jax.model.param_count import count_params
-from k2jax.sharding.batch import pad_rows, padded_global_rows
+from k2jax.sharding.batch import padded_global_rows
 from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
@@ -64,11 +64,12 @@ class Trainer:
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
         self._load_data_order()
-        self.batches = make_step_batches(config, jax.process_index(), jax.process_count())
-        self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
         # Device batches are padded with zero-mask rows to a multiple of the data-parallel size
         # (k2jax/sharding/batch.py); the loss and MFU count only the real rows.
         self.device_rows = padded_global_rows(config, self.mesh, jax.process_count())
+        self.batches = make_step_batches(config, jax.process_index(), jax.process_count(),
+                                         self.device_rows)
+        self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
         self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
 
     # -- state -------------------------------------------------------------------------------
@@ -137,9 +138,8 @@ class Trainer:
             tqdm.write(f"[k2jax] {message}", file=sys.stderr)
 
     def global_batch(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows (padded with zero-mask rows to the data-parallel size) -> the
-        global batch arrays, sharded over the batch axes."""
-        host = pad_rows(host, self.device_rows // jax.process_count())
+        """This process's rows (already padded to the data-parallel size) -> the global batch
+        arrays, sharded over the batch axes."""
         shape = lambda x: (self.device_rows,) + x.shape[1:]
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
                 for k, v in host.items()}
@@ -167,7 +167,8 @@ class Trainer:
         moved = self.config.data.moved_row_ranges + [window]
         self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
         self._save_data_order()
-        self.batches = make_step_batches(self.config, jax.process_index(), jax.process_count())
+        self.batches = make_step_batches(self.config, jax.process_index(),
+                                         jax.process_count(), self.device_rows)
         self.checkpoints.wait()
         good = [s for s in self.checkpoints.all_steps() if s <= step]
         return window, (good[-1] if good else None)
