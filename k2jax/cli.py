@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from k2jax.errors import UserError
+from k2jax.runtime import configure_xla_flags
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

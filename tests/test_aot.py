@@ -76,3 +76,21 @@ def test_aot_compile_small_model_for_v5e_4():
     assert report["flops_per_step"] >= 0.9 * report["model_flops_per_step"]
     assert 0 < report["estimated_mfu"] <= 1.0
     assert report["compile_seconds"] > 0
+
+
+def test_aot_compiles_the_pallas_kernel_inside_the_sharded_step():
+    """`model.attention: auto` plans for the TPU: Mosaic lowers the flash-attention kernel per
+    device under shard_map in the full train step (head_dim 128, bf16)."""
+    pytest.importorskip("libtpu")
+    model = ["model.vocab_size=512", "model.hidden_size=256", "model.intermediate_size=512",
+             "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+             "model.compute_dtype=bfloat16", "model.attention=auto", "data.seq_len=256",
+             "data.global_batch_size=8", "data.micro_batch_size=4", "mesh.fsdp=2",
+             "mesh.tensor=2"]
+    cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",
+           "v5e-4", "--json", "--no-flops", *model]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["attention"] == "pallas" and report["fits"] is True

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 
 from k2jax.aot.topology import Slice
 from k2jax.config import Config
+from k2jax.model.attention_core import pallas_interpret
 from k2jax.sharding.batch import padded_global_rows
 from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.rules import batch_sharding, replicated
@@ -127,7 +128,19 @@ def step_cost(config: Config, devices: list, micro_rows: int) -> dict:
 
 def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
                    measure_flops: bool = True) -> dict:
-    """Compile for `tpu_slice` (x num_slices) and return the report (see `k2jax aot --help`)."""
+    """Compile for `tpu_slice` (x num_slices) and return the report (see `k2jax aot --help`).
+
+    `model.attention: auto` means what it means on the TPU being planned for: the Pallas
+    kernel, lowered by Mosaic for real (not in interpret mode, as it would be on this CPU)."""
+    if config.model.attention == "auto":
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, attention="pallas"))
+    with pallas_interpret(False):
+        return _compile_report(config, tpu_slice, num_slices, measure_flops)
+
+
+def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
+                    measure_flops: bool) -> dict:
     devices = topology_devices(tpu_slice, num_slices)
     chips = len(devices)
     start = time.perf_counter()
