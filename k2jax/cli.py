@@ -12,7 +12,6 @@ import importlib
 import sys
 
 from k2jax.errors import UserError
-from k2jax.runtime import configure_xla_flags
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -37,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_xla_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
