@@ -16,7 +16,6 @@ measured step, so reads come from the disk. Writes nothing into the repository.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil

@@ -143,7 +143,7 @@ def test_bad_rows_name_file_and_line(tmp_path, bad_line, message):
     source.read_rows(np.array([0, 1, 3]))  # good rows read fine
     with pytest.raises(UserError) as err:
         source.read_rows(np.array([1, 2]))
-    assert f"chunk_0.jsonl:3: " in str(err.value) and message in str(err.value)
+    assert "chunk_0.jsonl:3: " in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
 

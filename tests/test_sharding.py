@@ -33,8 +33,6 @@ STEPS = 5
 
 def _run_mesh(sizes, devices, steps):
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec
 
     from k2jax.data.pipeline import make_step_batches
     from k2jax.sharding.batch import padded_global_rows

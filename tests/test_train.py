@@ -174,3 +174,10 @@ def test_non_finite_updates_are_refused_and_never_checkpointed(tmp_path):
     trainer.save(1, state, {"param_norm": float("nan")})
     trainer.checkpoints.wait()
     assert trainer.checkpoints.all_steps() == []
+
+
+def test_relative_run_dir_works_from_any_directory(tmp_path, monkeypatch):
+    """The README's main job uses `runs/tiny`; Orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    Trainer(small_config("runs/relative", "train.steps=2", "train.checkpoint_every=1")).run()
+    assert sorted(p.name for p in (tmp_path / "runs/relative/checkpoints").iterdir()) == ["1", "2"]

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+
 
 from k2jax.aot.topology import Slice
 from k2jax.config import Config

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
-from etils import epath
 
 from k2jax.config import TrainConfig
 from k2jax.errors import UserError
+from k2jax.paths import storage_path
 
 # Keys that must match to resume: they fix parameter shapes or the meaning of a data position.
 RESUME_KEYS = {
@@ -41,7 +41,7 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=train.keep_checkpoints, keep_period=train.keep_period,
             enable_async_checkpointing=train.async_checkpoint, create=True)
-        self.directory = epath.Path(run_dir) / "checkpoints"
+        self.directory = storage_path(run_dir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "config", "data"))
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from k2jax.config import ModelConfig, _build
 from k2jax.errors import UserError
+from k2jax.paths import storage_path
 
 PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "k2jax_model.json"
@@ -29,7 +29,7 @@ MODEL_CONFIG_FILE = "k2jax_model.json"
 
 def save_params(directory: str, params: Any, model_config: ModelConfig) -> None:
     """Write a weights directory (the caller handles atomic renaming of `directory`)."""
-    path = epath.Path(directory)
+    path = storage_path(directory)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_ITEM, params)
@@ -38,7 +38,7 @@ def save_params(directory: str, params: Any, model_config: ModelConfig) -> None:
 
 def weights_kind(directory: str) -> str:
     """'params' for a weights directory, 'state' for a training checkpoint step directory."""
-    path = epath.Path(directory)
+    path = storage_path(directory)
     if (path / PARAMS_ITEM).exists():
         return "params"
     if (path / "state").exists():
@@ -49,7 +49,7 @@ def weights_kind(directory: str) -> str:
 
 def read_model_config(directory: str) -> ModelConfig | None:
     """The ModelConfig stored with the weights (None if absent)."""
-    path = epath.Path(directory)
+    path = storage_path(directory)
     if (path / MODEL_CONFIG_FILE).exists():
         return _build(ModelConfig, json.loads((path / MODEL_CONFIG_FILE).read_text()), "model")
     config_item = path / "config"
@@ -62,7 +62,7 @@ def read_model_config(directory: str) -> ModelConfig | None:
 def restore_params(directory: str, abstract_params: Any) -> Any:
     """Restore parameters into `abstract_params` (ShapeDtypeStructs carrying shardings, so each
     host reads only its shards). Works on weights and training-checkpoint directories."""
-    path = epath.Path(directory)
+    path = storage_path(directory)
     kind = weights_kind(directory)
     with ocp.PyTreeCheckpointer() as checkpointer:
         if kind == "params":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from k2jax.eval.step_data import add_data_args, step_batches

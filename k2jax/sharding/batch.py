@@ -15,7 +15,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from k2jax.config import Config
-from k2jax.errors import UserError
 from k2jax.sharding.rules import rules_list
 
 

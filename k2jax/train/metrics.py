@@ -10,15 +10,16 @@ import json
 import time
 from typing import Any
 
-from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from k2jax.paths import storage_path
 
 
 class MetricsWriter:
     def __init__(self, run_dir: str, enabled: bool = True):
         self.enabled = enabled
-        self.run_dir = epath.Path(run_dir)
+        self.run_dir = storage_path(run_dir)
         if not enabled:
             return
         self.tensorboard_dir = self.run_dir / "tensorboard"

@@ -13,7 +13,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import yaml
-from etils import epath
 from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
@@ -23,6 +22,7 @@ from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
 from k2jax.errors import UserError
 from k2jax.model.param_count import count_params
+from k2jax.paths import storage_path
 from k2jax.sharding.batch import padded_global_rows
 from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.rules import batch_sharding
@@ -56,7 +56,7 @@ class StopRequested:
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        self.run_dir = epath.Path(config.train.run_dir)
+        self.run_dir = storage_path(config.train.run_dir)
         self.primary = jax.process_index() == 0
         self.mesh = build_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)

@@ -1,0 +1,16 @@
+"""The one path abstraction for data, checkpoints, logs and weights: etils.epath, so `gs://`
+works on a TPU VM with no other code. Local paths are made absolute (Orbax refuses relative
+ones, and a run must not depend on the directory it was started from)."""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def storage_path(path: str | os.PathLike) -> epath.Path:
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
