@@ -16,7 +16,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from k2jax.config import ModelConfig, _build
@@ -77,7 +76,3 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
             raise UserError(f"{item}: parameters do not match the model config ({err})")
     return restored if kind == "params" else restored["params"]
 
-
-def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)

@@ -19,10 +19,6 @@ from k2jax.sharding.rules import batch_sharding, rules_list
 from k2jax.train.state import TrainState
 
 
-def _global_norm(tree) -> jnp.ndarray:
-    return optax.tree.norm(tree)
-
-
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
                     shardings: TrainState):
     """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
@@ -70,7 +66,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss_sum / count
-        grad_norm = _global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -80,13 +76,13 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             lambda: TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state),
             lambda: TrainState(step=state.step + 1, params=state.params,
                                opt_state=state.opt_state))
-        param_norm = _global_norm(new_state.params)
+        param_norm = optax.tree.norm(new_state.params)
         metrics = {
             "loss": loss,
             "tokens": count,
             "grad_norm": grad_norm,
             "param_norm": param_norm,
-            "update_ratio": _global_norm(updates) / jnp.maximum(param_norm, 1e-12),
+            "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-12),
             "applied": apply,
         }
         return new_state, metrics

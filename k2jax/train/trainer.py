@@ -16,7 +16,7 @@ import yaml
 from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
-from k2jax.checkpoint.params_io import abstract_with_shardings, restore_params
+from k2jax.checkpoint.params_io import restore_params
 from k2jax.config import Config
 from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
@@ -29,6 +29,7 @@ from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
+from k2jax.train.schedule import k2_learning_rate
 from k2jax.train.spikes import SpikeDetector
 from k2jax.train.state import abstract_state, create_train_state, state_shardings
 from k2jax.train.step import make_train_step
@@ -60,6 +61,7 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.mesh = build_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
+        self.learning_rate = k2_learning_rate(config.optimizer)  # for the logs: the step's lr
         self.boxed, self.shardings = state_shardings(config, self.optimizer, self.mesh)
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
@@ -113,10 +115,7 @@ class Trainer:
                 self.log(f"checkpoint {step} failed to restore ({type(err).__name__}: {err}); "
                          "trying the previous one")
         if train.init_from:
-            target = abstract_with_shardings(
-                jax.tree.map(lambda s: s, abstract_state(self.shardings, self.config,
-                                                         self.optimizer).params),
-                self.shardings.params)
+            target = abstract_state(self.shardings, self.config, self.optimizer).params
             params = restore_params(train.init_from, target)
             self.log(f"initialised parameters from {train.init_from}")
             return create_train_state(self.config, self.optimizer, self.mesh, self.shardings,
@@ -226,7 +225,7 @@ class Trainer:
                 step += 1
                 progress.update(1)
                 record = {
-                    "loss": metrics["loss"], "lr": float(self.optimizer_lr(step - 1)),
+                    "loss": metrics["loss"], "lr": float(self.learning_rate(step - 1)),
                     "grad_norm": metrics["grad_norm"], "param_norm": metrics["param_norm"],
                     "update_ratio": metrics["update_ratio"],
                     "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
@@ -253,11 +252,6 @@ class Trainer:
         self.log(f"done at step {step}; checkpoints in {self.checkpoints.directory}")
         return 0
 
-    def optimizer_lr(self, step: int) -> float:
-        from k2jax.train.schedule import k2_learning_rate
-
-        return k2_learning_rate(self.config.optimizer)(step)
-
     def handle_spike(self, step: int, kind: str, metrics: dict, state) -> tuple[int, Any]:
         action = self.config.train.spikes.action
         event: dict[str, Any] = {"step": step, "kind": kind, "loss": metrics["loss"],
@@ -281,10 +275,9 @@ class Trainer:
         self.log(f"loss spike at step {step} ({kind}, loss {metrics['loss']:.4g}): {action}"
                  + (f", rows {event['moved_rows']} moved to the end, resuming at step "
                     f"{next_step}" if action == "rollback" else ""))
-        if action != "rollback" and self.config.train.steps:
+        if action != "rollback" and next_step % self.config.train.checkpoint_every == 0:
             # log/skip: the step counts as done (its update applied or refused in the step).
-            if next_step % self.config.train.checkpoint_every == 0:
-                self.save(next_step, state, metrics)
+            self.save(next_step, state, metrics)
         return next_step, state
 
 
