@@ -14,7 +14,7 @@ from k2jax.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="K2 data: index, pack, batch, locate, prepare",
+    parser = subparsers.add_parser("data", help="K2 data: index, pack, batch, locate, order, prepare",
                                    description=__doc__)
     commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
