@@ -33,25 +33,47 @@ def resolve_attention_impl(name: str) -> str:
     return name
 
 
+# Query rows per block of the xla path. Blocks let causal attention skip the logits above the
+# diagonal (about 40% of them at 4 blocks) and keep each softmax pass to a few MiB, which is
+# what makes it fast on CPU (see docs/performance.md); 64-256 measured alike.
+XLA_QUERY_BLOCK = 128
+
+
 def xla_attention(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD, *, causal: bool = True,
-                  segment_ids_BxS: Optional[jnp.ndarray] = None) -> jnp.ndarray:
-    """Reference attention; logits and softmax in fp32, output in q's dtype. GQA via groups."""
+                  segment_ids_BxS: Optional[jnp.ndarray] = None,
+                  block: int = XLA_QUERY_BLOCK) -> jnp.ndarray:
+    """Reference attention; logits and softmax in fp32, output in q's dtype. GQA via groups.
+
+    Heads-major and blocked over queries: query block [a, b) attends to keys [0, b) when
+    causal, so no logit above the diagonal block is computed. A query group's G heads share
+    their K/V head and are stacked on the row axis, so every product is a plain batched dot."""
     batch, seq, num_heads, head_dim = q_BxSxNxD.shape
     num_kv = k_BxSxKxD.shape[2]
     groups = num_heads // num_kv
-    q_BxSxKxGxD = q_BxSxNxD.reshape(batch, seq, num_kv, groups, head_dim)
-    logits_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, k_BxSxKxD,
-                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
-    mask_BxSxT = jnp.ones((1, seq, seq), bool)
-    if causal:
-        mask_BxSxT = jnp.tril(mask_BxSxT)
-    if segment_ids_BxS is not None:
-        mask_BxSxT = mask_BxSxT & (segment_ids_BxS[:, :, None] == segment_ids_BxS[:, None, :])
-    logits_BxKxGxSxT = jnp.where(mask_BxSxT[:, None, None], logits_BxKxGxSxT,
-                                 jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxKxGxSxT, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxSxKxGxD = jnp.einsum("bkgst,btkd->bskgd", probs, v_BxSxKxD)
-    return out_BxSxKxGxD.reshape(batch, seq, num_heads, head_dim)
+    block = block if seq % block == 0 else seq
+    q_BxKxGxSxD = q_BxSxNxD.reshape(batch, seq, num_kv, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BxKxSxD, v_BxKxSxD = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
+    outputs = []
+    for start in range(0, seq, block):
+        stop = start + block
+        keys = stop if causal else seq
+        q_BxKxRxD = q_BxKxGxSxD[:, :, :, start:stop].reshape(batch, num_kv, groups * block,
+                                                              head_dim)
+        logits_BxKxRxT = jnp.einsum("bkrd,bktd->bkrt", q_BxKxRxD, k_BxKxSxD[:, :, :keys],
+                                    preferred_element_type=jnp.float32) * head_dim ** -0.5
+        mask_BxSxT = jnp.ones((1, block, keys), bool)
+        if causal:
+            mask_BxSxT = (start + jnp.arange(block))[None, :, None] >= jnp.arange(keys)[None, None]
+        if segment_ids_BxS is not None:
+            mask_BxSxT = mask_BxSxT & (segment_ids_BxS[:, start:stop, None]
+                                       == segment_ids_BxS[:, None, :keys])
+        mask_Bx1xRxT = jnp.tile(mask_BxSxT[:, None], (1, 1, groups, 1))
+        logits_BxKxRxT = jnp.where(mask_Bx1xRxT, logits_BxKxRxT, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits_BxKxRxT, axis=-1).astype(v_BxSxKxD.dtype)
+        out_BxKxRxD = jnp.einsum("bkrt,bktd->bkrd", probs, v_BxKxSxD[:, :, :keys])
+        outputs.append(out_BxKxRxD.reshape(batch, num_kv, groups, block, head_dim))
+    out_BxKxGxSxD = jnp.concatenate(outputs, axis=3)
+    return out_BxKxGxSxD.transpose(0, 3, 1, 2, 4).reshape(batch, seq, num_heads, head_dim)
 
 
 def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_ids=None,

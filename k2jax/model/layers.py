@@ -7,6 +7,7 @@ mesh axes.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -26,6 +27,19 @@ def dtype_of(name: str):
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
                   init, dtype) -> jnp.ndarray:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs) -> jnp.ndarray:
+    """x @ w over x's last axis and w's first `in_dims` axes, as one 2-D matmul [B*S, I] @ [I, O].
+
+    Flattening keeps every gradient a plain 2-D dot too (dW = x^T dy over B*S rows). An einsum
+    contracting b and s together made XLA:CPU transpose dy in memory for each weight gradient,
+    which cost about 15% of a step (docs/performance.md)."""
+    batch, seq = x_BxSxI.shape[:2]
+    out_shape = w.shape[in_dims:]
+    w_IxO = w.reshape(-1, math.prod(out_shape))
+    out = jnp.dot(x_BxSxI.reshape(batch * seq, -1), w_IxO, **dot_kwargs)
+    return out.reshape(batch, seq, *out_shape)
 
 
 def constrain(x: jnp.ndarray, axes: tuple[Optional[str], ...]) -> jnp.ndarray:
@@ -68,9 +82,9 @@ class Attention(nn.Module):
         wv_ExKxD = proj("v_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
         wo_NxDxE = proj("o_proj", (n, head_dim, e), ("heads", "head_dim", "embed"))
 
-        q = checkpoint_name(jnp.einsum("bse,end->bsnd", x_BxSxE, wq_ExNxD), "query_proj")
-        key = checkpoint_name(jnp.einsum("bse,ekd->bskd", x_BxSxE, wk_ExKxD), "key_proj")
-        value = checkpoint_name(jnp.einsum("bse,ekd->bskd", x_BxSxE, wv_ExKxD), "value_proj")
+        q = checkpoint_name(project(x_BxSxE, wq_ExNxD), "query_proj")
+        key = checkpoint_name(project(x_BxSxE, wk_ExKxD), "key_proj")
+        value = checkpoint_name(project(x_BxSxE, wv_ExKxD), "value_proj")
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
@@ -78,7 +92,7 @@ class Attention(nn.Module):
         out_BxSxNxD = dot_product_attention(
             q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
             block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
-        out_BxSxE = jnp.einsum("bsnd,nde->bse", out_BxSxNxD, wo_NxDxE)
+        out_BxSxE = project(out_BxSxNxD.reshape(*out_BxSxNxD.shape[:2], -1), wo_NxDxE, in_dims=2)
         return checkpoint_name(out_BxSxE, "attention_out")
 
 
@@ -96,10 +110,10 @@ class Mlp(nn.Module):
         w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"), init, pdtype)
-        gate_BxSxM = jnp.einsum("bse,em->bsm", x_BxSxE, w_gate_ExM.astype(compute))
-        up_BxSxM = jnp.einsum("bse,em->bsm", x_BxSxE, w_up_ExM.astype(compute))
+        gate_BxSxM = project(x_BxSxE, w_gate_ExM.astype(compute))
+        up_BxSxM = project(x_BxSxE, w_up_ExM.astype(compute))
         hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))
-        out_BxSxE = jnp.einsum("bsm,me->bse", hidden_BxSxM, w_down_MxE.astype(compute))
+        out_BxSxE = project(hidden_BxSxM, w_down_MxE.astype(compute))
         return checkpoint_name(out_BxSxE, "mlp_out")
 
 

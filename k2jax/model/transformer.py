@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
-from k2jax.model.layers import DecoderLayer, RMSNorm, constrain, dtype_of, logical_param
+from k2jax.model.layers import (DecoderLayer, RMSNorm, constrain, dtype_of, logical_param,
+                                project)
 from k2jax.model.rope import rope_cos_sin
 
 _SAVED_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
@@ -77,6 +78,5 @@ class K2Model(nn.Module):
         else:
             head_ExV = logical_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
                                      ("embed", "vocab"), init, pdtype)
-        logits = jnp.einsum("bse,ev->bsv", x_BxSxE, head_ExV.astype(compute),
-                            preferred_element_type=jnp.float32)
+        logits = project(x_BxSxE, head_ExV.astype(compute), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
