@@ -48,21 +48,27 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             x = x.reshape(micro, accumulation, seq).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(x, micro_sharding)
 
-        def accumulate(carry, micro_batch):
-            grads_acc, loss_acc, count_acc = carry
+        def micro_step(micro_tokens, micro_mask):
             (loss_sum, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                state.params, micro_batch[0], micro_batch[1])
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+                state.params, micro_tokens, micro_mask)
+            return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        def accumulate(carry, micro_batch):
+            grads, loss_sum, count = micro_step(*micro_batch)
+            grads = jax.tree.map(jnp.add, carry[0], grads)
+            return (grads, carry[1] + loss_sum, carry[2] + count), None
+
         # `with mesh` alone does not define the abstract mesh that flax's logical constraints
         # look for (they were silently dropped); use_abstract_mesh makes them bind.
         with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
                 nn.logical_axis_rules(rules):
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                accumulate, init, (split(tokens), split(loss_mask)))
+            if accumulation == 1:  # no zero-filled accumulator to write and add to
+                grads, loss_sum, count = micro_step(tokens, loss_mask)
+            else:
+                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+                (grads, loss_sum, count), _ = jax.lax.scan(
+                    accumulate, init, (split(tokens), split(loss_mask)))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         loss = loss_sum / count
