@@ -45,8 +45,9 @@ def xla_attention(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD, *, causal: bool = True,
     """Reference attention; logits and softmax in fp32, output in q's dtype. GQA via groups.
 
     Heads-major and blocked over queries: query block [a, b) attends to keys [0, b) when
-    causal, so no logit above the diagonal block is computed. A query group's G heads share
-    their K/V head and are stacked on the row axis, so every product is a plain batched dot."""
+    causal, so no logit above the diagonal block is computed (one block when `block` does not
+    divide the sequence). A query group's G heads share their K/V head and are stacked on the
+    row axis, so every product is a plain batched dot."""
     batch, seq, num_heads, head_dim = q_BxSxNxD.shape
     num_kv = k_BxSxKxD.shape[2]
     groups = num_heads // num_kv

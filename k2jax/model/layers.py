@@ -34,7 +34,7 @@ def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs
 
     Flattening keeps every gradient a plain 2-D dot too (dW = x^T dy over B*S rows). An einsum
     contracting b and s together made XLA:CPU transpose dy in memory for each weight gradient,
-    which cost about 15% of a step (docs/performance.md)."""
+    which cost about 16% of a step (docs/performance.md)."""
     batch, seq = x_BxSxI.shape[:2]
     out_shape = w.shape[in_dims:]
     w_IxO = w.reshape(-1, math.prod(out_shape))
