@@ -83,7 +83,8 @@ def make_batch_loss_fn(config: ModelConfig, mesh: Mesh, rules: dict, plan: Micro
             logits = model.apply({"params": params}, micro_batch[0])
             return None, masked_next_token_loss(logits, micro_batch[0], micro_batch[1])
 
-        with mesh, nn.logical_axis_rules(rules_list(rules)):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                nn.logical_axis_rules(rules_list(rules)):
             _, (sums, counts) = jax.lax.scan(body, None, (split(tokens), split(loss_mask)))
         return sums, counts
 

@@ -10,7 +10,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.interpreters import pxla
 
 # None: Pallas kernels run in interpret mode off TPU. Ahead-of-time TPU compiles on a CPU host
 # set False (see `pallas_interpret`), so Mosaic lowers the real kernel.
@@ -95,7 +94,7 @@ def _pallas_attention(q, k, v, **kwargs):
     from k2jax.kernels import flash_attention, sharded_flash_attention
 
     kwargs["interpret"] = _PALLAS_INTERPRET
-    mesh = pxla.thread_resources.env.physical_mesh
+    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return flash_attention(q, k, v, **kwargs)
     rules = dict(nn.get_logical_axis_rules())

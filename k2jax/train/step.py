@@ -58,10 +58,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             grads = jax.tree.map(jnp.add, carry[0], grads)
             return (grads, carry[1] + loss_sum, carry[2] + count), None
 
-        # `with mesh` alone does not define the abstract mesh that flax's logical constraints
-        # look for (they were silently dropped); use_abstract_mesh makes them bind.
-        with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-                nn.logical_axis_rules(rules):
+        # The abstract mesh is what flax's logical constraints and the attention dispatch look
+        # for while tracing (`with mesh:` alone left the constraints silently dropped).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
             if accumulation == 1:  # no zero-filled accumulator to write and add to
                 grads, loss_sum, count = micro_step(tokens, loss_mask)
             else:
