@@ -229,3 +229,23 @@ def test_mesh_follows_tpu_topology_and_dcn_hybrid():
 
 if __name__ == "__main__":
     worker_main()
+
+
+def test_eval_loss_binds_activation_constraints():
+    """The eval step traces under the abstract mesh, so the model's logical activation
+    constraints reach the lowered program (under `with mesh:` alone only the two explicit
+    micro-batch constraints did)."""
+    import jax
+    import jax.numpy as jnp
+
+    from k2jax.eval.batch_loss import MicroBatchPlan, make_batch_loss_fn
+    from k2jax.eval.weights import abstract_params
+
+    config = small_config("unused-run-dir")
+    mesh = build_mesh(config.mesh)
+    params, shardings = abstract_params(config.model, mesh, config.mesh.rules)
+    loss_fn = make_batch_loss_fn(config.model, mesh, config.mesh.rules, MicroBatchPlan(4, 4, 4),
+                                 shardings)
+    rows = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    text = loss_fn.lower(params, rows, rows.update(dtype=jnp.float32)).as_text()
+    assert text.count("sharding_constraint") + text.count("@Sharding") > 2
