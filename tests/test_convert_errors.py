@@ -176,3 +176,23 @@ def test_fp16_export_refuses_overflow(model, tmp_path, capsys):
     run_fails(capsys, tmp_path, ["convert", "orbax-to-hf", "--checkpoint", str(tmp_path / "w"),
                                  "--out", str(tmp_path / "x"), "--dtype", "fp16"],
               "model.norm.weight", "float16 range")
+
+
+def test_staging_left_by_a_killed_conversion_is_cleaned_up(model, tmp_path, capsys):
+    """A SIGKILLed writer leaves `.NAME.incomplete-HOST-PID-*`; the next conversion to NAME
+    deletes it, but keeps one whose writer is still running."""
+    import socket
+    import subprocess
+
+    src = write_hf_dir(tmp_path / "hf", hf_state(model), hf_config(model))
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f".w.incomplete-{host}-{exited.pid}-abcd"
+    alive = tmp_path / f".w.incomplete-{host}-{os.getpid()}-efgh"
+    for staging in (dead, alive):
+        staging.mkdir()
+        (staging / "partial").write_bytes(b"x")
+    assert main(to_orbax(src, tmp_path / "w") + ["--no-progress"]) == 0
+    assert not dead.exists() and alive.exists()
+    assert (tmp_path / "w" / "params").is_dir()

@@ -1,8 +1,10 @@
 """An output directory appears complete or not at all.
 
-Everything is written into a hidden sibling `.NAME.incomplete-XXXX` and renamed to NAME only
-after the last byte is written; an interrupted conversion leaves only the hidden directory (or
-nothing), never a directory that looks complete. An existing NAME is replaced only with force.
+Everything is written into a hidden sibling `.NAME.incomplete-HOST-PID-XXXX` and renamed to
+NAME only after the last byte is written; an interrupted conversion leaves only the hidden
+directory (or nothing), never a directory that looks complete. The next conversion to NAME
+deletes the staging directories of writers on this host that are no longer running (a
+SIGKILL leaves one behind). An existing NAME is replaced only with force.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +40,9 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it becomes `out`, on any error it is removed."""
     out_path = check_output(out, force)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.incomplete-", dir=out_path.parent))
+    remove_dead_staging(out_path)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out_path)}{os.getpid()}-",
+                                    dir=out_path.parent))
     try:
         yield staging
         _fsync_tree(staging)
@@ -52,6 +57,33 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _staging_prefix(out_path: Path) -> str:
+    return f".{out_path.name}.incomplete-{socket.gethostname()}-"
+
+
+def remove_dead_staging(out_path: Path) -> list[Path]:
+    """Delete `out_path`'s staging directories left by writers on this host that have exited.
+    Others' (other hosts, live processes) are kept: they may still be writing."""
+    prefix = _staging_prefix(out_path)
+    removed = []
+    for candidate in out_path.parent.glob(f"{prefix}*"):
+        pid = candidate.name[len(prefix):].split("-", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _fsync_tree(root: Path) -> None:
