@@ -54,10 +54,10 @@ def k2jax_stepper(config):
     batch = {"tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32),
              "loss_mask": np.ones(shape, np.float32)}
     ceiling = np.float32(np.inf)
-    box = [state]
 
     def one_step():
-        box[0], metrics = step(box[0], batch, ceiling)
+        nonlocal state
+        state, metrics = step(state, batch, ceiling)
         jax.block_until_ready(metrics)
 
     for _ in range(2):  # compile + warm-up

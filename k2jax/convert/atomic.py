@@ -40,7 +40,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it becomes `out`, on any error it is removed."""
     out_path = check_output(out, force)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_staging(out_path)
+    _remove_dead_staging(out_path)
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out_path)}{os.getpid()}-",
                                     dir=out_path.parent))
     try:
@@ -63,17 +63,14 @@ def _staging_prefix(out_path: Path) -> str:
     return f".{out_path.name}.incomplete-{socket.gethostname()}-"
 
 
-def remove_dead_staging(out_path: Path) -> list[Path]:
+def _remove_dead_staging(out_path: Path) -> None:
     """Delete `out_path`'s staging directories left by writers on this host that have exited.
     Others' (other hosts, live processes) are kept: they may still be writing."""
     prefix = _staging_prefix(out_path)
-    removed = []
     for candidate in out_path.parent.glob(f"{prefix}*"):
         pid = candidate.name[len(prefix):].split("-", 1)[0]
         if candidate.is_dir() and pid.isdigit() and not _running(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
 
 
 def _running(pid: int) -> bool:
@@ -82,7 +79,7 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by someone else
-        return True
+        pass
     return True
 
 

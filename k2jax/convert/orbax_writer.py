@@ -160,7 +160,6 @@ def _zarr_dtype(dtype: np.dtype) -> str:
     return "bfloat16" if dtype == dtypes.SAFETENSORS_TO_NUMPY["BF16"] else dtype.name
 
 
-
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})

@@ -61,9 +61,8 @@ def xla_attention(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD, *, causal: bool = True,
                                                               head_dim)
         logits_BxKxRxT = jnp.einsum("bkrd,bktd->bkrt", q_BxKxRxD, k_BxKxSxD[:, :, :keys],
                                     preferred_element_type=jnp.float32) * head_dim ** -0.5
-        mask_BxSxT = jnp.ones((1, block, keys), bool)
-        if causal:
-            mask_BxSxT = (start + jnp.arange(block))[None, :, None] >= jnp.arange(keys)[None, None]
+        mask_BxSxT = ((start + jnp.arange(block))[None, :, None] >= jnp.arange(keys)[None, None]
+                      if causal else jnp.ones((1, block, keys), bool))
         if segment_ids_BxS is not None:
             mask_BxSxT = mask_BxSxT & (segment_ids_BxS[:, start:stop, None]
                                        == segment_ids_BxS[:, None, :keys])

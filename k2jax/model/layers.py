@@ -30,7 +30,8 @@ def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tu
 
 
 def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs) -> jnp.ndarray:
-    """x @ w over x's last axis and w's first `in_dims` axes, as one 2-D matmul [B*S, I] @ [I, O].
+    """x @ w contracting x's axes after (batch, seq) with w's first `in_dims` axes, as one 2-D
+    matmul [B*S, I] @ [I, O].
 
     Flattening keeps every gradient a plain 2-D dot too (dW = x^T dy over B*S rows). An einsum
     contracting b and s together made XLA:CPU transpose dy in memory for each weight gradient,
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         out_BxSxNxD = dot_product_attention(
             q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
             block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
-        out_BxSxE = project(out_BxSxNxD.reshape(*out_BxSxNxD.shape[:2], -1), wo_NxDxE, in_dims=2)
+        out_BxSxE = project(out_BxSxNxD, wo_NxDxE, in_dims=2)
         return checkpoint_name(out_BxSxE, "attention_out")
 
 
