@@ -11,7 +11,9 @@ import argparse
 import importlib
 import sys
 
+from k2jax import __version__
 from k2jax.errors import UserError
+from k2jax.platform import choose_platform
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="k2jax",
         description="K2-65B pretraining in JAX/Flax: train, data order, conversion, checks.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    choose_platform()  # before any command module imports jax
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

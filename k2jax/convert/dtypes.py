@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 
 from k2jax.errors import UserError
+from k2jax.optional import require
 
 # safetensors dtype code -> numpy dtype; only the float dtypes a checkpoint may hold.
 SAFETENSORS_TO_NUMPY = {
@@ -33,7 +34,7 @@ def numpy_dtype(code: str, where: str) -> np.dtype:
 
 def torch_to_code(torch_dtype) -> str:
     """'torch.bfloat16' -> 'BF16' (others, e.g. 'torch.int64' -> 'I64'-like names, rejected later)."""
-    import torch  # only .bin checkpoints need torch
+    torch = require("torch", "reading PyTorch .bin shards")  # safetensors do not
 
     return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(
         torch_dtype, str(torch_dtype).replace("torch.", ""))

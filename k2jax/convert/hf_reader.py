@@ -26,6 +26,7 @@ import numpy as np
 
 from k2jax.convert import dtypes
 from k2jax.errors import UserError
+from k2jax.optional import require
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -168,7 +169,7 @@ def _safetensors_infos(path: Path) -> list[TensorInfo]:
 
 
 def _load_bin(path: Path) -> dict:
-    import torch  # only .bin checkpoints need torch
+    torch = require("torch", f"{path}: reading PyTorch .bin shards")  # safetensors do not
 
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -226,9 +227,8 @@ def _iter_safetensors(file: Path, infos: list[TensorInfo], buffers: list[np.ndar
 
 
 def _iter_bin(file: Path, infos: list[TensorInfo]):
+    state = _load_bin(file)  # says which extra to install when torch is missing
     import torch
-
-    state = _load_bin(file)
     try:
         for info in infos:
             tensor = state[info.name]

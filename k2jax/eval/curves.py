@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from k2jax.errors import UserError
+from k2jax.optional import require
 
 STEP_COLUMNS = ("Step", "_step", "iteration", "step", "trainer/global_step")
 LOSS_COLUMNS = ("lm loss", "train/lm_loss", "lm_loss", "loss", "train/loss")
@@ -140,8 +141,7 @@ def _span(curve: Curve) -> str:
 
 def plot_curves(run: Curve, reference: Curve, out: str, threshold: float) -> None:
     """Overlay (top) and run - reference on common steps (bottom), written atomically as PNG."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "compare-curves --out (the PNG)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from k2jax.errors import UserError
+from k2jax.optional import require
 
 
 def load_hf_model(directory: str):
-    import torch
-    from transformers import LlamaForCausalLM
+    torch = require("torch", "compare-hf (the transformers reference)")
+    LlamaForCausalLM = require("transformers", "compare-hf (the transformers reference)"
+                               ).LlamaForCausalLM
 
     try:
         model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32,
