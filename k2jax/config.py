@@ -356,19 +356,42 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "").validate()
 
 
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a dict, with its `base:` chain merged in.
+
+    `base: FILE` (relative to this file's directory) names the config this one extends: its
+    mappings are merged key by key, anything else (numbers, lists) is replaced. So K2-Chat's
+    file states only what differs from K2's."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path}: not found")
+    if path.resolve() in _seen:
+        raise UserError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path}: not valid YAML ({err.__class__.__name__})")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"config file {path}: 'base' must be a file name, got {base!r}")
+    return _merged(read_config_file(path.parent / base, _seen + (path.resolve(),)), data)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_maps else value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (None: built-in K2 defaults) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path}: not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path}: not valid YAML ({err.__class__.__name__})")
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path}: expected a mapping at the top level")
+    """Load a YAML config file (None: the dataclass defaults) and apply overrides."""
+    data = read_config_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

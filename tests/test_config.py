@@ -30,6 +30,33 @@ def test_k2_65b_has_every_k2_figure():
 def test_k2_chat_context_and_theta():
     cfg = load_config(CONFIGS / "k2-chat.yaml")
     assert (cfg.model.max_position_embeddings, cfg.model.rope_theta) == (8192, 500000.0)
+    k2 = load_config(CONFIGS / "k2-65b.yaml")
+    assert count_params(cfg.model) == count_params(k2.model)  # K2's architecture, via base:
+    assert cfg.optimizer == k2.optimizer and cfg.train.seed == k2.train.seed
+
+
+def test_base_merges_sections_and_replaces_values(tmp_path):
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "root.yaml").write_text(
+        "model: {num_layers: 2, hidden_size: 32, num_heads: 2, num_kv_heads: 2, vocab_size: 64,"
+        " intermediate_size: 64}\ndata: {order: [1, 2, 3], seq_len: 16,"
+        " global_batch_size: 4, micro_batch_size: 4}\n")
+    (tmp_path / "mid.yaml").write_text("base: parent/root.yaml\nmodel: {num_layers: 3}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ndata: {order: [7]}\n")
+    cfg = load_config(tmp_path / "top.yaml", ["model.hidden_size=64"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads) == (3, 64, 2)
+    assert cfg.data.order == [7] and cfg.data.seq_len == 16  # lists are replaced, not merged
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("base: missing.yaml\n", "missing.yaml: not found"),
+    ("base: loop.yaml\n", "loops back"),
+    ("base: [a.yaml]\n", "'base' must be a file name"),
+])
+def test_bad_base_is_one_line(tmp_path, text, problem):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(UserError, match=problem):
+        load_config(tmp_path / "loop.yaml")
 
 
 def test_param_counts_without_allocating():
