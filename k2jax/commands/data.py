@@ -11,6 +11,7 @@ import numpy as np
 from etils import epath
 
 from k2jax.errors import UserError
+from k2jax.eval.step_data import add_use_tgt_mask_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -87,6 +88,7 @@ def _add_order_args(p: argparse.ArgumentParser) -> None:
                    help="k2-stage1, k2-stage2, sequential, or comma-separated chunk ids")
     p.add_argument("--format", default="auto", choices=("auto", "jsonl", "packed"))
     p.add_argument("--start-row", type=int, default=0, help="global row of step 0")
+    add_use_tgt_mask_arg(p)
     _add_shape_args(p)
     _add_index_dir(p)
 
@@ -109,7 +111,7 @@ def _open(args):
     from k2jax.data.chunked_source import open_chunk_source
 
     return open_chunk_source(args.data, args.order, args.seq_len, args.vocab_size, args.format,
-                             args.index_dir)
+                             args.index_dir, use_tgt_mask=args.use_tgt_mask)
 
 
 def _step_rows(args, num_rows: int) -> tuple[int, int]:
