@@ -146,7 +146,8 @@ class JsonlChunkReader:
     several threads); GCS files are opened per read run.
     """
 
-    def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int, read_mask: bool = True):
+    def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int,
+                 read_mask: bool = True):
         self.index = index
         self.read_mask = read_mask  # False: rows' tgt_mask is validated but not returned
         self.line_counts = index.line_counts
