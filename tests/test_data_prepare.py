@@ -188,7 +188,9 @@ def test_prepare_equals_k2s_scripts(spm_model, tmp_path):
 def test_cli_prepare_flags(spm_model, tmp_path, capsys):
     chunked = tmp_path / "chunked"
     write_subsets(chunked, random.Random(4))
-    code = main(["data", "prepare", "--tokenizer", str(spm_model), "--input",
+    notes = tmp_path / "notes.txt"  # a plain file: one document, subset 'notes'
+    notes.write_text(random_text(random.Random(5), 200))
+    code = main(["data", "prepare", "--tokenizer", str(spm_model), "--input", str(notes),
                  str(chunked / "web"), str(chunked / "starcoder.python"), "--out",
                  str(tmp_path / "out"), "--num-chunks", "2", "--seq-len", "16", "--quiet",
                  "--repeat", "web=2", "--fim-subsets", "", "--source-name", "mine"])
@@ -198,6 +200,8 @@ def test_cli_prepare_flags(spm_model, tmp_path, capsys):
             for line in (tmp_path / "out" / f"chunk_{c}.jsonl").read_text().splitlines()]
     assert f"wrote {len(rows)} rows" in out
     assert {r["source"] for r in rows} == {"mine"}
+    assert {r["subset_name"] for r in rows} == {"notes", "web", "starcoder.python"}
+    assert "notes/notes.txt" in {r["src_filename"] for r in rows}
     assert not any(".spm" in r["src_filename"] for r in rows)  # FIM off
     web = [(r["src_filename"], r["line_idx_in_src"]) for r in rows if r["subset_name"] == "web"]
     assert len(web) == 2 * len(set(web))  # repeated into both chunks

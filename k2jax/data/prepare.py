@@ -161,25 +161,31 @@ def fim_choice_rng(seed: int, source: SourceFile, chunk: int) -> random.Random:
 
 
 class _ChunkSpools:
-    """Per chunk: rows int32 [n, S] and (source position, variant, line) int64 [n, 3] on disk."""
+    """One file per chunk of int32 records [S + 3]: the row's tokens, then its source position,
+    variant and line (so a chunk's rows are never all in memory: read back memory-mapped)."""
 
     def __init__(self, directory: epath.Path, num_chunks: int):
         self.directory = directory
-        self.tokens = [(directory / f"chunk_{c}.i32").open("wb") for c in range(num_chunks)]
-        self.meta = [(directory / f"chunk_{c}.meta").open("wb") for c in range(num_chunks)]
+        self.files = [self.path(c).open("wb") for c in range(num_chunks)]
+
+    def path(self, chunk: int) -> epath.Path:
+        return self.directory / f"chunk_{chunk}.i32"
 
     def add(self, chunk: int, row: Sequence[int], position: int, variant: int, line: int) -> None:
-        self.tokens[chunk].write(np.asarray(row, np.int32).tobytes())
-        self.meta[chunk].write(np.asarray([position, variant, line], np.int64).tobytes())
+        self.files[chunk].write(np.asarray([*row, position, variant, line], np.int32).tobytes())
 
     def close(self) -> None:
-        for f in self.tokens + self.meta:
+        for f in self.files:
             f.close()
 
-    def read(self, chunk: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        tokens = np.frombuffer((self.directory / f"chunk_{chunk}.i32").read_bytes(), np.int32)
-        meta = np.frombuffer((self.directory / f"chunk_{chunk}.meta").read_bytes(), np.int64)
-        return tokens.reshape(-1, seq_len), meta.reshape(-1, 3)
+    def read(self, chunk: int, seq_len: int) -> np.ndarray:
+        """int32 [rows, seq_len + 3]."""
+        path = self.path(chunk)
+        if chunk_files.is_local(path):
+            if path.stat().length == 0:
+                return np.zeros((0, seq_len + 3), np.int32)
+            return np.memmap(os.fspath(path), np.int32, "r").reshape(-1, seq_len + 3)
+        return np.frombuffer(path.read_bytes(), np.int32).reshape(-1, seq_len + 3)
 
 
 def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
@@ -268,20 +274,20 @@ def _distribute_file(tokenizer: K2Tokenizer, source: SourceFile, seq_len: int,
 def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
                  sources: Sequence[SourceFile], seq_len: int,
                  source_name: Optional[str]) -> int:
-    tokens, meta = spools.read(chunk, seq_len)
-    order = list(range(len(tokens)))
+    records = spools.read(chunk, seq_len)
+    order = list(range(len(records)))
     random.Random(SHUFFLE_SEED_BASE + chunk).shuffle(order)  # shuffle.py: same permutation
     target = chunk_files.jsonl_path(out, chunk)
     tmp = out / f".{target.name}.tmp"
     with tmp.open("w") as f:
         for i in order:
-            position, variant, line = (int(x) for x in meta[i])
+            position, variant, line = (int(x) for x in records[i, seq_len:])
             source = sources[position]
             f.write(json.dumps({
-                "token_ids": tokens[i].tolist(), "source": source_name or source.subset,
+                "token_ids": records[i, :seq_len].tolist(), "source": source_name or source.subset,
                 "subset_name": source.subset,
                 "src_filename": f"{source.subset}{fim.variant_suffix(variant)}/"
                                 f"{source.path.name}",
                 "line_idx_in_src": line}) + "\n")
     tmp.replace(target)
-    return len(tokens)
+    return len(records)
