@@ -117,8 +117,9 @@ def write_subsets(root: Path, rng: random.Random) -> None:
         return f"<reponame>k2/{rng.randint(0, 9)}<filename>m{rng.randint(0, 9)}.py\n" + body
 
     subsets = {
-        "web": {"part_0.jsonl": [{"text": random_text(rng, n)} for n in (3000, 2500, 7, 3500)],
-                "part_1.jsonl": [{"text": random_text(rng, 60)}]},
+        # K2's chunked files are 0.jsonl, 1.jsonl, ...: sorted as strings, 10 before 2.
+        "web": {"2.jsonl": [{"text": random_text(rng, n)} for n in (3000, 2500, 7, 3500)],
+                "10.jsonl": [{"text": random_text(rng, 60)}]},
         "redpajama.wikipedia": {"a.jsonl": [{"text": random_text(rng, 40)}]},
         "dm-math": {"a.jsonl": [{"text": random_text(rng, 90)}, {"text": "1 + 1 = 2"}]},
         "redpajama.c4": {"a.jsonl": [{"text": random_text(rng, 80)}]},
