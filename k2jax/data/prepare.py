@@ -213,7 +213,7 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     spool_dir.mkdir()
     spools = _ChunkSpools(spool_dir, num_chunks)
     assigner = ChunkAssigner(num_chunks)
-    tokenized_rows, dropped = 0, 0
+    dropped = 0
     bar = tqdm(total=sum(s.path.stat().length for s in sources), unit="B", unit_scale=True,
                desc="prepare", disable=not progress)
     try:
