@@ -111,6 +111,9 @@ class DataConfig:
     global_batch_size: int = 2040
     micro_batch_size: int = 2040  # rows per accumulation micro-step, over the whole mesh
     start_row: int = 0  # global row offset added to step * global_batch_size
+    # Apply rows' per-token `tgt_mask`. False is K2's stage 1: its main.py never reads the
+    # field (loss mask = ones but the last position), so K2's own runs ignored it.
+    use_tgt_mask: bool = False
     # [start, count] global row windows moved to the end of the order, applied in turn
     # (what K2's team did by hand after a malignant loss spike; rollback appends here).
     moved_row_ranges: list[list[int]] = dataclasses.field(default_factory=list)

@@ -88,9 +88,50 @@ class K2Tokenizer:
             elif 0 <= token < self.sp_size:
                 run.append(token)
             else:
-                raise UserError(f"token id {token} is outside the tokenizer's vocabulary "
-                                f"(SentencePiece 0..{self.sp_size - 1}, special "
-                                f"{self.special_base_id}..{self.vocab_size - 1})")
+                raise self._unknown_id(token)
         if run:
             parts.append(self.sp.DecodeIds(run))
         return "".join(parts)
+
+    def _unknown_id(self, token: int) -> UserError:
+        return UserError(f"token id {token} is outside the tokenizer's vocabulary (SentencePiece "
+                         f"0..{self.sp_size - 1}, special {self.special_base_id}.."
+                         f"{self.vocab_size - 1})")
+
+    def decode_as_hf(self, ids: Sequence[int]) -> str:
+        """Text of `ids` as K2's Hugging Face tokenizer decoded it (K2's FIM step relies on it).
+
+        `LlamaTokenizerFast.decode(ids, skip_special_tokens=False)` of 2023 (huggyllama/llama-7b's
+        tokenizer.json) runs ONE decoder chain over all tokens, special ones included as their
+        text: '▁' -> ' ', runs of byte pieces -> UTF-8 (an invalid run -> one U+FFFD per byte),
+        concatenation, then one leading space stripped from the whole string. Unlike `decode`,
+        a space-prefixed piece after a special token keeps its space.
+        """
+        out: list[str] = []
+        byte_run = bytearray()
+        for token in ids:
+            token = int(token)
+            if 0 <= token < self.sp_size and self.sp.IsByte(token):
+                byte_run.append(int(self.sp.IdToPiece(token)[3:5], 16))  # '<0xNN>'
+                continue
+            if byte_run:
+                out.append(_bytes_or_replacement(bytes(byte_run)))
+                byte_run.clear()
+            if token in self.id_to_token:
+                out.append(self.id_to_token[token])
+            elif 0 <= token < self.sp_size:
+                out.append(self.sp.IdToPiece(token).replace("\u2581", " "))
+            else:
+                raise self._unknown_id(token)
+        if byte_run:
+            out.append(_bytes_or_replacement(bytes(byte_run)))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+
+def _bytes_or_replacement(data: bytes) -> str:
+    """tokenizers' ByteFallback: valid UTF-8 decodes, otherwise one U+FFFD per byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(data)

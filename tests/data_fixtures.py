@@ -32,12 +32,12 @@ def write_chunk(directory: Path, chunk_id: int, num_lines: int, seq_len: int = S
     return path
 
 
-def reference_rows(directory: Path, chunk_order: list[int]
+def reference_rows(directory: Path, chunk_order: list[int], use_tgt_mask: bool = True
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Every line of every file in order-list order, read the obvious way.
 
     Returns tokens int32 [N, S] and K2's loss mask float32 [N, S] (position i weighs target
-    i + 1 by tgt_mask[i + 1]; the last position is 0).
+    i + 1 by tgt_mask[i + 1] if `use_tgt_mask`, else 1; the last position is 0).
     """
     tokens, masks = [], []
     for chunk_id in chunk_order:
@@ -45,7 +45,7 @@ def reference_rows(directory: Path, chunk_order: list[int]
             for line in f:
                 obj = json.loads(line)
                 ids = obj["token_ids"]
-                tgt: Optional[list] = obj.get("tgt_mask")
+                tgt: Optional[list] = obj.get("tgt_mask") if use_tgt_mask else None
                 mask = [float(tgt[i + 1]) if tgt else 1.0 for i in range(len(ids) - 1)] + [0.0]
                 tokens.append(ids)
                 masks.append(mask)

@@ -54,14 +54,15 @@ def build(tmp: Path) -> dict:
             "perturbed": tmp / "perturbed"}
 
 
-def reference_rows(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def reference_rows(data_dir: Path, use_tgt_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """All rows of chunk 0 then chunk 1, read the obvious way: tokens [N, S] and K2's loss mask
-    (position i weighs target i + 1 by tgt_mask[i + 1]; the last position is 0)."""
+    (position i weighs target i + 1 by tgt_mask[i + 1] if `use_tgt_mask`, else 1; the last
+    position is 0)."""
     tokens, masks = [], []
     for chunk_id in LINES:
         for line in open(data_dir / f"chunk_{chunk_id}.jsonl"):
             obj = json.loads(line)
-            tgt = obj.get("tgt_mask")
+            tgt = obj.get("tgt_mask") if use_tgt_mask else None
             tokens.append(obj["token_ids"])
             masks.append([float(tgt[i + 1]) if tgt else 1.0 for i in range(SEQ - 1)] + [0.0])
     return np.asarray(tokens, np.int64), np.asarray(masks, np.float64)

@@ -43,12 +43,16 @@ def k2_config(path, batch=6, form="auto", **data):
                                       **data}})
 
 
-def test_every_step_of_k2_stage1_matches_the_plain_reference(k2_dir):
+@pytest.mark.parametrize("use_tgt_mask", [False, True])
+def test_every_step_of_k2_stage1_matches_the_plain_reference(k2_dir, use_tgt_mask):
     directory, packed_dir = k2_dir
-    ref_tokens, ref_mask = reference_rows(directory, k2_stage1_chunk_order())
+    ref_tokens, ref_mask = reference_rows(directory, k2_stage1_chunk_order(), use_tgt_mask)
+    if not use_tgt_mask:  # K2 stage 1 (main.py): ones but the last position, tgt_mask or not
+        assert (ref_mask[:, :-1] == 1).all() and (ref_mask[:, -1] == 0).all()
     batch = 6
     for path, form in [(directory, "jsonl"), (packed_dir, "packed"), (packed_dir, "auto")]:
-        step_batches = make_step_batches(k2_config(path, batch, form))
+        step_batches = make_step_batches(k2_config(path, batch, form,
+                                                   use_tgt_mask=use_tgt_mask))
         assert step_batches.source.form == ("packed" if path == packed_dir else "jsonl")
         assert step_batches.source.num_rows == len(ref_tokens)
         for step in range(len(ref_tokens) // batch):
@@ -64,8 +68,8 @@ def test_every_step_of_k2_stage1_matches_the_plain_reference(k2_dir):
 
 def test_jsonl_and_packed_give_identical_batches_with_tgt_mask(k2_dir):
     directory, packed_dir = k2_dir
-    jsonl = make_step_batches(k2_config(directory, 10, "jsonl"))
-    packed = make_step_batches(k2_config(packed_dir, 10, "packed"))
+    jsonl = make_step_batches(k2_config(directory, 10, "jsonl", use_tgt_mask=True))
+    packed = make_step_batches(k2_config(packed_dir, 10, "packed", use_tgt_mask=True))
     for step in range(jsonl.source.num_rows // 10):
         a, b = jsonl.global_batch(step), packed.global_batch(step)
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
@@ -73,6 +77,21 @@ def test_jsonl_and_packed_give_identical_batches_with_tgt_mask(k2_dir):
     manifest = json.loads((packed_dir / "chunk_160.packed.json").read_text())
     assert manifest["has_mask"] and (packed_dir / "chunk_160.mask.u8").exists()
     assert not (packed_dir / "chunk_161.mask.u8").exists()
+
+
+def test_without_use_tgt_mask_the_packed_mask_file_is_never_opened(tmp_path):
+    write_chunk(tmp_path, 0, 3, masked_lines=(1,))
+    build_index(tmp_path, progress=False)
+    packed_dir = tmp_path / "packed"
+    pack_chunks(tmp_path, packed_dir, seq_len=SEQ_LEN, vocab_size=VOCAB, progress=False)
+    (packed_dir / "chunk_0.mask.u8").unlink()
+    _, mask = open_chunk_source(packed_dir, [0], SEQ_LEN, VOCAB, "packed").read_rows(
+        np.arange(3))
+    expected = np.ones((3, SEQ_LEN), np.float32)
+    expected[:, -1] = 0
+    np.testing.assert_array_equal(mask, expected)
+    with pytest.raises(UserError, match="chunk_0.mask.u8"):
+        open_chunk_source(packed_dir, [0], SEQ_LEN, VOCAB, "packed", use_tgt_mask=True)
 
 
 @pytest.mark.parametrize("hosts", [2, 3])

@@ -15,9 +15,9 @@ def setup(tmp_path_factory):
     return fx.build(tmp_path_factory.mktemp("eval"))
 
 
-def hand_loss(model, data_dir, step):
+def hand_loss(model, data_dir, step, use_tgt_mask=True):
     """K2's loss of `step` from transformers' logits: sum(-log p(next) * mask) / sum(mask)."""
-    tokens, masks = fx.reference_rows(data_dir)
+    tokens, masks = fx.reference_rows(data_dir, use_tgt_mask)
     rows = slice(step * fx.GLOBAL_BATCH, (step + 1) * fx.GLOBAL_BATCH)
     tokens, masks = tokens[rows], masks[rows]
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_eval_loss_matches_transformers(setup, capsys, source, micro):
         "--checkpoint", str(setup["orbax"])]
     extra = ["--micro-batch", micro] if micro else []  # 3: padded to 6 rows, 2 micro-steps
     records = eval_loss(capsys, *weights, "--data", str(setup["data"]), "--steps", "0:2",
-                        *extra)
+                        "--use-tgt-mask", *extra)
     assert [r["step"] for r in records] == [0, 1]
     assert [r["iteration"] for r in records] == [1, 2]
     for record in records:
@@ -57,10 +57,18 @@ def test_eval_loss_matches_transformers(setup, capsys, source, micro):
     assert records[0]["tokens"] == 4 * (fx.SEQ - 1) > records[1]["tokens"]
 
 
+def test_eval_loss_ignores_tgt_mask_by_default_as_k2_stage1(setup, capsys):
+    records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
+                        "--steps", "1")
+    expected, count = hand_loss(setup["model"], setup["data"], 1, use_tgt_mask=False)
+    assert records[0]["tokens"] == count == 4 * (fx.SEQ - 1)  # the tgt_mask row counts fully
+    assert abs(records[0]["loss"] - expected) < 1e-5
+
+
 def test_eval_loss_bf16_close(setup, capsys):
     records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
                         "--steps", "1", "--dtype", "bf16")
-    expected, _ = hand_loss(setup["model"], setup["data"], 1)
+    expected, _ = hand_loss(setup["model"], setup["data"], 1, use_tgt_mask=False)
     assert abs(records[0]["loss"] - expected) < 0.05 * expected
 
 
@@ -99,5 +107,5 @@ def test_eval_loss_sharded_over_4_devices(setup):
     assert out.returncode == 0, out.stderr
     assert "'fsdp': 2, 'tensor': 2" in out.stderr and "padded 4 -> 8 rows" in out.stderr
     for record in map(json.loads, out.stdout.splitlines()):
-        expected, _ = hand_loss(setup["model"], setup["data"], record["step"])
+        expected, _ = hand_loss(setup["model"], setup["data"], record["step"], use_tgt_mask=False)
         assert abs(record["loss"] - expected) < 1e-5

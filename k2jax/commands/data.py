@@ -10,7 +10,10 @@ import sys
 import numpy as np
 from etils import epath
 
+from k2jax.data import fim
+from k2jax.data.chunk_assignment import K2_REPEATS_TEXT
 from k2jax.errors import UserError
+from k2jax.eval.step_data import add_use_tgt_mask_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,14 +56,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("prepare", help="tokenize text into K2-format chunk_{i}.jsonl files")
     p.add_argument("--tokenizer", required=True, metavar="SPM.model")
-    p.add_argument("--input", required=True, nargs="+", metavar="FILE",
-                   help=".jsonl with a 'text' field per line, or plain text (one document each)")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="a directory = one subset of *.jsonl files (K2's layout); a file = a "
+                        "subset named by its stem: .jsonl with a 'text' field per line "
+                        "('content' for refinedweb and starcoder*), or plain text (one document)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--num-chunks", type=int, default=1)
+    p.add_argument("--num-chunks", type=int, default=1, help="K2: 360")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--special-base-id", type=int, default=None,
                    help="id of the first added special token (default: SentencePiece size)")
-    p.add_argument("--source-name", default="custom", help="value of each row's 'source'")
+    p.add_argument("--source-name", default=None,
+                   help="value of each row's 'source' (default, as K2: the subset name)")
+    p.add_argument("--repeat", default=None, metavar="PATTERN=N,...",
+                   help="n_repeat per subset (fnmatch, first match wins, else 1; 0 leaves a "
+                        "subset out); default K2's gather.py table: " + K2_REPEATS_TEXT)
+    p.add_argument("--fim-subsets", default=",".join(fim.K2_FIM_SUBSETS), metavar="PATTERN,...",
+                   help="subsets that get fill-in-the-middle (K2: %(default)s; '' for none)")
+    p.add_argument("--fim-rate", type=float, default=fim.K2_FIM_RATE,
+                   help="chance a code row is written as a FIM copy (K2: %(default)s)")
+    p.add_argument("--fim-spm-rate", type=float, default=fim.K2_SPM_RATE,
+                   help="chance a FIM copy is SPM rather than PSM (K2: %(default)s)")
+    p.add_argument("--fim-seed", type=int, default=0,
+                   help="seed of the FIM draws (K2's were unseeded: its clock)")
     _add_quiet(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -87,6 +104,7 @@ def _add_order_args(p: argparse.ArgumentParser) -> None:
                    help="k2-stage1, k2-stage2, sequential, or comma-separated chunk ids")
     p.add_argument("--format", default="auto", choices=("auto", "jsonl", "packed"))
     p.add_argument("--start-row", type=int, default=0, help="global row of step 0")
+    add_use_tgt_mask_arg(p)
     _add_shape_args(p)
     _add_index_dir(p)
 
@@ -109,7 +127,7 @@ def _open(args):
     from k2jax.data.chunked_source import open_chunk_source
 
     return open_chunk_source(args.data, args.order, args.seq_len, args.vocab_size, args.format,
-                             args.index_dir)
+                             args.index_dir, use_tgt_mask=args.use_tgt_mask)
 
 
 def _step_rows(args, num_rows: int) -> tuple[int, int]:
@@ -203,12 +221,17 @@ def cmd_order(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from k2jax.data.prepare import prepare_chunks
+    from k2jax.data.chunk_assignment import K2_REPEATS, parse_repeats
+    from k2jax.data.prepare import FimOptions, prepare_chunks
     from k2jax.tokenizer import K2Tokenizer
 
     tokenizer = K2Tokenizer(args.tokenizer, args.special_base_id)
+    repeats = K2_REPEATS if args.repeat is None else parse_repeats(args.repeat)
+    fim_options = FimOptions(tuple(p for p in args.fim_subsets.split(",") if p.strip()),
+                             args.fim_rate, args.fim_spm_rate, args.fim_seed)
     summary = prepare_chunks(tokenizer, args.input, args.out, args.num_chunks, args.seq_len,
-                             args.source_name, progress=not args.quiet)
+                             args.source_name, progress=not args.quiet, repeats=repeats,
+                             fim_options=fim_options)
     print(f"wrote {summary['rows']} rows of {args.seq_len} tokens into {args.num_chunks} "
           f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens)",
           file=sys.stdout)

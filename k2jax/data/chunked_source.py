@@ -26,7 +26,8 @@ class ChunkReader(Protocol):
 
     def read_lines(self, chunk_id: int, lines: np.ndarray
                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """tokens int32 [n, S] and tgt_mask uint8 [n, S] (None: no row has one)."""
+        """tokens int32 [n, S] and tgt_mask uint8 [n, S] (None: no row has one, or the reader
+        was told not to read masks)."""
 
 
 class ChunkedRowSource:
@@ -68,10 +69,13 @@ def detect_format(data_dir: epath.Path, chunk_ids: Sequence[int]) -> str:
 
 def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]] = "k2-stage1",
                       seq_len: int = 2048, vocab_size: int = 32032, form: str = "auto",
-                      index_dir: Optional[str | os.PathLike] = None) -> ChunkedRowSource:
+                      index_dir: Optional[str | os.PathLike] = None, *,
+                      use_tgt_mask: bool = False) -> ChunkedRowSource:
     """Open K2 chunk files at `path` in `order` (a preset name or chunk id list).
 
     form: 'jsonl' (needs `k2jax data index`), 'packed' (needs `k2jax data pack`) or 'auto'.
+    use_tgt_mask: False (K2 stage 1, data.use_tgt_mask) ignores rows' tgt_mask, and the packed
+    mask files are never opened.
     Missing files, missing or stale indexes raise UserError naming the file.
     """
     data_dir = epath.Path(path)
@@ -90,9 +94,11 @@ def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]] 
                         f"(named by data.order {order if isinstance(order, str) else 'list'} at "
                         f"position {position}; {len(missing)} of {len(set(chunk_ids))} missing)")
     if form == "packed":
-        reader: ChunkReader = packed.PackedChunkReader(data_dir, chunk_ids, seq_len)
+        reader: ChunkReader = packed.PackedChunkReader(data_dir, chunk_ids, seq_len,
+                                                       read_mask=use_tgt_mask)
     elif form == "jsonl":
-        reader = JsonlChunkReader(ChunkIndex(data_dir, chunk_ids, index_dir), seq_len, vocab_size)
+        reader = JsonlChunkReader(ChunkIndex(data_dir, chunk_ids, index_dir), seq_len, vocab_size,
+                                  read_mask=use_tgt_mask)
     else:
         raise UserError(f"config key 'data.format': expected auto, jsonl or packed, got {form!r}")
     row_map = RowMap(chunk_ids, [reader.line_counts[c] for c in chunk_ids])

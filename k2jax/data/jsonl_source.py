@@ -146,8 +146,10 @@ class JsonlChunkReader:
     several threads); GCS files are opened per read run.
     """
 
-    def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int):
+    def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int,
+                 read_mask: bool = True):
         self.index = index
+        self.read_mask = read_mask  # False: rows' tgt_mask is validated but not returned
         self.line_counts = index.line_counts
         self.seq_len = seq_len
         self.vocab_size = vocab_size
@@ -189,7 +191,7 @@ class JsonlChunkReader:
                 row_tokens, row_mask = parse_row(line, path, first_line + k + 1, self.seq_len,
                                                  self.vocab_size)
                 tokens[first_index + k] = row_tokens
-                if row_mask is not None:
+                if row_mask is not None and self.read_mask:
                     if tgt_mask is None:
                         tgt_mask = np.ones((len(lines), self.seq_len), np.uint8)
                     tgt_mask[first_index + k] = row_mask

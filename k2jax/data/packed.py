@@ -170,9 +170,11 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
 class PackedChunkReader:
     """Reads given rows of packed chunks: tokens int32 [n, S], tgt_mask uint8 [n, S] or None."""
 
-    def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int):
+    def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int,
+                 read_mask: bool = True):
         self.data_dir = epath.Path(data_dir)
         self.seq_len = seq_len
+        self.read_mask = read_mask  # False: mask files are neither checked nor opened
         self.chunk_ids = sorted(set(int(c) for c in chunk_ids))
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             manifests = list(pool.map(self._checked_manifest, self.chunk_ids))
@@ -191,7 +193,7 @@ class PackedChunkReader:
                             f"{manifest.get('version')}), expected data.seq_len={self.seq_len}")
         expected = int(manifest["num_rows"]) * self.seq_len
         files = [(tokens_path(self.data_dir, chunk_id), 2 * expected)]
-        if manifest["has_mask"]:
+        if manifest["has_mask"] and self.read_mask:
             files.append((mask_path(self.data_dir, chunk_id), expected))
         for file, size in files:
             actual = chunk_files.file_signature(file)["size"]
@@ -224,7 +226,7 @@ class PackedChunkReader:
     def read_lines(self, chunk_id: int, lines: np.ndarray
                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         lines = np.asarray(lines, np.int64)
-        has_mask = self.manifests[chunk_id]["has_mask"]
+        has_mask = self.manifests[chunk_id]["has_mask"] and self.read_mask
         if chunk_files.is_local(self.data_dir):
             tokens = self._array(chunk_id, "tokens")[lines].astype(np.int32)
             mask = self._array(chunk_id, "mask")[lines] if has_mask else None

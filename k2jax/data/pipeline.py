@@ -80,7 +80,7 @@ def make_row_source(config: Config, seed: int) -> RowSource:
         from k2jax.data.chunked_source import open_chunk_source  # keeps synthetic runs light
 
         return open_chunk_source(data.path, data.order, data.seq_len, config.model.vocab_size,
-                                 data.format, data.index_dir)
+                                 data.format, data.index_dir, use_tgt_mask=data.use_tgt_mask)
     raise UserError(f"config key 'data.source': unknown source {data.source!r}")
 
 

@@ -24,6 +24,15 @@ def add_data_args(p: argparse.ArgumentParser, data_required: bool = True) -> Non
     p.add_argument("--index-dir", default=None, metavar="DIR")
     p.add_argument("--start-row", type=int, default=0, help="global row of step 0")
     p.add_argument("--seq-len", type=int, default=2048)
+    add_use_tgt_mask_arg(p)
+
+
+def add_use_tgt_mask_arg(p: argparse.ArgumentParser) -> None:
+    """--use-tgt-mask / --no-use-tgt-mask = data.use_tgt_mask, default K2 stage 1's (off)."""
+    p.add_argument("--use-tgt-mask", action=argparse.BooleanOptionalAction,
+                   default=DataConfig.use_tgt_mask,
+                   help="apply rows' tgt_mask (data.use_tgt_mask; default off: K2's stage-1 "
+                        "training code never read it)")
 
 
 def parse_order(text: str):
@@ -45,5 +54,5 @@ def step_batches(args: argparse.Namespace, model_config: ModelConfig):
     data = DataConfig(source="k2", path=args.data, order=parse_order(args.order),
                       format=args.format, index_dir=args.index_dir, seq_len=args.seq_len,
                       global_batch_size=args.global_batch, micro_batch_size=args.global_batch,
-                      start_row=args.start_row)
+                      start_row=args.start_row, use_tgt_mask=args.use_tgt_mask)
     return make_step_batches(Config(model=model_config, data=data).validate())
