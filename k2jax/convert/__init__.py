@@ -9,7 +9,8 @@ memory at a time, so a 65B model converts on an ordinary host. Modules:
   orbax_writer.py  stacked-layer Orbax weights directory (zarr3, chunks in HF byte order),
                    written layer slice by layer slice
   orbax_reader.py  weights or training-checkpoint directory -> one layer slice at a time
-  hf_writer.py     safetensors shards streamed to disk, index, config, generation config
-(dtype names: k2jax/dtypes.py; tensor and config.json layouts: k2jax/hf/)
+  hf_writer.py     safetensors shards streamed to disk (--shard-size), index, config,
+                   generation config
   hf_to_orbax.py / orbax_to_hf.py   the two directions
+Dtype names come from k2jax/dtypes.py; tensor and config.json layouts from k2jax/hf/.
 """
