@@ -30,11 +30,11 @@ import numpy as np
 from k2jax.config import ModelConfig
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import ShardEntry, write_safetensors_shards
-from k2jax.convert import dtypes
-from k2jax.hf.name_map import hf_config_dict
+from k2jax import dtypes
+from k2jax.hf.config_json import hf_config_dict
 
 GB = 1e9
-BF16 = dtypes.CLI_TO_NUMPY["bf16"]
+BF16 = dtypes.BFLOAT16.numpy
 
 
 def build_checkpoint(directory: Path, config: ModelConfig) -> tuple[int, int]:

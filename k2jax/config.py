@@ -14,9 +14,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from k2jax import dtypes
 from k2jax.errors import ConfigError, UserError
 
-DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
 
 
@@ -68,9 +68,11 @@ class ModelConfig:
             raise ConfigError("model.rope_theta", "rope_theta, rms_norm_eps and "
                               "initializer_range must be positive")
         for key in ("param_dtype", "compute_dtype"):
-            if getattr(self, key) not in DTYPES:
-                raise ConfigError(f"model.{key}", f"expected one of {DTYPES}, "
+            found = dtypes.find(getattr(self, key))
+            if found is None:
+                raise ConfigError(f"model.{key}", f"expected one of {dtypes.spellings()}, "
                                   f"got {getattr(self, key)!r}")
+            setattr(self, key, found.name)  # "bf16" -> "bfloat16", the name jnp and HF take
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
 
@@ -396,40 +398,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Load a YAML config file (None: the dataclass defaults) and apply overrides."""
     data = read_config_file(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
-
-
-def model_config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """Derive a ModelConfig from a Hugging Face LlamaForCausalLM config.json dict."""
-    if hf_config.get("model_type") not in (None, "llama"):
-        raise UserError(f"config.json: model_type {hf_config.get('model_type')!r} is not 'llama'")
-    # Older configs (K2's) carry rope_theta/rope_scaling; transformers 5 writes rope_parameters.
-    rope = hf_config.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    if hf_config.get("rope_scaling") or rope_type != "default":
-        raise UserError("config.json: rope scaling is not supported (K2 uses none), got "
-                        f"{hf_config.get('rope_scaling') or rope}")
-    rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
-    if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
-        raise UserError("config.json: attention_bias/mlp_bias are not supported (K2 has no biases)")
-    num_heads = hf_config["num_attention_heads"]
-    fields = dict(
-        vocab_size=hf_config["vocab_size"],
-        hidden_size=hf_config["hidden_size"],
-        intermediate_size=hf_config["intermediate_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
-        head_dim=hf_config.get("head_dim"),
-        max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        initializer_range=float(hf_config.get("initializer_range", 0.02)),
-        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        bos_token_id=hf_config.get("bos_token_id"),
-        eos_token_id=hf_config.get("eos_token_id"),
-        pad_token_id=hf_config.get("pad_token_id"),
-    )
-    fields.update(overrides)
-    config = _build(ModelConfig, fields, "model")
-    config.validate()
-    return config

@@ -32,7 +32,7 @@ def write_chunks(directory: Path) -> None:
 def build(tmp: Path) -> dict:
     from k2jax.checkpoint.params_io import save_params
     from k2jax.cli import main
-    from k2jax.config import model_config_from_hf
+    from k2jax.hf.config_json import model_config_from_hf
     from k2jax.hf.name_map import params_from_hf
 
     model = tiny_llama(vocab_size=VOCAB, num_kv_heads=2)

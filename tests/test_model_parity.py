@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_models import state_dict_numpy, tiny_llama
-from k2jax.config import model_config_from_hf
+from k2jax.hf.config_json import model_config_from_hf
 from k2jax.hf.name_map import params_from_hf
 from k2jax.model import K2Model, masked_next_token_loss
 from k2jax.model import rope as rope_module

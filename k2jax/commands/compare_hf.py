@@ -16,10 +16,7 @@ import sys
 
 from k2jax.errors import UserError
 from k2jax.eval.step_data import add_data_args
-
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                       "num_heads", "num_kv_heads", "resolved_head_dim", "rope_theta",
-                       "rms_norm_eps", "tie_word_embeddings")
+from k2jax.hf.config_json import ARCHITECTURE_FIELDS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

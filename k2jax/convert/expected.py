@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Optional
 
-from k2jax.config import ModelConfig, model_config_from_hf
+from k2jax import dtypes
+from k2jax.config import ModelConfig
 from k2jax.errors import UserError
 from k2jax.hf import name_map
-from k2jax.convert import dtypes
 
 # Older transformers saved RoPE's inverse frequencies as a buffer; they follow from rope_theta.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -42,22 +42,6 @@ def _hf_order(entry: ExpectedTensor) -> tuple:
     return (0 if entry.name == "model.embed_tokens.weight" else 2, 0, table_index)
 
 
-def model_config_from_hf_dir(hf_config: dict, where: str, **overrides) -> ModelConfig:
-    """ModelConfig from config.json, rejecting what k2jax's model does not compute."""
-    architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in architectures:
-        raise UserError(f"{where}: architectures {architectures} is not LlamaForCausalLM")
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: hidden_act {hf_config['hidden_act']!r} is not supported "
-                        "(K2 uses silu)")
-    try:
-        return model_config_from_hf(hf_config, **overrides)
-    except KeyError as err:
-        raise UserError(f"{where}: missing field {err}")
-    except UserError as err:
-        raise UserError(f"{where}: {err}")
-
-
 def check_tensors(found: Iterable, config: ModelConfig, where: str) -> None:
     """Compare a checkpoint's tensors (objects with name, shape, dtype, file) with the model.
 
@@ -72,7 +56,7 @@ def check_tensors(found: Iterable, config: ModelConfig, where: str) -> None:
         if info.name not in expected:
             why = " (biases are not supported: K2 has none)" if info.name.endswith(".bias") else ""
             raise UserError(f"unexpected tensor {info.name} in {info.file}{why}")
-        dtypes.numpy_dtype(info.dtype, f"tensor {info.name} in {info.file}")
+        dtypes.from_safetensors(info.dtype, f"tensor {info.name} in {info.file}")
         want = expected[info.name].hf_shape
         if tuple(info.shape) != want:
             # HF keeps [vocab, hidden] for both the embedding and lm_head.

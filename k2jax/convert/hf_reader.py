@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from k2jax.convert import dtypes
+from k2jax import dtypes
 from k2jax.errors import UserError
 from k2jax.optional import require
 
@@ -47,7 +47,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        itemsize = dtypes.SAFETENSORS_TO_NUMPY[self.dtype].itemsize
+        itemsize = dtypes.from_safetensors(self.dtype, self.file).numpy.itemsize
         return math.prod(self.shape) * itemsize
 
 
@@ -161,7 +161,7 @@ def _safetensors_infos(path: Path) -> list[TensorInfo]:
             raise UserError(f"{path}: truncated: tensor {name} needs bytes up to "
                             f"{data_start + end}, the file has {size}")
         info = TensorInfo(name, path, shape, code, data_start + begin)
-        if code in dtypes.SAFETENSORS_TO_NUMPY and info.nbytes != end - begin:
+        if code in {d.safetensors for d in dtypes.TABLE} and info.nbytes != end - begin:
             raise UserError(f"{path}: corrupt: tensor {name} has shape {list(shape)} {code} "
                             f"({info.nbytes} bytes) but {end - begin} bytes of data")
         infos.append(info)
@@ -184,8 +184,16 @@ def _load_bin(path: Path) -> dict:
 def _bin_infos(path: Path) -> list[TensorInfo]:
     # mmap=True: loading costs only the zip directory; no tensor data is read.
     state = _load_bin(path)
-    return [TensorInfo(name, path, tuple(t.shape), dtypes.torch_to_code(t.dtype))
+    return [TensorInfo(name, path, tuple(t.shape), _safetensors_code(t.dtype))
             for name, t in state.items()]
+
+
+def _safetensors_code(torch_dtype) -> str:
+    """torch.bfloat16 -> 'BF16'; a dtype outside the table keeps its own name ('int64'), which
+    the checks then reject naming the tensor and file."""
+    name = str(torch_dtype).removeprefix("torch.")
+    found = dtypes.find(name)
+    return found.safetensors if found else name
 
 
 def iter_tensors(checkpoint: HFCheckpoint, names: Optional[set[str]] = None,
@@ -215,7 +223,7 @@ def _iter_safetensors(file: Path, infos: list[TensorInfo], buffers: list[np.ndar
                       turn: Iterator[int]):
     with open(file, "rb", buffering=0) as f:
         for info in infos:
-            dtype = dtypes.numpy_dtype(info.dtype, f"tensor {info.name} in {file}")
+            dtype = dtypes.from_safetensors(info.dtype, f"tensor {info.name} in {file}").numpy
             buffer = buffers[next(turn) % len(buffers)] if buffers else None
             if buffer is None or buffer.nbytes < info.nbytes:
                 buffer = np.empty(info.nbytes, np.uint8)
@@ -232,7 +240,7 @@ def _iter_bin(file: Path, infos: list[TensorInfo]):
     try:
         for info in infos:
             tensor = state[info.name]
-            dtype = dtypes.numpy_dtype(info.dtype, f"tensor {info.name} in {file}")
+            dtype = dtypes.from_safetensors(info.dtype, f"tensor {info.name} in {file}").numpy
             # numpy has no bfloat16: reinterpret the bits through a same-width integer.
             as_int = tensor.view(torch.int16) if dtype.itemsize == 2 else tensor.view(torch.int32)
             yield info, as_int.numpy().view(dtype).reshape(info.shape)

@@ -16,36 +16,37 @@ from typing import Optional
 
 import numpy as np
 
-from k2jax.convert import dtypes
+from k2jax import dtypes
 from k2jax.convert.atomic import atomic_output_dir, check_output
 from k2jax.convert.buffers import ReusableBuffer, copy_into
-from k2jax.convert.expected import check_tensors, expected_tensors, model_config_from_hf_dir
+from k2jax.convert.expected import check_tensors, expected_tensors
 from k2jax.convert.hf_reader import HFCheckpoint, iter_tensors, open_hf_checkpoint
 from k2jax.convert.orbax_writer import StreamingParamsWriter
 from k2jax.convert.progress import Progress
+from k2jax.hf.config_json import model_config_from_hf
 
 
 def default_dtype(checkpoint: HFCheckpoint, names) -> str:
     """bf16 if every tensor is bf16, else fp32 (exact for fp16 and mixed sources)."""
     codes = {checkpoint.tensors[name].dtype for name in names}
-    return "bf16" if codes == {"BF16"} else "fp32"
+    return (dtypes.BFLOAT16 if codes == {dtypes.BFLOAT16.safetensors} else dtypes.FLOAT32).short
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
                         force: bool = False, progress: bool = True) -> Path:
     """Check everything, then write `out_dir` (atomically). Returns the output path.
 
-    dtype: "fp32" or "bf16" for the stored weights; None keeps bf16 sources in bf16 and
-    stores anything else in fp32.
+    dtype: the stored weights' dtype, either spelling ("bf16" or "bfloat16"); None keeps bf16
+    sources in bf16 and stores anything else in fp32.
     """
     out_path = check_output(out_dir, force, inputs=(hf_dir,))
     checkpoint = open_hf_checkpoint(hf_dir)
     where = str(Path(hf_dir) / "config.json")
-    config = model_config_from_hf_dir(checkpoint.config, where)
+    config = model_config_from_hf(checkpoint.config, where)
     check_tensors(checkpoint.tensors.values(), config, where)
 
     expected = expected_tensors(config)
-    out_dtype = dtypes.CLI_TO_NUMPY[dtype or default_dtype(checkpoint, expected)]
+    out_dtype = dtypes.parse(dtype or default_dtype(checkpoint, expected), "--dtype").numpy
     infos = [checkpoint.tensors[name] for name in expected]
     largest = max(info.nbytes for info in infos) if checkpoint.format == "safetensors" else 0
     # Two of each: tensor i is still being written from one while tensor i+1 fills the other.

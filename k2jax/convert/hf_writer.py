@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from k2jax.convert import dtypes
+from k2jax import dtypes
 from k2jax.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,6 +37,26 @@ class ShardEntry:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20, '1000' -> 1000 (Hugging Face's convention)."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    upper = text.strip().upper()
+    for suffix, factor in units.items():
+        if upper.endswith(suffix):
+            number = upper[: -len(suffix)].strip()
+            break
+    else:
+        number, factor = upper, 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise UserError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+    if size <= 0:
+        raise UserError(f"--shard-size: must be positive, got {text!r}")
+    return size
 
 
 def plan_shards(entries: list[ShardEntry], shard_bytes: int) -> list[list[ShardEntry]]:
@@ -61,7 +81,7 @@ def safetensors_header(entries: list[ShardEntry]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": dtypes.NUMPY_TO_SAFETENSORS[entry.dtype],
+        header[entry.name] = {"dtype": dtypes.from_numpy(entry.dtype).safetensors,
                               "shape": list(entry.shape),
                               "data_offsets": [offset, offset + entry.nbytes]}
         offset += entry.nbytes

@@ -19,7 +19,7 @@ import tensorstore as ts
 
 from k2jax.checkpoint.params_io import PARAMS_ITEM, read_model_config, weights_kind
 from k2jax.config import ModelConfig
-from k2jax.convert.orbax_writer import disk_order, hf_view, leaf_shape
+from k2jax.convert.orbax_writer import hf_view, leaf_shape
 from k2jax.errors import UserError
 from k2jax.hf import name_map
 
@@ -94,9 +94,7 @@ class OrbaxParamsReader:
         once `future.result()` returns. TensorStore does the permutation while copying out of
         its chunks, which the converter's own layout stores in HF order already."""
         path, index = self.leaf_key(mapping, layer)
-        order = disk_order(mapping, self.config)
-        if mapping.per_layer and index is None:  # unscanned training layout: no layer axis
-            order = tuple(a - 1 for a in order[1:])
+        order = name_map.hf_order(mapping, stacked=index is not None)  # unscanned: no layer axis
         source = hf_view(self._store(path), order, index)
         dtype = source.dtype.numpy_dtype
         nbytes = int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize

@@ -30,9 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from k2jax import dtypes
 from k2jax.checkpoint.params_io import MODEL_CONFIG_FILE, PARAMS_ITEM
 from k2jax.config import ModelConfig
-from k2jax.convert import dtypes
 from k2jax.hf import name_map
 
 CHUNK_BYTES = 64 * 2**20  # upper bound per chunk file: small enough for sharded reads
@@ -47,20 +47,6 @@ def leaf_shape(mapping: name_map.TensorMapping, config: ModelConfig) -> tuple[in
     """[L, *param] for per-layer tensors (stacked on the scan axis), else the param's shape."""
     shape = name_map.k2jax_shape(mapping, config)
     return ((config.num_layers,) + shape) if mapping.per_layer else shape
-
-
-# Per layout: the k2jax axes in Hugging Face (on-disk) order, slowest first. HF keeps
-# [out, in]; k2jax keeps transpose [in, out], heads_in [E, N, D] (HF [N*D, E]) and
-# heads_out [N, D, E] (HF [E, N*D]).
-_HF_ORDER = {"identity": None, "transpose": (1, 0), "heads_in": (1, 2, 0),
-             "heads_out": (2, 0, 1)}
-
-
-def disk_order(mapping: name_map.TensorMapping, config: ModelConfig) -> tuple[int, ...]:
-    """Permutation of the leaf's axes giving the HF byte order (the layer axis stays first)."""
-    ndim = len(name_map.k2jax_shape(mapping, config))
-    order = _HF_ORDER[mapping.layout] or tuple(range(ndim))
-    return ((0,) + tuple(a + 1 for a in order)) if mapping.per_layer else tuple(order)
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, per_layer: bool,
@@ -96,7 +82,7 @@ class StreamingParamsWriter:
         self._directory = Path(directory)
         self._dtype = np.dtype(dtype)
         self._config = dataclasses.replace(config, scan_layers=True,
-                                           param_dtype=dtypes.NUMPY_TO_NAME[self._dtype])
+                                           param_dtype=dtypes.from_numpy(self._dtype).name)
         item = self._directory / PARAMS_ITEM
         mappings = name_map.mappings(self._config)
         skeleton: dict = {}
@@ -113,7 +99,8 @@ class StreamingParamsWriter:
             if not (leaf_dir / "zarr.json").is_file():  # Orbax's leaf naming is what we rely on
                 raise RuntimeError(f"Orbax did not write {leaf_dir}/zarr.json; its non-OCDBT "
                                    "layout changed and orbax_writer.py needs updating")
-            shape, order = leaf_shape(mapping, self._config), disk_order(mapping, self._config)
+            shape = leaf_shape(mapping, self._config)
+            order = name_map.hf_order(mapping, stacked=mapping.per_layer)
             chunks = chunk_shape(shape, self._dtype.itemsize, mapping.per_layer, order)
             codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
             if order != tuple(range(len(order))):
@@ -122,7 +109,7 @@ class StreamingParamsWriter:
                 "driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(leaf_dir)},
                 "metadata": {
-                    "shape": list(shape), "data_type": _zarr_dtype(self._dtype),
+                    "shape": list(shape), "data_type": dtypes.from_numpy(self._dtype).name,
                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
                     "codecs": codecs, "fill_value": 0,
                 },
@@ -154,10 +141,6 @@ class StreamingParamsWriter:
     def close(self) -> None:
         (self._directory / MODEL_CONFIG_FILE).write_text(
             json.dumps(dataclasses.asdict(self._config), indent=1))
-
-
-def _zarr_dtype(dtype: np.dtype) -> str:
-    return "bfloat16" if dtype == dtypes.SAFETENSORS_TO_NUMPY["BF16"] else dtype.name
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -19,30 +19,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax.checkpoint import params_io
-from k2jax.config import ModelConfig, model_config_from_hf
+from k2jax import dtypes
+from k2jax.config import ModelConfig
 from k2jax.errors import UserError
-from k2jax.hf.name_map import hf_to_k2jax, k2jax_shape, mappings
+from k2jax.hf.config_json import model_config_from_hf
+from k2jax.hf.name_map import hf_shape, hf_to_k2jax, mappings
 from k2jax.model import K2Model
 from k2jax.sharding.rules import param_shardings
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
 
 def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
                       attention: str = "auto") -> ModelConfig:
     """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
     bf16 params and compute (what Megatron's --bf16 forward used)."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return dataclasses.replace(base, param_dtype=DTYPES[dtype], compute_dtype=DTYPES[dtype],
+    name = dtypes.parse(dtype, "--dtype", (dtypes.FLOAT32, dtypes.BFLOAT16)).name
+    return dataclasses.replace(base, param_dtype=name, compute_dtype=name,
                                remat="none", scan_layers=scan_layers, attention=attention)
 
 
 def hf_model_config(hf_config: dict) -> ModelConfig:
-    try:
-        return model_config_from_hf(hf_config)
-    except KeyError as err:
-        raise UserError(f"config.json: missing field {err}")
+    return model_config_from_hf(hf_config)
 
 
 def checkpoint_model_config(directory: str) -> ModelConfig:
@@ -97,13 +92,11 @@ def params_from_hf_on_mesh(get_tensor: Callable[[str], np.ndarray], config: Mode
 
     def load(name: str, mapping) -> np.ndarray:
         array = get_tensor(name)
-        expected = k2jax_shape(mapping, config)
-        converted = np.asarray(hf_to_k2jax(array, mapping, config)) if array.size == np.prod(
-            expected) else None
-        if converted is None or converted.shape != expected:
+        expected = hf_shape(mapping, config)
+        if tuple(array.shape) != expected:
             raise UserError(f"tensor {name}: shape {list(array.shape)} does not fit the model "
-                            f"config (k2jax expects {list(expected)} after conversion)")
-        return np.ascontiguousarray(converted.astype(dtype))
+                            f"config (expected {list(expected)})")
+        return np.ascontiguousarray(hf_to_k2jax(array, mapping, config), dtype=dtype)
 
     for k, mapping in enumerate(names):
         if log:

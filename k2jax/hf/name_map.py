@@ -1,18 +1,19 @@
 """The single table between Hugging Face LlamaForCausalLM tensors and k2jax parameters.
 
-Both conversion directions, the parity tests and eval-loss use this table and nothing else.
-K2 uses Hugging Face's rotate-half RoPE, so q/k weights need NO permutation: only transposes
-and head reshapes. Layouts (HF linear weights are [out, in]):
-
-  identity   : same array (embedding [V, E], norm scales [E])
-  transpose  : [out, in] -> [in, out]                 (MLP, lm_head)
-  heads_in   : [N*D, E] -> [E, N, D]                  (q, k, v projections)
-  heads_out  : [E, N*D] -> [N, D, E]                  (output projection)
+Each entry names a tensor both ways and gives its layout once: the k2jax parameter's axes (the
+model's logical axis names, e.g. q_proj ("embed", "heads", "head_dim")) and the Hugging Face
+tensor's axes as groups of those names in HF order (q_proj (("heads", "head_dim"), ("embed",)),
+i.e. HF's [N*D, E]; HF linear weights are [out, in] and have no head axis). Everything else
+derives from that: both shapes, the axis permutation (k2jax axes in HF byte order), both
+transforms, and the order in which the converter stores each leaf's bytes on disk. K2 uses
+Hugging Face's rotate-half RoPE, so q/k weights need NO permutation of rows: only transposes
+and head reshapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -24,31 +25,56 @@ from k2jax.config import ModelConfig
 class TensorMapping:
     hf_name: str  # "{i}" stands for the layer index in per-layer tensors
     path: tuple[str, ...]  # path in the k2jax params tree (under "layers" if per_layer)
-    layout: str
-    per_layer: bool
+    axes: tuple[str, ...]  # k2jax axes: the model's logical axis names (k2jax/model/)
+    hf_axes: tuple[tuple[str, ...], ...]  # HF axes in order, each a group of k2jax axes merged
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf_name
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The permutation: k2jax axis indices in HF (row-major, slowest first) order."""
+        return tuple(self.axes.index(a) for group in self.hf_axes for a in group)
 
 
+def _linear(hf_name: str, path: tuple[str, ...], in_axis: str, out_axis: str) -> TensorMapping:
+    """A linear weight: k2jax [in, out], HF [out, in]."""
+    return TensorMapping(hf_name, path, (in_axis, out_axis), ((out_axis,), (in_axis,)))
+
+
+def _same(hf_name: str, path: tuple[str, ...], *axes: str) -> TensorMapping:
+    """The same axes in the same order (embedding [V, E], norm scales [E])."""
+    return TensorMapping(hf_name, path, axes, tuple((a,) for a in axes))
+
+
+_L = "model.layers.{i}."
 TABLE: tuple[TensorMapping, ...] = (
-    TensorMapping("model.embed_tokens.weight", ("embed_tokens",), "identity", False),
-    TensorMapping("model.norm.weight", ("final_norm", "scale"), "identity", False),
-    TensorMapping("lm_head.weight", ("lm_head",), "transpose", False),
-    TensorMapping("model.layers.{i}.input_layernorm.weight", ("input_norm", "scale"),
-                  "identity", True),
-    TensorMapping("model.layers.{i}.post_attention_layernorm.weight",
-                  ("post_attention_norm", "scale"), "identity", True),
-    TensorMapping("model.layers.{i}.self_attn.q_proj.weight", ("attention", "q_proj"),
-                  "heads_in", True),
-    TensorMapping("model.layers.{i}.self_attn.k_proj.weight", ("attention", "k_proj"),
-                  "heads_in", True),
-    TensorMapping("model.layers.{i}.self_attn.v_proj.weight", ("attention", "v_proj"),
-                  "heads_in", True),
-    TensorMapping("model.layers.{i}.self_attn.o_proj.weight", ("attention", "o_proj"),
-                  "heads_out", True),
-    TensorMapping("model.layers.{i}.mlp.gate_proj.weight", ("mlp", "gate_proj"), "transpose", True),
-    TensorMapping("model.layers.{i}.mlp.up_proj.weight", ("mlp", "up_proj"), "transpose", True),
-    TensorMapping("model.layers.{i}.mlp.down_proj.weight", ("mlp", "down_proj"), "transpose",
-                  True),
+    _same("model.embed_tokens.weight", ("embed_tokens",), "vocab", "embed"),
+    _same("model.norm.weight", ("final_norm", "scale"), "norm"),
+    _linear("lm_head.weight", ("lm_head",), "embed", "vocab"),
+    _same(_L + "input_layernorm.weight", ("input_norm", "scale"), "norm"),
+    _same(_L + "post_attention_layernorm.weight", ("post_attention_norm", "scale"), "norm"),
+    # q/k/v: k2jax [E, N, D], HF [N*D, E]; o: k2jax [N, D, E], HF [E, N*D].
+    TensorMapping(_L + "self_attn.q_proj.weight", ("attention", "q_proj"),
+                  ("embed", "heads", "head_dim"), (("heads", "head_dim"), ("embed",))),
+    TensorMapping(_L + "self_attn.k_proj.weight", ("attention", "k_proj"),
+                  ("embed", "kv_heads", "head_dim"), (("kv_heads", "head_dim"), ("embed",))),
+    TensorMapping(_L + "self_attn.v_proj.weight", ("attention", "v_proj"),
+                  ("embed", "kv_heads", "head_dim"), (("kv_heads", "head_dim"), ("embed",))),
+    TensorMapping(_L + "self_attn.o_proj.weight", ("attention", "o_proj"),
+                  ("heads", "head_dim", "embed"), (("embed",), ("heads", "head_dim"))),
+    _linear(_L + "mlp.gate_proj.weight", ("mlp", "gate_proj"), "embed", "mlp"),
+    _linear(_L + "mlp.up_proj.weight", ("mlp", "up_proj"), "embed", "mlp"),
+    _linear(_L + "mlp.down_proj.weight", ("mlp", "down_proj"), "mlp", "embed"),
 )
+
+
+def axis_sizes(config: ModelConfig) -> dict[str, int]:
+    """Size of every logical axis the table uses."""
+    return {"vocab": config.vocab_size, "embed": config.hidden_size, "norm": config.hidden_size,
+            "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+            "head_dim": config.resolved_head_dim, "mlp": config.intermediate_size}
 
 
 def mappings(config: ModelConfig) -> list[TensorMapping]:
@@ -68,56 +94,42 @@ def hf_names(config: ModelConfig) -> Iterator[tuple[str, TensorMapping, Optional
 
 def k2jax_shape(mapping: TensorMapping, config: ModelConfig) -> tuple[int, ...]:
     """Shape of one (unstacked) k2jax parameter."""
-    e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    n, k, d = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    name = mapping.path[-1]
-    return {
-        "embed_tokens": (v, e), "scale": (e,), "lm_head": (e, v),
-        "q_proj": (e, n, d), "k_proj": (e, k, d), "v_proj": (e, k, d), "o_proj": (n, d, e),
-        "gate_proj": (e, m), "up_proj": (e, m), "down_proj": (m, e),
-    }[name]
+    sizes = axis_sizes(config)
+    return tuple(sizes[a] for a in mapping.axes)
 
 
 def hf_shape(mapping: TensorMapping, config: ModelConfig) -> tuple[int, ...]:
-    shape = k2jax_shape(mapping, config)
-    if mapping.layout == "identity":
-        return shape
-    if mapping.layout == "transpose":
-        return shape[::-1]
-    if mapping.layout == "heads_in":
-        return (shape[1] * shape[2], shape[0])
-    if mapping.layout == "heads_out":
-        return (shape[2], shape[0] * shape[1])
-    raise ValueError(mapping.layout)
+    """Shape of the Hugging Face tensor."""
+    sizes = axis_sizes(config)
+    return tuple(math.prod(sizes[a] for a in group) for group in mapping.hf_axes)
+
+
+def hf_order(mapping: TensorMapping, stacked: bool = False) -> tuple[int, ...]:
+    """Permutation of a k2jax leaf's axes that gives the Hugging Face byte order; `stacked`:
+    the leaf has the scan's leading layer axis, which stays first."""
+    if not stacked:
+        return mapping.order
+    return (0,) + tuple(a + 1 for a in mapping.order)
 
 
 def hf_to_k2jax(array, mapping: TensorMapping, config: ModelConfig):
-    """One Hugging Face tensor (numpy-like) -> the k2jax layout (a view where possible)."""
-    target = k2jax_shape(mapping, config)
-    if mapping.layout == "identity":
-        return array
-    if mapping.layout == "transpose":
-        return array.T
-    if mapping.layout == "heads_in":
-        return array.T.reshape(target)
-    if mapping.layout == "heads_out":
-        return array.T.reshape(target)
-    raise ValueError(mapping.layout)
+    """One Hugging Face tensor (numpy-like) -> the k2jax layout: a view (reshape of the HF
+    array into k2jax axes in HF order, then the inverse permutation)."""
+    if tuple(array.shape) != hf_shape(mapping, config):
+        raise ValueError(f"{mapping.hf_name}: shape {list(array.shape)}, expected "
+                         f"{list(hf_shape(mapping, config))}")
+    shape = k2jax_shape(mapping, config)
+    permuted = array.reshape(tuple(shape[a] for a in mapping.order))
+    return permuted.transpose(tuple(mapping.order.index(a) for a in range(len(shape))))
 
 
 def k2jax_to_hf(array, mapping: TensorMapping, config: ModelConfig):
-    """One k2jax parameter (unstacked) -> the Hugging Face layout."""
-    if mapping.layout == "identity":
-        return array
-    if mapping.layout == "transpose":
-        return array.T
-    if mapping.layout == "heads_in":
-        e = array.shape[0]
-        return array.reshape(e, -1).T
-    if mapping.layout == "heads_out":
-        e = array.shape[-1]
-        return array.reshape(-1, e).T
-    raise ValueError(mapping.layout)
+    """One k2jax parameter (unstacked) -> the Hugging Face layout (the permutation, then the
+    merge of each group of axes; a copy only where the merge needs one)."""
+    if tuple(array.shape) != k2jax_shape(mapping, config):
+        raise ValueError(f"{'/'.join(mapping.path)}: shape {list(array.shape)}, expected "
+                         f"{list(k2jax_shape(mapping, config))}")
+    return array.transpose(mapping.order).reshape(hf_shape(mapping, config))
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
@@ -168,33 +180,3 @@ def params_to_hf(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.nd
         else:
             array = _get_path(params, (f"layers_{layer}",) + mapping.path)
         yield name, np.asarray(k2jax_to_hf(np.asarray(array), mapping, config))
-
-
-def hf_config_dict(config: ModelConfig, torch_dtype: str = "bfloat16") -> dict:
-    """config.json fields of a LlamaForCausalLM with this architecture (K2's fields)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.resolved_head_dim,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": config.rms_norm_eps,
-        "initializer_range": config.initializer_range,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": torch_dtype,
-        "use_cache": True,
-    }

@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from k2jax.kernels.block_sizes import NUM_LANES, idiv, imod
-from k2jax.kernels.flash_attention import (NN_DIMS, NT_DIMS, Static, load_segments, run_block,
-                                           segment_specs, stats_spec)
+from k2jax.kernels.flash_tiles import (NN_DIMS, NT_DIMS, Static, load_segments, run_block,
+                                       segment_specs, stats_spec)
 
 TN_DIMS = (((0,), (0,)), ((), ()))  # a.T @ b
 
