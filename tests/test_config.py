@@ -21,6 +21,7 @@ def test_k2_65b_has_every_k2_figure():
     assert (m.rms_norm_eps, m.initializer_range, m.tie_word_embeddings) == (1e-5, 0.02, False)
     assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (None, 2, 0)
     assert (m.param_dtype, m.compute_dtype) == ("float32", "bfloat16")
+    assert (m.rope_freq_dtype, m.scaled_output_init) == ("bfloat16", True)  # K2 as trained
     assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert (o.peak_lr, o.min_lr, o.warmup_steps, o.decay_steps) == (1.5e-4, 1.5e-5, 2000, 338760)
     assert (d.global_batch_size, d.seq_len, d.order) == (2040, 2048, "k2-stage1")
@@ -30,6 +31,13 @@ def test_k2_65b_has_every_k2_figure():
 def test_k2_chat_context_and_theta():
     cfg = load_config(CONFIGS / "k2-chat.yaml")
     assert (cfg.model.max_position_embeddings, cfg.model.rope_theta) == (8192, 500000.0)
+    assert (cfg.model.rope_freq_dtype, cfg.model.scaled_output_init) == ("float32", True)
+
+
+def test_dataclass_defaults_are_transformers_rope_and_plain_init():
+    from k2jax.config import ModelConfig
+
+    assert (ModelConfig().rope_freq_dtype, ModelConfig().scaled_output_init) == ("float32", False)
 
 
 def test_param_counts_without_allocating():
@@ -53,6 +61,8 @@ def test_overrides_on_dotted_keys():
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("model.compute_dtype=float8", "model.compute_dtype"),
     ("model.remat=sometimes", "model.remat"),
+    ("model.rope_freq_dtype=float16", "model.rope_freq_dtype"),
+    ("model.scaled_output_init=yes please", "model.scaled_output_init"),
     ("data.micro_batch_size=5", "data.micro_batch_size"),
     ("data.seq_len=4096", "data.seq_len"),
     ("mesh.data=-1", "mesh"),

@@ -29,13 +29,18 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
-                      attention: str = "auto") -> ModelConfig:
+                      attention: str = "auto", rope_freq_dtype: str = "float32"
+                      ) -> ModelConfig:
     """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
-    bf16 params and compute (what Megatron's --bf16 forward used)."""
+    bf16 params and compute (what Megatron's --bf16 forward used). `rope_freq_dtype` (the
+    command's --rope-freq-dtype) replaces whatever a checkpoint's config says."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if rope_freq_dtype not in DTYPES.values():
+        raise UserError(f"--rope-freq-dtype {rope_freq_dtype!r}: expected float32 or bfloat16")
     return dataclasses.replace(base, param_dtype=DTYPES[dtype], compute_dtype=DTYPES[dtype],
-                               remat="none", scan_layers=scan_layers, attention=attention)
+                               remat="none", scan_layers=scan_layers, attention=attention,
+                               rope_freq_dtype=rope_freq_dtype)
 
 
 def hf_model_config(hf_config: dict) -> ModelConfig:
