@@ -21,7 +21,7 @@ def test_k2_65b_has_every_k2_figure():
     assert (m.rms_norm_eps, m.initializer_range, m.tie_word_embeddings) == (1e-5, 0.02, False)
     assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (None, 2, 0)
     assert (m.param_dtype, m.compute_dtype) == ("float32", "bfloat16")
-    assert (m.rope_freq_dtype, m.scaled_output_init) == ("bfloat16", True)  # K2 as trained
+    assert (m.rope_freq_dtype, m.scaled_output_init) == ("bfloat16", True)  # as K2 trained
     assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert (o.peak_lr, o.min_lr, o.warmup_steps, o.decay_steps) == (1.5e-4, 1.5e-5, 2000, 338760)
     assert (d.global_batch_size, d.seq_len, d.order) == (2040, 2048, "k2-stage1")
