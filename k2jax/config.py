@@ -33,8 +33,13 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # RoPE inverse frequencies rounded to this dtype (then used in fp32). K2's Megatron run had
+    # them in bf16 (a buffer rounded by Float16Module); transformers keeps fp32.
+    rope_freq_dtype: Literal["float32", "bfloat16"] = "float32"
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    # Megatron's init: o_proj and down_proj at initializer_range / sqrt(2 * num_layers).
+    scaled_output_init: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = 2

@@ -26,6 +26,7 @@ def test_faithful_conversion_passes_with_per_layer(setup, capsys):
     code, report, _ = compare(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
                               "--step", "1", "--rows", "3", "--per-layer")
     assert code == 0 and report["passed"]
+    assert report["rope_freq_dtype"] == "float32"  # the default: transformers' own RoPE
     assert report["rows"] == 3 and report["seq_len"] == fx.SEQ
     assert report["max_abs"] < 1e-4 and report["mean_kl"] < 1e-9
     assert report["top1_agreement"] == 1.0
@@ -43,6 +44,19 @@ def test_orbax_checkpoint_and_token_ids_pass(setup, capsys, tmp_path):
                               str(setup["orbax"]), "--token-ids", str(tmp_path / "ids.npy"),
                               "--rows", "2")
     assert code == 0 and report["max_abs"] < 1e-4 and report["tokens"] == 2 * 11
+
+
+def test_bf16_rope_frequencies_round_both_stacks(setup, capsys):
+    """--rope-freq-dtype bfloat16: transformers' inv_freq is rounded too, so the stacks still
+    agree, on losses that differ from the float32 ones (the rounding took effect on both)."""
+    rows = ["--hf", str(setup["hf"]), "--data", str(setup["data"]), "--step", "0", "--rows", "4"]
+    code, k2_rope, _ = compare(capsys, *rows, "--rope-freq-dtype", "bfloat16")
+    assert code == 0 and k2_rope["rope_freq_dtype"] == "bfloat16"
+    assert k2_rope["max_abs"] < 1e-4
+    assert abs(k2_rope["loss_reference"] - k2_rope["loss_candidate"]) < 1e-5
+    _, stock, _ = compare(capsys, *rows)
+    assert abs(k2_rope["loss_reference"] - stock["loss_reference"]) > 3e-5
+    assert abs(k2_rope["loss_candidate"] - stock["loss_candidate"]) > 3e-5
 
 
 def test_perturbed_weights_fail_and_show_the_layer(setup, capsys):

@@ -21,6 +21,7 @@ def test_k2_65b_has_every_k2_figure():
     assert (m.rms_norm_eps, m.initializer_range, m.tie_word_embeddings) == (1e-5, 0.02, False)
     assert (m.bos_token_id, m.eos_token_id, m.pad_token_id) == (None, 2, 0)
     assert (m.param_dtype, m.compute_dtype) == ("float32", "bfloat16")
+    assert (m.rope_freq_dtype, m.scaled_output_init) == ("bfloat16", True)  # as K2 trained
     assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)
     assert (o.peak_lr, o.min_lr, o.warmup_steps, o.decay_steps) == (1.5e-4, 1.5e-5, 2000, 338760)
     assert (d.global_batch_size, d.seq_len, d.order) == (2040, 2048, "k2-stage1")
@@ -33,6 +34,7 @@ def test_k2_chat_context_and_theta():
     k2 = load_config(CONFIGS / "k2-65b.yaml")
     assert count_params(cfg.model) == count_params(k2.model)  # K2's architecture, via base:
     assert cfg.optimizer == k2.optimizer and cfg.train.seed == k2.train.seed
+    assert (cfg.model.rope_freq_dtype, cfg.model.scaled_output_init) == ("float32", True)
 
 
 def test_base_merges_sections_and_replaces_values(tmp_path):
@@ -59,6 +61,12 @@ def test_bad_base_is_one_line(tmp_path, text, problem):
         load_config(tmp_path / "loop.yaml")
 
 
+def test_dataclass_defaults_are_transformers_rope_and_plain_init():
+    from k2jax.config import ModelConfig
+
+    assert (ModelConfig().rope_freq_dtype, ModelConfig().scaled_output_init) == ("float32", False)
+
+
 def test_param_counts_without_allocating():
     assert count_params(load_config(CONFIGS / "k2-65b.yaml").model) == 65_286_184_960
     assert 2e6 < count_params(load_config(CONFIGS / "tiny.yaml").model) < 1e7
@@ -80,6 +88,8 @@ def test_overrides_on_dotted_keys():
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("model.compute_dtype=float8", "model.compute_dtype"),
     ("model.remat=sometimes", "model.remat"),
+    ("model.rope_freq_dtype=float16", "model.rope_freq_dtype"),
+    ("model.scaled_output_init=yes please", "model.scaled_output_init"),
     ("data.micro_batch_size=5", "data.micro_batch_size"),
     ("data.seq_len=4096", "data.seq_len"),
     ("mesh.data=-1", "mesh"),

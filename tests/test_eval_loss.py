@@ -1,5 +1,6 @@
 """eval-loss on a tiny HF model and its Orbax weights equals transformers' K2 loss, by hand."""
 
+import copy
 import json
 
 import numpy as np
@@ -8,11 +9,18 @@ import torch
 
 import eval_fixtures as fx
 from k2jax.cli import main
+from k2jax.eval.rope_frequencies import round_hf_rope_frequencies
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return fx.build(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def k2_rope_model(setup):
+    """The fixture's transformers model with K2's training RoPE: inv_freq rounded to bf16."""
+    return round_hf_rope_frequencies(copy.deepcopy(setup["model"]), "bfloat16")
 
 
 def hand_loss(model, data_dir, step, use_tgt_mask=True):
@@ -46,7 +54,8 @@ def test_eval_loss_matches_transformers(setup, capsys, source, micro):
         "--checkpoint", str(setup["orbax"])]
     extra = ["--micro-batch", micro] if micro else []  # 3: padded to 6 rows, 2 micro-steps
     records = eval_loss(capsys, *weights, "--data", str(setup["data"]), "--steps", "0:2",
-                        "--use-tgt-mask", *extra)
+                        "--use-tgt-mask",
+                        "--rope-freq-dtype", "float32", *extra)  # stock transformers' RoPE
     assert [r["step"] for r in records] == [0, 1]
     assert [r["iteration"] for r in records] == [1, 2]
     for record in records:
@@ -59,10 +68,24 @@ def test_eval_loss_matches_transformers(setup, capsys, source, micro):
 
 def test_eval_loss_ignores_tgt_mask_by_default_as_k2_stage1(setup, capsys):
     records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
-                        "--steps", "1")
+                        "--steps", "1", "--rope-freq-dtype", "float32")
     expected, count = hand_loss(setup["model"], setup["data"], 1, use_tgt_mask=False)
     assert records[0]["tokens"] == count == 4 * (fx.SEQ - 1)  # the tgt_mask row counts fully
     assert abs(records[0]["loss"] - expected) < 1e-5
+
+
+@pytest.mark.parametrize("flag", [[], ["--rope-freq-dtype", "bfloat16"]])
+def test_eval_loss_default_is_k2s_bf16_rope_frequencies(setup, k2_rope_model, capsys, flag):
+    """By default (and with the flag) eval-loss is K2 as trained: it equals transformers with
+    bf16-rounded inv_freq, and not stock transformers (3e-5 .. 1e-4 away on these rows)."""
+    records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
+                        "--steps", "0:2", *flag)
+    for record in records:
+        assert record["rope_freq_dtype"] == "bfloat16"
+        expected, _ = hand_loss(k2_rope_model, setup["data"], record["step"], False)
+        stock, _ = hand_loss(setup["model"], setup["data"], record["step"], False)
+        assert abs(record["loss"] - expected) < 1e-5, (record, expected)
+        assert abs(record["loss"] - stock) > 3e-5, (record, stock)
 
 
 def test_eval_loss_bf16_close(setup, capsys):
@@ -90,9 +113,10 @@ def test_eval_loss_bad_input_one_line_exit_2(setup, capsys, args, needle):
     assert err.startswith("k2jax eval-loss: error: ") and needle in err, err
 
 
-def test_eval_loss_sharded_over_4_devices(setup):
+def test_eval_loss_sharded_over_4_devices(setup, k2_rope_model):
     """4 CPU devices (fsdp 2 x tensor 2), micro-batch 8 (the 4-row batch padded with masked
-    rows): the same losses. A subprocess, since the device count is fixed at jax import."""
+    rows): the same losses (default RoPE: K2's bf16 frequencies). A subprocess, since the
+    device count is fixed at jax import."""
     import os
     import subprocess
     import sys
@@ -107,5 +131,6 @@ def test_eval_loss_sharded_over_4_devices(setup):
     assert out.returncode == 0, out.stderr
     assert "'fsdp': 2, 'tensor': 2" in out.stderr and "padded 4 -> 8 rows" in out.stderr
     for record in map(json.loads, out.stdout.splitlines()):
-        expected, _ = hand_loss(setup["model"], setup["data"], record["step"], use_tgt_mask=False)
+        expected, _ = hand_loss(k2_rope_model, setup["data"], record["step"],
+                                use_tgt_mask=False)
         assert abs(record["loss"] - expected) < 1e-5

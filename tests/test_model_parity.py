@@ -10,6 +10,7 @@ import torch
 
 from hf_models import state_dict_numpy, tiny_llama
 from k2jax.hf.config_json import model_config_from_hf
+from k2jax.eval.rope_frequencies import round_hf_rope_frequencies
 from k2jax.hf.name_map import params_from_hf
 from k2jax.model import K2Model, masked_next_token_loss
 from k2jax.model import rope as rope_module
@@ -35,6 +36,13 @@ def hf_logits(hf_model, tokens):
         return hf_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
+def hf_loss(hf_model, tokens) -> float:
+    """HF's own loss: the mean over every shifted label, i.e. K2's loss with an all-ones mask."""
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(tokens, dtype=torch.long),
+                        labels=torch.as_tensor(tokens, dtype=torch.long)).loss.item()
+
+
 def random_tokens(vocab, batch=2, seq=24, seed=1):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq), dtype=np.int32)
 
@@ -56,14 +64,35 @@ def test_logits_and_loss_match_transformers(case, scan_layers):
     assert np.abs(ours - theirs).max() <= LOGIT_ATOL
     assert np.abs(theirs).max() > 1.0  # the logits are far from trivial
 
-    # HF's own loss: mean over every shifted label, i.e. K2's loss with an all-ones mask.
-    with torch.no_grad():
-        hf_loss = hf_model(torch.as_tensor(tokens, dtype=torch.long),
-                           labels=torch.as_tensor(tokens, dtype=torch.long)).loss.item()
     loss_sum, count = masked_next_token_loss(jnp.asarray(ours), jnp.asarray(tokens),
                                              jnp.ones(tokens.shape, jnp.float32))
     assert count == tokens.shape[0] * (tokens.shape[1] - 1)
-    assert abs(float(loss_sum / count) - hf_loss) <= LOSS_ATOL
+    assert abs(float(loss_sum / count) - hf_loss(hf_model, tokens)) <= LOSS_ATOL
+
+
+def k2jax_loss(logits, tokens) -> float:
+    loss_sum, count = masked_next_token_loss(jnp.asarray(logits), jnp.asarray(tokens),
+                                             jnp.ones(tokens.shape, jnp.float32))
+    return float(loss_sum / count)
+
+
+def test_bf16_rope_frequencies_equal_transformers_with_rounded_inv_freq():
+    """model.rope_freq_dtype=bfloat16 (K2 as trained) is transformers with its inv_freq buffer
+    rounded to bf16 and cast back to fp32, and clearly not stock transformers: at rope_theta
+    5e5 (K2-Chat's) and 64 positions the rounding moves logits by ~4e-2, far above 1e-5."""
+    tokens = random_tokens(250, seq=64)
+    stock = tiny_llama(rope_theta=5e5, max_positions=64)
+    stock_logits, stock_loss = hf_logits(stock, tokens), hf_loss(stock, tokens)
+    rounded = round_hf_rope_frequencies(tiny_llama(rope_theta=5e5, max_positions=64), "bfloat16")
+    rounded_logits, rounded_loss = hf_logits(rounded, tokens), hf_loss(rounded, tokens)
+
+    ours = k2jax_logits(stock, tokens, rope_freq_dtype="bfloat16")
+    assert np.abs(ours - rounded_logits).max() <= 1e-5
+    assert abs(k2jax_loss(ours, tokens) - rounded_loss) <= LOSS_ATOL
+    assert np.abs(ours - stock_logits).max() > 100 * LOGIT_ATOL
+    assert abs(k2jax_loss(ours, tokens) - stock_loss) > 10 * LOSS_ATOL
+    # float32 (the default) stays transformers' own.
+    assert np.abs(k2jax_logits(stock, tokens) - stock_logits).max() <= 1e-5
 
 
 def test_masked_loss_equals_hand_computation_on_hf_logits():

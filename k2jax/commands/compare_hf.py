@@ -1,6 +1,10 @@
 """`k2jax compare-hf`: the same rows through transformers (PyTorch, CPU, fp32, eager) and k2jax
 (fp32), with max abs logit difference, mean KL, top-1 agreement and both losses.
 
+Both stacks use the RoPE frequencies of --rope-freq-dtype: float32 (default) is transformers as
+released; bfloat16 rounds transformers' `inv_freq` buffers too, checking k2jax's K2-as-trained
+RoPE against an independent implementation of it.
+
 Exit 0 if within --max-abs and --max-kl, 1 if not, 2 on bad input. Without --checkpoint the
 k2jax weights are the --hf weights converted in memory (testing the name map and the model);
 with it, a k2jax checkpoint is compared against the HF model (testing a conversion too).
@@ -15,6 +19,7 @@ import json
 import sys
 
 from k2jax.errors import UserError
+from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
 from k2jax.eval.step_data import add_data_args
 from k2jax.hf.config_json import ARCHITECTURE_FIELDS
 
@@ -32,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=1, help="first N rows of the step or file")
     p.add_argument("--max-abs", type=float, default=1e-3, help="max abs logit difference")
     p.add_argument("--max-kl", type=float, default=1e-6, help="mean KL(transformers || k2jax)")
+    add_rope_freq_dtype_arg(p, "float32", "transformers' own, what this compares against")
     p.add_argument("--per-layer", action="store_true", help="hidden-state differences per layer")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=run)
@@ -81,7 +87,7 @@ def _k2jax_params(args, hf, per_layer: bool):
         from k2jax.hf.name_map import params_from_hf
 
         config = weights.eval_model_config(hf_config, "fp32", scan_layers=not per_layer,
-                                           attention="xla")
+                                           attention="xla", rope_freq_dtype=args.rope_freq_dtype)
         return config, params_from_hf(hf.get, config)
     base = weights.checkpoint_model_config(args.checkpoint)
     for field in ARCHITECTURE_FIELDS:
@@ -92,7 +98,8 @@ def _k2jax_params(args, hf, per_layer: bool):
     from k2jax.config import MeshConfig
     from k2jax.sharding.mesh import build_mesh
 
-    config = weights.eval_model_config(base, "fp32", scan_layers=True, attention="xla")
+    config = weights.eval_model_config(base, "fp32", scan_layers=True, attention="xla",
+                                       rope_freq_dtype=args.rope_freq_dtype)
     mesh_config = MeshConfig()
     mesh = build_mesh(mesh_config)
     params = weights.params_from_checkpoint_on_mesh(args.checkpoint, config, mesh,
@@ -114,13 +121,16 @@ def run(args: argparse.Namespace) -> int:
     config, params = _k2jax_params(args, hf, args.per_layer)
     from k2jax.eval.k2jax_forward import k2jax_forward
 
-    stderr_log("compare-hf: k2jax forward (fp32)")
+    stderr_log(f"compare-hf: k2jax forward (fp32, RoPE frequencies {args.rope_freq_dtype})")
     ours, our_states = k2jax_forward(params, config, tokens, hidden_states=args.per_layer)
     del params
     from k2jax.eval.hf_reference import hf_forward, load_hf_model
+    from k2jax.eval.rope_frequencies import round_hf_rope_frequencies
 
-    stderr_log("compare-hf: transformers forward (PyTorch, CPU, fp32, eager attention)")
-    theirs, their_states = hf_forward(load_hf_model(args.hf), tokens, args.per_layer)
+    stderr_log("compare-hf: transformers forward (PyTorch, CPU, fp32, eager attention, RoPE "
+               f"frequencies {args.rope_freq_dtype})")
+    reference = round_hf_rope_frequencies(load_hf_model(args.hf), args.rope_freq_dtype)
+    theirs, their_states = hf_forward(reference, tokens, args.per_layer)
 
     from k2jax.eval.logit_compare import compare_hidden_states, compare_logits
 
@@ -133,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         failures.append(f"mean KL {result['mean_kl']:.3g} exceeds --max-kl {args.max_kl:g}")
     layers = compare_hidden_states(their_states, our_states) if args.per_layer else []
     report = {"rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "source": where,
+              "rope_freq_dtype": args.rope_freq_dtype,
               **result, "max_abs_threshold": args.max_abs, "max_kl_threshold": args.max_kl,
               "passed": not failures, "per_layer": layers,
               # The first stage past --max-abs: where the two stacks part.
@@ -156,6 +167,7 @@ def _table(report: dict) -> str:
         f"{report['positions']} positions",
         f"loss transformers       {report['loss_reference']:.6f}  ({report['tokens']} tokens)",
         f"loss k2jax              {report['loss_candidate']:.6f}",
+        f"RoPE frequencies        {report['rope_freq_dtype']} (both stacks)",
     ]
     if report["per_layer"]:
         lines.append("hidden states (max abs, relative to max |hf|):")

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 
+from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
 from k2jax.eval.step_data import add_data_args, step_batches
 
 
@@ -32,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                    help="parameter and compute dtype (K2 trained with bf16 compute)")
+    add_rope_freq_dtype_arg(p, "bfloat16", "K2's training run, whose logged loss this reproduces")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         base = hf_model_config(hf.config)
     else:
         base = checkpoint_model_config(args.checkpoint)
-    model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention)
+    model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention,
+                                     rope_freq_dtype=args.rope_freq_dtype)
     batches = step_batches(args, model_config)
     for step in steps:
         batches.global_rows(step)  # a step past the data fails now, not after loading 65B
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"eval-loss: {len(steps)} step(s), {jax.device_count()} devices "
         f"(mesh {dict(mesh.shape)}), micro-batch {plan.micro_batch} x {plan.accumulation}"
         f"{f' (padded {plan.global_batch} -> {plan.padded_rows} rows)' if plan.padded_rows != plan.global_batch else ''}"
-        f", {args.dtype}")
+        f", {args.dtype}, RoPE frequencies {args.rope_freq_dtype}")
     t0 = time.perf_counter()
     if args.hf:
         params = params_from_hf_on_mesh(hf.get, model_config, mesh, rules, log)
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         record = {"step": step, "iteration": step + 1, "loss": result["loss"],
                   "tokens": result["tokens"], "rows": plan.global_batch,
                   "loss_sum": result["loss_sum"], "dtype": args.dtype,
+                  "rope_freq_dtype": args.rope_freq_dtype,
                   "seconds": round(time.perf_counter() - t0, 3)}
         if primary:
             if args.json:

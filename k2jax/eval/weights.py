@@ -27,13 +27,19 @@ from k2jax.hf.name_map import hf_shape, hf_to_k2jax, mappings
 from k2jax.model import K2Model
 from k2jax.sharding.rules import param_shardings
 
+
 def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
-                      attention: str = "auto") -> ModelConfig:
+                      attention: str = "auto", rope_freq_dtype: str = "float32"
+                      ) -> ModelConfig:
     """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
-    bf16 params and compute (what Megatron's --bf16 forward used)."""
-    name = dtypes.parse(dtype, "--dtype", (dtypes.FLOAT32, dtypes.BFLOAT16)).name
+    bf16 params and compute (what Megatron's --bf16 forward used). `rope_freq_dtype` (the
+    command's --rope-freq-dtype) replaces whatever a checkpoint's config says."""
+    allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
+    name = dtypes.parse(dtype, "--dtype", allowed).name
+    rope = dtypes.parse(rope_freq_dtype, "--rope-freq-dtype", allowed).name
     return dataclasses.replace(base, param_dtype=name, compute_dtype=name,
-                               remat="none", scan_layers=scan_layers, attention=attention)
+                               remat="none", scan_layers=scan_layers, attention=attention,
+                               rope_freq_dtype=rope)
 
 
 def hf_model_config(hf_config: dict) -> ModelConfig:

@@ -43,6 +43,21 @@ def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs
     return out.reshape(batch, seq, *out_shape)
 
 
+def weight_init(cfg: ModelConfig):
+    """normal(initializer_range): every matrix but the two output projections (Megatron's
+    init_method; the embedding and lm_head included)."""
+    return nn.initializers.normal(cfg.initializer_range)
+
+
+def output_projection_init(cfg: ModelConfig):
+    """o_proj and down_proj: Megatron's scaled_init_method_normal, std initializer_range /
+    sqrt(2 * num_layers), with model.scaled_output_init (the 2 * num_layers residual branches
+    then add, together, a variance independent of depth); plain weight_init without it."""
+    if not cfg.scaled_output_init:
+        return weight_init(cfg)
+    return nn.initializers.normal(cfg.initializer_range / math.sqrt(2.0 * cfg.num_layers))
+
+
 def constrain(x: jnp.ndarray, axes: tuple[Optional[str], ...]) -> jnp.ndarray:
     """Sharding hint for activations; a no-op outside a mesh with logical axis rules."""
     return nn.with_logical_constraint(x, axes)
@@ -71,17 +86,17 @@ class Attention(nn.Module):
     def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
         cfg = self.config
         head_dim = cfg.resolved_head_dim
-        init = nn.initializers.normal(cfg.initializer_range)
         pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         e, n, k = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
 
-        def proj(name, shape, axes):
+        def proj(name, shape, axes, init=weight_init(cfg)):
             return logical_param(self, name, shape, axes, init, pdtype).astype(compute)
 
         wq_ExNxD = proj("q_proj", (e, n, head_dim), ("embed", "heads", "head_dim"))
         wk_ExKxD = proj("k_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
         wv_ExKxD = proj("v_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
-        wo_NxDxE = proj("o_proj", (n, head_dim, e), ("heads", "head_dim", "embed"))
+        wo_NxDxE = proj("o_proj", (n, head_dim, e), ("heads", "head_dim", "embed"),
+                        output_projection_init(cfg))
 
         q = checkpoint_name(project(x_BxSxE, wq_ExNxD), "query_proj")
         key = checkpoint_name(project(x_BxSxE, wk_ExKxD), "key_proj")
@@ -105,12 +120,13 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxE):
         cfg = self.config
-        init = nn.initializers.normal(cfg.initializer_range)
+        init = weight_init(cfg)
         pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         e, m = cfg.hidden_size, cfg.intermediate_size
         w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
-        w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"), init, pdtype)
+        w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"),
+                                   output_projection_init(cfg), pdtype)
         gate_BxSxM = project(x_BxSxE, w_gate_ExM.astype(compute))
         up_BxSxM = project(x_BxSxE, w_up_ExM.astype(compute))
         hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))

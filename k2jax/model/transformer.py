@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
 from k2jax.model.layers import (DecoderLayer, RMSNorm, constrain, dtype_of, logical_param,
-                                project)
+                                project, weight_init)
 from k2jax.model.rope import rope_cos_sin
 
 _SAVED_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
@@ -51,7 +51,7 @@ class K2Model(nn.Module):
                  segment_ids_BxS: Optional[jnp.ndarray] = None) -> jnp.ndarray:
         cfg = self.config
         pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
-        init = nn.initializers.normal(cfg.initializer_range)
+        init = weight_init(cfg)  # Megatron's init_method for embedding and lm_head alike
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
 
@@ -59,7 +59,8 @@ class K2Model(nn.Module):
                                       ("vocab", "embed"), init, pdtype)
         x_BxSxE = jnp.take(embedding_VxE, tokens_BxS, axis=0).astype(compute)
         x_BxSxE = constrain(x_BxSxE, ("batch", "length", "embed"))
-        cos, sin = rope_cos_sin(positions_BxS, cfg.resolved_head_dim, cfg.rope_theta, compute)
+        cos, sin = rope_cos_sin(positions_BxS, cfg.resolved_head_dim, cfg.rope_theta, compute,
+                                cfg.rope_freq_dtype)
 
         layer = self._layer_class()
         if cfg.scan_layers:
