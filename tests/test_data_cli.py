@@ -87,7 +87,7 @@ def test_errors_are_one_line_with_exit_code_2(k2_dir, tmp_path, capsys):
 
     code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 5, "--global-batch", 2,
                        "--seq-len", SEQ_LEN, "--order", "sequential")
-    assert code == 2 and "step 5 needs global rows [10, 12) but the order holds 4 rows" in err
+    assert code == 2 and "step 5 needs global rows [10, 12) but the order holds only 4 rows" in err
 
     write_chunk(tmp_path, 0, 5)
     code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 0, "--global-batch", 2,

@@ -48,7 +48,7 @@ class StepBatches:
         total = self.source.num_rows
         if total is not None and start + size > total:
             raise UserError(f"step {step} needs global rows [{start}, {start + size}) but the "
-                            f"data holds only {total} rows ({total // size} whole steps of "
+                            f"order holds only {total} rows ({total // size} whole steps of "
                             f"{size})")
         return start, start + size
 

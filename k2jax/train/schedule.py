@@ -44,7 +44,8 @@ def _schedule_states(opt_state) -> list:
     is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
     if len(found) != 1:
-        raise ValueError(f"expected one learning-rate schedule in the optimizer, found {len(found)}")
+        raise ValueError(f"expected one learning-rate schedule in the optimizer, found "
+                         f"{len(found)}")
     return found
 
 
