@@ -132,12 +132,12 @@ def spikes(run_dir):
 POISON_STEP = 25  # rows of step 25 (batch 8) become uniform random tokens
 
 
-def poisoned(run_dir, action, kind="random", steps=28):
+def poisoned(run_dir, action, kind="random", steps=28, *extra):
     rows = f"data.synthetic_poison_rows=[[{POISON_STEP * 8}, 8]]"
     return small_config(run_dir, f"train.steps={steps}", "train.checkpoint_every=10",
                        "train.keep_checkpoints=5", f"train.spikes.action={action}",
                        "train.spikes.min_history=5", "train.spikes.threshold=1.5", rows,
-                       f"data.synthetic_poison_kind={kind}")
+                       f"data.synthetic_poison_kind={kind}", *extra)
 
 
 def test_spike_skip_refuses_the_update(tmp_path):
@@ -149,7 +149,7 @@ def test_spike_skip_refuses_the_update(tmp_path):
 
 
 def test_spike_rollback_moves_the_rows_and_restores(tmp_path):
-    Trainer(poisoned(tmp_path, "rollback")).run()
+    Trainer(poisoned(tmp_path, "rollback", "random", 28, "train.spikes.rollback_unit=step")).run()
     [event] = spikes(tmp_path)
     assert event["moved_rows"] == [POISON_STEP * 8, 8]
     assert event["resumed_from_step"] == 20  # last checkpoint before the spike
