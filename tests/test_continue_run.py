@@ -74,6 +74,7 @@ def test_start_step_continues_lr_rows_and_numbering_and_resumes_exactly(tmp_path
                                                                          batches_read):
     Trainer(small_config(tmp_path / "w", "train.steps=1", "train.checkpoint_every=1")).run()
     weights = tmp_path / "w" / "checkpoints" / "1"
+    batches_read.clear()
     start = 40
     cont = [f"train.init_from={weights}", f"train.start_step={start}", "train.steps=44",
             "train.checkpoint_every=1", "train.keep_checkpoints=10"]
@@ -90,11 +91,13 @@ def test_start_step_continues_lr_rows_and_numbering_and_resumes_exactly(tmp_path
     assert [r["lr"] for r in records] == pytest.approx([float(lr(s)) for s in range(40, 44)])
     assert sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir()
                   if p.name.isdigit()) == [41, 42, 43, 44]
-    # The update used lr(40): Adam's first step (fresh moments, count 1) is g / |g| = sign(g),
-    # so every norm scale (no weight decay) moved by exactly lr(40) (up to |g| vs eps).
+    # The update used lr(40): Adam's first step (fresh moments, count 1) is g / (|g| + eps),
+    # about sign(g), so the norm scales (no weight decay) moved by lr(40), a few of them with
+    # tiny gradients by less (lr(39) and lr(41) differ from lr(40) by 0.5%).
     moved = np.abs(np.asarray(restore_params_numpy(tmp_path / "b", 41)["final_norm"]["scale"])
                    - np.asarray(restore_params_numpy(tmp_path / "w", 1)["final_norm"]["scale"]))
-    np.testing.assert_allclose(moved, float(lr(start)), rtol=1e-4)
+    assert np.median(moved) == pytest.approx(float(lr(start)), rel=1e-4)
+    assert moved.max() <= float(lr(start)) * (1 + 1e-4)
 
     # Resume from checkpoint 42 (a copy of the run without 43, 44): exactly the same steps.
     shutil.copytree(tmp_path / "b", tmp_path / "c")
