@@ -146,6 +146,12 @@ def test_spike_skip_refuses_the_update(tmp_path):
     assert [(e["step"], e["kind"], e["update_applied"]) for e in events] == [
         (POISON_STEP, "ratio", False)]
     assert POISON_STEP + 1 not in losses_by_step(tmp_path)  # the refused step is not logged
+    # The logged lr is the one the update used: the refused update did not advance the
+    # schedule, so record s (update s - 1) ran at lr(s - 1) before the spike, lr(s - 2) after.
+    lr = k2_learning_rate(poisoned(tmp_path, "skip").optimizer)
+    for record in read_metrics(tmp_path):
+        used = record["step"] - (1 if record["step"] <= POISON_STEP else 2)
+        assert record["lr"] == pytest.approx(float(lr(used)), rel=1e-6), record["step"]
 
 
 def test_spike_rollback_moves_the_rows_and_restores(tmp_path):
