@@ -130,6 +130,9 @@ class DataConfig:
     # of original rows replaced by uniform random tokens, or given a non-finite loss mask.
     synthetic_poison_rows: list[list[int]] = dataclasses.field(default_factory=list)
     synthetic_poison_kind: Literal["random", "nonfinite"] = "random"
+    # What a "chunk file" is for the synthetic source (rollback_unit: chunk): consecutive
+    # windows of this many rows. Default: 941 steps x 2040 rows, about one K2 chunk file.
+    synthetic_chunk_rows: int = 1919640
 
     @property
     def accumulation_steps(self) -> int:
@@ -152,6 +155,9 @@ class DataConfig:
         if isinstance(self.order, list) and (not self.order or min(self.order) < 0):
             raise ConfigError("data.order", f"expected a preset name or a non-empty list of "
                               f"chunk ids >= 0, got {self.order}")
+        if self.synthetic_chunk_rows <= 0:
+            raise ConfigError("data.synthetic_chunk_rows", f"must be positive, got "
+                              f"{self.synthetic_chunk_rows}")
         if self.worker_count < 0 or self.prefetch < 0:
             raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
                               f"{self.worker_count} and {self.prefetch}")
@@ -165,6 +171,10 @@ class SpikeConfig:
     window: int = 100  # steps in the running median
     threshold: float = 3.0  # a spike is loss > threshold * running median
     min_history: int = 10  # steps observed before ratio spikes are detected
+    # What `rollback` moves to the end of the order: `chunk`, the rest of the chunk file holding
+    # the spiking step (K2's team moved whole chunk files, K2_SPEC section 6), or `step`, the
+    # spiking step's rows alone.
+    rollback_unit: Literal["chunk", "step"] = "chunk"
 
     def validate(self) -> None:
         if self.window < 1 or self.threshold <= 1.0:
@@ -182,6 +192,9 @@ class TrainConfig:
     async_checkpoint: bool = True
     resume_step: Optional[int] = None
     init_from: Optional[str] = None
+    # Continue a run from released weights (init_from) at this global step: the lr schedule,
+    # the data position and checkpoint numbering continue from it; AdamW's moments start fresh.
+    start_step: int = 0
     log_every: int = 1
     peak_flops_per_device: Optional[float] = None  # None: known value for the device kind
     spikes: SpikeConfig = dataclasses.field(default_factory=SpikeConfig)
@@ -192,6 +205,12 @@ class TrainConfig:
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
             raise ConfigError("train.checkpoint_every", "checkpoint_every, keep_checkpoints "
                               "and log_every must be positive")
+        if self.start_step < 0 or self.start_step >= max(self.steps, 1):
+            raise ConfigError("train.start_step", f"must be in [0, train.steps={self.steps}), "
+                              f"got {self.start_step}")
+        if self.start_step and not self.init_from:
+            raise ConfigError("train.start_step", "needs train.init_from (the weights of that "
+                              "step); a run from random weights starts at step 0")
         self.spikes.validate()
 
 

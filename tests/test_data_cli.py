@@ -87,7 +87,7 @@ def test_errors_are_one_line_with_exit_code_2(k2_dir, tmp_path, capsys):
 
     code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 5, "--global-batch", 2,
                        "--seq-len", SEQ_LEN, "--order", "sequential")
-    assert code == 2 and "step 5 needs global rows [10, 12) but the order holds 4 rows" in err
+    assert code == 2 and "step 5 needs global rows [10, 12) but the order holds only 4 rows" in err
 
     write_chunk(tmp_path, 0, 5)
     code, _, err = run(capsys, "locate", "--data", tmp_path, "--step", 0, "--global-batch", 2,
@@ -114,3 +114,37 @@ def test_prepare_then_index_then_batch(tmp_path, capsys):
                      "--seq-len", 32, "--order", "sequential", "--vocab-size", 318,
                      "--out", tmp_path / "b.npy")
     assert code == 0 and np.load(tmp_path / "b.npy").shape == (4, 32)
+
+
+def test_batch_and_locate_follow_a_runs_moved_rows(k2_dir, tmp_path, capsys):
+    """--run-dir: the run's config.yaml and data_order.json decide the rows, not the flags."""
+    import yaml
+
+    from k2jax.config import load_config
+    from train_utils import TINY
+
+    assert run(capsys, "index", k2_dir, "--quiet")[0] == 0
+    config = load_config(TINY, ["data.source=k2", f"data.path={k2_dir}",
+                                f"data.seq_len={SEQ_LEN}", "data.global_batch_size=7",
+                                "data.micro_batch_size=7"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (tmp_path / "data_order.json").write_text(json.dumps({"moved_row_ranges": [[24, 3]]}))
+    original = [21, 22, 23, 27, 28, 29, 30]  # step 3 = logical rows 21..27, 24..26 moved away
+
+    code, out, _ = run(capsys, "batch", "--run-dir", tmp_path, "--step", 3, "--out",
+                       tmp_path / "b.npy")
+    assert code == 0 and "after 1 moves" in out
+    ref_tokens, _ = reference_rows(k2_dir, k2_stage1_chunk_order())
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), ref_tokens[original])
+
+    code, out, _ = run(capsys, "locate", "--run-dir", tmp_path, "--step", 3)
+    pieces = json.loads(out)["pieces"]
+    got = np.load(tmp_path / "b.npy")
+    assert code == 0 and [p["first_batch_row"] for p in pieces][0] == 0
+    rows = [p["first_original_row"] + i for p in pieces for i in range(p["num_rows"])]
+    assert rows == original and len(pieces) >= 3  # the move and a file boundary split it
+    for piece in pieces:
+        lines = range(piece["first_line_0based"], piece["end_line_0based_exclusive"])
+        batch = got[piece["first_batch_row"]:piece["first_batch_row"] + piece["num_rows"]]
+        assert batch[:, 0].tolist() == [piece["chunk_id"]] * len(lines)
+        assert batch[:, 1].tolist() == list(lines)

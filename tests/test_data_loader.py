@@ -198,7 +198,8 @@ def test_step_past_the_end_is_an_error(tmp_path):
     step_batches = StepBatches(open_chunk_source(tmp_path, [0], SEQ_LEN, VOCAB),
                                k2_config(tmp_path, 2, order=[0]).data)
     step_batches.global_batch(0)
-    with pytest.raises(UserError, match="step 1 needs row 3 but the data holds only 3 rows"):
+    with pytest.raises(UserError, match=r"step 1 needs global rows \[2, 4\) but the order holds "
+                                        r"only 3 rows"):
         step_batches.global_batch(1)
 
 

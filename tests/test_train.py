@@ -132,12 +132,12 @@ def spikes(run_dir):
 POISON_STEP = 25  # rows of step 25 (batch 8) become uniform random tokens
 
 
-def poisoned(run_dir, action, kind="random", steps=28):
+def poisoned(run_dir, action, kind="random", steps=28, *extra):
     rows = f"data.synthetic_poison_rows=[[{POISON_STEP * 8}, 8]]"
     return small_config(run_dir, f"train.steps={steps}", "train.checkpoint_every=10",
                        "train.keep_checkpoints=5", f"train.spikes.action={action}",
                        "train.spikes.min_history=5", "train.spikes.threshold=1.5", rows,
-                       f"data.synthetic_poison_kind={kind}")
+                       f"data.synthetic_poison_kind={kind}", *extra)
 
 
 def test_spike_skip_refuses_the_update(tmp_path):
@@ -146,10 +146,16 @@ def test_spike_skip_refuses_the_update(tmp_path):
     assert [(e["step"], e["kind"], e["update_applied"]) for e in events] == [
         (POISON_STEP, "ratio", False)]
     assert POISON_STEP + 1 not in losses_by_step(tmp_path)  # the refused step is not logged
+    # The logged lr is the one the update used: the refused update did not advance the
+    # schedule, so record s (update s - 1) ran at lr(s - 1) before the spike, lr(s - 2) after.
+    lr = k2_learning_rate(poisoned(tmp_path, "skip").optimizer)
+    for record in read_metrics(tmp_path):
+        used = record["step"] - (1 if record["step"] <= POISON_STEP else 2)
+        assert record["lr"] == pytest.approx(float(lr(used)), rel=1e-6), record["step"]
 
 
 def test_spike_rollback_moves_the_rows_and_restores(tmp_path):
-    Trainer(poisoned(tmp_path, "rollback")).run()
+    Trainer(poisoned(tmp_path, "rollback", "random", 28, "train.spikes.rollback_unit=step")).run()
     [event] = spikes(tmp_path)
     assert event["moved_rows"] == [POISON_STEP * 8, 8]
     assert event["resumed_from_step"] == 20  # last checkpoint before the spike

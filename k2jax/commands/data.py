@@ -96,16 +96,27 @@ def _add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=32032, help="token ids must be below this")
 
 
+# The order settings and their defaults without --run-dir; with it the run's config sets them.
+ORDER_DEFAULTS = {"global_batch": 2040, "order": "k2-stage1", "start_row": 0, "seq_len": 2048,
+                  "vocab_size": 32032}
+
+
 def _add_order_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DIR")
+    p.add_argument("--data", metavar="DIR",
+                   help="directory of the chunk files (with --run-dir: default the run's "
+                        "data.path)")
+    p.add_argument("--run-dir", metavar="RUN",
+                   help="follow this training run's order: its config.yaml and the rows its "
+                        "rollbacks moved (data_order.json)")
     p.add_argument("--step", required=True, type=int)
-    p.add_argument("--global-batch", type=int, default=2040)
-    p.add_argument("--order", default="k2-stage1", type=_order,
-                   help="k2-stage1, k2-stage2, sequential, or comma-separated chunk ids")
+    p.add_argument("--global-batch", type=int, help="default 2040")
+    p.add_argument("--order", type=_order,
+                   help="k2-stage1 (default), k2-stage2, sequential, or comma-separated chunk ids")
     p.add_argument("--format", default="auto", choices=("auto", "jsonl", "packed"))
-    p.add_argument("--start-row", type=int, default=0, help="global row of step 0")
-    add_use_tgt_mask_arg(p)
-    _add_shape_args(p)
+    p.add_argument("--start-row", type=int, help="global row of step 0 (default 0)")
+    p.add_argument("--seq-len", type=int, help="default 2048")
+    p.add_argument("--vocab-size", type=int, help="token ids must be below this (default 32032)")
+    add_use_tgt_mask_arg(p)  # with --run-dir the run's data.use_tgt_mask decides
     _add_index_dir(p)
 
 
@@ -123,24 +134,42 @@ def _order(text: str):
     return _id_list(text) if text[:1].isdigit() else text
 
 
-def _open(args):
-    from k2jax.data.chunked_source import open_chunk_source
+def _order_config(args):
+    """The Config whose data order the command follows: the run's, or one from the flags."""
+    from k2jax.config import Config, DataConfig, ModelConfig
+    from k2jax.data.run_order import load_run_config
+    from k2jax.paths import storage_path
 
-    return open_chunk_source(args.data, args.order, args.seq_len, args.vocab_size, args.format,
-                             args.index_dir, use_tgt_mask=args.use_tgt_mask)
+    if args.run_dir is None:
+        if args.data is None:
+            raise UserError("--data DIR is required (or --run-dir RUN)")
+        given = {k: getattr(args, k) if getattr(args, k) is not None else default
+                 for k, default in ORDER_DEFAULTS.items()}
+        if given["global_batch"] <= 0:
+            raise UserError(f"--global-batch must be positive, got {given['global_batch']}")
+        data = DataConfig(source="k2", path=args.data, order=given["order"], format=args.format,
+                          index_dir=args.index_dir, seq_len=given["seq_len"],
+                          global_batch_size=given["global_batch"],
+                          micro_batch_size=given["global_batch"], start_row=given["start_row"],
+                          use_tgt_mask=args.use_tgt_mask)
+        return Config(model=ModelConfig(vocab_size=given["vocab_size"]), data=data)
+    fixed = [f"--{k.replace('_', '-')}" for k in ORDER_DEFAULTS if getattr(args, k) is not None]
+    if fixed:
+        raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
+                        f"{args.run_dir}; give only --data, --format, --index-dir")
+    config = load_run_config(storage_path(args.run_dir))
+    if args.data is not None:  # where the same chunk files live on this machine
+        config.data.path = args.data
+    if args.format != "auto" or args.index_dir is not None:
+        config.data.format, config.data.index_dir = args.format, args.index_dir
+    return config
 
 
-def _step_rows(args, num_rows: int) -> tuple[int, int]:
-    if args.step < 0 or args.global_batch <= 0:
-        raise UserError(f"--step must be >= 0 and --global-batch > 0, got {args.step}, "
-                        f"{args.global_batch}")
-    start = args.start_row + args.step * args.global_batch
-    stop = start + args.global_batch
-    if stop > num_rows:
-        raise UserError(f"step {args.step} needs global rows [{start}, {stop}) but the order "
-                        f"holds {num_rows} rows ({num_rows // args.global_batch} whole steps "
-                        f"of {args.global_batch})")
-    return start, stop
+def _step_batches(args):
+    """StepBatches over the order the args name: the single map from a step to its rows."""
+    from k2jax.data.pipeline import make_step_batches
+
+    return make_step_batches(_order_config(args))
 
 
 def cmd_index(args) -> int:
@@ -170,13 +199,15 @@ def cmd_pack(args) -> int:
 def cmd_batch(args) -> int:
     from k2jax.data import chunk_files
 
-    source = _open(args)
-    start, stop = _step_rows(args, source.num_rows)
-    tokens, _ = source.read_rows(np.arange(start, stop, dtype=np.int64))
+    batches = _step_batches(args)
+    start, stop = batches.logical_rows(args.step)
+    tokens = batches.global_batch(args.step)["tokens"]
     out = epath.Path(args.out)
     chunk_files.write_npy_atomic(out, tokens)
+    moved = len(batches.data.moved_row_ranges)
     print(f"wrote step {args.step}: tokens int32 {list(tokens.shape)} (global rows "
-          f"[{start}, {stop}), {source.form}) to {out}")
+          f"[{start}, {stop}) of the order{f' after {moved} moves' if moved else ''}, "
+          f"{getattr(batches.source, 'form', batches.data.source)}) to {out}")
     return 0
 
 
@@ -186,29 +217,35 @@ def cmd_locate(args) -> int:
 
 
 def locate_step(args) -> dict:
-    """Files and 0-based line ranges that feed step `args.step`, in batch order."""
+    """Files and 0-based line ranges that feed step `args.step`, in batch order: one piece per
+    run of consecutive original rows (a rollback's move can split a step into several)."""
     from k2jax.data import chunk_files
 
-    source = _open(args)
-    start, stop = _step_rows(args, source.num_rows)
-    row_map = source.row_map
-    positions, lines = row_map.locate(np.arange(start, stop, dtype=np.int64))
+    batches = _step_batches(args)
+    data = batches.data
+    start, stop = batches.logical_rows(args.step)
+    rows = batches.global_rows(args.step)
+    row_map = getattr(batches.source, "row_map", None)  # None: synthetic rows, no files
+    positions = row_map.locate(rows)[0] if row_map is not None else np.zeros_like(rows)
+    cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 0)) + 1
+    bounds = [0, *cuts.tolist(), len(rows)]
     pieces = []
-    batch_row = 0
-    for position in np.unique(positions):
-        selected = lines[positions == position]
-        chunk_id = int(row_map.chunk_ids[position])
-        pieces.append({
-            "order_position": int(position), "chunk_id": chunk_id,
-            "file": os.fspath(chunk_files.jsonl_path(epath.Path(args.data), chunk_id)),
-            "first_line_0based": int(selected[0]),
-            "end_line_0based_exclusive": int(selected[-1]) + 1,
-            "num_rows": int(len(selected)), "first_batch_row": batch_row})
-        batch_row += len(selected)
-    return {"step": args.step, "global_batch_size": args.global_batch,
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        row, position = int(rows[first]), int(positions[first])
+        piece = {"first_original_row": row, "num_rows": end - first, "first_batch_row": first}
+        if row_map is not None:
+            chunk_id = int(row_map.chunk_ids[position])
+            line = row - int(row_map.starts[position])
+            piece = {"order_position": position, "chunk_id": chunk_id,
+                     "file": os.fspath(chunk_files.jsonl_path(epath.Path(data.path), chunk_id)),
+                     "first_line_0based": line, "end_line_0based_exclusive": line + end - first,
+                     **piece}
+        pieces.append(piece)
+    return {"step": args.step, "global_batch_size": data.global_batch_size,
             "global_rows_start": start, "global_rows_end_exclusive": stop,
-            "order": args.order if isinstance(args.order, str) else "explicit",
-            "format": source.form, "pieces": pieces}
+            "moved_row_ranges": data.moved_row_ranges,
+            "order": data.order if isinstance(data.order, str) else "explicit",
+            "format": getattr(batches.source, "form", data.source), "pieces": pieces}
 
 
 def cmd_order(args) -> int:

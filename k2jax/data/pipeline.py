@@ -39,15 +39,27 @@ class StepBatches:
         """Rows per process, padding included."""
         return self.padded_batch_size // self.process_count
 
+    def logical_rows(self, step: int) -> tuple[int, int]:
+        """[start, stop) of `step` in the current order (data.moved_row_ranges applied)."""
+        size = self.data.global_batch_size
+        if step < 0:
+            raise UserError(f"step must be >= 0, got {step}")
+        start = self.data.start_row + step * size
+        total = self.source.num_rows
+        if total is not None and start + size > total:
+            raise UserError(f"step {step} needs global rows [{start}, {start + size}) but the "
+                            f"order holds only {total} rows ({total // size} whole steps of "
+                            f"{size})")
+        return start, start + size
+
     def global_rows(self, step: int) -> np.ndarray:
         """Original-order row indices int64 [B] consumed by `step`."""
-        size = self.data.global_batch_size
-        logical = self.data.start_row + step * size + np.arange(size, dtype=np.int64)
-        rows = apply_moved_ranges(logical, self.data.moved_row_ranges, self.source.num_rows)
-        if self.source.num_rows is not None and rows.max() >= self.source.num_rows:
-            raise UserError(f"step {step} needs row {int(rows.max())} but the data holds only "
-                            f"{self.source.num_rows} rows")
-        return rows
+        start, stop = self.logical_rows(step)
+        return self.original_rows(np.arange(start, stop, dtype=np.int64))
+
+    def original_rows(self, logical: np.ndarray) -> np.ndarray:
+        """Rows of the current order int64 [n] -> rows of the original order int64 [n]."""
+        return apply_moved_ranges(logical, self.data.moved_row_ranges, self.source.num_rows)
 
     def host_rows(self, step: int) -> np.ndarray:
         """The real (unpadded) original-order rows of this process's slice of `step`."""

@@ -1,14 +1,21 @@
 """K2's learning-rate schedule (K2_SPEC section 3), as an optax schedule of the step.
 
-  step <= warmup : lr = peak * step / warmup
-  warmup < step <= decay : lr = min + 0.5 * (1 + cos(pi * (step - warmup) / (decay - warmup)))
+  step < warmup  : lr = peak * step / warmup
+  warmup <= step <= decay : lr = min + 0.5 * (1 + cos(pi * (step - warmup) / (decay - warmup)))
                                  * (peak - min)
   step > decay   : lr = min
+
+Both branches give `peak` at step == warmup, so the split only matters for warmup 0, where
+Megatron runs step 0 at peak (its warm-up branch is taken only when warmup > 0). `step` is the
+0-based index of the update (the optax schedule count): the lr of step t is the one update t
+uses.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import optax
 
 from k2jax.config import OptimizerConfig
 
@@ -22,6 +29,35 @@ def k2_learning_rate(config: OptimizerConfig):
         warm = peak * step / max(warmup, 1)
         progress = jnp.clip((step - warmup) / (decay - warmup), 0.0, 1.0)
         cosine = low + 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * (peak - low)
-        return jnp.where(step <= warmup, warm, cosine)
+        return jnp.where(step < warmup, warm, cosine)
 
     return schedule
+
+
+# The optimizer state holds two counters: Adam's (bias correction of its moments) and the
+# schedule's (which lr the next update uses). They are equal in a run from step 0; a run that
+# continues K2 from released weights (train.start_step) starts the schedule at the global step
+# and Adam at 0, because the released checkpoints carry no moments.
+
+
+def _schedule_states(opt_state) -> list:
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
+    if len(found) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer, found "
+                         f"{len(found)}")
+    return found
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The schedule's counter: int32 scalar, the 0-based index whose lr the next update uses."""
+    return _schedule_states(opt_state)[0].count
+
+
+def with_schedule_count(opt_state, count):
+    """`opt_state` with the schedule's counter set to `count` (Adam's own count untouched)."""
+    _schedule_states(opt_state)  # exactly one, or a clear error
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(
+        lambda x: optax.ScaleByScheduleState(count=jnp.asarray(count, x.count.dtype))
+        if is_schedule(x) else x, opt_state, is_leaf=is_schedule)

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from k2jax.config import Config
 from k2jax.model import K2Model
 from k2jax.sharding.rules import param_shardings, replicated
+from k2jax.train.schedule import with_schedule_count
 
 
 @flax.struct.dataclass
@@ -44,14 +45,20 @@ def state_shardings(config: Config, optimizer: optax.GradientTransformation, mes
 
 
 def create_train_state(config: Config, optimizer, mesh: Mesh, shardings: TrainState,
-                       params=None) -> TrainState:
-    """Initialise (or wrap given `params`) inside jit with sharded outputs."""
+                       params=None, start_step: int = 0) -> TrainState:
+    """Initialise (or wrap given `params`) inside jit with sharded outputs.
+
+    `start_step` (train.start_step): the global step the state stands at. The step counter and
+    the lr schedule's counter start there; Adam's moments are zero and its count 0, so its bias
+    correction is that of a fresh optimizer.
+    """
     init = init_params_fn(config)
 
     def make(key, given):
         params = nn.meta.unbox(init(key)) if given is None else given
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params))
+        opt_state = with_schedule_count(optimizer.init(params), start_step)
+        return TrainState(step=jnp.asarray(start_step, jnp.int32), params=params,
+                          opt_state=opt_state)
 
     key = jax.random.key(config.train.seed)
     if params is None:

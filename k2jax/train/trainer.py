@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -20,6 +19,8 @@ from k2jax.checkpoint.params_io import restore_params
 from k2jax.config import Config
 from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
+from k2jax.data.rollback import rollback_window
+from k2jax.data.run_order import with_run_order, write_moved_row_ranges
 from k2jax.errors import UserError
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
@@ -29,12 +30,10 @@ from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
-from k2jax.train.schedule import k2_learning_rate
+from k2jax.train.schedule import k2_learning_rate, schedule_count
 from k2jax.train.spikes import SpikeDetector
 from k2jax.train.state import abstract_state, create_train_state, state_shardings
 from k2jax.train.step import make_train_step
-
-DATA_ORDER_FILE = "data_order.json"
 
 
 class StopRequested:
@@ -65,7 +64,7 @@ class Trainer:
         self.boxed, self.shardings = state_shardings(config, self.optimizer, self.mesh)
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
-        self._load_data_order()
+        with_run_order(self.config, self.run_dir)  # rollbacks recorded by this run
         # Device batches are padded with zero-mask rows to a multiple of the data-parallel size
         # (k2jax/sharding/batch.py); the loss and MFU count only the real rows.
         self.device_rows = padded_global_rows(config, self.mesh, jax.process_count())
@@ -76,19 +75,6 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _load_data_order(self) -> None:
-        """Rollbacks append moved windows to run_dir/data_order.json; it outranks the config."""
-        path = self.run_dir / DATA_ORDER_FILE
-        if path.exists():
-            moved = json.loads(path.read_text())["moved_row_ranges"]
-            self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
-
-    def _save_data_order(self) -> None:
-        if self.primary:
-            tmp = self.run_dir / (DATA_ORDER_FILE + ".tmp")
-            tmp.write_text(json.dumps({"moved_row_ranges": self.config.data.moved_row_ranges}))
-            tmp.rename(self.run_dir / DATA_ORDER_FILE)
-
     def _restore(self, step: int):
         self.checkpoints.check_compatible(step, self.config.to_dict())
         target = abstract_state(self.shardings, self.config, self.optimizer)
@@ -98,7 +84,8 @@ class Trainer:
         return state
 
     def initial_state(self):
-        """(state, step): resume_step, else the latest checkpoint, else init_from, else fresh."""
+        """(state, step): resume_step, else the latest checkpoint, else init_from (at
+        train.start_step), else fresh."""
         train = self.config.train
         steps = self.checkpoints.all_steps()
         if train.resume_step is not None:
@@ -117,9 +104,11 @@ class Trainer:
         if train.init_from:
             target = abstract_state(self.shardings, self.config, self.optimizer).params
             params = restore_params(train.init_from, target)
-            self.log(f"initialised parameters from {train.init_from}")
+            self.log(f"initialised parameters from {train.init_from}"
+                     + (f"; continuing at step {train.start_step} with fresh AdamW moments"
+                        if train.start_step else ""))
             return create_train_state(self.config, self.optimizer, self.mesh, self.shardings,
-                                      params), 0
+                                      params, train.start_step), train.start_step
         return create_train_state(self.config, self.optimizer, self.mesh, self.shardings), 0
 
     def save(self, step: int, state, metrics: Optional[dict]) -> None:
@@ -148,6 +137,11 @@ class Trainer:
         return iterate_host_batches(self.batches, step, self.config.train.steps - step,
                                     self.config.data.worker_count, self.config.data.prefetch)
 
+    @staticmethod
+    def _schedule_step(state) -> int:
+        count = schedule_count(state.opt_state)  # replicated: any local shard holds it
+        return int(np.asarray(count.addressable_data(0)))
+
     def peak_flops(self) -> float:
         if self.config.train.peak_flops_per_device:
             return self.config.train.peak_flops_per_device
@@ -159,13 +153,14 @@ class Trainer:
         return measure_matmul_peak()
 
     def rollback(self, step: int):
-        """Move the spiking step's rows to the end of the order and restore the last good
-        checkpoint at or before `step` (what K2's team did by hand, automated)."""
-        size = self.config.data.global_batch_size
-        window = [self.config.data.start_row + step * size, size]
+        """Move the rest of the spiking step's chunk (or its rows: train.spikes.rollback_unit)
+        to the end of the order and restore the last good checkpoint at or before `step` (what
+        K2's team did by hand, automated)."""
+        window = rollback_window(self.batches, step, self.config.train.spikes.rollback_unit)
         moved = self.config.data.moved_row_ranges + [window]
         self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
-        self._save_data_order()
+        if self.primary:
+            write_moved_row_ranges(self.run_dir, moved)
         self.batches = make_step_batches(self.config, jax.process_index(),
                                          jax.process_count(), self.device_rows)
         self.checkpoints.wait()
@@ -210,6 +205,9 @@ class Trainer:
                 batch_step, host = next(batches)
                 assert batch_step == step, (batch_step, step)
                 batch = self.global_batch(host)
+                # The lr this update uses: the schedule's counter, which a skipped update does
+                # not advance and train.start_step starts at the global step.
+                lr = float(self.learning_rate(self._schedule_step(state)))
                 t0 = time.perf_counter()
                 state, metrics = compiled(state, batch, np.float32(self.detector.loss_ceiling()))
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
@@ -225,7 +223,7 @@ class Trainer:
                 step += 1
                 progress.update(1)
                 record = {
-                    "loss": metrics["loss"], "lr": float(self.learning_rate(step - 1)),
+                    "loss": metrics["loss"], "lr": lr,
                     "grad_norm": metrics["grad_norm"], "param_norm": metrics["param_norm"],
                     "update_ratio": metrics["update_ratio"],
                     "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
