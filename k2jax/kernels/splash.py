@@ -69,11 +69,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     _validate(q, k, v, segment_ids)
     interpret = bool(resolve_interpret(interpret))
     batch, seq, heads, head_dim = q.shape
-    block_q, block_kv = block_sizes_for_call(seq, block_q, block_kv, interpret)
     for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-        if not isinstance(value, int) or value <= 0 or value % NUM_LANES:
+        if value is not None and (not isinstance(value, int) or value <= 0
+                                  or value % NUM_LANES):
             raise ValueError(f"{name}: splash attention needs a positive multiple of "
                              f"{NUM_LANES}, got {value!r}")
+    # Defaults for short sequences (and interpret mode's) can be under 128: round them up.
+    block_q, block_kv = (round_up(b, NUM_LANES) for b in
+                         block_sizes_for_call(seq, block_q, block_kv, interpret))
     if sm_scale is None:
         sm_scale = head_dim ** -0.5
     if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
