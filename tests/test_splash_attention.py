@@ -113,3 +113,33 @@ def test_train_step_with_splash_equals_xla():
     assert splash["grad_norm"] == pytest.approx(xla["grad_norm"], rel=1e-5)
     for a, b in zip(jax.tree.leaves(xla_state.params), jax.tree.leaves(splash_state.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+def load_benchmark():
+    import importlib.util
+
+    from train_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("attention_benchmark",
+                                                  REPO / "benchmarks" / "attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_verdict_needs_the_own_kernel_as_fast_at_every_shape():
+    pick_auto = load_benchmark().pick_auto
+    assert pick_auto({2048: {"pallas": 1.0, "splash": 1.0},
+                      8192: {"pallas": 3.0, "splash": 3.5}}) == "pallas"
+    assert pick_auto({2048: {"pallas": 0.9, "splash": 1.0},
+                      8192: {"pallas": 3.6, "splash": 3.5}}) == "splash"
+    assert pick_auto({2048: {"splash": 1.0}}) is None  # the own kernel failed: no verdict
+    assert pick_auto({}) is None
+
+
+@pytest.mark.slow  # both kernels in interpret mode at a small shape: ~30 s on 2 cores
+def test_benchmark_on_cpu_says_a_tpu_is_needed(capsys):
+    load_benchmark().main([])
+    out = capsys.readouterr().out
+    assert "timing needs a TPU" in out and "auto should pick" not in out
+    assert "splash (jax)" in out and "pallas (k2jax)" in out  # the correctness rows ran
