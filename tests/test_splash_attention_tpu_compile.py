@@ -24,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from k2jax.kernels import default_block_sizes, sharded_splash_attention, splash_attention  # noqa: E402,E501
+from k2jax.kernels import (default_block_sizes, sharded_splash_attention,  # noqa: E402
+                           splash_attention)
 from test_flash_attention_tpu_compile import K2_SHARD, compile_attention  # noqa: E402
 from train_utils import REPO, TINY, subprocess_env  # noqa: E402
 
