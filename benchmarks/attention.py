@@ -1,13 +1,16 @@
-"""Attention benchmark: k2jax's Pallas flash attention vs XLA einsum-softmax vs jax's splash.
+"""Attention benchmark: k2jax's Pallas flash attention vs jax's splash attention (vs XLA).
 
-On a TPU: forward and forward+backward wall time and achieved TFLOP/s at K2's per-chip shape
-(batch 1, seq 2048, 8 heads = one tensor-parallel shard of 64, head_dim 128, bf16).
-Elsewhere: checks the three implementations agree at a small shape (Pallas in interpret mode)
-and says that timing needs a TPU. With --aot TOPOLOGY (e.g. v5p:2x2x1, needs libtpu) it
-compiles all three for that TPU from this host and prints the compiler's memory figures.
+On a TPU: forward and forward+backward wall time and achieved TFLOP/s of each implementation
+at K2's per-chip shapes (batch 1, 8 heads = one tensor-parallel shard of 64, head_dim 128,
+bf16, causal) for seq 2048 (K2) and 8192 (K2-Chat), then which kernel `model.attention: auto`
+should pick on this chip: k2jax's own kernel only if it is at least as fast as splash at every
+shape (forward+backward, what training runs). Elsewhere it says that timing needs a TPU, skips
+the table and checks the implementations agree at a small shape (Pallas in interpret mode).
+With --aot TOPOLOGY (e.g. v5p:2x2x1, needs libtpu) it compiles them for that TPU from this
+host and prints the compiler's memory figures.
 
     python benchmarks/attention.py                       # on a TPU VM
-    python benchmarks/attention.py --block-q 1024 --block-kv 512
+    python benchmarks/attention.py --seqs 2048 --block-q 1024 --block-kv 512
     JAX_PLATFORMS=cpu python benchmarks/attention.py     # correctness only
     JAX_PLATFORMS=cpu python benchmarks/attention.py --aot v5p:2x2x1
 
@@ -30,8 +33,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from k2jax.kernels import default_block_sizes, flash_attention  # noqa: E402
+from k2jax.kernels import default_block_sizes, flash_attention, splash_attention  # noqa: E402
 from k2jax.kernels.block_sizes import tpu_generation  # noqa: E402
+from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION  # noqa: E402
+
+# Row names of the two kernels, as `model.attention` values.
+KERNELS = {"pallas (k2jax)": "pallas", "splash (jax)": "splash"}
 
 
 def xla_attention(q, k, v, *, causal=True, sm_scale):
@@ -46,27 +53,6 @@ def xla_attention(q, k, v, *, causal=True, sm_scale):
     p = jax.nn.softmax(s, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
                       preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-def splash_attention(q, k, v, *, causal=True, sm_scale, block_q, block_kv, interpret=False):
-    """jax's splash attention (multi-head kernel, vmapped over batch). It takes [H, S, D] and
-    applies no scale, so q is pre-scaled; GQA by repeating kv heads."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as
-                                                                  splash, splash_attention_mask
-                                                                  as masks)
-    _, seq, heads, _ = q.shape
-    group = heads // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    head_mask = masks.CausalMask((seq, seq)) if causal else masks.FullMask((seq, seq))
-    sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                              block_q_dkv=block_q, block_kv_dkv=block_kv,
-                              block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-                              block_kv_dq=block_kv)
-    kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
-                                    head_shards=1, q_seq_shards=1, interpret=interpret)
-    to_hsd = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
-    out = jax.vmap(kernel)(to_hsd(q * jnp.asarray(sm_scale, q.dtype)), to_hsd(k), to_hsd(v))
-    return to_hsd(out)
 
 
 def implementations(args, interpret):
@@ -116,23 +102,56 @@ def time_call(fn, call_args, iters):
     return statistics.median(samples)
 
 
-def benchmark_tpu(args):
-    q, k, v, cotangent = inputs(args)
-    fwd_flops, total_flops = flops(args)
-    print(f"device {jax.devices()[0].device_kind}; B={args.batch} S={args.seq} H={args.heads} "
-          f"KVH={args.kv_heads} D={args.head_dim} {args.dtype} causal={args.causal} "
-          f"block_q={args.block_q} block_kv={args.block_kv}; median of {args.iters}")
-    print(f"{'implementation':<16} {'fwd ms':>8} {'fwd TF/s':>9} {'fwd+bwd ms':>11} "
-          f"{'fwd+bwd TF/s':>13}")
-    for name, fn in implementations(args, interpret=False).items():
-        try:
-            fwd = time_call(jax.jit(fn), (q, k, v), args.iters)
-            both = time_call(forward_backward(fn), (q, k, v, cotangent), args.iters)
-        except Exception as error:  # one failing baseline must not hide the others
-            print(f"{name:<16} failed: {str(error).splitlines()[0][:100]}")
-            continue
-        print(f"{name:<16} {fwd * 1e3:8.3f} {fwd_flops / fwd / 1e12:9.1f} {both * 1e3:11.3f} "
-              f"{total_flops / both / 1e12:13.1f}")
+def at_seq(args, seq, generation):
+    """args for one sequence length, with the generation's default blocks where not given."""
+    defaults = default_block_sizes(generation, seq)
+    return argparse.Namespace(**{**vars(args), "seq": seq,
+                                 "block_q": args.block_q or defaults.block_q,
+                                 "block_kv": args.block_kv or defaults.block_kv})
+
+
+def pick_auto(fwd_bwd_seconds):
+    """{seq: {model.attention value: fwd+bwd seconds}} -> the kernel `auto` should run: k2jax's
+    own ("pallas") only if it is at least as fast as splash at every shape; None when a kernel
+    failed (or was not timed) at some shape."""
+    times = list(fwd_bwd_seconds.values())
+    if not times or any(set(KERNELS.values()) - set(t) for t in times):
+        return None
+    return "pallas" if all(t["pallas"] <= t["splash"] for t in times) else "splash"
+
+
+def benchmark_tpu(args, generation):
+    print(f"device {jax.devices()[0].device_kind}; B={args.batch} H={args.heads} "
+          f"KVH={args.kv_heads} D={args.head_dim} {args.dtype} causal={args.causal}; "
+          f"median of {args.iters}")
+    print(f"{'implementation':<16} {'seq':>5} {'blocks':>9} {'fwd ms':>8} {'fwd TF/s':>9} "
+          f"{'fwd+bwd ms':>11} {'fwd+bwd TF/s':>13}")
+    fwd_bwd_seconds = {}
+    for seq in args.seqs:
+        shape = at_seq(args, seq, generation)
+        q, k, v, cotangent = inputs(shape)
+        fwd_flops, total_flops = flops(shape)
+        blocks = f"{shape.block_q}x{shape.block_kv}"
+        for name, fn in implementations(shape, interpret=False).items():
+            try:
+                fwd = time_call(jax.jit(fn), (q, k, v), args.iters)
+                both = time_call(forward_backward(fn), (q, k, v, cotangent), args.iters)
+            except Exception as error:  # one failing baseline must not hide the others
+                print(f"{name:<16} {seq:>5} failed: {str(error).splitlines()[0][:100]}")
+                continue
+            if name in KERNELS:
+                fwd_bwd_seconds.setdefault(seq, {})[KERNELS[name]] = both
+            print(f"{name:<16} {seq:>5} {blocks:>9} {fwd * 1e3:8.3f} "
+                  f"{fwd_flops / fwd / 1e12:9.1f} {both * 1e3:11.3f} "
+                  f"{total_flops / both / 1e12:13.1f}")
+    choice = pick_auto(fwd_bwd_seconds)
+    if choice is None:
+        print("auto: no verdict (a kernel failed at some shape)")
+    else:
+        agrees = ("as it does now" if choice == TPU_DEFAULT_ATTENTION else
+                  f"change TPU_DEFAULT_ATTENTION in k2jax/model/attention_core.py from "
+                  f"{TPU_DEFAULT_ATTENTION!r}")
+        print(f"auto should pick on {generation}: {choice} ({agrees})")
 
 
 def check_small(args):
@@ -154,37 +173,42 @@ def check_small(args):
             continue
         errors = [float(jnp.abs(g - r).max() / jnp.abs(r).max()) for g, r in zip(got, reference)]
         print(f"  {name:<16} " + "  ".join(f"{e:.1e}" for e in errors))
-    print(f"timing needs a TPU (default backend here: {jax.default_backend()}); run this "
-          "script on a TPU VM for the table.")
+    print(f"timing needs a TPU (default backend here: {jax.default_backend()}): timing rows "
+          "and the auto verdict skipped; run this script on a TPU VM for them.")
 
 
 def compile_for(args, topology):
-    """Compiles the three implementations (forward+backward) for one chip of `topology`."""
+    """Compiles the implementations (forward+backward) for one chip of `topology`."""
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     sharding = NamedSharding(Mesh(devices[:1], ("device",)), PartitionSpec())
-    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-             for x in jax.eval_shape(lambda: inputs(args))]
-    print(f"ahead-of-time compile for {topology}, fwd+bwd at B={args.batch} S={args.seq} "
-          f"H={args.heads} D={args.head_dim} {args.dtype}:")
-    for name, fn in implementations(args, interpret=False).items():
-        start = time.perf_counter()
-        try:
-            compiled = forward_backward(fn).lower(*specs).compile()
-        except Exception as error:
-            print(f"  {name:<16} failed: {str(error).splitlines()[0][:120]}")
-            continue
-        memory = compiled.memory_analysis()
-        print(f"  {name:<16} compiled in {time.perf_counter() - start:5.1f} s, temp "
-              f"{memory.temp_size_in_bytes / 2**20:7.1f} MiB")
+    for seq in args.seqs:
+        shape = at_seq(args, seq, topology.split(":")[0])
+        specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+                 for x in jax.eval_shape(lambda: inputs(shape))]
+        print(f"ahead-of-time compile for {topology}, fwd+bwd at B={args.batch} S={seq} "
+              f"H={args.heads} KVH={args.kv_heads} D={args.head_dim} {args.dtype} blocks "
+              f"{shape.block_q}x{shape.block_kv}:")
+        for name, fn in implementations(shape, interpret=False).items():
+            start = time.perf_counter()
+            try:
+                compiled = forward_backward(fn).lower(*specs).compile()
+            except Exception as error:
+                print(f"  {name:<16} failed: {str(error).splitlines()[0][:120]}")
+                continue
+            memory = compiled.memory_analysis()
+            print(f"  {name:<16} compiled in {time.perf_counter() - start:5.1f} s, temp "
+                  f"{memory.temp_size_in_bytes / 2**20:7.1f} MiB")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seqs", type=lambda text: [int(x) for x in text.split(",")],
+                        default=[2048, 8192], help="comma-separated; default K2's 2048 and "
+                        "K2-Chat's 8192")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -196,18 +220,12 @@ def main(argv=None):
     parser.add_argument("--aot", metavar="TOPOLOGY", help="compile for this TPU topology")
     args = parser.parse_args(argv)
     on_tpu = jax.default_backend() == "tpu"
-    generation = (args.aot.split(":")[0] if args.aot else
-                  tpu_generation(jax.devices()[0].device_kind) if on_tpu else "v5p")
-    defaults = default_block_sizes(generation, args.seq)
-    args.block_q = args.block_q or defaults.block_q
-    args.block_kv = args.block_kv or defaults.block_kv
     if args.aot:
         compile_for(args, args.aot)
     elif on_tpu:
-        benchmark_tpu(args)
+        benchmark_tpu(args, tpu_generation(jax.devices()[0].device_kind))
     else:
         check_small(args)
-
 
 if __name__ == "__main__":
     main()

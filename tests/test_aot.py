@@ -79,12 +79,13 @@ def test_aot_compile_small_model_for_v5e_4():
 
 
 def test_aot_compiles_the_pallas_kernel_inside_the_sharded_step():
-    """`model.attention: auto` plans for the TPU: Mosaic lowers the flash-attention kernel per
-    device under shard_map in the full train step (head_dim 128, bf16)."""
+    """`model.attention: pallas`: Mosaic lowers the flash-attention kernel per device under
+    shard_map in the full train step (head_dim 128, bf16). `auto` (splash on TPU) is compiled
+    in test_splash_attention_tpu_compile.py."""
     pytest.importorskip("libtpu")
     model = ["model.vocab_size=512", "model.hidden_size=256", "model.intermediate_size=512",
              "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-             "model.compute_dtype=bfloat16", "model.attention=auto", "data.seq_len=256",
+             "model.compute_dtype=bfloat16", "model.attention=pallas", "data.seq_len=256",
              "data.global_batch_size=8", "data.micro_batch_size=4", "mesh.fsdp=2",
              "mesh.tensor=2"]
     cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",

@@ -32,9 +32,9 @@ COMPILE_SECONDS_LIMIT = 60  # generous: each compile takes 1-3 s on 2 cores
 
 
 def compile_attention(topology, *, batch, seq, heads, kv_heads, head_dim, dtype=jnp.bfloat16,
-                      segments=False, causal=True, grad=False):
-    """Compiles flash attention (or grad of a loss through it) for one chip of `topology`
-    with the generation's default block sizes; returns (compiled, seconds)."""
+                      segments=False, causal=True, grad=False, kernel=flash_attention):
+    """Compiles `kernel` (flash attention, or splash; or grad of a loss through it) for one
+    chip of `topology` with the generation's default block sizes; returns (compiled, seconds)."""
     generation = topology.split(":")[0]
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     mesh = Mesh(devices[:1], ("device",))  # per-chip shapes: one device of the slice
@@ -50,9 +50,8 @@ def compile_attention(topology, *, batch, seq, heads, kv_heads, head_dim, dtype=
 
     def attention(q, k, v, segment_ids):
         # interpret=False: the default would pick interpret mode on this CPU host.
-        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                               block_q=blocks.block_q, block_kv=blocks.block_kv,
-                               interpret=False)
+        return kernel(q, k, v, causal=causal, segment_ids=segment_ids,
+                      block_q=blocks.block_q, block_kv=blocks.block_kv, interpret=False)
 
     def loss(q, k, v, segment_ids):
         return jnp.sum(attention(q, k, v, segment_ids).astype(jnp.float32) ** 2)

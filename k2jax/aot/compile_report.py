@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from k2jax.aot.topology import Slice
 from k2jax.config import Config
-from k2jax.model.attention_core import pallas_interpret
+from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.sharding.batch import padded_global_rows
 from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.rules import batch_sharding, replicated
@@ -130,11 +130,12 @@ def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
                    measure_flops: bool = True) -> dict:
     """Compile for `tpu_slice` (x num_slices) and return the report (see `k2jax aot --help`).
 
-    `model.attention: auto` means what it means on the TPU being planned for: the Pallas
-    kernel, lowered by Mosaic for real (not in interpret mode, as it would be on this CPU)."""
+    `model.attention: auto` means what it means on the TPU being planned for (the
+    TPU_DEFAULT_ATTENTION kernel), lowered by Mosaic for real (not in interpret mode, as it
+    would be on this CPU)."""
     if config.model.attention == "auto":
         config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, attention="pallas"))
+            config, model=dataclasses.replace(config.model, attention=TPU_DEFAULT_ATTENTION))
     with pallas_interpret(False):
         return _compile_report(config, tpu_slice, num_slices, measure_flops)
 

@@ -111,6 +111,24 @@ def default_block_sizes(device_kind_or_generation: Optional[str], seq_len: int) 
     return BlockSizes(min(block_q, cap), min(block_kv, cap))
 
 
+def block_sizes_for_call(seq_len: int, block_q: Optional[int], block_kv: Optional[int],
+                         interpret: bool) -> BlockSizes:
+    """The blocks a kernel call uses: the caller's, or (for each None) the default of the
+    generation it runs on: "cpu" in interpret mode, the attached TPU, or "v5p" when compiling
+    ahead of time for a TPU from a CPU host."""
+    if block_q is not None and block_kv is not None:
+        return BlockSizes(block_q, block_kv)
+    if interpret:
+        generation = "cpu"
+    elif jax.default_backend() == "tpu":
+        generation = tpu_generation(jax.devices()[0].device_kind)
+    else:
+        generation = "v5p"
+    defaults = default_block_sizes(generation, seq_len)
+    return BlockSizes(defaults.block_q if block_q is None else block_q,
+                      defaults.block_kv if block_kv is None else block_kv)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Static tiling of one attention call (hashable: it is a custom_vjp static argument).

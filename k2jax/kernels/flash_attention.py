@@ -30,11 +30,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from k2jax.kernels.block_sizes import (INTERPRET_BLOCK_MULTIPLE, NUM_LANES, NUM_SUBLANES,
-                                       TPU_BLOCK_MULTIPLE, Geometry, default_block_sizes,
-                                       idiv, round_up, tpu_generation)
+                                       TPU_BLOCK_MULTIPLE, Geometry, block_sizes_for_call, idiv,
+                                       round_up)
 from k2jax.kernels import flash_attention_bwd
 from k2jax.kernels.flash_tiles import (NN_DIMS, NT_DIMS, Layout, Static, load_segments,
                                        run_block, segment_specs, stats_spec)
+from k2jax.kernels.per_device import per_device_attention
 
 # Finite, so masked logits never produce inf - inf = nan; far below any real logit.
 MASK_VALUE = -1e30
@@ -232,16 +233,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     _validate(q, k, v, segment_ids)
     interpret = resolve_interpret(interpret)
     batch, seq, heads, head_dim = q.shape
-    if block_q is None or block_kv is None:
-        if interpret:
-            generation = "cpu"
-        elif jax.default_backend() == "tpu":
-            generation = tpu_generation(jax.devices()[0].device_kind)
-        else:
-            generation = "v5p"
-        defaults = default_block_sizes(generation, seq)
-        block_q = defaults.block_q if block_q is None else block_q
-        block_kv = defaults.block_kv if block_kv is None else block_kv
+    block_q, block_kv = block_sizes_for_call(seq, block_q, block_kv, interpret)
     multiple = INTERPRET_BLOCK_MULTIPLE if interpret else TPU_BLOCK_MULTIPLE
     _check_block("block_q", block_q, multiple, interpret)
     _check_block("block_kv", block_kv, multiple, interpret)
@@ -283,13 +275,6 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh,
     divide kv_heads too); the sequence must not be sharded (attention needs every key).
     Shapes and kwargs as for `flash_attention`, with global (unsharded) shapes.
     """
-    qkv_spec = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
-    kernel = functools.partial(flash_attention, **kwargs)
-    if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: kernel(q, k, v), mesh=mesh,
-                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                             check_vma=False)(q, k, v)
-    segment_spec = jax.sharding.PartitionSpec(batch_axes, None)
-    return jax.shard_map(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
-                         in_specs=(qkv_spec,) * 3 + (segment_spec,), out_specs=qkv_spec,
-                         check_vma=False)(q, k, v, segment_ids)
+    return per_device_attention(functools.partial(flash_attention, **kwargs), q, k, v,
+                                mesh=mesh, batch_axes=batch_axes, head_axes=head_axes,
+                                segment_ids=segment_ids)

@@ -1,6 +1,6 @@
-"""Scaled dot-product attention behind one switch: `xla` (plain einsums) or `pallas` (fused
-flash-attention kernel from k2jax.kernels). Causal over the whole row: K2 packs documents
-without resetting attention at EOS."""
+"""Scaled dot-product attention behind one switch: `xla` (plain einsums), `pallas` (k2jax's
+fused flash-attention kernel, k2jax.kernels) or `splash` (jax's Pallas splash attention).
+Causal over the whole row: K2 packs documents without resetting attention at EOS."""
 
 from __future__ import annotations
 
@@ -26,9 +26,15 @@ def pallas_interpret(value: Optional[bool]):
         _PALLAS_INTERPRET = previous
 
 
+# What `auto` runs on a TPU: jax's splash kernel, Google's production TPU attention, until a
+# measurement on a chip shows k2jax's own kernel at least as fast (`benchmarks/attention.py`
+# times both and prints which one this should be; docs/attention.md).
+TPU_DEFAULT_ATTENTION = "splash"
+
+
 def resolve_attention_impl(name: str) -> str:
     if name == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "xla"
+        return TPU_DEFAULT_ATTENTION if jax.default_backend() == "tpu" else "xla"
     return name
 
 
@@ -81,21 +87,24 @@ def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_id
     impl = resolve_attention_impl(impl)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
-    if impl == "pallas":
-        return _pallas_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+    if impl in ("pallas", "splash"):
+        return _kernel_attention(impl, q, k, v, causal=causal, segment_ids=segment_ids,
                                  block_q=block_q, block_kv=block_kv)
     raise ValueError(f"model.attention: unknown implementation {impl!r}")
 
 
-def _pallas_attention(q, k, v, **kwargs):
-    """The fused kernel, one call per device under shard_map when a mesh is active: a
+def _kernel_attention(impl: str, q, k, v, **kwargs):
+    """A Pallas kernel, one call per device under shard_map when a mesh is active: a
     pallas_call is opaque to XLA's partitioner, which would otherwise gather q, k, v."""
-    from k2jax.kernels import flash_attention, sharded_flash_attention
+    from k2jax.kernels import (flash_attention, sharded_flash_attention,
+                               sharded_splash_attention, splash_attention)
 
+    single, sharded = {"pallas": (flash_attention, sharded_flash_attention),
+                       "splash": (splash_attention, sharded_splash_attention)}[impl]
     kwargs["interpret"] = _PALLAS_INTERPRET
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return flash_attention(q, k, v, **kwargs)
+        return single(q, k, v, **kwargs)
     rules = dict(nn.get_logical_axis_rules())
-    return sharded_flash_attention(q, k, v, mesh=mesh, batch_axes=rules.get("batch"),
-                                   head_axes=rules.get("heads"), **kwargs)
+    return sharded(q, k, v, mesh=mesh, batch_axes=rules.get("batch"),
+                   head_axes=rules.get("heads"), **kwargs)
