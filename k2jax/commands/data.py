@@ -62,7 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = add_command(commands, "order", "print the chunk id list of an order preset (JSON)",
                     "k2jax data order --order k2-stage1")
-    p.add_argument("--order", default="k2-stage1", type=_order)
+    p.add_argument("--order", default="k2-stage1", type=_order,
+                   help="k2-stage1, k2-stage2, sequential, or comma-separated chunk ids")
     p.add_argument("--data", metavar="DIR", help="needed for 'sequential' (the files present)")
     p.set_defaults(func=cmd_order)
 

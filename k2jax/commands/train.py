@@ -19,9 +19,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.steps=100 model.num_layers=2")
     cluster = parser.add_argument_group("multi-host (not needed on TPU VMs)")
-    cluster.add_argument("--coordinator-address", help="HOST:PORT of process 0")
-    cluster.add_argument("--num-processes", type=int)
-    cluster.add_argument("--process-id", type=int)
+    found = " (default: found by itself on a Cloud TPU VM, else one process)"
+    cluster.add_argument("--coordinator-address", help="HOST:PORT of process 0" + found)
+    cluster.add_argument("--num-processes", type=int, help="processes in the run" + found)
+    cluster.add_argument("--process-id", type=int, help="this process's index" + found)
     parser.set_defaults(func=run)
 
 
