@@ -20,7 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         commands, "hf-to-orbax", "Hugging Face LlamaForCausalLM directory -> k2jax weights "
         "directory", "k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100 "
-        "--dtype bf16", description="Read a Hugging Face LlamaForCausalLM directory (sharded or single "
+        "--dtype bf16",
+        description="Read a Hugging Face LlamaForCausalLM directory (sharded or single "
                     "safetensors or PyTorch .bin, with config.json) tensor by tensor and write "
                     "a k2jax weights directory (for train.init_from=DIR and eval).")
     p.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
@@ -33,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         commands, "orbax-to-hf", "k2jax weights or training checkpoint -> Hugging Face "
         "directory", "k2jax convert orbax-to-hf --checkpoint runs/k2/checkpoints/94100 --out "
-        "K2-export --dtype bf16 --tokenizer K2-ckpt_100", description="Export a k2jax weights directory, or a training checkpoint step directory "
+        "K2-export --dtype bf16 --tokenizer K2-ckpt_100",
+        description="Export a k2jax weights directory, or a training checkpoint step directory "
                     "(parameters only), as a Hugging Face LlamaForCausalLM directory.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="weights directory, or run_dir/checkpoints/<step>")

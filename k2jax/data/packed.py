@@ -1,7 +1,7 @@
 """The packed form of chunk files: fixed-stride uint16 token rows, memory-mapped.
 
 Per chunk id (ids kept, so every order preset works on packed data too):
-  chunk_{i}.tokens.u16   uint16 [num_rows, seq_len] row-major, no header (K2's vocabulary fits uint16)
+  chunk_{i}.tokens.u16   uint16 [num_rows, seq_len] row-major, no header (K2's vocab fits)
   chunk_{i}.mask.u8      uint8  [num_rows, seq_len] tgt_mask; only when some row has one
                          (rows without a tgt_mask get all ones, which means the same)
   chunk_{i}.packed.json  manifest, written last: its presence marks a complete chunk
