@@ -202,3 +202,31 @@ def test_resumed_run_says_from_which_step(tmp_path, capsys):
     capsys.readouterr()
     Trainer(small_config(tmp_path, "train.steps=2")).initial_state()
     assert "resumed from step 2" in capsys.readouterr().err
+
+
+def test_hf_to_orbax_stores_fp16_and_its_output_respects_the_umask(tmp_path):
+    pytest.importorskip("torch")
+    from convert_fixtures import (hf_config, hf_state, read_safetensors_dir, state_bits,
+                                  tiny_hf_model, write_hf_dir)
+
+    from k2jax.checkpoint.params_io import read_model_config
+
+    model = tiny_hf_model()
+    state = hf_state(model, "fp16")
+    src = write_hf_dir(tmp_path / "hf", state, hf_config(model), "safetensors", 1)
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", "hf-to-orbax", "--hf", str(src), "--out", str(tmp_path / "w"),
+                     "--dtype", "float16", "--quiet"]) == 0
+        assert main(["convert", "orbax-to-hf", "--checkpoint", str(tmp_path / "w"), "--out",
+                     str(tmp_path / "back"), "--dtype", "fp16", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert read_model_config(str(tmp_path / "w")).param_dtype == "float16"
+    back, source = read_safetensors_dir(tmp_path / "back"), state_bits(state)
+    for name in source:
+        np.testing.assert_array_equal(back[name], source[name], err_msg=name)
+    for out in (tmp_path / "w", tmp_path / "back"):
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755, out
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), out
