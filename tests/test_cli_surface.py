@@ -230,3 +230,24 @@ def test_hf_to_orbax_stores_fp16_and_its_output_respects_the_umask(tmp_path):
         assert stat.S_IMODE(out.stat().st_mode) == 0o755, out
         files = [p for p in out.rglob("*") if p.is_file()]
         assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), out
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `k2jax ...` command line of README.md's code blocks (continuations joined,
+    comments and pipes dropped), as argv."""
+    import shlex
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    blocks = text.split("```")[1::2]  # the insides of the fences
+    commands = []
+    for line in "\n".join(blocks).splitlines():
+        line = line.strip()
+        if line.startswith("k2jax ") and "--version" not in line:
+            words = shlex.split(line.split(" #")[0].split(" |")[0].split(" >")[0])
+            commands.append(words[1:])
+    return commands
+
+
+@pytest.mark.parametrize("argv", _readme_commands(), ids=lambda a: " ".join(a[:3]))
+def test_readme_examples_parse(argv):
+    assert callable(build_parser().parse_args(argv).func)
