@@ -251,3 +251,15 @@ def _readme_commands() -> list[list[str]]:
 @pytest.mark.parametrize("argv", _readme_commands(), ids=lambda a: " ".join(a[:3]))
 def test_readme_examples_parse(argv):
     assert callable(build_parser().parse_args(argv).func)
+
+
+def test_data_commands_read_rows_longer_than_the_configs_context(tmp_path, capsys):
+    """No model runs in `data batch`: K2's 2048-token context does not limit --seq-len."""
+    for chunk_id in (0, 1):
+        write_chunk(tmp_path, chunk_id, 3, seq_len=4096)
+    assert _run(capsys, "data", "index", "--data", tmp_path, "--quiet")[0] == 0
+    code, out, err = _run(capsys, "data", "batch", "--data", tmp_path, "--step", 1, "--out",
+                          tmp_path / "b.npy", "--seq-len", 4096, "--global-batch", 2,
+                          "--order", "0,1")
+    assert code == 0, err
+    assert np.load(tmp_path / "b.npy").shape == (2, 4096)

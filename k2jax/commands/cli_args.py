@@ -163,7 +163,7 @@ def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DAT
     (these commands read rows, they do not train); `model` (a ModelConfig, e.g. the weights')
     replaces the config's model section. Without --config, the files must be named (--data or
     data.path=): the preset's data.path is a placeholder bucket."""
-    from k2jax.config import DataConfig, config_from_dict
+    from k2jax.config import DataConfig, ModelConfig, config_from_dict
 
     data = config_dict_from_args(args, aliases)
     section = data.setdefault("data", {})
@@ -175,4 +175,10 @@ def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DAT
     section["micro_batch_size"] = section.get("global_batch_size", DataConfig.global_batch_size)
     if model is not None:
         data["model"] = dataclasses.asdict(model)
+    else:  # no model runs here: its context length does not limit the rows a command reads
+        seq_len = section.get("seq_len", DataConfig.seq_len)
+        model_section = data.setdefault("model", {})
+        context = model_section.get("max_position_embeddings", ModelConfig.max_position_embeddings)
+        if isinstance(seq_len, int) and isinstance(context, int):  # else validation names it
+            model_section["max_position_embeddings"] = max(seq_len, context)
     return config_from_dict(data)

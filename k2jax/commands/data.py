@@ -10,12 +10,12 @@ import sys
 import numpy as np
 from etils import epath
 
-from k2jax.data import fim
-from k2jax.data.chunk_assignment import K2_REPEATS_TEXT
 from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
                                     VOCAB_SIZE, HelpFormatter, add_command, add_config_args,
                                     add_progress_flags, config_dict_from_args, given_aliases,
                                     k2_data_config)
+from k2jax.data import fim
+from k2jax.data.chunk_assignment import K2_REPEATS_TEXT
 from k2jax.errors import UserError
 
 
