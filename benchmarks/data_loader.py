@@ -24,12 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from k2jax.config import K2_PRESET, DataConfig, load_config  # noqa: E402
 from k2jax.data.chunk_index import build_index  # noqa: E402
 from k2jax.data.chunked_source import open_chunk_source  # noqa: E402
 from k2jax.data.grain_loader import iterate_host_batches  # noqa: E402
 from k2jax.data.packed import pack_chunks  # noqa: E402
 from k2jax.data.pipeline import StepBatches  # noqa: E402
-from k2jax.config import DataConfig  # noqa: E402
+
+K2_VOCAB = load_config(K2_PRESET).model.vocab_size
 
 
 def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: int) -> None:
@@ -38,7 +40,7 @@ def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: i
         with open(directory / f"chunk_{chunk_id}.jsonl", "w") as f:
             written, line = 0, 0
             while written < mb_per_file * 2**20:
-                text = json.dumps({"token_ids": rng.integers(0, 32032, seq_len).tolist(),
+                text = json.dumps({"token_ids": rng.integers(0, K2_VOCAB, seq_len).tolist(),
                                    "source": "bench", "subset_name": "bench",
                                    "src_filename": "bench.jsonl", "line_idx_in_src": line}) + "\n"
                 f.write(text)
@@ -107,7 +109,8 @@ def main() -> None:
                          f"{float(np.median(ratios)):.2f}x plain read (median of 5 rounds)"))
 
         start = time.perf_counter()
-        pack_chunks(data, packed, seq_len=args.seq_len, workers=args.files, progress=False)
+        pack_chunks(data, packed, seq_len=args.seq_len, vocab_size=K2_VOCAB, workers=args.files,
+                    progress=False)
         rows.append(("k2jax data pack (json parse, %d procs)" % args.files,
                      f"{total_mb / (time.perf_counter() - start):,.0f} MB/s", "one-off"))
 
@@ -115,7 +118,7 @@ def main() -> None:
                             seq_len=args.seq_len, global_batch_size=args.host_batch,
                             micro_batch_size=args.host_batch)
         for form, path in (("jsonl", data), ("packed", packed)):
-            source = open_chunk_source(path, "sequential", args.seq_len, 32032, form)
+            source = open_chunk_source(path, "sequential", args.seq_len, K2_VOCAB, form)
             step_batches = StepBatches(source, config)
             steps = min(source.num_rows // args.host_batch, 200 if form == "packed" else 40)
             tps = loader_tokens_per_second(step_batches, steps)

@@ -27,9 +27,9 @@ from k2jax.train.step import make_train_step  # noqa: E402
 
 SHAPES = {
     # name: (overrides, batch, seq)
-    "tiny": (["model.vocab_size=32032", "model.hidden_size=64", "model.intermediate_size=176",
+    "tiny": (["model.hidden_size=64", "model.intermediate_size=176",
               "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=4"], 16, 64),
-    "100m": (["model.vocab_size=32032", "model.hidden_size=768", "model.intermediate_size=2048",
+    "100m": (["model.hidden_size=768", "model.intermediate_size=2048",
               "model.num_layers=12", "model.num_heads=12", "model.num_kv_heads=12"], 4, 512),
 }
 

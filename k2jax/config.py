@@ -2,6 +2,15 @@
 
 Every field has a type; loading checks names, types and cross-field consistency and raises
 ConfigError naming the dotted key. The dataclasses are the single list of settings.
+
+The defaults are neutral, not K2's: K2's figures live once, in configs/k2-65b.yaml (shipped in
+the package as the preset `k2-65b`, see `resolve_config_path`), so a fact about K2 has one
+owner. Neutral means: the architecture fields default to transformers' LlamaConfig (Llama-2-7B
+shapes, the values a LlamaForCausalLM config.json falls back to); the recipe to the LLaMA
+paper's AdamW (peak 3e-4 decayed to 10%, 2000 warm-up steps, betas 0.9/0.95, weight decay
+0.1, clipping 1.0; optax's eps); data to the synthetic source read in file order; and the
+run's length, batch and checkpoint cadence to round numbers. A config that means K2 says
+`base: k2-65b.yaml`.
 """
 
 from __future__ import annotations
@@ -22,28 +31,28 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_o
 
 @dataclasses.dataclass
 class ModelConfig:
-    """K2's architecture (Hugging Face LlamaForCausalLM fields) and how to compute it."""
+    """A LLaMA architecture (Hugging Face LlamaForCausalLM fields) and how to compute it."""
 
-    vocab_size: int = 32032
-    hidden_size: int = 8192
-    intermediate_size: int = 22016
-    num_layers: int = 80
-    num_heads: int = 64
-    num_kv_heads: int = 64
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     # RoPE inverse frequencies rounded to this dtype (then used in fp32). K2's Megatron run had
     # them in bf16 (a buffer rounded by Float16Module); transformers keeps fp32.
     rope_freq_dtype: Literal["float32", "bfloat16"] = "float32"
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     # Megatron's init: o_proj and down_proj at initializer_range / sqrt(2 * num_layers).
     scaled_output_init: bool = False
     tie_word_embeddings: bool = False
-    bos_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
-    pad_token_id: Optional[int] = 0
+    pad_token_id: Optional[int] = None
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     scan_layers: bool = True
@@ -84,12 +93,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-    """AdamW with K2's warm-up + cosine schedule (K2_SPEC section 3)."""
+    """AdamW with a linear warm-up + cosine schedule (K2's: configs/k2-65b.yaml)."""
 
-    peak_lr: float = 1.5e-4
-    min_lr: float = 1.5e-5
+    peak_lr: float = 3e-4
+    min_lr: float = 3e-5
     warmup_steps: int = 2000
-    decay_steps: int = 338760  # the step at which the cosine reaches min_lr
+    decay_steps: int = 100000  # the step at which the cosine reaches min_lr
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -111,12 +120,13 @@ class DataConfig:
 
     source: Literal["synthetic", "k2"] = "synthetic"
     path: Optional[str] = None  # directory of chunk_{i}.jsonl (and its index / packed form)
-    order: Union[str, list[int]] = "k2-stage1"  # preset name or explicit chunk id list
+    # Preset name or explicit chunk id list ("0,1,2" is read as [0, 1, 2]).
+    order: Union[str, list[int]] = "sequential"
     format: Literal["auto", "jsonl", "packed"] = "auto"
     index_dir: Optional[str] = None  # line-offset index of jsonl chunks; None: <path>/.k2index
     seq_len: int = 2048
-    global_batch_size: int = 2040
-    micro_batch_size: int = 2040  # rows per accumulation micro-step, over the whole mesh
+    global_batch_size: int = 256
+    micro_batch_size: int = 256  # rows per accumulation micro-step, over the whole mesh
     start_row: int = 0  # global row offset added to step * global_batch_size
     # Apply rows' per-token `tgt_mask`. False is K2's stage 1: its main.py never reads the
     # field (loss mask = ones but the last position), so K2's own runs ignored it.
@@ -131,8 +141,8 @@ class DataConfig:
     synthetic_poison_rows: list[list[int]] = dataclasses.field(default_factory=list)
     synthetic_poison_kind: Literal["random", "nonfinite"] = "random"
     # What a "chunk file" is for the synthetic source (rollback_unit: chunk): consecutive
-    # windows of this many rows. Default: 941 steps x 2040 rows, about one K2 chunk file.
-    synthetic_chunk_rows: int = 1919640
+    # windows of this many rows.
+    synthetic_chunk_rows: int = 1000000
 
     @property
     def accumulation_steps(self) -> int:
@@ -152,6 +162,7 @@ class DataConfig:
                                   f"got {window}")
         if self.source == "k2" and not self.path:
             raise ConfigError("data.path", "required when data.source is 'k2'")
+        self.order = parse_order(self.order, "data.order")
         if isinstance(self.order, list) and (not self.order or min(self.order) < 0):
             raise ConfigError("data.order", f"expected a preset name or a non-empty list of "
                               f"chunk ids >= 0, got {self.order}")
@@ -161,6 +172,18 @@ class DataConfig:
         if self.worker_count < 0 or self.prefetch < 0:
             raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
                               f"{self.worker_count} and {self.prefetch}")
+
+
+def parse_order(order: Union[str, list[int]], key: str) -> Union[str, list[int]]:
+    """data.order as given on a command line: a preset name stays a name; "0,1,2" (or a lone
+    "5") becomes the chunk id list [0, 1, 2]. `key` names the setting in the error."""
+    if not isinstance(order, str) or not order[:1].isdigit():
+        return order
+    try:
+        return [int(x) for x in order.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(key, f"expected a preset name or comma-separated chunk ids, "
+                          f"got {order!r}") from None
 
 
 @dataclasses.dataclass
@@ -183,12 +206,12 @@ class SpikeConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 338760
-    run_dir: str = "runs/k2"
-    seed: int = 22238
-    checkpoint_every: int = 941
+    steps: int = 100000
+    run_dir: str = "runs/default"
+    seed: int = 0
+    checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    keep_period: Optional[int] = None  # also keep every Nth step permanently (K2: 941)
+    keep_period: Optional[int] = None  # also keep every Nth step permanently
     async_checkpoint: bool = True
     resume_step: Optional[int] = None
     init_from: Optional[str] = None
@@ -418,7 +441,36 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# configs/ of the repository, reached through the link k2jax/configs (package data in a wheel).
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+K2_PRESET = "k2-65b"  # K2's figures: the default config of commands that read K2's data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file: `path` itself when it exists, else a preset of the package named by it
+    (`k2-65b` or `k2-65b.yaml`), so an installed wheel reaches K2's config without a clone."""
+    path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    preset = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if not preset.is_file():
+        raise UserError(f"config file {path}: not found (nor a preset: "
+                        f"{', '.join(preset_names())})")
+    return preset
+
+
+def load_config_dict(path: str | Path | None, overrides: list[str] | None = None
+                     ) -> dict[str, Any]:
+    """The plain dict `load_config` builds from: the file (or preset) and the overrides."""
+    data = read_config_file(resolve_config_path(path)) if path is not None else {}
+    return apply_overrides(data, overrides or [])
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (None: the dataclass defaults) and apply overrides."""
-    data = read_config_file(path) if path is not None else {}
-    return config_from_dict(apply_overrides(data, overrides or []))
+    """Load a YAML config file or preset name (None: the dataclass defaults) and apply
+    overrides."""
+    return config_from_dict(load_config_dict(path, overrides))

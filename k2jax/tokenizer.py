@@ -30,7 +30,7 @@ class K2Tokenizer:
 
     `special_base_id`: id of the first added token; default the SentencePiece vocabulary size
     (32000 for LLaMA's model, K2's layout). `vocab_size` is the number of real tokens (32018 for
-    K2); the model's embedding may be padded beyond it (32032).
+    K2); the model's embedding may be padded beyond it (K2's model.vocab_size).
     """
 
     def __init__(self, model_path: str | os.PathLike, special_base_id: Optional[int] = None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from k2jax.commands.cli_args import HelpFormatter
+
 TOPOLOGY_HELP = (
     "TPU slice in Google's naming: v4-N and v5p-N count TensorCores (2 per chip: v5p-512 is "
     "256 chips, topology v5p:4x8x8; v4-1024 is 512 chips, v4:8x8x8); v5e-N and v6e-N count "
@@ -22,8 +24,10 @@ def add_parser(subparsers) -> None:
                     "GiB, v5e 16, v5p 95, v6e 32), compiler FLOPs per step, an estimated step "
                     "time and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
                     "configs/k2-65b.yaml --topology v5p-512",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+        epilog="example:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE|PRESET",
+                        help="YAML config (see configs/) or preset name")
     parser.add_argument("--topology", required=True, help=TOPOLOGY_HELP)
     parser.add_argument("--slices", type=int, default=1,
                         help="number of slices (multi-slice over DCN; set mesh.dcn_* to match)")
@@ -49,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("AOT TPU compiles need libtpu: pip install 'k2jax[tpu]'") from None
     from k2jax.aot.compile_report import compile_report, format_report
+    from k2jax.commands.progress_line import elapsed_ticker
 
-    report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops)
+    with elapsed_ticker(f"aot: lowering and compiling the train step for {args.topology} "
+                        f"x {args.slices} slice(s) with libtpu (minutes for a large model)"):
+        report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from k2jax.commands.cli_args import add_command
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "compare-curves", help="a run's loss curve vs a W&B CSV export (table + PNG)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        subparsers, "compare-curves", "a run's loss curve vs a W&B CSV export (table + PNG)",
+        "k2jax compare-curves --run runs/k2 --reference k2_wandb.csv --steps 94000:95000 "
+        "--out curves.png", description=__doc__)
     p.add_argument("--run", required=True, metavar="RUN_DIR|FILE.jsonl")
     p.add_argument("--reference", required=True, metavar="FILE.csv")
     p.add_argument("--steps", metavar="A:B", help="half-open step range (either end optional)")
     p.add_argument("--threshold", type=float, default=0.05,
-                   help="absolute loss difference that counts as parting (default 0.05)")
+                   help="absolute loss difference that counts as parting")
     p.add_argument("--out", metavar="PLOT.png", help="write the overlay plot here")
     p.add_argument("--step-column", help="reference CSV step column (default: detected)")
     p.add_argument("--loss-column", help="reference CSV loss column (default: detected)")

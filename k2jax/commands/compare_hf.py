@@ -18,20 +18,22 @@ import dataclasses
 import json
 import sys
 
+from k2jax.commands.cli_args import add_command
 from k2jax.errors import UserError
 from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
-from k2jax.eval.step_data import add_data_args
+from k2jax.eval.step_data import add_data_args, data_dir
 from k2jax.hf.config_json import ARCHITECTURE_FIELDS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "compare-hf", help="k2jax vs transformers logits on the same rows (fp32, CPU)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        subparsers, "compare-hf", "k2jax vs transformers logits on the same rows (fp32, CPU)",
+        "k2jax compare-hf --hf K2-ckpt_100 --checkpoint weights/ckpt_100 --data k2data "
+        "--step 94100 --rows 2 --per-layer", description=__doc__)
     p.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="k2jax weights to compare (default: --hf converted in memory)")
-    add_data_args(p, data_required=False)
+    add_data_args(p)
     p.add_argument("--step", type=int, help="with --data: take rows of this step")
     p.add_argument("--token-ids", metavar="FILE.npy", help="int array [rows, seq] or [seq]")
     p.add_argument("--rows", type=int, default=1, help="first N rows of the step or file")
@@ -52,7 +54,7 @@ def _rows(args, model_config):
     if args.rows <= 0:
         raise UserError(f"--rows must be positive, got {args.rows}")
     if args.token_ids:
-        if args.data or args.step is not None:
+        if data_dir(args) or args.step is not None:
             raise UserError("give either --token-ids or --data with --step, not both")
         try:
             tokens = np.load(args.token_ids)
@@ -67,7 +69,7 @@ def _rows(args, model_config):
             raise UserError(f"--token-ids {args.token_ids}: ids must be in [0, "
                             f"{model_config.vocab_size})")
         return tokens, shifted_loss_mask(*tokens.shape), f"{args.token_ids}"
-    if not args.data or args.step is None:
+    if args.step is None:
         raise UserError("give --data DIR with --step T, or --token-ids FILE.npy")
     if args.step < 0:
         raise UserError(f"--step must be >= 0, got {args.step}")
@@ -76,7 +78,7 @@ def _rows(args, model_config):
     batches = step_batches(args, model_config)
     rows = batches.global_rows(args.step)[:args.rows]
     tokens, loss_mask = batches.source.read_rows(rows)
-    return tokens, loss_mask, f"step {args.step} of {args.data}"
+    return tokens, loss_mask, f"step {args.step} of {batches.data.path}"
 
 
 def _k2jax_params(args, hf, per_layer: bool):

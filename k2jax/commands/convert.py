@@ -5,36 +5,45 @@ from __future__ import annotations
 
 import argparse
 
+from k2jax.commands.cli_args import (HelpFormatter, add_command, add_progress_flags,
+                                    dtype_metavar, dtype_type)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert weights: hf-to-orbax, orbax-to-hf",
-                                   description=__doc__)
+                                   description=__doc__, formatter_class=HelpFormatter,
+                                   epilog="example:\n  k2jax convert hf-to-orbax --hf "
+                                          "K2-ckpt_100 --out weights/ckpt_100 --dtype bf16")
     commands = parser.add_subparsers(dest="convert_command", metavar="DIRECTION")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
-    p = commands.add_parser(
-        "hf-to-orbax", help="Hugging Face LlamaForCausalLM directory -> k2jax weights directory",
+    p = add_command(
+        commands, "hf-to-orbax", "Hugging Face LlamaForCausalLM directory -> k2jax weights "
+        "directory", "k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100 "
+        "--dtype bf16",
         description="Read a Hugging Face LlamaForCausalLM directory (sharded or single "
                     "safetensors or PyTorch .bin, with config.json) tensor by tensor and write "
                     "a k2jax weights directory (for train.init_from=DIR and eval).")
     p.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="weights directory to write")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
-                   help="stored dtype (default: bf16 for an all-bf16 source, else fp32)")
+    p.add_argument("--dtype", type=dtype_type(), default=None, metavar=dtype_metavar(),
+                   help="stored dtype (unset: bf16 for an all-bf16 source, else fp32)")
     _add_common(p)
     p.set_defaults(func=cmd_hf_to_orbax)
 
-    p = commands.add_parser(
-        "orbax-to-hf", help="k2jax weights or training checkpoint -> Hugging Face directory",
+    p = add_command(
+        commands, "orbax-to-hf", "k2jax weights or training checkpoint -> Hugging Face "
+        "directory", "k2jax convert orbax-to-hf --checkpoint runs/k2/checkpoints/94100 --out "
+        "K2-export --dtype bf16 --tokenizer K2-ckpt_100",
         description="Export a k2jax weights directory, or a training checkpoint step directory "
                     "(parameters only), as a Hugging Face LlamaForCausalLM directory.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="weights directory, or run_dir/checkpoints/<step>")
     p.add_argument("--out", required=True, metavar="DIR", help="Hugging Face directory to write")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="dtype of the exported tensors (default bf16)")
+    p.add_argument("--dtype", type=dtype_type(), default="bf16", metavar=dtype_metavar(),
+                   help="dtype of the exported tensors")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE",
-                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from this directory")
     _add_common(p)
     p.set_defaults(func=cmd_orbax_to_hf)
@@ -42,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flags(p)
 
 
 def cmd_hf_to_orbax(args) -> int:

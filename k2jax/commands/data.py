@@ -10,51 +10,66 @@ import sys
 import numpy as np
 from etils import epath
 
+from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
+                                    VOCAB_SIZE, HelpFormatter, add_command, add_config_args,
+                                    add_progress_flags, config_dict_from_args, given_aliases,
+                                    k2_data_config)
 from k2jax.data import fim
 from k2jax.data.chunk_assignment import K2_REPEATS_TEXT
 from k2jax.errors import UserError
-from k2jax.eval.step_data import add_use_tgt_mask_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("data", help="K2 data: index, pack, batch, locate, order, prepare",
-                                   description=__doc__)
+                                   description=__doc__, formatter_class=HelpFormatter,
+                                   epilog="example:\n  k2jax data locate --data /data/k2 "
+                                          "--step 150000")
     commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
-    p = commands.add_parser("index", help="write the line-offset index of chunk_*.jsonl files")
-    p.add_argument("data", metavar="DIR", help="directory of chunk_{i}.jsonl (local or gs://)")
+    p = add_command(commands, "index", "write the line-offset index of chunk_*.jsonl files",
+                    "k2jax data index --data /data/k2 --workers 8")
+    p.add_argument("data", metavar="DIR", nargs="?", default=None,
+                   help="directory of chunk_{i}.jsonl (local or gs://); or --data DIR")
+    p.add_argument("--data", dest="data_flag", metavar="DIR", default=None,
+                   help="the same as the positional DIR, as the other commands spell it")
     p.add_argument("--workers", type=int, default=4, help="files indexed in parallel")
-    _add_index_dir(p)
-    _add_quiet(p)
+    p.add_argument("--index-dir", default=None, metavar="DIR",
+                   help="where the line index lives (unset: DATA/.k2index; for read-only data)")
+    add_progress_flags(p)
     p.set_defaults(func=cmd_index)
 
-    p = commands.add_parser("pack", help="rewrite indexed chunks as memory-mappable uint16 rows")
-    p.add_argument("--data", required=True, metavar="DIR")
+    p = add_command(commands, "pack", "rewrite indexed chunks as memory-mappable uint16 rows",
+                    "k2jax data pack --data /data/k2 --out /data/k2-packed --workers 32")
     p.add_argument("--out", required=True, metavar="DIR2")
     p.add_argument("--workers", type=int, default=1, help="chunks packed in parallel processes")
     p.add_argument("--chunks", type=_id_list, default=None, metavar="IDS",
-                   help="comma-separated chunk ids (default: all)")
-    _add_shape_args(p)
-    _add_index_dir(p)
-    _add_quiet(p)
+                   help="comma-separated chunk ids (unset: all)")
+    add_config_args(p, PACK_ALIASES)
+    add_progress_flags(p)
     p.set_defaults(func=cmd_pack)
 
-    p = commands.add_parser("batch", help="write the global batch of a step as int32 [B, S] .npy")
+    p = add_command(commands, "batch", "write the global batch of a step as int32 [B, S] .npy",
+                    "k2jax data batch --data /data/k2 --step 150000 --out step150000.npy")
     _add_order_args(p)
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.set_defaults(func=cmd_batch)
 
-    p = commands.add_parser("locate", help="print which files and lines feed a step (JSON)")
+    p = add_command(commands, "locate", "print which files and lines feed a step (JSON)",
+                    "k2jax data locate --data /data/k2 --step 150000 --order k2-stage1")
     _add_order_args(p)
     p.set_defaults(func=cmd_locate)
 
-    p = commands.add_parser("order", help="print the chunk id list of an order preset (JSON)")
-    p.add_argument("--order", default="k2-stage1", type=_order)
+    p = add_command(commands, "order", "print the chunk id list of an order preset (JSON)",
+                    "k2jax data order --order k2-stage1")
+    p.add_argument("--order", default="k2-stage1", type=_order,
+                   help="k2-stage1, k2-stage2, sequential, or comma-separated chunk ids")
     p.add_argument("--data", metavar="DIR", help="needed for 'sequential' (the files present)")
     p.set_defaults(func=cmd_order)
 
-    p = commands.add_parser("prepare", help="tokenize text into K2-format chunk_{i}.jsonl files")
+    p = add_command(commands, "prepare", "tokenize text into K2-format chunk_{i}.jsonl files",
+                    "k2jax data prepare --tokenizer tokenizer.model --input docs.jsonl "
+                    "--out /data/mine --num-chunks 16")
     p.add_argument("--tokenizer", required=True, metavar="SPM.model")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="a directory = one subset of *.jsonl files (K2's layout); a file = a "
@@ -62,62 +77,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "('content' for refinedweb and starcoder*), or plain text (one document)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--num-chunks", type=int, default=1, help="K2: 360")
-    p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--special-base-id", type=int, default=None,
-                   help="id of the first added special token (default: SentencePiece size)")
+                   help="id of the first added special token (unset: SentencePiece size)")
     p.add_argument("--source-name", default=None,
-                   help="value of each row's 'source' (default, as K2: the subset name)")
+                   help="value of each row's 'source' (unset, as K2: the subset name)")
     p.add_argument("--repeat", default=None, metavar="PATTERN=N,...",
                    help="n_repeat per subset (fnmatch, first match wins, else 1; 0 leaves a "
-                        "subset out); default K2's gather.py table: " + K2_REPEATS_TEXT)
+                        "subset out); unset: K2's gather.py table: " + K2_REPEATS_TEXT)
     p.add_argument("--fim-subsets", default=",".join(fim.K2_FIM_SUBSETS), metavar="PATTERN,...",
-                   help="subsets that get fill-in-the-middle (K2: %(default)s; '' for none)")
+                   help="subsets that get fill-in-the-middle (K2's; '' for none)")
     p.add_argument("--fim-rate", type=float, default=fim.K2_FIM_RATE,
-                   help="chance a code row is written as a FIM copy (K2: %(default)s)")
+                   help="chance a code row is written as a FIM copy (K2's)")
     p.add_argument("--fim-spm-rate", type=float, default=fim.K2_SPM_RATE,
-                   help="chance a FIM copy is SPM rather than PSM (K2: %(default)s)")
+                   help="chance a FIM copy is SPM rather than PSM (K2's)")
     p.add_argument("--fim-seed", type=int, default=0,
                    help="seed of the FIM draws (K2's were unseeded: its clock)")
-    _add_quiet(p)
+    add_config_args(p, (SEQ_LEN,))
+    add_progress_flags(p)
     p.set_defaults(func=cmd_prepare)
 
 
-def _add_index_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index-dir", default=None, metavar="DIR",
-                   help="where the line index lives (default DATA/.k2index; for read-only data)")
-
-
-def _add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _add_shape_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--vocab-size", type=int, default=32032, help="token ids must be below this")
-
-
-# The order settings and their defaults without --run-dir; with it the run's config sets them.
-ORDER_DEFAULTS = {"global_batch": 2040, "order": "k2-stage1", "start_row": 0, "seq_len": 2048,
-                  "vocab_size": 32032}
+PACK_ALIASES = (DATA_PATH, SEQ_LEN, VOCAB_SIZE, INDEX_DIR)
+# With --run-dir the run's config decides everything but where the files are on this machine.
+RUN_DIR_ALIASES = (DATA_PATH, FORMAT, INDEX_DIR)
 
 
 def _add_order_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="DIR",
-                   help="directory of the chunk files (with --run-dir: default the run's "
-                        "data.path)")
     p.add_argument("--run-dir", metavar="RUN",
                    help="follow this training run's order: its config.yaml and the rows its "
-                        "rollbacks moved (data_order.json)")
+                        "rollbacks moved (data_order.json); with it --data defaults to the "
+                        "run's data.path")
     p.add_argument("--step", required=True, type=int)
-    p.add_argument("--global-batch", type=int, help="default 2040")
-    p.add_argument("--order", type=_order,
-                   help="k2-stage1 (default), k2-stage2, sequential, or comma-separated chunk ids")
-    p.add_argument("--format", default="auto", choices=("auto", "jsonl", "packed"))
-    p.add_argument("--start-row", type=int, help="global row of step 0 (default 0)")
-    p.add_argument("--seq-len", type=int, help="default 2048")
-    p.add_argument("--vocab-size", type=int, help="token ids must be below this (default 32032)")
-    add_use_tgt_mask_arg(p)  # with --run-dir the run's data.use_tgt_mask decides
-    _add_index_dir(p)
+    add_config_args(p, (*STEP_DATA_ALIASES, VOCAB_SIZE))
 
 
 def _id_list(text: str) -> list[int]:
@@ -135,33 +126,26 @@ def _order(text: str):
 
 
 def _order_config(args):
-    """The Config whose data order the command follows: the run's, or one from the flags."""
-    from k2jax.config import Config, DataConfig, ModelConfig
+    """The Config whose data order the command follows: the run's, or --config's with the
+    overrides and flags."""
     from k2jax.data.run_order import load_run_config
     from k2jax.paths import storage_path
 
     if args.run_dir is None:
-        if args.data is None:
-            raise UserError("--data DIR is required (or --run-dir RUN)")
-        given = {k: getattr(args, k) if getattr(args, k) is not None else default
-                 for k, default in ORDER_DEFAULTS.items()}
-        if given["global_batch"] <= 0:
-            raise UserError(f"--global-batch must be positive, got {given['global_batch']}")
-        data = DataConfig(source="k2", path=args.data, order=given["order"], format=args.format,
-                          index_dir=args.index_dir, seq_len=given["seq_len"],
-                          global_batch_size=given["global_batch"],
-                          micro_batch_size=given["global_batch"], start_row=given["start_row"],
-                          use_tgt_mask=args.use_tgt_mask)
-        return Config(model=ModelConfig(vocab_size=given["vocab_size"]), data=data)
-    fixed = [f"--{k.replace('_', '-')}" for k in ORDER_DEFAULTS if getattr(args, k) is not None]
+        return k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE))
+    fixed = [a.flag for a in given_aliases(args, STEP_DATA_ALIASES + (VOCAB_SIZE,))
+             if a not in RUN_DIR_ALIASES]
+    fixed += ["--config"] * (args.config is not None) + args.overrides
     if fixed:
         raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
                         f"{args.run_dir}; give only --data, --format, --index-dir")
     config = load_run_config(storage_path(args.run_dir))
-    if args.data is not None:  # where the same chunk files live on this machine
-        config.data.path = args.data
-    if args.format != "auto" or args.index_dir is not None:
-        config.data.format, config.data.index_dir = args.format, args.index_dir
+    path = getattr(args, DATA_PATH.dest, None)
+    if path is not None:  # where the same chunk files live on this machine
+        config.data.path = path
+    form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
+    if form is not None or index_dir is not None:
+        config.data.format, config.data.index_dir = form or "auto", index_dir
     return config
 
 
@@ -175,10 +159,15 @@ def _step_batches(args):
 def cmd_index(args) -> int:
     from k2jax.data.chunk_index import ChunkIndex, build_index
 
-    result = build_index(args.data, args.index_dir, workers=args.workers,
-                         progress=not args.quiet)
+    if args.data and args.data_flag and args.data != args.data_flag:
+        raise UserError(f"DIR {args.data} and --data {args.data_flag}: give the directory once")
+    directory = args.data or args.data_flag
+    if directory is None:
+        raise UserError("the directory of the chunk files is required: data index --data DIR")
+    result = build_index(directory, args.index_dir, workers=args.workers,
+                         progress=not args.no_progress)
     ids = sorted(result["indexed"] + result["skipped"])
-    index = ChunkIndex(args.data, ids, args.index_dir)
+    index = ChunkIndex(directory, ids, args.index_dir)
     print(f"indexed {len(result['indexed'])} files, skipped {len(result['skipped'])} already "
           f"indexed; {sum(index.line_counts.values())} rows in {len(ids)} files; index in "
           f"{index.index_dir}")
@@ -188,8 +177,11 @@ def cmd_index(args) -> int:
 def cmd_pack(args) -> int:
     from k2jax.data.packed import pack_chunks
 
-    manifests = pack_chunks(args.data, args.out, args.chunks, args.seq_len, args.vocab_size,
-                            args.index_dir, args.workers, progress=not args.quiet)
+    config = k2_data_config(args, PACK_ALIASES)
+    manifests = pack_chunks(config.data.path, args.out, args.chunks,
+                            seq_len=config.data.seq_len, vocab_size=config.model.vocab_size,
+                            index_dir=config.data.index_dir, workers=args.workers,
+                            progress=not args.no_progress)
     rows = sum(m["num_rows"] for m in manifests)
     masked = sum(1 for m in manifests if m["has_mask"])
     print(f"packed {len(manifests)} chunks, {rows} rows ({masked} with tgt_mask) into {args.out}")
@@ -258,6 +250,7 @@ def cmd_order(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from k2jax.config import config_from_dict
     from k2jax.data.chunk_assignment import K2_REPEATS, parse_repeats
     from k2jax.data.prepare import FimOptions, prepare_chunks
     from k2jax.tokenizer import K2Tokenizer
@@ -266,10 +259,11 @@ def cmd_prepare(args) -> int:
     repeats = K2_REPEATS if args.repeat is None else parse_repeats(args.repeat)
     fim_options = FimOptions(tuple(p for p in args.fim_subsets.split(",") if p.strip()),
                              args.fim_rate, args.fim_spm_rate, args.fim_seed)
-    summary = prepare_chunks(tokenizer, args.input, args.out, args.num_chunks, args.seq_len,
-                             args.source_name, progress=not args.quiet, repeats=repeats,
+    seq_len = config_from_dict(config_dict_from_args(args, (SEQ_LEN,))).data.seq_len
+    summary = prepare_chunks(tokenizer, args.input, args.out, args.num_chunks, seq_len,
+                             args.source_name, progress=not args.no_progress, repeats=repeats,
                              fim_options=fim_options)
-    print(f"wrote {summary['rows']} rows of {args.seq_len} tokens into {args.num_chunks} "
+    print(f"wrote {summary['rows']} rows of {seq_len} tokens into {args.num_chunks} "
           f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens)",
           file=sys.stdout)
     return 0

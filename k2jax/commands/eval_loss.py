@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
+from k2jax import dtypes
+from k2jax.commands.cli_args import add_command, add_progress_flags, dtype_metavar, dtype_type
 from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
 from k2jax.eval.step_data import add_data_args, step_batches
 
+EVAL_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval-loss", help="K2's loss of given weights on the rows of given steps (no update)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(
+        subparsers, "eval-loss", "K2's loss of given weights on the rows of given steps "
+        "(no update)", "k2jax eval-loss --hf K2-ckpt_100 --data k2data --steps 94100,94101:94105 "
+        "--json", description=__doc__)
     weights = p.add_mutually_exclusive_group(required=True)
     weights.add_argument("--hf", metavar="DIR", help="Hugging Face LlamaForCausalLM directory "
                          "(safetensors or .bin shards), converted in memory")
@@ -28,16 +34,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", required=True, metavar="SPEC",
                    help="steps, e.g. 94100,94101:94105 (A:B is half-open: A..B-1)")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
-                   help="rows per micro-step over the whole mesh (default 4 per data-parallel "
-                        "device); the batch is padded with masked rows to a multiple of N")
+                   help="rows per micro-step over the whole mesh (unset: 4 per data-parallel "
+                        "device; a memory choice of this command, not data.micro_batch_size); "
+                        "the batch is padded with masked rows to a multiple of N")
     add_data_args(p)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+    p.add_argument("--dtype", default="fp32", type=dtype_type(EVAL_DTYPES),
+                   metavar=dtype_metavar(EVAL_DTYPES),
                    help="parameter and compute dtype (K2 trained with bf16 compute)")
     add_rope_freq_dtype_arg(p, "bfloat16", "K2's training run, whose logged loss this reproduces")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"))
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
+                   help="attention implementation (auto: splash on TPU, XLA elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
+    add_progress_flags(p)
     p.set_defaults(func=run)
 
 
@@ -77,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     mesh_config = MeshConfig(tensor=args.tensor_parallel)
     mesh = build_mesh(mesh_config)
     rules = mesh_config.rules
-    plan = plan_micro_batches(args.global_batch, args.micro_batch,
+    plan = plan_micro_batches(batches.data.global_batch_size, args.micro_batch,
                               data_parallel_size(mesh, rules))
     log(f"eval-loss: {len(steps)} step(s), {jax.device_count()} devices "
         f"(mesh {dict(mesh.shape)}), micro-batch {plan.micro_batch} x {plan.accumulation}"
@@ -91,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     log(f"weights on devices in {time.perf_counter() - t0:.1f} s")
     evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan)
 
-    for step in steps:
+    from tqdm import tqdm
+
+    bar = tqdm(steps, desc="eval-loss", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=args.no_progress or not primary)
+    for step in bar:
         t0 = time.perf_counter()
         batch = batches.global_batch(step)
         result = evaluate(batch["tokens"], batch["loss_mask"])
@@ -106,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"step {step} (logged as iteration {step + 1}): loss {record['loss']:.6f} "
                       f"over {record['tokens']} tokens", flush=True)
-        log(f"step {step}: loss {record['loss']:.6f} ({record['seconds']:.1f} s)")
+        bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")
+        if args.no_progress:
+            log(f"step {step}: loss {record['loss']:.6f} ({record['seconds']:.1f} s)")
+    bar.close()
     return 0
 

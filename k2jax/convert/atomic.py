@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from k2jax.errors import UserError
+from k2jax.paths import chmod_as_created
 
 
 def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()
@@ -43,6 +44,7 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     _remove_dead_staging(out_path)
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out_path)}{os.getpid()}-",
                                     dir=out_path.parent))
+    chmod_as_created(staging)  # mkdtemp's 0700 would make the published directory private
     try:
         yield staging
         _fsync_tree(staging)

@@ -1,7 +1,7 @@
 """Write a k2jax weights directory (k2jax.checkpoint.params_io format) one layer slice at a time.
 
-Orbax saves a PyTree from arrays held in memory; a stacked 65B leaf (q_proj: [80, 8192, 64,
-128], 10.7 GB in bf16) must never be. So:
+Orbax saves a PyTree from arrays held in memory; a stacked 65B leaf (K2's q_proj: [layers,
+hidden, heads, head_dim], 10.7 GB in bf16) must never be. So:
   1. Orbax itself saves the tree with tiny placeholder leaves (same structure, dtype and rank),
      which writes its own metadata (_METADATA, _CHECKPOINT_METADATA) in its own format, with
      OCDBT off so each leaf is a plain zarr v3 array in its own directory params/<leaf>/;

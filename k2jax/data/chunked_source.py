@@ -67,8 +67,8 @@ def detect_format(data_dir: epath.Path, chunk_ids: Sequence[int]) -> str:
     return "jsonl"
 
 
-def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]] = "k2-stage1",
-                      seq_len: int = 2048, vocab_size: int = 32032, form: str = "auto",
+def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]],
+                      seq_len: int, vocab_size: int, form: str = "auto",
                       index_dir: Optional[str | os.PathLike] = None, *,
                       use_tgt_mask: bool = False) -> ChunkedRowSource:
     """Open K2 chunk files at `path` in `order` (a preset name or chunk id list).

@@ -1,7 +1,7 @@
 """The packed form of chunk files: fixed-stride uint16 token rows, memory-mapped.
 
 Per chunk id (ids kept, so every order preset works on packed data too):
-  chunk_{i}.tokens.u16   uint16 [num_rows, seq_len] row-major, no header (K2's 32032 < 65536)
+  chunk_{i}.tokens.u16   uint16 [num_rows, seq_len] row-major, no header (K2's vocab fits)
   chunk_{i}.mask.u8      uint8  [num_rows, seq_len] tgt_mask; only when some row has one
                          (rows without a tgt_mask get all ones, which means the same)
   chunk_{i}.packed.json  manifest, written last: its presence marks a complete chunk
@@ -117,8 +117,8 @@ def _pack_in_worker(args: tuple) -> dict:
 
 
 def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                chunk_ids: Optional[Sequence[int]] = None, seq_len: int = 2048,
-                vocab_size: int = 32032, index_dir: Optional[str | os.PathLike] = None,
+                chunk_ids: Optional[Sequence[int]] = None, *, seq_len: int,
+                vocab_size: int, index_dir: Optional[str | os.PathLike] = None,
                 workers: int = 1, progress: bool = True) -> list[dict]:
     """Pack indexed jsonl chunks (all, or `chunk_ids`) into `out_dir`, `workers` at a time.
 

@@ -1,7 +1,7 @@
 """K2's masked loss of fixed weights on one global batch, sharded and micro-batched.
 
 The global batch [B, S] is padded with fully masked rows up to a multiple of the micro-batch
-(K2's B = 2040 is not a multiple of most pod sizes; a masked row adds 0 to both sums), sharded
+(K2's global batch is not a multiple of most pod sizes; a masked row adds 0 to both sums), sharded
 over the data-parallel axes, and a jitted `lax.scan` runs one micro-batch at a time, so only
 one micro-batch of activations and logits is ever live. The scan returns each micro-step's
 (loss sum, mask count) in fp32; they are added on the host in float64, so the step's loss is

@@ -3,7 +3,7 @@
 A thin adapter over k2jax/convert/hf_reader.py (which finds safetensors or .bin shards, checks
 the index against the shards and reads headers only): eval-loss and compare-hf want tensors in
 name-map order, one at a time, widened to float32. Host memory holds one tensor at a time (at
-most 8192 x 22016 x 4 bytes = 0.72 GB for K2); .bin shards are memory-mapped, not loaded.
+most K2's hidden x intermediate matrix in fp32, 0.72 GB); .bin shards are memory-mapped, not loaded.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Agreement between two models' logits on the same rows, computed in float64 on the host.
 
 All inputs are numpy: logits float32 [B, S, V], tokens int32 [B, S], loss_mask float32 [B, S].
-Rows are processed one at a time so a K2 row (2048 x 32032 logits) costs ~0.5 GB in float64.
+Rows are processed one at a time so a K2 row (seq_len x vocab_size logits) costs ~0.5 GB in float64.
 """
 
 from __future__ import annotations

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-CHOICES = ("float32", "bfloat16")
-
 
 def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: str, why: str) -> None:
-    p.add_argument("--rope-freq-dtype", default=default, choices=CHOICES,
-                   help=f"RoPE inverse frequencies rounded to this dtype (default {default}: "
-                        f"{why}); bfloat16 = K2 as trained, float32 = transformers")
+    from k2jax import dtypes
+    from k2jax.commands.cli_args import dtype_metavar, dtype_type
+
+    allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
+    p.add_argument("--rope-freq-dtype", default=default, metavar=dtype_metavar(allowed),
+                   type=dtype_type(allowed, "--rope-freq-dtype", full_name=True),
+                   help=f"RoPE inverse frequencies rounded to this dtype ({default}: {why}); "
+                        "bfloat16 = K2 as trained, float32 = transformers")
 
 
 def round_hf_rope_frequencies(model, freq_dtype: str):

@@ -1,8 +1,8 @@
 """Global batches whose row count the data-parallel devices do not divide.
 
-K2's global batch is 2040 rows = 2^3 * 3 * 5 * 17: no power-of-two pod splits it evenly. Each
-micro-batch is padded with rows whose loss mask is 0 up to a multiple of the data-parallel
-size. Padding rows add nothing to sum(loss * mask) nor to sum(mask), so the loss and gradients
+K2's global batch (2^3 * 3 * 5 * 17 rows) has odd factors: no power-of-two pod splits it
+evenly. Each micro-batch is padded with rows whose loss mask is 0 up to a multiple of the
+data-parallel size. Padding rows add nothing to sum(loss * mask) nor to sum(mask), so the loss and gradients
 (sum / count over the global batch) are exactly those of the unpadded batch; throughput and
 MFU count only the real rows.
 """

@@ -92,10 +92,14 @@ class Trainer:
             if train.resume_step not in steps:
                 raise UserError(f"train.resume_step={train.resume_step}: no such checkpoint in "
                                 f"{self.checkpoints.directory} (have {steps})")
-            return self._restore(train.resume_step), train.resume_step
+            state = self._restore(train.resume_step)
+            self.log(f"resumed from step {train.resume_step} (train.resume_step)")
+            return state, train.resume_step
         for step in reversed(steps):
             try:
-                return self._restore(step), step
+                state = self._restore(step)
+                self.log(f"resumed from step {step} ({self.checkpoints.directory})")
+                return state, step
             except UserError:
                 raise
             except Exception as err:  # a damaged checkpoint: fall back to the previous one

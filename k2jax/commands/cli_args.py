@@ -1,0 +1,184 @@
+"""The arguments every command spells the same way: `--config FILE` plus `key=value` overrides
+(with the older flags kept as aliases of their config keys), the progress switch, dtypes, and
+the help layout (every default shown, an example per command).
+
+A command that reads K2's data takes its data settings from a config like `train` does; without
+`--config` that is the `k2-65b` preset shipped inside the package (k2jax.config.PRESET_DIR), so
+an installed wheel works without a clone and K2's figures have one owner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+from k2jax import dtypes
+from k2jax.errors import UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default ("unset" ones say what happens in their help) and keeps the
+    line breaks of a multi-line description or epilog (a one-line one is wrapped)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_command(subparsers, name: str, help: str, example: str, description: str = "",
+                **kwargs) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help shows every default and ends with an example."""
+    return subparsers.add_parser(name, help=help, description=description or help,
+                                 epilog=f"example:\n  {example}", formatter_class=HelpFormatter,
+                                 **kwargs)
+
+
+def add_progress_flags(p: argparse.ArgumentParser) -> None:
+    """--no-progress and --quiet: the same switch (args.no_progress) in every command."""
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar")
+
+
+def dtype_type(allowed: Sequence[dtypes.DType] = dtypes.TABLE, where: str = "--dtype",
+               full_name: bool = False) -> Callable[[str], str]:
+    """argparse type: either spelling (bf16 or bfloat16) -> the short name (bf16), or with
+    `full_name` the name (bfloat16)."""
+    def parse(text: str) -> str:
+        try:
+            found = dtypes.parse(text, where, tuple(allowed))
+            return found.name if full_name else found.short
+        except UserError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
+    parse.__name__ = "dtype"  # argparse's "invalid dtype value" message
+    return parse
+
+
+def dtype_metavar(allowed: Sequence[dtypes.DType] = dtypes.TABLE) -> str:
+    return "{" + ",".join(f"{d.short},{d.name}" for d in allowed) + "}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A flag kept for users' scripts that sets one config key."""
+
+    flag: str
+    key: str  # dotted config key
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return "alias_" + self.flag.lstrip("-").replace("-", "_")
+
+
+DATA_PATH = Alias("--data", "data.path", {"metavar": "DIR", "help": "directory of the chunk "
+                  "files (chunk_{i}.jsonl, indexed with `k2jax data index`, or their packed "
+                  "form)"})
+ORDER = Alias("--order", "data.order", {"help": "k2-stage1, k2-stage2, sequential, or "
+              "comma-separated chunk ids (a prefix of k2-stage1's list gives the same rows "
+              "with fewer files)"})
+GLOBAL_BATCH = Alias("--global-batch", "data.global_batch_size", {"type": int,
+                     "help": "rows per step"})
+START_ROW = Alias("--start-row", "data.start_row", {"type": int, "help": "global row of step 0"})
+SEQ_LEN = Alias("--seq-len", "data.seq_len", {"type": int, "help": "tokens per row"})
+VOCAB_SIZE = Alias("--vocab-size", "model.vocab_size", {"type": int,
+                   "help": "token ids must be below this"})
+FORMAT = Alias("--format", "data.format", {"choices": ("auto", "jsonl", "packed")})
+INDEX_DIR = Alias("--index-dir", "data.index_dir", {"metavar": "DIR", "help": "where the line "
+                  "index lives (unset: DATA/.k2index; for read-only data)"})
+USE_TGT_MASK = Alias("--use-tgt-mask", "data.use_tgt_mask", {
+    "action": argparse.BooleanOptionalAction,
+    "help": "apply rows' tgt_mask (K2's stage-1 training code never read it)"})
+
+# The settings that say which rows a step reads (`k2jax data batch`, eval-loss, compare-hf).
+STEP_DATA_ALIASES = (DATA_PATH, ORDER, GLOBAL_BATCH, START_ROW, SEQ_LEN, FORMAT, INDEX_DIR,
+                     USE_TGT_MASK)
+
+
+def add_config_args(p: argparse.ArgumentParser, aliases: Sequence[Alias]) -> None:
+    """--config (default: K2's preset), key=value overrides, and `aliases` as flags."""
+    from k2jax.config import K2_PRESET
+
+    p.add_argument("--config", default=None, metavar="FILE|PRESET",
+                   help=f"YAML config or preset name (unset: {K2_PRESET}, K2's config shipped "
+                        "with k2jax)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. data.order=0,1,2 data.seq_len=4096")
+    aliases_group = p.add_argument_group("aliases of config keys (unset: the config's value)")
+    for alias in aliases:
+        kwargs = dict(alias.kwargs)
+        if "choices" not in kwargs and "action" not in kwargs:
+            kwargs.setdefault("metavar", alias.key.split(".")[-1].upper())
+        default = ("required unless --config names it" if alias is DATA_PATH else
+                   f"default: the config's, {K2_PRESET}: {_k2_preset_value(alias.key)}")
+        kwargs["help"] = f"{kwargs.get('help', '')} (= {alias.key}; {default})".lstrip()
+        aliases_group.add_argument(alias.flag, dest=alias.dest, default=argparse.SUPPRESS,
+                                   **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _k2_preset() -> Any:
+    from k2jax.config import K2_PRESET, load_config
+
+    return load_config(K2_PRESET)
+
+
+def _k2_preset_value(key: str) -> Any:
+    section, name = key.split(".")
+    value = getattr(getattr(_k2_preset(), section), name)
+    return str(value).replace("%", "%%") if value is not None else "unset"  # argparse formats help
+
+
+def given_aliases(args: argparse.Namespace, aliases: Sequence[Alias]) -> list[Alias]:
+    return [a for a in aliases if getattr(args, a.dest, None) is not None]
+
+
+def config_dict_from_args(args: argparse.Namespace, aliases: Sequence[Alias]) -> dict[str, Any]:
+    """The config file (or K2's preset) with the overrides and the alias flags applied; a key
+    set both ways is refused."""
+    from k2jax.config import K2_PRESET, load_config_dict
+
+    data = load_config_dict(args.config or K2_PRESET, args.overrides)
+    overridden = {item.split("=", 1)[0].strip() for item in args.overrides}
+    for alias in given_aliases(args, aliases):
+        if alias.key in overridden:
+            raise UserError(f"{alias.flag} and {alias.key}=... both set {alias.key}; give one")
+        section, key = alias.key.split(".")
+        data.setdefault(section, {})[key] = getattr(args, alias.dest)
+    return data
+
+
+def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DATA_ALIASES,
+                   model: Optional[Any] = None):
+    """The Config whose data section says which chunk files a command reads and how.
+
+    The data are K2-format chunk files (data.source k2); the whole step is one micro-batch
+    (these commands read rows, they do not train); `model` (a ModelConfig, e.g. the weights')
+    replaces the config's model section. Without --config, the files must be named (--data or
+    data.path=): the preset's data.path is a placeholder bucket."""
+    from k2jax.config import DataConfig, ModelConfig, config_from_dict
+
+    data = config_dict_from_args(args, aliases)
+    section = data.setdefault("data", {})
+    named = (args.config is not None or getattr(args, DATA_PATH.dest, None) is not None
+             or any(o.strip().startswith("data.path=") for o in args.overrides))
+    if not named:
+        raise UserError("--data DIR is required (or a --config whose data.path names the files)")
+    section["source"] = "k2"
+    section["micro_batch_size"] = section.get("global_batch_size", DataConfig.global_batch_size)
+    if model is not None:
+        data["model"] = dataclasses.asdict(model)
+    else:  # no model runs here: its context length does not limit the rows a command reads
+        seq_len = section.get("seq_len", DataConfig.seq_len)
+        model_section = data.setdefault("model", {})
+        context = model_section.get("max_position_embeddings", ModelConfig.max_position_embeddings)
+        if isinstance(seq_len, int) and isinstance(context, int):  # else validation names it
+            model_section["max_position_embeddings"] = max(seq_len, context)
+    return config_from_dict(data)
