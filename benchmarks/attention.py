@@ -2,7 +2,7 @@
 
 On a TPU: forward and forward+backward wall time and achieved TFLOP/s of each implementation
 at K2's per-chip shapes (batch 1, 8 heads = one tensor-parallel shard of 64, head_dim 128,
-bf16, causal) for seq 2048 (K2) and 8192 (K2-Chat), then which kernel `model.attention: auto`
+bf16, causal) for the sequence lengths of K2 and K2-Chat (their presets' data.seq_len), then which kernel `model.attention: auto`
 should pick on this chip: k2jax's own kernel only if it is at least as fast as splash at every
 shape (forward+backward, what training runs). Elsewhere it says that timing needs a TPU, skips
 the table and checks the implementations agree at a small shape (Pallas in interpret mode).
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from k2jax.config import load_config  # noqa: E402
 from k2jax.kernels import default_block_sizes, flash_attention, splash_attention  # noqa: E402
 from k2jax.kernels.block_sizes import tpu_generation  # noqa: E402
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION  # noqa: E402
@@ -207,8 +208,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seqs", type=lambda text: [int(x) for x in text.split(",")],
-                        default=[2048, 8192], help="comma-separated; default K2's 2048 and "
-                        "K2-Chat's 8192")
+                        default=[load_config(name).data.seq_len for name in ("k2-65b", "k2-chat")],
+                        help="comma-separated; default K2's and K2-Chat's data.seq_len")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
