@@ -7,6 +7,7 @@ ConfigError naming the dotted key. The dataclasses are the single list of settin
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -284,6 +285,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # an inf learning rate trained NaN parameters, exit 0
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -17,10 +17,13 @@ from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
+from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
+from k2jax.checkpoint.set_aside import restore_newest_intact
 from k2jax.config import Config
+from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
-from k2jax.errors import UserError
+from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
 from k2jax.sharding.batch import padded_global_rows
@@ -58,6 +61,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = storage_path(config.train.run_dir)
+        ensure_run_dir(self.run_dir)
         self.primary = jax.process_index() == 0
         self.mesh = build_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
@@ -72,7 +76,6 @@ class Trainer:
         self.batches = make_step_batches(config, jax.process_index(), jax.process_count(),
                                          self.device_rows)
         self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
-        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -105,15 +108,17 @@ class Trainer:
             if train.resume_step not in steps:
                 raise UserError(f"train.resume_step={train.resume_step}: no such checkpoint in "
                                 f"{self.checkpoints.directory} (have {steps})")
-            return self._restore(train.resume_step), train.resume_step
-        for step in reversed(steps):
             try:
-                return self._restore(step), step
+                return self._restore(train.resume_step), train.resume_step
             except UserError:
                 raise
-            except Exception as err:  # a damaged checkpoint: fall back to the previous one
-                self.log(f"checkpoint {step} failed to restore ({type(err).__name__}: {err}); "
-                         "trying the previous one")
+            except Exception as err:  # asked for by name: refuse, move nothing
+                raise UserError(f"train.resume_step={train.resume_step}: checkpoint "
+                                f"{self.checkpoints.directory / str(train.resume_step)} cannot "
+                                f"be restored ({one_line(err)})") from err
+        restored = restore_newest_intact(self.checkpoints, steps, self._restore, self.log)
+        if restored is not None:
+            return restored
         if train.init_from:
             target = abstract_state(self.shardings, self.config, self.optimizer).params
             params = restore_params(train.init_from, target)
@@ -175,12 +180,16 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
+        with RunDirLock(self.run_dir, enabled=self.primary):  # one run per run_dir
+            return self._run()
+
+    def _run(self) -> int:
         cfg = self.config
-        if self.primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(),
-                                                                     sort_keys=False))
         state, step = self.initial_state()
+        if self.primary:  # only now: a refused resume must leave the run's config.yaml alone
+            write_bytes_atomic(self.run_dir / "config.yaml",
+                               yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
         self.log(f"run dir {self.run_dir} | {count_params(cfg.model):,} parameters | mesh "
                  f"{dict(self.mesh.shape)} | {jax.device_count()} devices, "
                  f"{jax.process_count()} processes")
@@ -214,7 +223,8 @@ class Trainer:
                 state, metrics = compiled(state, batch, np.float32(self.detector.loss_ceiling()))
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
-                spike = self.detector.check(metrics["loss"], metrics["grad_norm"])
+                spike = self.detector.check(metrics["loss"], metrics["grad_norm"],
+                                            metrics["update_norm"])
                 if spike:
                     next_step, state = self.handle_spike(step, spike, metrics, state)
                     if next_step != step + 1:  # rolled back: the order and position changed
