@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from typing import Any, Optional
@@ -32,29 +31,13 @@ from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
+from k2jax.train.preemption import StopRequested
 from k2jax.train.schedule import k2_learning_rate
 from k2jax.train.spikes import SpikeDetector
 from k2jax.train.state import abstract_state, create_train_state, state_shardings
 from k2jax.train.step import make_train_step
 
 DATA_ORDER_FILE = "data_order.json"
-
-
-class StopRequested:
-    """SIGTERM (TPU preemption notice) or Ctrl-C: finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -248,7 +231,7 @@ class Trainer:
                     self.writer.record(step, record)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     self.save(step, state, metrics)
-                if stop.requested:
+                if stop.agreed():  # every host stops at the same step
                     self.log(f"stop requested: checkpointing step {step} and exiting")
                     if step % cfg.train.checkpoint_every:
                         self.save(step, state, metrics)
