@@ -18,6 +18,7 @@ import yaml
 from k2jax.errors import ConfigError, UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
 
 
@@ -183,6 +184,9 @@ class TrainConfig:
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
             raise ConfigError("train.checkpoint_every", "checkpoint_every, keep_checkpoints "
                               "and log_every must be positive")
+        if self.keep_period is not None and self.keep_period <= 0:  # Orbax: modulo by zero
+            raise ConfigError("train.keep_period", f"must be positive or null, got "
+                              f"{self.keep_period}")
         self.spikes.validate()
 
 
@@ -217,6 +221,11 @@ class MeshConfig:
         for name, size in sizes.items():
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{name}", f"must be positive or -1, got {size}")
+        for logical, axes in self.rules.items():
+            for axis in axes if isinstance(axes, list) else [axes]:
+                if axis is not None and axis not in MESH_AXES:
+                    raise ConfigError(f"mesh.rules.{logical}", f"'{axis}' is not a mesh axis "
+                                      f"(expected one of {list(MESH_AXES)} or null)")
 
 
 @dataclasses.dataclass

@@ -190,3 +190,59 @@ def test_a_non_finite_update_is_refused_and_reported(tmp_path):
     assert [(e["kind"], e["update_applied"]) for e in events] == [("nonfinite", False)] * 2
     params = restore_params_numpy(tmp_path, 2)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+CONFIG_CASES = {
+    "train.keep_period=0": ("train.keep_period", "must be positive or null"),
+    "mesh.rules.embed=bogus": ("mesh.rules.embed", "'bogus' is not a mesh axis"),
+    "mesh.rules.batch=[data, nowhere]": ("mesh.rules.batch", "'nowhere' is not a mesh axis"),
+}
+
+
+@pytest.mark.parametrize("override", CONFIG_CASES, ids=list(CONFIG_CASES))
+def test_bad_config_values_name_their_key(tmp_path, override):
+    key, message = CONFIG_CASES[override]
+    with pytest.raises(ConfigError, match=rf"'{key}': {message}"):
+        small_config(tmp_path, override)
+
+
+def _data_order(text):
+    return lambda run_dir: (run_dir / "data_order.json").write_text(text)
+
+
+DATA_ORDER_CASES = {
+    "not json": (_data_order("{\"moved_row_ranges\": [[1,"), "not a k2jax data order record"),
+    "no key": (_data_order("{}"), "not a k2jax data order record"),
+    "negative start": (_data_order('{"moved_row_ranges": [[-8, 8]]}'),
+                       r"moved_row_ranges\[0\] must be \[start >= 0, count > 0\]"),
+    "bool count": (_data_order('{"moved_row_ranges": [[8, true]]}'),
+                   r"moved_row_ranges\[0\] must be"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ORDER_CASES, ids=list(DATA_ORDER_CASES))
+def test_a_damaged_data_order_record_is_one_line(tmp_path, case):
+    damage, message = DATA_ORDER_CASES[case]
+    tmp_path.mkdir(exist_ok=True)
+    damage(tmp_path)
+    with pytest.raises(UserError, match=rf"data_order.json: {message}"):
+        Trainer(small_config(tmp_path, "train.steps=2"))
+
+
+def test_init_from_with_other_shapes_names_the_tensor_in_one_line(trained, tmp_path):
+    """Before: exit 2 but under ~10 'Event loop is closed' tracebacks, no tensor named."""
+    result = run_train(tmp_path / "run", "train.steps=1", "model.hidden_size=64",
+                       f"train.init_from={trained / 'checkpoints' / '2'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "tensor ['params']['embed_tokens'] has shape (128, 32), the model config expects (128, 64)" \
+        in lines[0]
+
+
+def test_process_id_out_of_range_is_one_line(tmp_path):
+    result = run_train(tmp_path, "train.steps=1", "--coordinator-address", "127.0.0.1:1",
+                       "--num-processes", "2", "--process-id", "5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "k2jax train: error: --process-id 5: expected 0 <= id < --num-processes (2)"]

@@ -31,6 +31,7 @@ from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
+from k2jax.train.data_order_file import read_moved_row_ranges
 from k2jax.train.preemption import StopRequested
 from k2jax.train.schedule import k2_learning_rate
 from k2jax.train.spikes import SpikeDetector
@@ -66,7 +67,7 @@ class Trainer:
         """Rollbacks append moved windows to run_dir/data_order.json; it outranks the config."""
         path = self.run_dir / DATA_ORDER_FILE
         if path.exists():
-            moved = json.loads(path.read_text())["moved_row_ranges"]
+            moved = read_moved_row_ranges(path)
             self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
 
     def _save_data_order(self) -> None:
