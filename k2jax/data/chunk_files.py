@@ -65,8 +65,15 @@ def file_signature(path: epath.Path) -> dict[str, int]:
 def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
     """Write via a temporary sibling and rename, so a crash never leaves a complete-looking file."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as err:  # a full disk: leave no partial temporary, name the file
+        if tmp.exists():
+            tmp.unlink()
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
