@@ -190,6 +190,20 @@ class TrainConfig:
         self.spikes.validate()
 
 
+DEFAULT_MESH_RULES: dict[str, Union[str, list[str], None]] = {
+    "batch": ["data", "fsdp"],
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh (per slice, ICI) and across slices (DCN); one -1 is filled from the devices."""
@@ -200,19 +214,14 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
-    # logical axis name -> mesh axis name(s); every parameter axis must be covered.
-    rules: dict[str, Union[str, list[str], None]] = dataclasses.field(default_factory=lambda: {
-        "batch": ["data", "fsdp"],
-        "length": None,
-        "vocab": "tensor",
-        "embed": "fsdp",
-        "heads": "tensor",
-        "kv_heads": "tensor",
-        "head_dim": None,
-        "mlp": "tensor",
-        "layers": None,
-        "norm": None,
-    })
+    # logical axis name -> mesh axis name(s); every parameter axis must be covered. Given
+    # rules (a YAML mapping or `mesh.rules.embed=...`) adjust these defaults, never drop them:
+    # replacing the whole table made one override fail on an unrelated axis.
+    rules: dict[str, Union[str, list[str], None]] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_MESH_RULES))
+
+    def __post_init__(self):
+        self.rules = {**DEFAULT_MESH_RULES, **self.rules}
 
     def validate(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

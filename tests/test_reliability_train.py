@@ -246,3 +246,16 @@ def test_process_id_out_of_range_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "k2jax train: error: --process-id 5: expected 0 <= id < --num-processes (2)"]
+
+
+def test_a_resume_with_another_rope_theta_is_refused(trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    trainer = Trainer(small_config(run_dir, "train.steps=6", "model.rope_theta=500000"))
+    with pytest.raises(UserError, match=r"model.rope_theta \(checkpoint 10000.0, now 500000.0\)"):
+        trainer.initial_state()
+
+
+def test_one_mesh_rule_override_keeps_the_other_rules(tmp_path):
+    """Before: `mesh.rules.embed=...` replaced the whole table, and the error blamed 'vocab'."""
+    rules = small_config(tmp_path, "mesh.rules.embed=tensor").mesh.rules
+    assert rules["embed"] == "tensor" and rules["vocab"] == "tensor" and len(rules) == 10

@@ -21,7 +21,8 @@ from k2jax.paths import storage_path
 # Keys that must match to resume: they fix parameter shapes or the meaning of a data position.
 RESUME_KEYS = {
     "model": ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim", "tie_word_embeddings", "scan_layers", "param_dtype"),
+              "num_kv_heads", "head_dim", "tie_word_embeddings", "scan_layers", "param_dtype",
+              "rope_theta"),  # the trained weights encode positions at this base
     "data": ("seq_len", "global_batch_size", "order", "start_row", "source"),
     "train": ("seed",),
 }
