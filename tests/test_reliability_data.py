@@ -82,3 +82,14 @@ def test_a_stale_packed_form_is_refused(packed_dir, tmp_path, capsys, keep_size_
     code, err = batch(capsys, packed_dir, tmp_path / "b.npy", "--format", "packed")
     assert code == 0, err
     assert np.load(tmp_path / "b.npy")[0].tolist() == first_row
+
+
+@pytest.mark.parametrize("where", ["missing directory", "onto a directory"])
+def test_batch_out_that_cannot_be_written_is_one_line(packed_dir, tmp_path, capsys, where):
+    out = tmp_path / "missing" / "b.npy" if where == "missing directory" else tmp_path / "adir"
+    if where == "onto a directory":
+        out.mkdir()
+    code, err = batch(capsys, packed_dir, out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{out}: cannot be written" in err
+    assert not list(tmp_path.glob("**/.*.tmp-*"))  # no temporary left behind

@@ -68,9 +68,12 @@ def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
     try:
         tmp.write_bytes(data)
         tmp.replace(path)
-    except OSError as err:  # a full disk: leave no partial temporary, name the file
+    except OSError as err:  # a full disk, a bad --out: leave no partial temporary
         if tmp.exists():
             tmp.unlink()
+        if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                            PermissionError)):
+            raise UserError(f"{path}: cannot be written ({err.strerror or err})") from err
         if err.filename is None:
             err.filename = str(path)
         raise
