@@ -102,3 +102,25 @@ def test_train_on_a_full_disk_then_after_freeing_space(tmp_path):
     assert (run_dir / "checkpoints" / "2" / "state").is_dir()
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         == [1, 2, 1, 2]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (a real ENOSPC), where mounting is allowed (root); skipped elsewhere."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("mounting a tmpfs needs privileges")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_data_index_on_a_full_tmpfs(tmp_path, small_tmpfs):
+    write_chunk(tmp_path, 0, 20000)  # 160 KB of offsets into 64 KiB
+    argv = k2jax("data", "index", tmp_path, "--index-dir", small_tmpfs / "index", "--quiet")
+    line = one_error_line(limited(argv, resource.RLIM_INFINITY))
+    assert line.startswith("k2jax data: error: no space left on device writing " +
+                           str(small_tmpfs / "index"))
+    assert not [p for p in (small_tmpfs / "index").iterdir() if "chunk_0" in p.name]
