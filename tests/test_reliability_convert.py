@@ -80,3 +80,13 @@ def test_a_concurrent_conversion_keeps_the_output_that_finished_first(tmp_path):
             (out / "theirs").write_text("theirs")
     assert sorted(os.listdir(out)) == ["theirs"]
     assert not [p for p in os.listdir(tmp_path) if ".incomplete-" in p]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", '"llama"'])
+def test_config_json_that_is_not_an_object(converted, tmp_path, capsys, text):
+    hf = tmp_path / "hf"
+    shutil.copytree(converted / "hf", hf)
+    (hf / "config.json").write_text(text)
+    fails_in_one_line(capsys, ["convert", "hf-to-orbax", "--hf", hf, "--out", tmp_path / "w"],
+                      "config.json: expected a JSON object")
+    assert not (tmp_path / "w").exists()
