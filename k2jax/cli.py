@@ -14,6 +14,7 @@ import sys
 from k2jax import __version__
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
+from k2jax.storage_errors import storage_failure
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"k2jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk is the user's to fix: one line, not a traceback
+        problem = storage_failure(err)
+        if problem is None:
+            raise
+        print(f"k2jax {args.command}: error: {problem}", file=sys.stderr)
         return 2
 
 

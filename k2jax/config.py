@@ -16,6 +16,7 @@ run's length, batch and checkpoint cadence to round numbers. A config that means
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 from k2jax import dtypes
 from k2jax.errors import ConfigError, UserError
 
+MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
 
 
@@ -234,7 +236,24 @@ class TrainConfig:
         if self.start_step and not self.init_from:
             raise ConfigError("train.start_step", "needs train.init_from (the weights of that "
                               "step); a run from random weights starts at step 0")
+        if self.keep_period is not None and self.keep_period <= 0:  # Orbax: modulo by zero
+            raise ConfigError("train.keep_period", f"must be positive or null, got "
+                              f"{self.keep_period}")
         self.spikes.validate()
+
+
+DEFAULT_MESH_RULES: dict[str, Union[str, list[str], None]] = {
+    "batch": ["data", "fsdp"],
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+}
 
 
 @dataclasses.dataclass
@@ -247,19 +266,14 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
-    # logical axis name -> mesh axis name(s); every parameter axis must be covered.
-    rules: dict[str, Union[str, list[str], None]] = dataclasses.field(default_factory=lambda: {
-        "batch": ["data", "fsdp"],
-        "length": None,
-        "vocab": "tensor",
-        "embed": "fsdp",
-        "heads": "tensor",
-        "kv_heads": "tensor",
-        "head_dim": None,
-        "mlp": "tensor",
-        "layers": None,
-        "norm": None,
-    })
+    # logical axis name -> mesh axis name(s); every parameter axis must be covered. Given
+    # rules (a YAML mapping or `mesh.rules.embed=...`) adjust these defaults, never drop them:
+    # replacing the whole table made one override fail on an unrelated axis.
+    rules: dict[str, Union[str, list[str], None]] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_MESH_RULES))
+
+    def __post_init__(self):
+        self.rules = {**DEFAULT_MESH_RULES, **self.rules}
 
     def validate(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -268,6 +282,11 @@ class MeshConfig:
         for name, size in sizes.items():
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{name}", f"must be positive or -1, got {size}")
+        for logical, axes in self.rules.items():
+            for axis in axes if isinstance(axes, list) else [axes]:
+                if axis is not None and axis not in MESH_AXES:
+                    raise ConfigError(f"mesh.rules.{logical}", f"'{axis}' is not a mesh axis "
+                                      f"(expected one of {list(MESH_AXES)} or null)")
 
 
 @dataclasses.dataclass
@@ -336,6 +355,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # an inf learning rate trained NaN parameters, exit 0
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

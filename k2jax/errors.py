@@ -11,3 +11,11 @@ class ConfigError(UserError):
     def __init__(self, key: str, problem: str):
         self.key = key
         super().__init__(f"config key '{key}': {problem}")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (library errors can run to
+    pages; a report line must stay one line)."""
+    text = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {text[0] if text else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from k2jax.checkpoint.set_aside import set_aside_step
 from k2jax.config import TrainConfig
 from k2jax.errors import UserError
 from k2jax.paths import storage_path
@@ -20,7 +21,8 @@ from k2jax.paths import storage_path
 # Keys that must match to resume: they fix parameter shapes or the meaning of a data position.
 RESUME_KEYS = {
     "model": ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-              "num_kv_heads", "head_dim", "tie_word_embeddings", "scan_layers", "param_dtype"),
+              "num_kv_heads", "head_dim", "tie_word_embeddings", "scan_layers", "param_dtype",
+              "rope_theta"),  # the trained weights encode positions at this base
     "data": ("seq_len", "global_batch_size", "order", "start_row", "source"),
     "train": ("seed",),
 }
@@ -72,6 +74,20 @@ class RunCheckpoints:
         if differing:
             raise UserError(f"checkpoint {self.directory / str(step)} was made with a different "
                             f"config: {'; '.join(differing)}")
+
+    def set_aside(self, step: int) -> str:
+        """Moves a damaged step out of the way (process 0 renames, every process waits and
+        forgets the step); returns where it went."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        target = ""
+        if jax.process_index() == 0:
+            target = str(set_aside_step(self.directory, step))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"k2jax set aside checkpoint {step}")
+        self.manager.reload()
+        return target or str(self.directory.parent / "damaged_checkpoints")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

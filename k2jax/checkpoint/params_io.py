@@ -19,7 +19,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from k2jax.config import ModelConfig, _build
-from k2jax.errors import UserError
+from k2jax.errors import UserError, one_line
 from k2jax.paths import storage_path
 
 PARAMS_ITEM = "params"
@@ -58,6 +58,32 @@ def read_model_config(directory: str) -> ModelConfig | None:
     return None
 
 
+def check_stored_shapes(item: Any, target: Any) -> None:
+    """Compares every tensor of `target` with the checkpoint's metadata before reading data, so
+    a mismatch names the tensor (and no half-started asynchronous restore is left to fail)."""
+    import jax
+
+    handler = ocp.PyTreeCheckpointHandler()  # the item's tree metadata, no step metadata
+    try:
+        tree = handler.metadata(item)
+    except Exception as err:
+        raise UserError(f"{item}: checkpoint metadata unreadable ({one_line(err)})") from err
+    finally:
+        handler.close()
+    tree = getattr(tree, "tree", tree)
+    stored = {jax.tree_util.keystr(path): leaf
+              for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    for path, want in jax.tree_util.tree_leaves_with_path(target):
+        name = jax.tree_util.keystr(path)
+        have = stored.get(name)
+        if have is None:
+            raise UserError(f"{item}: tensor {name} not found (the model config expects shape "
+                            f"{tuple(want.shape)})")
+        if tuple(have.shape) != tuple(want.shape):
+            raise UserError(f"{item}: tensor {name} has shape {tuple(have.shape)}, the model "
+                            f"config expects {tuple(want.shape)}")
+
+
 def restore_params(directory: str, abstract_params: Any) -> Any:
     """Restore parameters into `abstract_params` (ShapeDtypeStructs carrying shardings, so each
     host reads only its shards). Works on weights and training-checkpoint directories."""
@@ -68,11 +94,12 @@ def restore_params(directory: str, abstract_params: Any) -> Any:
             target, item = abstract_params, path / PARAMS_ITEM
         else:
             target, item = {"params": abstract_params}, path / "state"
+        check_stored_shapes(item, target)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:
             restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True))
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            raise UserError(f"{item}: parameters do not match the model config ({err})")
+        except Exception as err:  # shapes matched above: what is left is a damaged file
+            raise UserError(f"{item}: cannot be restored ({one_line(err)})") from err
     return restored if kind == "params" else restored["params"]
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from k2jax.errors import UserError
 from k2jax.paths import chmod_as_created
+from k2jax.storage_errors import storage_failure
 
 
 def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()
@@ -40,7 +41,14 @@ def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.Pat
 def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it becomes `out`, on any error it is removed."""
     out_path = check_output(out, force)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UserError(f"{out}: its parent is not a directory ({err})") from err
+    except OSError as err:
+        if storage_failure(err):
+            raise
+        raise UserError(f"{out}: its parent directory cannot be created ({err})") from err
     _remove_dead_staging(out_path)
     staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out_path)}{os.getpid()}-",
                                     dir=out_path.parent))
@@ -48,6 +56,9 @@ def atomic_output_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     try:
         yield staging
         _fsync_tree(staging)
+        if out_path.exists() and not force:  # another writer finished first: keep its output
+            raise UserError(f"{out}: appeared while converting (another conversion?); not "
+                            "replaced (--force replaces)")
         if out_path.exists():  # --force: swap, then drop the old one
             old = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.old-", dir=out_path.parent))
             old.rmdir()

@@ -65,9 +65,13 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{directory}: no config.json (expected a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object (a Hugging Face model config), got "
+                        f"{type(config).__name__}")
+    return config
 
 
 def open_hf_checkpoint(directory: str) -> HFCheckpoint:

@@ -42,6 +42,9 @@ class OrbaxParamsReader:
                 metadata = checkpointer.metadata(self._item).item_metadata
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise UserError(f"{self._item}: cannot read the Orbax checkpoint metadata ({err})")
+        if metadata is None:  # Orbax returns None, not an error, when _METADATA is gone
+            raise UserError(f"{self._item}: no Orbax tree metadata (_METADATA missing); not a "
+                            "complete checkpoint")
         tree = metadata.tree
         if self.kind == "state":
             if "params" not in tree:

@@ -24,8 +24,9 @@ from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, 
                                      tokenizer_files, write_json, write_safetensors_shards)
 from k2jax.convert.orbax_reader import OrbaxParamsReader
 from k2jax.convert.progress import Progress
-from k2jax.errors import UserError
+from k2jax.errors import UserError, one_line
 from k2jax.hf.config_json import hf_config_dict
+from k2jax.storage_errors import storage_failure
 
 
 def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
@@ -54,7 +55,13 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
         pending = start(0)
         for i, (name, _) in enumerate(items):
             future, stored = pending
-            future.result()
+            try:
+                future.result()
+            except Exception as err:  # a truncated or missing chunk file of the checkpoint
+                if storage_failure(err):
+                    raise
+                raise UserError(f"tensor {name}: cannot be read from {reader.directory} "
+                                f"({one_line(err)})") from err
             # The caller has finished with slice i-1, whose buffer now takes slice i+1.
             pending = start(i + 1) if i + 1 < len(items) else None
             view = stored

@@ -65,8 +65,18 @@ def file_signature(path: epath.Path) -> dict[str, int]:
 def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
     """Write via a temporary sibling and rename, so a crash never leaves a complete-looking file."""
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as err:  # a full disk, a bad --out: leave no partial temporary
+        if tmp.exists():
+            tmp.unlink()
+        if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                            PermissionError)):
+            raise UserError(f"{path}: cannot be written ({err.strerror or err})") from err
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:

@@ -94,7 +94,7 @@ def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]],
                         f"(named by data.order {order if isinstance(order, str) else 'list'} at "
                         f"position {position}; {len(missing)} of {len(set(chunk_ids))} missing)")
     if form == "packed":
-        reader: ChunkReader = packed.PackedChunkReader(data_dir, chunk_ids, seq_len,
+        reader: ChunkReader = packed.PackedChunkReader(data_dir, chunk_ids, seq_len, vocab_size,
                                                        read_mask=use_tgt_mask)
     elif form == "jsonl":
         reader = JsonlChunkReader(ChunkIndex(data_dir, chunk_ids, index_dir), seq_len, vocab_size,

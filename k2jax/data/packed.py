@@ -30,6 +30,7 @@ from k2jax.errors import UserError
 PACKED_VERSION = 1
 TOKEN_DTYPE = np.uint16
 _ROWS_PER_WRITE = 1024
+_DIGEST_SPAN = 64 << 10
 
 
 def tokens_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
@@ -46,6 +47,28 @@ def packed_manifest_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
 
 def _temp_sibling(path: epath.Path) -> epath.Path:
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def source_digest(path: epath.Path) -> str:
+    """sha256 of a file's first and last 64 KiB: catches an edit that keeps the size and lands
+    within the same mtime second (a rewritten first line), for 128 KiB of reading per file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_DIGEST_SPAN))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - _DIGEST_SPAN, 0))
+        digest.update(f.read(_DIGEST_SPAN))
+    return digest.hexdigest()
+
+
+def _source_matches(manifest: dict, source: epath.Path) -> bool:
+    """Whether `source` is still the jsonl file the packed chunk was made from."""
+    recorded = manifest.get("source", {})
+    signature = chunk_files.file_signature(source)
+    return (recorded.get("size") == signature["size"] and recorded.get("mtime") ==
+            signature["mtime"] and recorded.get("digest") == source_digest(source))
 
 
 def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signature: dict,
@@ -99,7 +122,8 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
         raise
     manifest = {"chunk_id": chunk_id, "num_rows": rows, "seq_len": seq_len,
                 "dtype": "uint16", "has_mask": any_mask, "max_token_id": max_token,
-                "source": {"file": source.name, **signature}, "version": PACKED_VERSION}
+                "source": {"file": source.name, **signature, "digest": source_digest(source)},
+                "version": PACKED_VERSION}
     chunk_files.write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
     return manifest
 
@@ -136,9 +160,10 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for chunk_id in index.chunk_ids:
         signature = chunk_files.file_signature(chunk_files.jsonl_path(data_dir, chunk_id))
         old = chunk_files.read_json(packed_manifest_path(out_path, chunk_id))
-        if (old and old.get("source", {}).get("size") == signature["size"]
-                and old["source"].get("mtime") == signature["mtime"]
-                and old.get("seq_len") == seq_len and old.get("version") == PACKED_VERSION):
+        source = chunk_files.jsonl_path(data_dir, chunk_id)
+        if (old and _source_matches(old, source) and old.get("max_token_id", vocab_size) <
+                vocab_size and old.get("seq_len") == seq_len
+                and old.get("version") == PACKED_VERSION):
             done.append(old)
             continue
         jobs.append((os.fspath(data_dir), os.fspath(out_path), chunk_id,
@@ -171,10 +196,14 @@ class PackedChunkReader:
     """Reads given rows of packed chunks: tokens int32 [n, S], tgt_mask uint8 [n, S] or None."""
 
     def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int,
-                 read_mask: bool = True):
+                 vocab_size: Optional[int] = None, read_mask: bool = True):
+        """vocab_size: token ids must be below it (checked against each manifest's recorded
+        max_token_id, not by reading the rows); None: no check. read_mask False: mask files are
+        neither checked nor opened (data.use_tgt_mask off)."""
         self.data_dir = epath.Path(data_dir)
         self.seq_len = seq_len
-        self.read_mask = read_mask  # False: mask files are neither checked nor opened
+        self.vocab_size = vocab_size
+        self.read_mask = read_mask
         self.chunk_ids = sorted(set(int(c) for c in chunk_ids))
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             manifests = list(pool.map(self._checked_manifest, self.chunk_ids))
@@ -191,6 +220,16 @@ class PackedChunkReader:
         if manifest.get("version") != PACKED_VERSION or manifest.get("seq_len") != self.seq_len:
             raise UserError(f"{path}: packed with seq_len={manifest.get('seq_len')} (version "
                             f"{manifest.get('version')}), expected data.seq_len={self.seq_len}")
+        max_token = manifest.get("max_token_id")
+        if self.vocab_size is not None and (max_token is None or max_token >= self.vocab_size):
+            raise UserError(f"{path}: token ids up to {max_token}, expected below "
+                            f"model.vocab_size={self.vocab_size}")
+        # A jsonl chunk beside its packed form must still be the one it was packed from: the
+        # packed rows would otherwise silently be the old ones.
+        source = chunk_files.jsonl_path(self.data_dir, chunk_id)
+        if source.exists() and not _source_matches(manifest, source):
+            raise UserError(f"{path}: packed from an older {source.name} (size, mtime or "
+                            f"content differ); re-run `k2jax data pack`")
         expected = int(manifest["num_rows"]) * self.seq_len
         files = [(tokens_path(self.data_dir, chunk_id), 2 * expected)]
         if manifest["has_mask"] and self.read_mask:

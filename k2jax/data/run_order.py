@@ -16,6 +16,7 @@ import yaml
 from etils import epath
 
 from k2jax.config import Config, config_from_dict
+from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.errors import UserError
 
 DATA_ORDER_FILE = "data_order.json"
@@ -23,22 +24,32 @@ CONFIG_FILE = "config.yaml"
 
 
 def read_moved_row_ranges(run_dir: epath.Path) -> Optional[list[list[int]]]:
-    """The run's moved windows, or None when no rollback has written any."""
+    """The run's moved windows [[start >= 0, count > 0], ...] (global rows), or None when no
+    rollback has written any. It outranks the config (it is the run's own record), so a damaged
+    one stops with one line naming it: read wrong, every later batch would be other rows."""
     path = run_dir / DATA_ORDER_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())["moved_row_ranges"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: expected {{\"moved_row_ranges\": [[start, count], ...]}} "
-                        f"({type(err).__name__}: {err})")
+        moved = json.loads(path.read_text())["moved_row_ranges"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: not a k2jax data order record ({type(err).__name__}: {err}); "
+                        "it lists the rows moved by rollbacks, so restore it rather than delete "
+                        "it") from err
+    if not isinstance(moved, list):
+        raise UserError(f"{path}: 'moved_row_ranges' must be a list, got {moved!r}")
+    for i, window in enumerate(moved):
+        if not (isinstance(window, list) and len(window) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+                and window[0] >= 0 and window[1] > 0):
+            raise UserError(f"{path}: moved_row_ranges[{i}] must be [start >= 0, count > 0] "
+                            f"(integers), got {window!r}")
+    return moved
 
 
 def write_moved_row_ranges(run_dir: epath.Path, moved: list[list[int]]) -> None:
     """Atomically: readers see the old list or the new one, never a partial file."""
-    tmp = run_dir / (DATA_ORDER_FILE + ".tmp")
-    tmp.write_text(json.dumps({"moved_row_ranges": moved}))
-    tmp.rename(run_dir / DATA_ORDER_FILE)
+    write_bytes_atomic(run_dir / DATA_ORDER_FILE, json.dumps({"moved_row_ranges": moved}).encode())
 
 
 def with_run_order(config: Config, run_dir: epath.Path) -> Config:

@@ -32,9 +32,10 @@ class SpikeDetector:
             return math.inf
         return self.config.threshold * median
 
-    def check(self, loss: float, grad_norm: float) -> str | None:
-        """The spike kind ('nonfinite' or 'ratio') or None; healthy losses enter the history."""
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    def check(self, loss: float, grad_norm: float, update_norm: float = 0.0) -> str | None:
+        """The spike kind ('nonfinite' or 'ratio') or None; healthy losses enter the history.
+        A non-finite update (the step refused it) is a 'nonfinite' spike as well."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(update_norm)):
             return "nonfinite"
         median = self.median()
         if median is not None and loss > self.config.threshold * median:

@@ -75,7 +75,11 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        apply = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (loss <= loss_ceiling)
+        # The update itself is checked too: a finite loss and gradient can still give a
+        # non-finite update (an overflowing learning rate or second moment).
+        update_norm = optax.tree.norm(updates)
+        apply = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+                 & (loss <= loss_ceiling))
         new_state = jax.lax.cond(
             apply,
             lambda: TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state),
@@ -87,7 +91,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             "tokens": count,
             "grad_norm": grad_norm,
             "param_norm": param_norm,
-            "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-12),
+            "update_norm": update_norm,
+            "update_ratio": update_norm / jnp.maximum(param_norm, 1e-12),
             "applied": apply,
         }
         return new_state, metrics

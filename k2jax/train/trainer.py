@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 from typing import Any, Optional
@@ -16,12 +15,15 @@ from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
+from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
+from k2jax.checkpoint.set_aside import restore_newest_intact
 from k2jax.config import Config
+from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.pipeline import make_step_batches
 from k2jax.data.rollback import rollback_window
 from k2jax.data.run_order import with_run_order, write_moved_row_ranges
-from k2jax.errors import UserError
+from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
 from k2jax.sharding.batch import padded_global_rows
@@ -30,33 +32,18 @@ from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
+from k2jax.train.preemption import StopRequested
 from k2jax.train.schedule import k2_learning_rate, schedule_count
 from k2jax.train.spikes import SpikeDetector
 from k2jax.train.state import abstract_state, create_train_state, state_shardings
 from k2jax.train.step import make_train_step
 
 
-class StopRequested:
-    """SIGTERM (TPU preemption notice) or Ctrl-C: finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.run_dir = storage_path(config.train.run_dir)
+        ensure_run_dir(self.run_dir)
         self.primary = jax.process_index() == 0
         self.mesh = build_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
@@ -71,7 +58,6 @@ class Trainer:
         self.batches = make_step_batches(config, jax.process_index(), jax.process_count(),
                                          self.device_rows)
         self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
-        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -92,19 +78,20 @@ class Trainer:
             if train.resume_step not in steps:
                 raise UserError(f"train.resume_step={train.resume_step}: no such checkpoint in "
                                 f"{self.checkpoints.directory} (have {steps})")
-            state = self._restore(train.resume_step)
-            self.log(f"resumed from step {train.resume_step} (train.resume_step)")
-            return state, train.resume_step
-        for step in reversed(steps):
             try:
-                state = self._restore(step)
-                self.log(f"resumed from step {step} ({self.checkpoints.directory})")
-                return state, step
+                state = self._restore(train.resume_step)
             except UserError:
                 raise
-            except Exception as err:  # a damaged checkpoint: fall back to the previous one
-                self.log(f"checkpoint {step} failed to restore ({type(err).__name__}: {err}); "
-                         "trying the previous one")
+            except Exception as err:  # asked for by name: refuse, move nothing
+                raise UserError(f"train.resume_step={train.resume_step}: checkpoint "
+                                f"{self.checkpoints.directory / str(train.resume_step)} cannot "
+                                f"be restored ({one_line(err)})") from err
+            self.log(f"resumed from step {train.resume_step} (train.resume_step)")
+            return state, train.resume_step
+        restored = restore_newest_intact(self.checkpoints, steps, self._restore, self.log)
+        if restored is not None:
+            self.log(f"resumed from step {restored[1]} ({self.checkpoints.directory})")
+            return restored
         if train.init_from:
             target = abstract_state(self.shardings, self.config, self.optimizer).params
             params = restore_params(train.init_from, target)
@@ -174,12 +161,16 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
+        with RunDirLock(self.run_dir, enabled=self.primary):  # one run per run_dir
+            return self._run()
+
+    def _run(self) -> int:
         cfg = self.config
-        if self.primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(),
-                                                                     sort_keys=False))
         state, step = self.initial_state()
+        if self.primary:  # only now: a refused resume must leave the run's config.yaml alone
+            write_bytes_atomic(self.run_dir / "config.yaml",
+                               yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
         self.log(f"run dir {self.run_dir} | {count_params(cfg.model):,} parameters | mesh "
                  f"{dict(self.mesh.shape)} | {jax.device_count()} devices, "
                  f"{jax.process_count()} processes")
@@ -216,7 +207,8 @@ class Trainer:
                 state, metrics = compiled(state, batch, np.float32(self.detector.loss_ceiling()))
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 seconds = time.perf_counter() - t0
-                spike = self.detector.check(metrics["loss"], metrics["grad_norm"])
+                spike = self.detector.check(metrics["loss"], metrics["grad_norm"],
+                                            metrics["update_norm"])
                 if spike:
                     next_step, state = self.handle_spike(step, spike, metrics, state)
                     if next_step != step + 1:  # rolled back: the order and position changed
@@ -240,7 +232,7 @@ class Trainer:
                     self.writer.record(step, record)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     self.save(step, state, metrics)
-                if stop.requested:
+                if stop.agreed():  # every host stops at the same step
                     self.log(f"stop requested: checkpointing step {step} and exiting")
                     if step % cfg.train.checkpoint_every:
                         self.save(step, state, metrics)

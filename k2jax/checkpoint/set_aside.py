@@ -1,0 +1,60 @@
+"""Damaged checkpoints are set aside, never deleted and never left in the way.
+
+A step directory that fails to restore (a truncated or missing shard, garbage metadata, a
+deleted `state/`) is renamed to `run_dir/damaged_checkpoints/<step>[-N]`: out of Orbax's sight,
+so the run falls back to the previous step and can save that step number again later, and still
+on disk for a human to inspect. Left in place, it made every retry retrain up to it and then die
+on Orbax's "step already exists".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from etils import epath
+
+from k2jax.errors import UserError, one_line
+
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+def set_aside_step(checkpoints_dir: epath.Path, step: int) -> epath.Path:
+    """Renames `checkpoints_dir/<step>` to a free name under `../damaged_checkpoints/`;
+    returns the new path. Earlier damaged copies of the same step keep their names."""
+    target_dir = checkpoints_dir.parent / DAMAGED_DIR
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / str(step)
+    copy = 1
+    while target.exists():
+        target = target_dir / f"{step}-{copy}"
+        copy += 1
+    (checkpoints_dir / str(step)).rename(target)
+    return target
+
+
+def restore_newest_intact(checkpoints, steps: list[int], restore: Callable[[int], Any],
+                          log: Callable[[str], None]) -> Optional[tuple[Any, int]]:
+    """(restore(step), step) for the newest step that restores, None when `steps` is empty.
+
+    The newer, damaged steps are set aside only once an older one has restored: if none does,
+    the cause is more likely the code or the config than the files, so nothing is moved and the
+    run stops with one line. A UserError (an incompatible config) is never taken for damage.
+    """
+    damaged = []
+    for step in reversed(steps):
+        try:
+            state = restore(step)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to read a step is damage
+            log(f"checkpoint {step} failed to restore ({one_line(err)}); trying the previous one")
+            damaged.append((step, err))
+            continue
+        for bad, _ in damaged:
+            log(f"checkpoint {bad} set aside as {checkpoints.set_aside(bad)}")
+        return state, step
+    if damaged:
+        step, err = damaged[0]
+        raise UserError(f"no checkpoint in {checkpoints.directory} restores (step {step}: "
+                        f"{one_line(err)}); move them away to start afresh")
+    return None

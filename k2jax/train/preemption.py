@@ -1,0 +1,47 @@
+"""SIGTERM (a TPU preemption notice) or Ctrl-C: finish the step, checkpoint, exit 0, with every
+host stopping at the SAME step.
+
+A notice reaches one host, or all hosts at different moments. Acting on a per-host flag let one
+host stop and checkpoint while the others stepped on: a hang in the next collective or a
+checkpoint torn between steps. So after each step the hosts agree: a one-element all-gather of
+the local flags (jax's multihost_utils), and every host stops when any host was asked to. The
+hosts already meet in the step's own collectives, so the agreement adds no new waiting point,
+only one tiny collective per step (microseconds next to a K2 step of seconds).
+
+Why not jax's preemption sync manager (Orbax's `reached_preemption`): it sees SIGTERM through a
+C++ handler that any Python SIGTERM handler replaces, and it does not cover Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+import numpy as np
+
+
+class StopRequested:
+    """Installs SIGTERM/SIGINT handlers that set a flag; `agreed()` is the cross-host decision."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every process, at the same call, once any process was asked to stop.
+        Every process must call it once per step (it is a collective when there are several)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
