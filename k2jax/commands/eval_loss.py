@@ -35,6 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--loss-normalization", default="per_group", choices=("per_group", "global"),
+                   help="per_group (K2's, what its W&B log shows): mean over groups of "
+                        "--loss-group-rows consecutive rows of each group's masked mean; "
+                        "global: sum(loss * mask) / sum(mask) over the batch")
+    p.add_argument("--loss-group-rows", type=int, default=4, metavar="N",
+                   help="rows per group for per_group (K2: 4, one rank's micro-batch)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     p.set_defaults(func=run)
 
@@ -46,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before any device or weight is touched.
     steps = parse_steps(args.steps)
+    if args.loss_normalization == "per_group" and (
+            args.loss_group_rows <= 0 or args.global_batch % args.loss_group_rows):
+        from k2jax.errors import UserError
+
+        raise UserError(f"--loss-group-rows {args.loss_group_rows}: must be positive and divide "
+                        f"--global-batch {args.global_batch}")
     if args.hf:
         from k2jax.eval.hf_weights import HFWeights
 
@@ -86,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         params = params_from_checkpoint_on_mesh(args.checkpoint, model_config, mesh, rules)
     log(f"weights on devices in {time.perf_counter() - t0:.1f} s")
-    evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan)
+    evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan,
+                                  args.loss_normalization, args.loss_group_rows)
 
     for step in steps:
         t0 = time.perf_counter()
