@@ -42,7 +42,7 @@ def _weight_grads(gradient_dtype):
 
 def test_fp32_weight_gradients_are_not_bf16_rounded():
     grads32, grads16 = _weight_grads("float32"), _weight_grads("bfloat16")
-    assert len(grads32) == 10  # q k v o gate up down, 2 norm scales per layer, final norm, head
+    assert len(grads32) == 11  # q k v o gate up down, 2 norm scales, final norm, lm_head
     for name, g in grads16.items():
         assert g.dtype == jnp.float32 and _bf16_representable(g), name
     for name, g in grads32.items():
