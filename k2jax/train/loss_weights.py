@@ -5,8 +5,10 @@
 `per_group` (K2's, i.e. Megatron's): the global batch is cut into consecutive groups of
 `group_rows` rows (K2: 4, one data-parallel rank's micro-batch); each group's loss is its own
 masked mean sum(loss * mask) / sum(mask), and the step's loss is the mean of the group losses
-(Megatron divides each micro-batch's mean by the number of micro-batches and averages over
-data-parallel ranks; LLM360/k2-train pretrain_gpt.py `loss_func`, megatron/schedules.py).
+(LLM360/k2-train main.py `loss_func`: sum(losses * loss_mask) / loss_mask.sum() per
+micro-batch of one rank; Megatron's schedules divide it by the number of micro-batches and the
+gradient all-reduce averages over data-parallel ranks; Megatron's sampler hands each rank
+consecutive rows of the global batch).
 The two agree when every group has the same mask count.
 
 Both are written as loss = sum(loss * mask * w_row) / divisor, so micro-batch accumulation only
