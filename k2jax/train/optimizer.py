@@ -1,6 +1,6 @@
 """AdamW as K2 trained it: global-norm clipping with Megatron's coefficient, decoupled weight
-decay that skips 1-D parameters (norm scales), K2's schedule. The state is a plain optax pytree, sharded like the
-parameters."""
+decay that skips 1-D parameters (norm scales), K2's schedule. The state is a plain optax
+pytree, sharded like the parameters."""
 
 from __future__ import annotations
 
