@@ -5,9 +5,10 @@ accumulated in fp32 (`main_grad`) and the data-parallel all-reduce runs in fp32
 (`accumulate_allreduce_grads_in_fp32`, which LLM360/k2-train's megatron/arguments.py turns on
 for every --bf16 run, as scripts/pretrain_65b.sh is). Plain autodiff of
 `dot(x_bf16, w.astype(bf16))` instead rounds dW to bf16 before the cast back to the fp32
-parameter, so every gradient reduce-scatter the SPMD partitioner inserts runs in bf16. `matmul` keeps the forward as it was (the weight cast to the
-activations' dtype, so the forward all-gather moves bf16) and returns dW from a dot with an
-fp32 result, as the fp32 cotangent of the fp32 weight.
+parameter, so every gradient reduce-scatter the SPMD partitioner inserts runs in bf16.
+`matmul` keeps the forward as it was (the weight cast to the activations' dtype, so the
+forward all-gather moves bf16) and returns dW from a dot with an fp32 result, as the fp32
+cotangent of the fp32 weight.
 
 Which one a trace gets is set by `weight_gradient_dtype(...)` around the trace (the train step
 sets it from `train.gradient_dtype`), like flax's logical axis rules, so the model's modules
