@@ -71,13 +71,11 @@ def test_matmul_forward_and_input_gradient_are_unchanged():
         np.testing.assert_allclose(dw32, exact, rtol=1e-5, atol=1e-5)
 
 
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s(all-reduce|reduce-scatter)"
-                         r"(?:-start)?\(", re.M)
-
-
-def gradient_reductions(hlo_text: str) -> list[str]:
-    """Result types of every all-reduce / reduce-scatter of an optimized HLO module."""
-    return [m.group(1) for m in _COLLECTIVE.finditer(hlo_text)]
+def collectives(hlo_text: str, *kinds: str) -> list[str]:
+    """Result types of every collective of `kinds` (e.g. all-reduce) of an optimized HLO."""
+    pattern = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s(?:%s)(?:-start)?\("
+                         % "|".join(map(re.escape, kinds)), re.M)
+    return sorted(re.sub(r"\{[^}]*\}", "", m.group(1)) for m in pattern.finditer(hlo_text))
 
 
 def _aot_hlo(tmp_path, gradient_dtype) -> str:
@@ -101,9 +99,14 @@ def test_tpu_gradient_reductions_run_in_fp32(tmp_path):
     """v5p:2x2x1, data 2 x fsdp 2: with float32 no all-reduce / reduce-scatter carries bf16;
     with bfloat16 the weight gradients' do (so this test can fail)."""
     pytest.importorskip("libtpu")
-    reductions = {d: gradient_reductions(_aot_hlo(tmp_path, d)) for d in ("float32", "bfloat16")}
+    hlo = {d: _aot_hlo(tmp_path, d) for d in ("float32", "bfloat16")}
+    reductions = {d: collectives(text, "all-reduce", "reduce-scatter") for d, text in hlo.items()}
     assert reductions["float32"] and not [r for r in reductions["float32"] if "bf16" in r]
     assert [r for r in reductions["bfloat16"] if "bf16" in r]
+    # The forward weight all-gathers are untouched: the same (bf16) gathers either way.
+    gathers = {d: collectives(text, "all-gather") for d, text in hlo.items()}
+    assert gathers["float32"] == gathers["bfloat16"]
+    assert [g for g in gathers["float32"] if g.startswith("bf16")]
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no staging file left
 
 

@@ -128,7 +128,7 @@ class BatchLossEvaluator:
                             f"{self.plan.global_batch}")
         loss_mask = loss_mask.astype(np.float32)
         weights, divisor = loss_row_weights(loss_mask, len(loss_mask), *self.normalization)
-        count = float(np.sum(counted_tokens_per_row(loss_mask), dtype=np.float64))
+        count = float(np.asarray(counted_tokens_per_row(loss_mask), np.float64).sum())
         if self.normalization[0] == "global":  # weights are 1; divide by the exact count
             divisor = count
         sums, _ = self.fn(self.params, self._put(tokens.astype(np.int32)),
