@@ -223,6 +223,15 @@ class TrainConfig:
     log_every: int = 1
     peak_flops_per_device: Optional[float] = None  # None: known value for the device kind
     spikes: SpikeConfig = dataclasses.field(default_factory=SpikeConfig)
+    # dtype of weight gradients out of the matmuls and of their data-parallel reductions.
+    # float32 is K2's (Megatron's fp32 main_grad and fp32 all-reduce) and the safer default:
+    # bf16 keeps 8 mantissa bits, so a small per-row contribution summed over thousands of
+    # rows is lost in rounding; float32 costs twice the reduce-scatter bytes.
+    gradient_dtype: Literal["float32", "bfloat16"] = "float32"
+    # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
+    # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.
+    loss_normalization: Literal["global", "per_group"] = "global"
+    loss_group_rows: int = 4  # K2: 4, one data-parallel rank's micro-batch
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -239,6 +248,9 @@ class TrainConfig:
         if self.keep_period is not None and self.keep_period <= 0:  # Orbax: modulo by zero
             raise ConfigError("train.keep_period", f"must be positive or null, got "
                               f"{self.keep_period}")
+        if self.loss_group_rows <= 0:
+            raise ConfigError("train.loss_group_rows", f"must be positive, got "
+                              f"{self.loss_group_rows}")
         self.spikes.validate()
 
 
@@ -303,6 +315,10 @@ class Config:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")
+        if (self.train.loss_normalization == "per_group"
+                and self.data.global_batch_size % self.train.loss_group_rows):
+            raise ConfigError("train.loss_group_rows", f"{self.train.loss_group_rows} does not "
+                              f"divide data.global_batch_size={self.data.global_batch_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def test_missing_libtpu_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     args = argparse.Namespace(config=str(TINY), overrides=[], topology="v5e-4", slices=1,
-                              json=True, no_flops=True)
+                              json=True, no_flops=True, hlo_out=None)
     with pytest.raises(UserError, match=r"pip install 'k2jax\[tpu\]'"):
         aot.run(args)
 

@@ -22,10 +22,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-
+from etils import epath
 
 from k2jax.aot.topology import Slice
 from k2jax.config import Config
+from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.sharding.batch import padded_global_rows
 from k2jax.sharding.mesh import build_mesh
@@ -127,21 +128,30 @@ def step_cost(config: Config, devices: list, micro_rows: int) -> dict:
 
 
 def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
-                   measure_flops: bool = True) -> dict:
+                   measure_flops: bool = True, hlo_out: Optional[str] = None) -> dict:
     """Compile for `tpu_slice` (x num_slices) and return the report (see `k2jax aot --help`).
 
     `model.attention: auto` means what it means on the TPU being planned for (the
     TPU_DEFAULT_ATTENTION kernel), lowered by Mosaic for real (not in interpret mode, as it
-    would be on this CPU)."""
+    would be on this CPU).
+    `hlo_out`: file to write the compiled step's optimized HLO text to (atomically); nothing is
+    written when the compiler ran out of HBM (report["hlo_out"] is then None)."""
     if config.model.attention == "auto":
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, attention=TPU_DEFAULT_ATTENTION))
     with pallas_interpret(False):
-        return _compile_report(config, tpu_slice, num_slices, measure_flops)
+        return _compile_report(config, tpu_slice, num_slices, measure_flops, hlo_out)
+
+
+def _write_hlo(compiled, hlo_out: Optional[str]) -> Optional[str]:
+    if hlo_out is None or compiled is None:
+        return None
+    write_bytes_atomic(epath.Path(hlo_out), compiled.as_text().encode())
+    return hlo_out
 
 
 def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
-                    measure_flops: bool) -> dict:
+                    measure_flops: bool, hlo_out: Optional[str] = None) -> dict:
     devices = topology_devices(tpu_slice, num_slices)
     chips = len(devices)
     start = time.perf_counter()
@@ -189,6 +199,8 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "model_flops_per_step": model_flops, "peak_flops_per_chip": peak,
         "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None,
         "step_time_source": None,
+        "gradient_dtype": config.train.gradient_dtype,
+        "hlo_out": _write_hlo(compiled, hlo_out),
     }
     if measure_flops and compiled is not None:
         start = time.perf_counter()

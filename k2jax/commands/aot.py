@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-flops", action="store_true",
                         help="skip the two small extra compiles that measure step FLOPs")
+    parser.add_argument("--hlo-out", metavar="FILE",
+                        help="write the compiled step's optimized HLO text here (atomically), "
+                             "e.g. to check the dtype of every collective")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. mesh.tensor=4 model.remat=save_qkv_out")
     parser.set_defaults(func=run)
@@ -48,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     tpu_slice = parse_slice(args.topology)
     if args.slices < 1:
         raise UserError(f"--slices: must be >= 1, got {args.slices}")
+    if args.hlo_out is not None:
+        from etils import epath
+
+        if not epath.Path(args.hlo_out).parent.is_dir():
+            raise UserError(f"--hlo-out {args.hlo_out}: its directory does not exist")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -57,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     with elapsed_ticker(f"aot: lowering and compiling the train step for {args.topology} "
                         f"x {args.slices} slice(s) with libtpu (minutes for a large model)"):
-        report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops)
+        report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops,
+                                hlo_out=args.hlo_out)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

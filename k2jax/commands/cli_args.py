@@ -100,6 +100,15 @@ USE_TGT_MASK = Alias("--use-tgt-mask", "data.use_tgt_mask", {
 # The settings that say which rows a step reads (`k2jax data batch`, eval-loss, compare-hf).
 STEP_DATA_ALIASES = (DATA_PATH, ORDER, GLOBAL_BATCH, START_ROW, SEQ_LEN, FORMAT, INDEX_DIR,
                      USE_TGT_MASK)
+LOSS_NORMALIZATION = Alias("--loss-normalization", "train.loss_normalization", {
+    "choices": ("per_group", "global"),
+    "help": "per_group: mean over groups of train.loss_group_rows consecutive rows of each "
+            "group's masked mean (Megatron's, what K2's W&B log shows); global: "
+            "sum(loss * mask) / sum(mask) over the batch"})
+LOSS_GROUP_ROWS = Alias("--loss-group-rows", "train.loss_group_rows", {
+    "type": int, "help": "rows per group for per_group (one data-parallel rank's micro-batch)"})
+# eval-loss: which rows, and how a step's loss is normalised over them.
+STEP_LOSS_ALIASES = STEP_DATA_ALIASES + (LOSS_NORMALIZATION, LOSS_GROUP_ROWS)
 
 
 def add_config_args(p: argparse.ArgumentParser, aliases: Sequence[Alias]) -> None:

@@ -14,9 +14,11 @@ import sys
 import time
 
 from k2jax import dtypes
-from k2jax.commands.cli_args import add_command, add_progress_flags, dtype_metavar, dtype_type
+from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_progress_flags,
+                                     dtype_metavar, dtype_type, k2_data_config)
+from k2jax.data.pipeline import make_step_batches
 from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
-from k2jax.eval.step_data import add_data_args, step_batches
+from k2jax.eval.step_data import add_data_args
 
 EVAL_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
 
@@ -37,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="rows per micro-step over the whole mesh (unset: 4 per data-parallel "
                         "device; a memory choice of this command, not data.micro_batch_size); "
                         "the batch is padded with masked rows to a multiple of N")
-    add_data_args(p)
+    add_data_args(p, STEP_LOSS_ALIASES)
     p.add_argument("--dtype", default="fp32", type=dtype_type(EVAL_DTYPES),
                    metavar=dtype_metavar(EVAL_DTYPES),
                    help="parameter and compute dtype (K2 trained with bf16 compute)")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         base = checkpoint_model_config(args.checkpoint)
     model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention,
                                      rope_freq_dtype=args.rope_freq_dtype)
-    batches = step_batches(args, model_config)
+    config = k2_data_config(args, STEP_LOSS_ALIASES, model=model_config)
+    batches = make_step_batches(config)  # the rows, and train.loss_normalization over them
     for step in steps:
         batches.global_rows(step)  # a step past the data fails now, not after loading 65B
 
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         params = params_from_checkpoint_on_mesh(args.checkpoint, model_config, mesh, rules)
     log(f"weights on devices in {time.perf_counter() - t0:.1f} s")
-    evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan)
+    evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan,
+                                  config.train.loss_normalization, config.train.loss_group_rows)
 
     from tqdm import tqdm
 
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                   "tokens": result["tokens"], "rows": plan.global_batch,
                   "loss_sum": result["loss_sum"], "dtype": args.dtype,
                   "rope_freq_dtype": args.rope_freq_dtype,
+                  "loss_normalization": config.train.loss_normalization,
                   "seconds": round(time.perf_counter() - t0, 3)}
         if primary:
             if args.json:

@@ -5,7 +5,9 @@ The global batch [B, S] is padded with fully masked rows up to a multiple of the
 over the data-parallel axes, and a jitted `lax.scan` runs one micro-batch at a time, so only
 one micro-batch of activations and logits is ever live. The scan returns each micro-step's
 (loss sum, mask count) in fp32; they are added on the host in float64, so the step's loss is
-sum / count over the whole global batch, exactly K2's definition, for any micro-batch split.
+sum / count over the whole global batch, for any micro-batch split. With K2's per-group
+normalisation (train/loss_weights.py, as the train step) the mask is weighted per row on the
+host first and the weighted sum is divided by the number of groups.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from k2jax.config import ModelConfig
 from k2jax.errors import UserError
 from k2jax.model import K2Model, masked_next_token_loss
 from k2jax.sharding.rules import batch_sharding, rules_list
+from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
 
 ROWS_PER_DEVICE_DEFAULT = 4  # K2's own micro-batch per data-parallel rank
 
@@ -97,9 +100,15 @@ class BatchLossEvaluator:
     """Loss of fixed, already sharded `params` on global batches of `plan.global_batch` rows."""
 
     def __init__(self, params: Any, config: ModelConfig, mesh: Mesh, rules: dict,
-                 plan: MicroBatchPlan):
+                 plan: MicroBatchPlan, loss_normalization: str = "global",
+                 loss_group_rows: int = 4):
+        if loss_normalization == "per_group" and (loss_group_rows <= 0 or
+                                                  plan.global_batch % loss_group_rows):
+            raise UserError(f"--loss-group-rows {loss_group_rows}: must be positive and divide "
+                            f"the global batch of {plan.global_batch} rows")
         self.params = params
         self.plan = plan
+        self.normalization = (loss_normalization, loss_group_rows)
         self.rows_sharding = batch_sharding(mesh, rules)
         shardings = jax.tree.map(lambda x: x.sharding, params)
         self.fn = make_batch_loss_fn(config, mesh, rules, plan, shardings)
@@ -112,13 +121,18 @@ class BatchLossEvaluator:
 
     def __call__(self, tokens: np.ndarray, loss_mask: np.ndarray) -> dict:
         """tokens int32 [B, S], loss_mask float32 [B, S] (the whole global batch, on every host)
-        -> {"loss", "loss_sum", "tokens"} with tokens = number of counted predictions."""
+        -> {"loss", "loss_sum", "tokens"} with tokens = number of counted predictions and
+        loss_sum the (per-group weighted, under per_group) sum of token losses."""
         if tokens.shape[0] != self.plan.global_batch:
             raise UserError(f"batch has {tokens.shape[0]} rows, expected "
                             f"{self.plan.global_batch}")
-        sums, counts = self.fn(self.params, self._put(tokens.astype(np.int32)),
-                               self._put(loss_mask.astype(np.float32)))
+        loss_mask = loss_mask.astype(np.float32)
+        weights, divisor = loss_row_weights(loss_mask, len(loss_mask), *self.normalization)
+        count = float(np.asarray(counted_tokens_per_row(loss_mask), np.float64).sum())
+        if self.normalization[0] == "global":  # weights are 1; divide by the exact count
+            divisor = count
+        sums, _ = self.fn(self.params, self._put(tokens.astype(np.int32)),
+                          self._put(loss_mask * np.asarray(weights)[:, None]))
         loss_sum = float(np.sum(np.asarray(jax.device_get(sums), np.float64)))
-        count = float(np.sum(np.asarray(jax.device_get(counts), np.float64)))
-        return {"loss": loss_sum / count if count else float("nan"), "loss_sum": loss_sum,
-                "tokens": int(round(count))}
+        return {"loss": loss_sum / float(divisor) if count else float("nan"),
+                "loss_sum": loss_sum, "tokens": int(round(count))}

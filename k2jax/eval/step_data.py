@@ -14,8 +14,8 @@ from k2jax.commands.cli_args import DATA_PATH, STEP_DATA_ALIASES, add_config_arg
 from k2jax.config import ModelConfig
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, STEP_DATA_ALIASES)
+def add_data_args(p: argparse.ArgumentParser, aliases=STEP_DATA_ALIASES) -> None:
+    add_config_args(p, aliases)
 
 
 def data_dir(args: argparse.Namespace):
@@ -23,8 +23,9 @@ def data_dir(args: argparse.Namespace):
     return getattr(args, DATA_PATH.dest, None)
 
 
-def step_batches(args: argparse.Namespace, model_config: ModelConfig):
+def step_batches(args: argparse.Namespace, model_config: ModelConfig,
+                 aliases=STEP_DATA_ALIASES):
     """StepBatches over the chunk files named by the args (validated, one clear error line)."""
     from k2jax.data.pipeline import make_step_batches
 
-    return make_step_batches(k2_data_config(args, STEP_DATA_ALIASES, model=model_config))
+    return make_step_batches(k2_data_config(args, aliases, model=model_config))

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from k2jax.config import ModelConfig
 from k2jax.model.attention_core import dot_product_attention
 from k2jax.model.rope import apply_rope
+from k2jax.model.weight_grad import matmul, scale
 
 
 def dtype_of(name: str):
@@ -29,9 +30,11 @@ def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tu
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs) -> jnp.ndarray:
+def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1,
+            preferred_element_type=None) -> jnp.ndarray:
     """x @ w contracting x's axes after (batch, seq) with w's first `in_dims` axes, as one 2-D
-    matmul [B*S, I] @ [I, O].
+    matmul [B*S, I] @ [I, O]. `w` is the stored (fp32) parameter: it is cast to x's dtype inside
+    `weight_grad.matmul`, whose weight gradient is fp32 under `train.gradient_dtype: float32`.
 
     Flattening keeps every gradient a plain 2-D dot too (dW = x^T dy over B*S rows). An einsum
     contracting b and s together made XLA:CPU transpose dy in memory for each weight gradient,
@@ -39,7 +42,7 @@ def project(x_BxSxI: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1, **dot_kwargs
     batch, seq = x_BxSxI.shape[:2]
     out_shape = w.shape[in_dims:]
     w_IxO = w.reshape(-1, math.prod(out_shape))
-    out = jnp.dot(x_BxSxI.reshape(batch * seq, -1), w_IxO, **dot_kwargs)
+    out = matmul(x_BxSxI.reshape(batch * seq, -1), w_IxO, preferred_element_type)
     return out.reshape(batch, seq, *out_shape)
 
 
@@ -75,8 +78,7 @@ class RMSNorm(nn.Module):
                                 dtype_of(cfg.param_dtype))
         x32 = x_BxSxE.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-        compute = dtype_of(cfg.compute_dtype)
-        return scale_E.astype(compute) * x32.astype(compute)
+        return scale(x32.astype(dtype_of(cfg.compute_dtype)), scale_E)
 
 
 class Attention(nn.Module):
@@ -86,11 +88,11 @@ class Attention(nn.Module):
     def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
         cfg = self.config
         head_dim = cfg.resolved_head_dim
-        pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        pdtype = dtype_of(cfg.param_dtype)
         e, n, k = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
 
-        def proj(name, shape, axes, init=weight_init(cfg)):
-            return logical_param(self, name, shape, axes, init, pdtype).astype(compute)
+        def proj(name, shape, axes, init=weight_init(cfg)):  # cast to compute inside `project`
+            return logical_param(self, name, shape, axes, init, pdtype)
 
         wq_ExNxD = proj("q_proj", (e, n, head_dim), ("embed", "heads", "head_dim"))
         wk_ExKxD = proj("k_proj", (e, k, head_dim), ("embed", "kv_heads", "head_dim"))
@@ -121,16 +123,16 @@ class Mlp(nn.Module):
     def __call__(self, x_BxSxE):
         cfg = self.config
         init = weight_init(cfg)
-        pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
+        pdtype = dtype_of(cfg.param_dtype)
         e, m = cfg.hidden_size, cfg.intermediate_size
         w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"),
                                    output_projection_init(cfg), pdtype)
-        gate_BxSxM = project(x_BxSxE, w_gate_ExM.astype(compute))
-        up_BxSxM = project(x_BxSxE, w_up_ExM.astype(compute))
+        gate_BxSxM = project(x_BxSxE, w_gate_ExM)
+        up_BxSxM = project(x_BxSxE, w_up_ExM)
         hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))
-        out_BxSxE = project(hidden_BxSxM, w_down_MxE.astype(compute))
+        out_BxSxE = project(hidden_BxSxM, w_down_MxE)
         return checkpoint_name(out_BxSxE, "mlp_out")
 
 

@@ -79,5 +79,5 @@ class K2Model(nn.Module):
         else:
             head_ExV = logical_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
                                      ("embed", "vocab"), init, pdtype)
-        logits = project(x_BxSxE, head_ExV.astype(compute), preferred_element_type=jnp.float32)
+        logits = project(x_BxSxE, head_ExV, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))

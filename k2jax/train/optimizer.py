@@ -1,14 +1,34 @@
-"""AdamW as K2 trained it: global-norm clipping, decoupled weight decay that skips 1-D
-parameters (norm scales), K2's schedule. The state is a plain optax pytree, sharded like the
-parameters."""
+"""AdamW as K2 trained it: global-norm clipping with Megatron's coefficient, decoupled weight
+decay that skips 1-D parameters (norm scales), K2's schedule. The state is a plain optax
+pytree, sharded like the parameters."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from k2jax.config import OptimizerConfig
 from k2jax.train.schedule import k2_learning_rate
+
+
+MEGATRON_CLIP_EPSILON = 1e-6
+
+
+def clip_by_global_norm_megatron(max_norm: float) -> optax.GradientTransformation:
+    """Megatron's clipping (LLM360/k2-train megatron/optimizer/clip_grads.py,
+    `clip_grad_norm_fp32`): coefficient max_norm / (total_norm + 1e-6), applied when below 1.
+    optax.clip_by_global_norm scales by max_norm / total_norm, without the epsilon, so a
+    gradient whose norm is just above max_norm is scaled slightly differently (and one whose
+    norm lies in (max_norm - 1e-6, max_norm] is scaled here, not there)."""
+
+    def update(updates, state, params=None):
+        del params
+        coefficient = max_norm / (optax.tree.norm(updates) + MEGATRON_CLIP_EPSILON)
+        scale = jnp.minimum(coefficient, 1.0)
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(config: OptimizerConfig, scanned_layers: bool) -> optax.GradientTransformation:
@@ -22,7 +42,7 @@ def make_optimizer(config: OptimizerConfig, scanned_layers: bool) -> optax.Gradi
         return jax.tree_util.tree_map_with_path(is_matrix, params)
 
     return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
+        clip_by_global_norm_megatron(config.grad_clip_norm),
         optax.adamw(k2_learning_rate(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=mask),
     )

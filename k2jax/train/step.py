@@ -1,8 +1,11 @@
 """The jitted train step: micro-batch gradient accumulation (a scan, fp32), clipping, AdamW.
 
-Gradients of the *summed* masked loss are accumulated over micro-batches and divided once by
-the global mask count, which is exactly K2's loss = sum(loss * mask) / sum(mask) over the whole
-global batch, whatever the micro-batch split.
+Gradients of the *summed*, per-row weighted masked loss are accumulated over micro-batches and
+divided once: with `train.loss_normalization: global` (weights 1, divided by the global mask
+count) that is sum(loss * mask) / sum(mask) over the whole global batch; with `per_group`
+(K2's) the mean of each `loss_group_rows`-row group's masked mean (train/loss_weights.py).
+Either way it does not depend on the micro-batch split or the mesh. Weight gradients come out
+of the matmuls in `train.gradient_dtype` (model/weight_grad.py).
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ from jax.sharding import Mesh
 
 from k2jax.config import Config
 from k2jax.model import K2Model, masked_next_token_loss
+from k2jax.model.weight_grad import weight_gradient_dtype
 from k2jax.sharding.rules import batch_sharding, rules_list
+from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
 from k2jax.train.state import TrainState
 
 
-def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    shardings: TrainState):
-    """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
+def make_loss_and_gradients(config: Config, mesh: Mesh):
+    """Returns fn(params, tokens, loss_mask) -> (loss, grads fp32 like params, counted tokens),
+    to be traced inside a jit: the step's loss and its gradients over the whole device batch.
 
-    batch: tokens int32 [B, S], loss_mask float32 [B, S] (sharded over the batch axes).
-    loss_ceiling: float32 scalar; the update is applied only if the loss is finite and at most
-    this (spike handling passes +inf to always apply).
+    tokens int32 [P, S], loss_mask float32 [P, S]: the step's global batch in order, then
+    zero-mask padding rows (P >= data.global_batch_size), sharded over the batch axes.
     """
     model = K2Model(config.model)
     accumulation = config.data.accumulation_steps
@@ -37,10 +41,14 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         logits = model.apply({"params": params}, tokens)
         return masked_next_token_loss(logits, tokens, loss_mask)
 
-    def step(state: TrainState, batch, loss_ceiling):
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+    def loss_and_gradients(params, tokens, loss_mask):
         rows, seq = tokens.shape
         micro = rows // accumulation
+        row_weights, divisor = loss_row_weights(
+            loss_mask, config.data.global_batch_size, config.train.loss_normalization,
+            config.train.loss_group_rows)
+        count = jnp.sum(counted_tokens_per_row(loss_mask))
+        weighted_mask = loss_mask * row_weights[:, None]
 
         # Micro-step a takes rows {m * A + a}: each device's contiguous rows hold a share of
         # every micro-batch, so the split needs no cross-device shuffle.
@@ -49,28 +57,45 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
             return jax.lax.with_sharding_constraint(x, micro_sharding)
 
         def micro_step(micro_tokens, micro_mask):
-            (loss_sum, count), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                state.params, micro_tokens, micro_mask)
-            return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum, count
+            (loss_sum, _), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+                params, micro_tokens, micro_mask)
+            return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum
 
         def accumulate(carry, micro_batch):
-            grads, loss_sum, count = micro_step(*micro_batch)
+            grads, loss_sum = micro_step(*micro_batch)
             grads = jax.tree.map(jnp.add, carry[0], grads)
-            return (grads, carry[1] + loss_sum, carry[2] + count), None
+            return (grads, carry[1] + loss_sum), None
 
         # The abstract mesh is what flax's logical constraints and the attention dispatch look
         # for while tracing (`with mesh:` alone left the constraints silently dropped).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules), \
+                weight_gradient_dtype(config.train.gradient_dtype):
             if accumulation == 1:  # no zero-filled accumulator to write and add to
-                grads, loss_sum, count = micro_step(tokens, loss_mask)
+                grads, loss_sum = micro_step(tokens, weighted_mask)
             else:
-                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-                init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-                (grads, loss_sum, count), _ = jax.lax.scan(
-                    accumulate, init, (split(tokens), split(loss_mask)))
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        loss = loss_sum / count
+                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+                init = (zeros, jnp.zeros((), jnp.float32))
+                (grads, loss_sum), _ = jax.lax.scan(
+                    accumulate, init, (split(tokens), split(weighted_mask)))
+        grads = jax.tree.map(lambda g: g / divisor, grads)
+        return loss_sum / divisor, grads, count
+
+    return loss_and_gradients
+
+
+def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    shardings: TrainState):
+    """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
+
+    batch: tokens int32 [B, S], loss_mask float32 [B, S] (sharded over the batch axes).
+    loss_ceiling: float32 scalar; the update is applied only if the loss is finite and at most
+    this (spike handling passes +inf to always apply).
+    """
+    loss_and_gradients = make_loss_and_gradients(config, mesh)
+
+    def step(state: TrainState, batch, loss_ceiling):
+        loss, grads, count = loss_and_gradients(state.params, batch["tokens"],
+                                                batch["loss_mask"])
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
