@@ -13,6 +13,8 @@ from k2jax.aot.topology import parse_slice
 from k2jax.errors import UserError
 from train_utils import REPO, SMALL_MODEL, TINY, subprocess_env
 
+pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
+
 
 @pytest.mark.parametrize("name, topology, chips", [
     ("v5p-512", "v5p:4x8x8", 256),  # v5p and v4 suffixes count TensorCores (2 per chip)

@@ -193,6 +193,7 @@ def test_elapsed_ticker_says_what_and_how_long():
     assert re.fullmatch(r"aot: compiling: done in 0\.\d s", lines[-1])
 
 
+@pytest.mark.slow
 def test_resumed_run_says_from_which_step(tmp_path, capsys):
     from train_utils import small_config
 

@@ -20,6 +20,8 @@ from k2jax.train.trainer import Trainer
 from train_utils import (TINY, assert_trees_equal, losses_by_step, read_metrics,
                          restore_params_numpy, small_config)
 
+pytestmark = pytest.mark.slow  # several tiny training runs
+
 
 @pytest.fixture
 def batches_read(monkeypatch):

@@ -26,6 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from k2jax.kernels import (default_block_sizes, flash_attention,  # noqa: E402
                            sharded_flash_attention)
 
+pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
+
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 K2_SHARD = dict(batch=1, seq=2048, heads=8, kv_heads=8, head_dim=128)  # 64 heads / TP 8
 COMPILE_SECONDS_LIMIT = 60  # generous: each compile takes 1-3 s on 2 cores

@@ -158,6 +158,7 @@ def test_bf16_compute_stays_close_to_fp32():
     assert np.abs(fp32 - bf16).max() / np.abs(fp32).max() < 5e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch", "save_qkv_out"])
 def test_remat_policies_give_identical_gradients(remat):
     hf_model = tiny_llama(num_layers=2)
@@ -180,6 +181,7 @@ def test_remat_policies_give_identical_gradients(remat):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # recompute order: fp32 rounding
 
 
+@pytest.mark.slow
 def test_pallas_attention_in_the_model_matches_xla():
     """The fused kernel (interpret mode on CPU): logits and gradients as the XLA path."""
     hf_model = tiny_llama(vocab_size=250, num_kv_heads=2)

@@ -23,6 +23,8 @@ from k2jax.sharding.batch import pad_rows
 from k2jax.sharding.mesh import build_mesh, resolve_axis_sizes
 from train_utils import REPO, small_config, subprocess_env
 
+pytestmark = pytest.mark.slow  # 8-device subprocesses and TPU AOT compiles
+
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 STEPS = 5
 

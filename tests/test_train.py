@@ -62,6 +62,7 @@ def one_step(config, batch):
     return state, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_micro_batch_accumulation_equals_one_big_batch():
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(0, 128, (8, 16)), jnp.int32),
@@ -104,6 +105,7 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
     Trainer(small_config(tmp_path, "train.steps=2", "train.checkpoint_every=2")).run()
     with pytest.raises(UserError, match=r"model.hidden_size .*data.seq_len"):
@@ -111,6 +113,7 @@ def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path):
                             "data.seq_len=32")).run()
 
 
+@pytest.mark.slow
 def test_resume_step_and_init_from(tmp_path):
     Trainer(small_config(tmp_path / "a", "train.steps=4", "train.checkpoint_every=2",
                         "train.keep_checkpoints=5")).run()
@@ -140,6 +143,7 @@ def poisoned(run_dir, action, kind="random", steps=28, *extra):
                        f"data.synthetic_poison_kind={kind}", *extra)
 
 
+@pytest.mark.slow
 def test_spike_skip_refuses_the_update(tmp_path):
     Trainer(poisoned(tmp_path, "skip")).run()
     events = spikes(tmp_path)
@@ -154,6 +158,7 @@ def test_spike_skip_refuses_the_update(tmp_path):
         assert record["lr"] == pytest.approx(float(lr(used)), rel=1e-6), record["step"]
 
 
+@pytest.mark.slow
 def test_spike_rollback_moves_the_rows_and_restores(tmp_path):
     Trainer(poisoned(tmp_path, "rollback", "random", 28, "train.spikes.rollback_unit=step")).run()
     [event] = spikes(tmp_path)
@@ -165,6 +170,7 @@ def test_spike_rollback_moves_the_rows_and_restores(tmp_path):
     assert max(losses) == 28 and all(math.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_refused_and_never_checkpointed(tmp_path):
     trainer = Trainer(poisoned(tmp_path, "log", kind="nonfinite", steps=30))
     trainer.run()
@@ -182,6 +188,7 @@ def test_non_finite_updates_are_refused_and_never_checkpointed(tmp_path):
     assert trainer.checkpoints.all_steps() == []
 
 
+@pytest.mark.slow
 def test_relative_run_dir_works_from_any_directory(tmp_path, monkeypatch):
     """The README's main job uses `runs/tiny`; Orbax needs absolute paths."""
     monkeypatch.chdir(tmp_path)

@@ -12,6 +12,8 @@ from k2jax.train.trainer import Trainer
 from train_utils import (assert_trees_equal, losses_by_step, read_metrics, restore_params_numpy,
                          run_train, small_config, subprocess_env, train_command)
 
+pytestmark = pytest.mark.slow  # SIGKILL/SIGTERM of real training subprocesses: minutes
+
 
 def committed_steps(run_dir) -> list[int]:
     directory = Path(run_dir) / "checkpoints"
