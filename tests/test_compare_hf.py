@@ -69,6 +69,20 @@ def test_perturbed_weights_fail_and_show_the_layer(setup, capsys):
     assert by_name["layer 0"] < 1e-5  # layer 1 (the last) was perturbed, layer 0 was not
     assert report["per_layer"][-1]["max_abs"] > 1e-2
     assert report["parts_at"].startswith("final norm (layer 1")
+    assert "holds" not in err  # fp32 weights: no precision excuse
+
+
+def test_bf16_checkpoint_failure_says_why(setup, capsys, tmp_path):
+    """The README's path (hf-to-orbax --dtype bf16, then compare-hf with the default thresholds)
+    fails on bf16 rounding alone: the failure says so instead of reading as a bad conversion."""
+    assert main(["convert", "hf-to-orbax", "--hf", str(setup["hf"]), "--out",
+                 str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    code, report, err = compare(capsys, "--hf", str(setup["hf"]), "--checkpoint",
+                                str(tmp_path / "bf16"), "--data", str(setup["data"]),
+                                "--step", "0")
+    assert code == 1 and report["max_abs"] > 1e-3
+    assert "holds bfloat16 weights" in err and "--dtype fp32" in err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -22,6 +22,7 @@ from k2jax.config import ModelConfig
 from k2jax.convert.orbax_writer import hf_view, leaf_shape
 from k2jax.errors import UserError
 from k2jax.hf import name_map
+from k2jax.paths import storage_path
 
 
 class OrbaxParamsReader:
@@ -35,7 +36,9 @@ class OrbaxParamsReader:
             raise UserError(f"{directory}: no k2jax_model.json (nor a training config) to say "
                             "which model these weights belong to")
         self.config: ModelConfig = config
-        self._item = self.directory / (PARAMS_ITEM if self.kind == "params" else "state")
+        # Absolute: Orbax's metadata of a relative path is None (`--checkpoint runs/...`).
+        self._item = storage_path(directory) / (PARAMS_ITEM if self.kind == "params"
+                                                else "state")
         logging.getLogger("absl").setLevel(logging.ERROR)
         try:
             with ocp.PyTreeCheckpointer() as checkpointer:
