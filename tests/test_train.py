@@ -127,6 +127,21 @@ def test_resume_step_and_init_from(tmp_path):
     assert_trees_equal(state.params, restore_params_numpy(tmp_path / "a", 2))
 
 
+def test_resume_from_an_earlier_step_sets_the_newer_checkpoints_aside(tmp_path):
+    """train.resume_step=2 on a run that reached 4: steps 3-4 are trained again (equal to the
+    first time: a batch is a function of the step) and the old checkpoint 4 is kept under
+    superseded_checkpoints/ instead of blocking the new save (Orbax: step already exists)."""
+    extra = ("train.checkpoint_every=2", "train.keep_checkpoints=5")
+    Trainer(small_config(tmp_path, "train.steps=4", *extra)).run()
+    first = losses_by_step(tmp_path)
+    Trainer(small_config(tmp_path, "train.steps=5", "train.resume_step=2", *extra)).run()
+    assert (tmp_path / "superseded_checkpoints" / "4").is_dir()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4, 5]
+    again = losses_by_step(tmp_path)
+    assert again[3] == first[3] and again[4] == first[4]
+
+
 def spikes(run_dir):
     path = Path(run_dir) / "spikes.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
-from k2jax.checkpoint.set_aside import set_aside_step
+from k2jax.checkpoint.set_aside import DAMAGED_DIR, set_aside_step
 from k2jax.config import TrainConfig
 from k2jax.errors import UserError
 from k2jax.paths import storage_path
@@ -75,19 +75,19 @@ class RunCheckpoints:
             raise UserError(f"checkpoint {self.directory / str(step)} was made with a different "
                             f"config: {'; '.join(differing)}")
 
-    def set_aside(self, step: int) -> str:
-        """Moves a damaged step out of the way (process 0 renames, every process waits and
-        forgets the step); returns where it went."""
+    def set_aside(self, step: int, folder: str = DAMAGED_DIR) -> str:
+        """Moves a step out of Orbax's way into run_dir/<folder> (process 0 renames, every
+        process waits and forgets the step); returns where it went."""
         import jax
         from jax.experimental import multihost_utils
 
         target = ""
         if jax.process_index() == 0:
-            target = str(set_aside_step(self.directory, step))
+            target = str(set_aside_step(self.directory, step, folder))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"k2jax set aside checkpoint {step}")
         self.manager.reload()
-        return target or str(self.directory.parent / "damaged_checkpoints")
+        return target or str(self.directory.parent / folder)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

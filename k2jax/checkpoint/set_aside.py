@@ -16,12 +16,16 @@ from etils import epath
 from k2jax.errors import UserError, one_line
 
 DAMAGED_DIR = "damaged_checkpoints"
+# Steps newer than an explicit train.resume_step: the resumed run will write those step numbers
+# again, so the old ones move here (kept, out of Orbax's way).
+SUPERSEDED_DIR = "superseded_checkpoints"
 
 
-def set_aside_step(checkpoints_dir: epath.Path, step: int) -> epath.Path:
-    """Renames `checkpoints_dir/<step>` to a free name under `../damaged_checkpoints/`;
-    returns the new path. Earlier damaged copies of the same step keep their names."""
-    target_dir = checkpoints_dir.parent / DAMAGED_DIR
+def set_aside_step(checkpoints_dir: epath.Path, step: int,
+                   folder: str = DAMAGED_DIR) -> epath.Path:
+    """Renames `checkpoints_dir/<step>` to a free name under `../<folder>/`; returns the new
+    path. Earlier copies of the same step there keep their names."""
+    target_dir = checkpoints_dir.parent / folder
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / str(step)
     copy = 1

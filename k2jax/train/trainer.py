@@ -16,7 +16,7 @@ from tqdm import tqdm
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
 from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
-from k2jax.checkpoint.set_aside import restore_newest_intact
+from k2jax.checkpoint.set_aside import SUPERSEDED_DIR, restore_newest_intact
 from k2jax.config import Config
 from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.data.grain_loader import iterate_host_batches
@@ -87,6 +87,9 @@ class Trainer:
                                 f"{self.checkpoints.directory / str(train.resume_step)} cannot "
                                 f"be restored ({one_line(err)})") from err
             self.log(f"resumed from step {train.resume_step} (train.resume_step)")
+            for later in (s for s in steps if s > train.resume_step):  # to be written anew
+                self.log(f"checkpoint {later} is newer than train.resume_step: set aside as "
+                         f"{self.checkpoints.set_aside(later, SUPERSEDED_DIR)}")
             return state, train.resume_step
         restored = restore_newest_intact(self.checkpoints, steps, self._restore, self.log)
         if restored is not None:
