@@ -266,7 +266,7 @@ COMMANDS: list[tuple[str, object]] = [
      Skip("multi-host: needs 4 processes and a coordinator at 10.0.0.2 "
           "(tests/test_multihost.py runs 2 processes)")),
     # k2jax data
-    (r"k2jax data index /data/k2 ",
+    (r"k2jax data index --data /data/k2 ",
      Run(subs=(("/data/k2", "data/k2"),), check=check_index, why="/data is not writable here")),
     (r"k2jax data pack --data /data/k2 --out /data/k2-packed",
      Run(subs=(("/data/k2", "data/k2"),), check=check_pack)),
@@ -277,6 +277,9 @@ COMMANDS: list[tuple[str, object]] = [
     (r"k2jax data batch --data /data/k2 --step 150000 --out step150000\.npy",
      Run(subs=(("/data/k2", "data/k2"), small_step("--step 150000", 4)), check=check_batch,
          why="data scale")),
+    (r"k2jax data locate --config configs/k2-chat\.yaml --step 100 data\.path=/data/chat",
+     Skip("K2-Chat's data (8192-token rows) is a user's own; the data locate entry above runs "
+          "the same code path on K2-format files")),
     (r"k2jax data batch --run-dir runs/k2 ",
      Skip("runs/k2 is a run on K2's data (the pod run); the quick start's run reads synthetic "
           "data, which has no files to batch")),
@@ -288,7 +291,7 @@ COMMANDS: list[tuple[str, object]] = [
     # k2jax convert (and the reproduction's download)
     (r"hf download LLM360/K2 --revision ckpt_100 --local-dir K2-ckpt_100",
      Run(check=check_downloaded_model, why="bin/hf: a local stand-in for the Hub")),
-    (r"k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100 --dtype bf16$",
+    (r"k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100 --dtype bf16 ",
      Run(check=check_bf16_weights)),
     (r"k2jax convert orbax-to-hf --checkpoint runs/k2/checkpoints/94100 --out K2-export",
      Run(subs=(("runs/k2/checkpoints/94100", "runs/tiny/checkpoints/300"),),
@@ -296,15 +299,15 @@ COMMANDS: list[tuple[str, object]] = [
     # eval-loss, compare-hf, compare-curves
     (r"k2jax eval-loss --hf K2-ckpt_100 --data k2data --steps 94100,94101:94105 --json",
      Run(subs=(("--steps 94100,94101:94105",
-                "--steps 3,4:8 --global-batch 2 --seq-len 64"),),
+                "--steps 3,4:8 --global-batch 4 --seq-len 64"),),
          check=check_eval_steps, why="data scale")),
     (r"k2jax eval-loss --checkpoint weights/ckpt_100 --data k2data --steps 94100 --dtype bf16",
-     Run(subs=(small_step("--steps 94100", 2, EVAL_ROW),), check=check_eval_bf16,
+     Run(subs=(small_step("--steps 94100", 4, EVAL_ROW),), check=check_eval_bf16,
          why="data scale")),
     (r"k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100-fp32 --dtype fp32",
      Run(check=check_fp32_weights)),
     (r"k2jax compare-hf --hf K2-ckpt_100 --checkpoint weights/ckpt_100-fp32 --data k2data",
-     Run(subs=(small_step("--step 94100", 2, EVAL_ROW),), check=check_compare_hf,
+     Run(subs=(small_step("--step 94100", 4, EVAL_ROW),), check=check_compare_hf,
          why="data scale")),
     (r"k2jax compare-curves --run runs/k2 --reference k2_wandb\.csv --steps 94000:95000",
      Run(subs=TINY_RUN + (("94000:95000", "100:300"),), check=check_curves("curves.png", 20),
@@ -320,9 +323,9 @@ COMMANDS: list[tuple[str, object]] = [
     (r"for i in \$\(seq 0 100\); do hf download LLM360/K2Datasets",
      Run(check=check_downloaded_chunks, why="bin/hf: a local stand-in for the Hub")),
     (r"ORDER=\$\(k2jax data order \| python -c", Run()),
-    (r"k2jax data index k2data --workers 8$", Run()),
+    (r"k2jax data index --data k2data --workers 8$", Run()),
     (r"k2jax eval-loss --hf K2-ckpt_100 --data k2data --order \"\$ORDER\" --steps 94100",
-     Run(subs=(small_step("--steps 94100", 2, EVAL_ROW),), check=check_reproduce_eval,
+     Run(subs=(small_step("--steps 94100", 4, EVAL_ROW),), check=check_reproduce_eval,
          why="data scale")),
     (r"k2jax compare-curves --run ckpt_100\.jsonl --reference k2_wandb\.csv --out ckpt_100\.png",
      Run(check=check_curves("ckpt_100.png", 1),
