@@ -165,13 +165,14 @@ def config_dict_from_args(args: argparse.Namespace, aliases: Sequence[Alias]) ->
 
 
 def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DATA_ALIASES,
-                   model: Optional[Any] = None):
+                   model: Optional[Any] = None, computes_loss: bool = False):
     """The Config whose data section says which chunk files a command reads and how.
 
     The data are K2-format chunk files (data.source k2); the whole step is one micro-batch
     (these commands read rows, they do not train); `model` (a ModelConfig, e.g. the weights')
-    replaces the config's model section. Without --config, the files must be named (--data or
-    data.path=): the preset's data.path is a placeholder bucket."""
+    replaces the config's model section; `computes_loss` keeps train.loss_normalization (and
+    its check against the batch size) for eval-loss. Without --config, the files must be named
+    (--data or data.path=): the preset's data.path is a placeholder bucket."""
     from k2jax.config import DataConfig, ModelConfig, config_from_dict
 
     data = config_dict_from_args(args, aliases)
@@ -181,6 +182,8 @@ def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DAT
     if not named:
         raise UserError("--data DIR is required (or a --config whose data.path names the files)")
     section["source"] = "k2"
+    if not computes_loss:  # only rows are read: how a loss would be normalised is moot
+        data.setdefault("train", {})["loss_normalization"] = "global"
     section["micro_batch_size"] = section.get("global_batch_size", DataConfig.global_batch_size)
     if model is not None:
         data["model"] = dataclasses.asdict(model)

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         base = checkpoint_model_config(args.checkpoint)
     model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention,
                                      rope_freq_dtype=args.rope_freq_dtype)
-    config = k2_data_config(args, STEP_LOSS_ALIASES, model=model_config)
+    config = k2_data_config(args, STEP_LOSS_ALIASES, model=model_config, computes_loss=True)
     batches = make_step_batches(config)  # the rows, and train.loss_normalization over them
     for step in steps:
         batches.global_rows(step)  # a step past the data fails now, not after loading 65B
