@@ -197,7 +197,7 @@ class SpikeConfig:
     threshold: float = 3.0  # a spike is loss > threshold * running median
     min_history: int = 10  # steps observed before ratio spikes are detected
     # What `rollback` moves to the end of the order: `chunk`, the rest of the chunk file holding
-    # the spiking step (K2's team moved whole chunk files, K2_SPEC section 6), or `step`, the
+    # the spiking step (K2's team moved whole chunk files, docs/k2.md), or `step`, the
     # spiking step's rows alone.
     rollback_unit: Literal["chunk", "step"] = "chunk"
 

@@ -1,4 +1,4 @@
-"""K2's tokenizer: the LLaMA SentencePiece model plus 18 added special tokens (K2_SPEC section 2).
+"""K2's tokenizer: the LLaMA SentencePiece model plus 18 added special tokens (docs/k2.md).
 
 Special tokens are split out of the text before SentencePiece sees it, as Hugging Face's
 tokenizer does for added tokens. `</s>`, `<s>` and `<unk>` are split out the same way and map
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from k2jax.errors import UserError
 
-# In id order from the base id (32000 in K2): K2_SPEC section 2 (order presumed).
+# In id order from the base id (32000 in K2): docs/k2.md (order presumed).
 K2_SPECIAL_TOKENS = (
     "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
     "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",

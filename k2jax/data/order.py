@@ -1,7 +1,7 @@
 """K2's chunk order and the map from global row index to (chunk file, line).
 
 This module is the single source of truth for the order in which K2 saw its data
-(K2_SPEC section 4; the reasoning behind `k2_stage1_chunk_order` is in docs/data.md):
+(docs/k2.md; the reasoning behind `k2_stage1_chunk_order` is in docs/data.md):
 the chunk files are concatenated in list order into one sequence of global rows, and training
 step t reads rows [t * B, (t + 1) * B). Everything here works on line counts alone, so the
 mapping is testable (and `k2jax data locate` is fast) without reading any chunk.
@@ -16,10 +16,10 @@ import numpy as np
 from k2jax.errors import UserError
 
 K2_STAGE1_CHUNKS = 360
-# K2's training script put these chunks first (K2_SPEC section 4.1).
+# K2's training script put these chunks first (docs/k2.md).
 K2_STAGE1_HEAD = list(range(0, 16)) + list(range(32, 38)) + list(range(44, 52))
 # After each malignant loss spike the team restarted and moved the chunk at this list
-# position (0-based, in the list as it stood) to the end (K2_SPEC sections 4.1 and 6).
+# position (0-based, in the list as it stood) to the end (docs/k2.md).
 K2_STAGE1_SPIKE_MOVES = (160, 185)
 K2_STAGE2_CHUNKS = range(360, 380)
 
@@ -46,7 +46,7 @@ def k2_stage1_chunk_order() -> list[int]:
 
 
 def k2_stage2_chunk_order() -> list[int]:
-    """K2 stage 2: chunks 360..379 in id order (unconfirmed: K2_SPEC section 4.5)."""
+    """K2 stage 2: chunks 360..379 in id order (unconfirmed: docs/k2.md)."""
     return list(K2_STAGE2_CHUNKS)
 
 

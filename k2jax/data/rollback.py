@@ -2,7 +2,7 @@
 
 `step`: the spiking step's B rows. `chunk`: the rest of the chunk file holding the spiking
 step, from the step's first row to the end of that file as it stands in the current order; this
-is what K2's team did after each malignant spike (they moved whole chunk files; K2_SPEC
+is what K2's team did after each malignant spike (they moved whole chunk files; docs/k2.md
 sections 4 and 6). The synthetic source has no files: its chunks are consecutive windows of
 `data.synthetic_chunk_rows` rows.
 """

@@ -1,4 +1,4 @@
-"""K2's training loss (K2_SPEC section 3): labels are the row shifted left by one; a loss mask
+"""K2's training loss (docs/k2.md): labels are the row shifted left by one; a loss mask
 [B, S] weights the prediction made at each position (the last position always has weight 0).
 Loss = sum(token loss * mask) / sum(mask) over the whole global batch, in fp32.
 

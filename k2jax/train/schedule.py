@@ -1,4 +1,4 @@
-"""K2's learning-rate schedule (K2_SPEC section 3), as an optax schedule of the step.
+"""K2's learning-rate schedule (docs/k2.md), as an optax schedule of the step.
 
   step < warmup  : lr = peak * step / warmup
   warmup <= step <= decay : lr = min + 0.5 * (1 + cos(pi * (step - warmup) / (decay - warmup)))

@@ -1,4 +1,4 @@
-"""Loss-spike detection (K2_SPEC section 6).
+"""Loss-spike detection (docs/k2.md).
 
 A spike is a non-finite loss or gradient norm, or a loss above `threshold` x the running
 median of the last `window` applied steps (after `min_history` of them). The train step itself
