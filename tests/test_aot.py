@@ -11,6 +11,7 @@ import pytest
 
 from k2jax.aot.topology import parse_slice
 from k2jax.errors import UserError
+from tpu_compile_utils import aot_small_sharded_step
 from train_utils import REPO, SMALL_MODEL, TINY, subprocess_env
 
 pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
@@ -85,15 +86,5 @@ def test_aot_compiles_the_pallas_kernel_inside_the_sharded_step():
     shard_map in the full train step (head_dim 128, bf16). `auto` (splash on TPU) is compiled
     in test_splash_attention_tpu_compile.py."""
     pytest.importorskip("libtpu")
-    model = ["model.vocab_size=512", "model.hidden_size=256", "model.intermediate_size=512",
-             "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-             "model.compute_dtype=bfloat16", "model.attention=pallas", "data.seq_len=256",
-             "data.global_batch_size=8", "data.micro_batch_size=4", "mesh.fsdp=2",
-             "mesh.tensor=2"]
-    cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",
-           "v5e-4", "--json", "--no-flops", *model]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, timeout=300,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = aot_small_sharded_step("pallas")
     assert report["attention"] == "pallas" and report["fits"] is True

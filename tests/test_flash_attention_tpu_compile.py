@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed: TPU ahead-of-time compiles "
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from k2jax.kernels import (default_block_sizes, flash_attention,  # noqa: E402
                            sharded_flash_attention)
+from tpu_compile_utils import compile_over_data_and_tensor  # noqa: E402
 
 pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
 
@@ -95,21 +95,6 @@ def test_variants_compile_fwd_and_bwd(topology, overrides):
 def test_sharded_over_data_and_tensor_axes_compiles():
     """A v5p 2x2x1 slice as a (data 2, tensor 2) mesh: global batch 2 and 16 heads, so each
     chip runs the kernel at K2's per-chip shape. shard_map keeps the kernel per device."""
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
-    mesh = Mesh(np.asarray(devices).reshape(2, 2), ("data", "tensor"))
-    sharding = NamedSharding(mesh, PartitionSpec("data", None, "tensor", None))
-    q = jax.ShapeDtypeStruct((2, 2048, 16, 128), jnp.bfloat16, sharding=sharding)
-    blocks = default_block_sizes("v5p", 2048)
-
-    def loss(q, k, v):
-        out = sharded_flash_attention(q, k, v, mesh=mesh, batch_axes="data",
-                                      head_axes="tensor", interpret=False,
-                                      block_q=blocks.block_q, block_kv=blocks.block_kv)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-
-    start = time.perf_counter()
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
-    print(f"v5p data2 x tensor2 fwd+bwd compiled in {time.perf_counter() - start:.1f} s")
-    text = compiled.as_text()
+    text = compile_over_data_and_tensor(sharded_flash_attention, "flash")
     assert "tpu_custom_call" in text
     assert "all-gather" not in text  # every chip attends over its own shard only

@@ -8,26 +8,14 @@ lowers the kernels inside these compiles, so a kernel that compiles here compile
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
-
-import numpy as np
 import pytest
 
 pytest.importorskip("libtpu", reason="libtpu is not installed: TPU ahead-of-time compiles "
                                      "need it (pip install libtpu)")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
-
-from k2jax.kernels import (default_block_sizes, sharded_splash_attention,  # noqa: E402
-                           splash_attention)
+from k2jax.kernels import sharded_splash_attention, splash_attention  # noqa: E402
 from test_flash_attention_tpu_compile import K2_SHARD, compile_attention  # noqa: E402
-from train_utils import REPO, TINY, subprocess_env  # noqa: E402
+from tpu_compile_utils import aot_small_sharded_step, compile_over_data_and_tensor  # noqa: E402
 
 pytestmark = pytest.mark.slow  # each compile 13-70 s on 2 busy cores
 
@@ -63,22 +51,7 @@ def test_variants_compile_fwd_and_bwd(topology, overrides):
 def test_sharded_over_data_and_tensor_axes_compiles():
     """A v5p 2x2x1 slice as a (data 2, tensor 2) mesh, K2's per-chip shape on every chip:
     shard_map keeps the kernel per device (no all-gather of q, k, v)."""
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
-    mesh = Mesh(np.asarray(devices).reshape(2, 2), ("data", "tensor"))
-    sharding = NamedSharding(mesh, PartitionSpec("data", None, "tensor", None))
-    q = jax.ShapeDtypeStruct((2, 2048, 16, 128), jnp.bfloat16, sharding=sharding)
-    blocks = default_block_sizes("v5p", 2048)
-
-    def loss(q, k, v):
-        out = sharded_splash_attention(q, k, v, mesh=mesh, batch_axes="data",
-                                       head_axes="tensor", interpret=False,
-                                       block_q=blocks.block_q, block_kv=blocks.block_kv)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-
-    start = time.perf_counter()
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
-    print(f"splash v5p data2 x tensor2 fwd+bwd compiled in {time.perf_counter() - start:.1f} s")
-    text = compiled.as_text()
+    text = compile_over_data_and_tensor(sharded_splash_attention, "splash")
     assert "tpu_custom_call" in text
     assert "all-gather" not in text
 
@@ -86,15 +59,5 @@ def test_sharded_over_data_and_tensor_axes_compiles():
 def test_auto_compiles_splash_inside_the_sharded_train_step():
     """`k2jax aot` plans `model.attention: auto` as splash: Mosaic lowers it per device under
     shard_map in the full train step (fsdp 2 x tensor 2, head_dim 128, bf16)."""
-    model = ["model.vocab_size=512", "model.hidden_size=256", "model.intermediate_size=512",
-             "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
-             "model.compute_dtype=bfloat16", "model.attention=auto", "data.seq_len=256",
-             "data.global_batch_size=8", "data.micro_batch_size=4", "mesh.fsdp=2",
-             "mesh.tensor=2"]
-    cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",
-           "v5e-4", "--json", "--no-flops", *model]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, timeout=300,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = aot_small_sharded_step("auto")
     assert report["attention"] == "splash" and report["fits"] is True
