@@ -32,8 +32,8 @@ def _weight_grads(gradient_dtype):
                                                  jnp.ones((4, 16)))
         return loss_sum / count
 
-    with weight_gradient_dtype(gradient_dtype):
-        grads = jax.grad(loss)(params)
+    with weight_gradient_dtype(gradient_dtype):  # read at trace time: `loss` is new per call
+        grads = jax.jit(jax.grad(loss))(params)
     # The embedding's gradient is an fp32 scatter-add of bf16 rows either way.
     return {jax.tree_util.keystr(path): g for path, g in
             jax.tree_util.tree_leaves_with_path(grads) if "embed_tokens" not in
