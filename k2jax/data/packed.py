@@ -25,6 +25,7 @@ from k2jax.atomic_write import atomic_file, write_json_atomic
 from k2jax.data import chunk_files
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
+from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
 
 PACKED_VERSION = 1
@@ -176,8 +177,10 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return done
 
 
-class PackedChunkReader:
+class PackedChunkReader(ProcessLocalHandles):
     """Reads given rows of packed chunks: tokens int32 [n, S], tgt_mask uint8 [n, S] or None."""
+
+    _handles_attr = "_maps"
 
     def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int,
                  vocab_size: Optional[int] = None, read_mask: bool = True):
@@ -259,13 +262,3 @@ class PackedChunkReader:
             mask = (self._read_remote(mask_path(self.data_dir, chunk_id), lines, np.uint8)
                     if has_mask else None)
         return tokens, mask
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
