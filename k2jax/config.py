@@ -202,8 +202,10 @@ class SpikeConfig:
     rollback_unit: Literal["chunk", "step"] = "chunk"
 
     def validate(self) -> None:
-        if self.window < 1 or self.threshold <= 1.0:
-            raise ConfigError("train.spikes.threshold", "window must be >= 1 and threshold > 1")
+        if self.window < 1:
+            raise ConfigError("train.spikes.window", f"must be >= 1, got {self.window}")
+        if self.threshold <= 1.0:
+            raise ConfigError("train.spikes.threshold", f"must be > 1, got {self.threshold}")
 
 
 @dataclasses.dataclass

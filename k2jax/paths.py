@@ -15,16 +15,3 @@ def storage_path(path: str | os.PathLike) -> epath.Path:
         return epath.Path(text)
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def chmod_as_created(path: str | os.PathLike) -> None:
-    """Give a file or directory from tempfile.mkstemp / mkdtemp (0600 / 0700, private by
-    design) the mode a plain open() / mkdir() would: 0666 / 0777 less the umask, so a published
-    output is as readable as the user's other files."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~current_umask())

@@ -29,8 +29,20 @@ def write_chunks(directory: Path) -> None:
                 f.write(json.dumps(obj) + "\n")
 
 
+def save_params(directory: Path, params, model_config) -> None:
+    """A k2jax weights directory from an in-memory params tree (the layout `k2jax convert
+    hf-to-orbax` streams to disk), for tests that need weights other than a conversion's."""
+    import orbax.checkpoint as ocp
+
+    from k2jax.checkpoint.params_io import PARAMS_ITEM, write_model_config
+
+    directory.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory.absolute() / PARAMS_ITEM, params)
+    write_model_config(str(directory), model_config)
+
+
 def build(tmp: Path) -> dict:
-    from k2jax.checkpoint.params_io import save_params
     from k2jax.cli import main
     from k2jax.hf.config_json import model_config_from_hf
     from k2jax.hf.name_map import params_from_hf
@@ -45,11 +57,11 @@ def build(tmp: Path) -> dict:
                                   compute_dtype="float32", remat="none", attention="xla")
     weights = state_dict_numpy(model)
     params = params_from_hf(weights.__getitem__, config)
-    save_params(str(tmp / "orbax"), params, config)
+    save_params(tmp / "orbax", params, config)
     # The same weights with layer 1's MLP output projection perturbed.
     params["layers"]["mlp"]["down_proj"] = params["layers"]["mlp"]["down_proj"].copy()
     params["layers"]["mlp"]["down_proj"][1] += 0.05
-    save_params(str(tmp / "perturbed"), params, config)
+    save_params(tmp / "perturbed", params, config)
     return {"model": model, "hf": hf_dir, "data": data_dir, "orbax": tmp / "orbax",
             "perturbed": tmp / "perturbed"}
 

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from k2jax.aot.topology import parse_slice
+from k2jax.config import load_config
 from k2jax.errors import UserError
+from k2jax.model.param_count import count_params
 from tpu_compile_utils import aot_small_sharded_step
 from train_utils import REPO, SMALL_MODEL, TINY, subprocess_env
 
@@ -73,10 +75,20 @@ def test_aot_compile_small_model_for_v5e_4():
     assert 0 < report["bytes_per_chip"] < report["hbm_bytes_per_chip"]
     # 4 micro-batches of 2 rows over 2 data-parallel chips: no padding needed.
     assert report["accumulation_steps"] == 4 and report["padding_rows"] == 0
-    # Parameters sharded 4 ways: each chip holds a quarter of the fp32 weights (norms aside).
-    assert report["params_bytes_per_chip"] < 0.3 * report["model_flops_per_step"]
-    # Compiled FLOPs cover forward + backward (+ remat): at least the model's FLOPs.
-    assert report["flops_per_step"] >= 0.9 * report["model_flops_per_step"]
+    # fsdp x tensor shards every matmul weight 4 ways (each has an embed axis and a heads, mlp
+    # or vocab one); the norm scales (two per layer, one final) are replicated. fp32.
+    config = load_config(TINY, SMALL_MODEL).model
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    assert report["params_bytes_per_chip"] == 4 * ((count_params(config) - norms) // 4 + norms)
+    # AdamW's two moments per parameter, plus its step counters.
+    assert 0 <= report["optimizer_bytes_per_chip"] - 2 * report["params_bytes_per_chip"] <= 64
+    assert report["argument_bytes_per_chip"] >= (report["params_bytes_per_chip"]
+                                                 + report["optimizer_bytes_per_chip"])
+    # 6ND + causal attention (train/flops.py) against the compiler's count: the compiler adds
+    # XLA attention's masked half, the norms, SiLU, softmax and AdamW, which at this width
+    # (E=32) add a third (measured 1.34 on 2026-11-30); a factor off (per-chip vs global FLOPs,
+    # forward only, a missing 6) falls outside.
+    assert 1.0 <= report["flops_per_step"] / report["model_flops_per_step"] <= 1.5
     assert 0 < report["estimated_mfu"] <= 1.0
     assert report["compile_seconds"] > 0
 

@@ -162,7 +162,7 @@ def test_data_commands_take_config_overrides_like_their_flags(chunks, tmp_path, 
 
 
 def test_outputs_respect_the_umask(tmp_path):
-    from k2jax.convert.atomic import atomic_output_dir
+    from k2jax.atomic_write import atomic_output_dir
 
     old = os.umask(0o022)
     try:

@@ -47,5 +47,7 @@ def test_eval_dtype_takes_either_spelling_but_not_fp16():
 
     for name in ("bf16", "bfloat16"):
         assert eval_model_config(ModelConfig(), name).param_dtype == "bfloat16"
-    with pytest.raises(UserError, match="--dtype"):
+    with pytest.raises(UserError, match="evaluation dtype: .*got 'fp16'"):
         eval_model_config(ModelConfig(), "fp16")
+    with pytest.raises(UserError, match="model.rope_freq_dtype: .*got 'int8'"):
+        eval_model_config(ModelConfig(), "fp32", rope_freq_dtype="int8")

@@ -39,6 +39,13 @@ SHAPES = {  # path -> (MHA k2jax, MHA HF, GQA k2jax, GQA HF)
 }
 
 
+def k2jax_to_hf(array, mapping: name_map.TensorMapping, config: ModelConfig):
+    """The inverse of name_map.hf_to_k2jax: the permutation, then the merge of each group of
+    axes (the converters do the same per layer slice, on TensorStore views)."""
+    assert tuple(array.shape) == name_map.k2jax_shape(mapping, config), mapping.hf_name
+    return array.transpose(mapping.order).reshape(name_map.hf_shape(mapping, config))
+
+
 def _random(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
@@ -63,10 +70,10 @@ def test_forward_then_inverse_is_the_identity(config):
         hf = _random(name_map.hf_shape(m, config), seed)
         k2 = name_map.hf_to_k2jax(hf, m, config)
         assert k2.shape == name_map.k2jax_shape(m, config)
-        np.testing.assert_array_equal(name_map.k2jax_to_hf(k2, m, config), hf)
+        np.testing.assert_array_equal(k2jax_to_hf(k2, m, config), hf)
         k2 = _random(name_map.k2jax_shape(m, config), seed + 100)
         np.testing.assert_array_equal(
-            name_map.hf_to_k2jax(name_map.k2jax_to_hf(k2, m, config), m, config), k2)
+            name_map.hf_to_k2jax(k2jax_to_hf(k2, m, config), m, config), k2)
 
 
 @pytest.mark.parametrize("config", [MHA, GQA], ids=["mha", "gqa"])
@@ -95,7 +102,7 @@ def test_disk_order_of_a_stacked_leaf_is_the_hugging_face_byte_order(config):
     for seed, m in enumerate(m for m in name_map.TABLE if m.per_layer):
         leaf = _random((config.num_layers,) + name_map.k2jax_shape(m, config), seed)
         on_disk = np.ascontiguousarray(leaf.transpose(name_map.hf_order(m, stacked=True)))
-        per_layer = [name_map.k2jax_to_hf(leaf[i], m, config) for i in range(config.num_layers)]
+        per_layer = [k2jax_to_hf(leaf[i], m, config) for i in range(config.num_layers)]
         np.testing.assert_array_equal(on_disk.ravel(), np.concatenate([a.ravel()
                                                                        for a in per_layer]))
 

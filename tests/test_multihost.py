@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_utils import REPO, losses_by_step, read_metrics, subprocess_env, train_command
+from train_utils import (REPO, losses_by_step, read_metrics, restore_state_numpy, subprocess_env,
+                         train_command)
 
 pytestmark = pytest.mark.slow
 
@@ -70,14 +71,16 @@ def logs(run_dir) -> str:
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
     reference = tmp_path / "ref"
-    ref = subprocess.Popen(train_command(reference, "train.steps=4"), env=device_env(8),
+    ref = subprocess.Popen(train_command(reference, "train.steps=4", "train.checkpoint_every=2"),
+                           env=device_env(8),
                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True, start_new_session=True)
     multi = tmp_path / "multi"
     # Steps 1-2 and a checkpoint at 2, then a second launch resumes from it to step 4.
     codes = wait_all(launch(multi, "train.steps=2", "train.checkpoint_every=2"), 240)
     assert codes == [0, 0], logs(multi)
-    assert (multi / "checkpoints" / "2").exists()
+    assert checkpoint_steps(multi) == [2]
+    after_two = restore_state_numpy(multi, 2)  # both hosts' shards, read back
     codes = wait_all(launch(multi, "train.steps=4", "train.checkpoint_every=2"), 240)
     assert codes == [0, 0], logs(multi)
     try:
@@ -92,7 +95,32 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
                                rtol=1e-5)
     # Only process 0 writes metrics: each step once per launch (2 + 2 lines, not 8).
     assert [m["step"] for m in read_metrics(multi)] == [1, 2, 3, 4]
-    assert "resum" in logs(multi).lower() or (multi / "checkpoints" / "4").exists()
+    assert "resumed from step 2" in logs(multi)
+    # Each checkpoint holds its step and the single-process run's params and AdamW moments
+    # (every shard, whichever host wrote it); step 2 as the first launch left it.
+    assert checkpoint_steps(multi) == checkpoint_steps(reference) == [2, 4]
+    for step, state in ((2, after_two), (4, restore_state_numpy(multi, 4))):
+        want = restore_state_numpy(reference, step)
+        assert int(state["step"]) == int(want["step"]) == step
+        assert_trees_close(state["params"], want["params"])
+        assert_trees_close(state["opt_state"], want["opt_state"])
+    assert_trees_close(restore_state_numpy(multi, 2), after_two, rtol=0)  # not rewritten
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir()
+                  if p.name.isdigit())
+
+
+def assert_trees_close(got, want, rtol=1e-5) -> None:
+    import jax
+
+    got_leaves, got_tree = jax.tree.flatten(got)
+    want_leaves, want_tree = jax.tree.flatten(want)
+    assert got_tree == want_tree
+    assert len(got_leaves) > 1
+    for x, y in zip(got_leaves, want_leaves):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7 if rtol else 0)
 
 
 def test_dead_peer_ends_the_run(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
 from k2jax.cli import main
-from k2jax.convert import atomic
+from k2jax import atomic_write
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_orbax_to_hf_with_a_relative_checkpoint_path(converted, tmp_path, capsys
 def test_a_concurrent_conversion_keeps_the_output_that_finished_first(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Exception, match="appeared while converting"):
-        with atomic.atomic_output_dir(out, force=False) as staging:
+        with atomic_write.atomic_output_dir(out, force=False) as staging:
             (staging / "mine").write_text("mine")
             out.mkdir()  # the other writer renamed its complete output into place first
             (out / "theirs").write_text("theirs")

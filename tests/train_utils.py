@@ -39,10 +39,23 @@ def losses_by_step(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
 
 
-def restore_params_numpy(run_dir, step: int) -> dict:
+def restore_state_numpy(run_dir, step: int) -> dict:
+    """A training checkpoint's state (step, params, opt_state) as host arrays, on this process's
+    one device whatever mesh and number of processes wrote it."""
+    import jax
+
+    path = Path(run_dir) / "checkpoints" / str(step) / "state"
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(Path(run_dir) / "checkpoints" / str(step) / "state")
-    return state["params"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                             sharding=one_device),
+                              checkpointer.metadata(path).item_metadata)
+        state = checkpointer.restore(path, target)
+    return jax.tree.map(np.asarray, state)
+
+
+def restore_params_numpy(run_dir, step: int) -> dict:
+    return restore_state_numpy(run_dir, step)["params"]
 
 
 def assert_trees_equal(a, b) -> None:

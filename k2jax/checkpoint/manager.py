@@ -9,7 +9,7 @@ end), so a run killed mid-save leaves the previous step as the latest complete o
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -46,9 +46,6 @@ class RunCheckpoints:
         self.directory = storage_path(run_dir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "config", "data"))
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -26,13 +26,10 @@ PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "k2jax_model.json"
 
 
-def save_params(directory: str, params: Any, model_config: ModelConfig) -> None:
-    """Write a weights directory (the caller handles atomic renaming of `directory`)."""
-    path = storage_path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / PARAMS_ITEM, params)
-    (path / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config), indent=1))
+def write_model_config(directory: str, model_config: ModelConfig) -> None:
+    """DIR/k2jax_model.json: the ModelConfig the weights in DIR were made for."""
+    (storage_path(directory) / MODEL_CONFIG_FILE).write_text(
+        json.dumps(dataclasses.asdict(model_config), indent=1))
 
 
 def weights_kind(directory: str) -> str:

@@ -41,6 +41,17 @@ def add_command(subparsers, name: str, help: str, example: str, description: str
                                  **kwargs)
 
 
+def add_command_group(subparsers, name: str, help: str, example: str, description: str,
+                      metavar: str) -> argparse._SubParsersAction:
+    """A command made of subcommands (`k2jax data index`, ...): returns the subparsers to add
+    them to; the command alone prints its help and exits 2."""
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=HelpFormatter,
+                                   epilog=f"example:\n  {example}")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    return parser.add_subparsers(dest=f"{name}_command", metavar=metavar)
+
+
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
     """--no-progress and --quiet: the same switch (args.no_progress) in every command."""
     p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
@@ -63,6 +74,16 @@ def dtype_type(allowed: Sequence[dtypes.DType] = dtypes.TABLE, where: str = "--d
 
 def dtype_metavar(allowed: Sequence[dtypes.DType] = dtypes.TABLE) -> str:
     return "{" + ",".join(f"{d.short},{d.name}" for d in allowed) + "}"
+
+
+def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: str, why: str) -> None:
+    """--rope-freq-dtype of eval-loss and compare-hf (k2jax/eval/rope_frequencies.py): each
+    command defaults to its own purpose, `why`."""
+    allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
+    p.add_argument("--rope-freq-dtype", default=default, metavar=dtype_metavar(allowed),
+                   type=dtype_type(allowed, "--rope-freq-dtype", full_name=True),
+                   help=f"RoPE inverse frequencies rounded to this dtype ({default}: {why}); "
+                        "bfloat16 = K2 as trained, float32 = transformers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from k2jax.errors import UserError
     from k2jax.eval import curves
-    from k2jax.eval.step_spec import parse_range
+    from k2jax.commands.step_spec import parse_range
 
     if not args.threshold > 0:
         raise UserError(f"--threshold must be positive, got {args.threshold}")

@@ -18,10 +18,9 @@ import dataclasses
 import json
 import sys
 
-from k2jax.commands.cli_args import add_command
+from k2jax.commands.cli_args import (DATA_PATH, STEP_DATA_ALIASES, add_command, add_config_args,
+                                     add_rope_freq_dtype_arg, k2_data_config)
 from k2jax.errors import UserError
-from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
-from k2jax.eval.step_data import add_data_args, data_dir
 from k2jax.hf.config_json import ARCHITECTURE_FIELDS
 
 
@@ -33,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hf", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="k2jax weights to compare (default: --hf converted in memory)")
-    add_data_args(p)
+    add_config_args(p, STEP_DATA_ALIASES)
     p.add_argument("--step", type=int, help="with --data: take rows of this step")
     p.add_argument("--token-ids", metavar="FILE.npy", help="int array [rows, seq] or [seq]")
     p.add_argument("--rows", type=int, default=1, help="first N rows of the step or file")
@@ -54,7 +53,7 @@ def _rows(args, model_config):
     if args.rows <= 0:
         raise UserError(f"--rows must be positive, got {args.rows}")
     if args.token_ids:
-        if data_dir(args) or args.step is not None:
+        if getattr(args, DATA_PATH.dest, None) or args.step is not None:
             raise UserError("give either --token-ids or --data with --step, not both")
         try:
             tokens = np.load(args.token_ids)
@@ -73,9 +72,9 @@ def _rows(args, model_config):
         raise UserError("give --data DIR with --step T, or --token-ids FILE.npy")
     if args.step < 0:
         raise UserError(f"--step must be >= 0, got {args.step}")
-    from k2jax.eval.step_data import step_batches
+    from k2jax.data.pipeline import make_step_batches
 
-    batches = step_batches(args, model_config)
+    batches = make_step_batches(k2_data_config(args, STEP_DATA_ALIASES, model=model_config))
     rows = batches.global_rows(args.step)[:args.rows]
     tokens, loss_mask = batches.source.read_rows(rows)
     return tokens, loss_mask, f"step {args.step} of {batches.data.path}"

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from k2jax.commands.cli_args import (HelpFormatter, add_command, add_progress_flags,
+from k2jax.commands.cli_args import (add_command, add_command_group, add_progress_flags,
                                     dtype_metavar, dtype_type)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("convert", help="convert weights: hf-to-orbax, orbax-to-hf",
-                                   description=__doc__, formatter_class=HelpFormatter,
-                                   epilog="example:\n  k2jax convert hf-to-orbax --hf "
-                                          "K2-ckpt_100 --out weights/ckpt_100 --dtype bf16")
-    commands = parser.add_subparsers(dest="convert_command", metavar="DIRECTION")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    commands = add_command_group(
+        subparsers, "convert", "convert weights: hf-to-orbax, orbax-to-hf",
+        "k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100 --dtype bf16",
+        __doc__, metavar="DIRECTION")
 
     p = add_command(
         commands, "hf-to-orbax", "Hugging Face LlamaForCausalLM directory -> k2jax weights "

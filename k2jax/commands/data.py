@@ -11,7 +11,7 @@ import numpy as np
 from etils import epath
 
 from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
-                                    VOCAB_SIZE, HelpFormatter, add_command, add_config_args,
+                                    VOCAB_SIZE, add_command, add_command_group, add_config_args,
                                     add_progress_flags, config_dict_from_args, given_aliases,
                                     k2_data_config)
 from k2jax.data import fim
@@ -20,12 +20,9 @@ from k2jax.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="K2 data: index, pack, batch, locate, order, prepare",
-                                   description=__doc__, formatter_class=HelpFormatter,
-                                   epilog="example:\n  k2jax data locate --data /data/k2 "
-                                          "--step 150000")
-    commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    commands = add_command_group(
+        subparsers, "data", "K2 data: index, pack, batch, locate, order, prepare",
+        "k2jax data locate --data /data/k2 --step 150000", __doc__, metavar="DATA_COMMAND")
 
     p = add_command(commands, "index", "write the line-offset index of chunk_*.jsonl files",
                     "k2jax data index --data /data/k2 --workers 8")
@@ -189,13 +186,13 @@ def cmd_pack(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from k2jax.data import chunk_files
+    from k2jax.atomic_write import write_npy_atomic
 
     batches = _step_batches(args)
     start, stop = batches.logical_rows(args.step)
     tokens = batches.global_batch(args.step)["tokens"]
     out = epath.Path(args.out)
-    chunk_files.write_npy_atomic(out, tokens)
+    write_npy_atomic(out, tokens)
     moved = len(batches.data.moved_row_ranges)
     print(f"wrote step {args.step}: tokens int32 {list(tokens.shape)} (global rows "
           f"[{start}, {stop}) of the order{f' after {moved} moves' if moved else ''}, "

@@ -14,11 +14,10 @@ import sys
 import time
 
 from k2jax import dtypes
-from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_progress_flags,
-                                     dtype_metavar, dtype_type, k2_data_config)
+from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_config_args,
+                                     add_progress_flags, add_rope_freq_dtype_arg, dtype_metavar,
+                                     dtype_type, k2_data_config)
 from k2jax.data.pipeline import make_step_batches
-from k2jax.eval.rope_frequencies import add_rope_freq_dtype_arg
-from k2jax.eval.step_data import add_data_args
 
 EVAL_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
 
@@ -39,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="rows per micro-step over the whole mesh (unset: 4 per data-parallel "
                         "device; a memory choice of this command, not data.micro_batch_size); "
                         "the batch is padded with masked rows to a multiple of N")
-    add_data_args(p, STEP_LOSS_ALIASES)
+    add_config_args(p, STEP_LOSS_ALIASES)
     p.add_argument("--dtype", default="fp32", type=dtype_type(EVAL_DTYPES),
                    metavar=dtype_metavar(EVAL_DTYPES),
                    help="parameter and compute dtype (K2 trained with bf16 compute)")
@@ -54,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2jax.eval.step_spec import parse_steps
+    from k2jax.commands.step_spec import parse_steps
     from k2jax.eval.weights import (checkpoint_model_config, eval_model_config, hf_model_config,
                                     stderr_log)
 

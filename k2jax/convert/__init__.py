@@ -2,8 +2,8 @@
 Orbax weights directories (docs/conversion.md).
 
 At most two tensors (one layer slice each: the one being written, the next being read) are in
-memory at a time, so a 65B model converts on an ordinary host. Modules:
-  atomic.py        output staged in a hidden sibling directory, renamed when complete
+memory at a time, so a 65B model converts on an ordinary host; the output is staged in a hidden
+sibling directory and renamed when complete (k2jax/atomic_write.py). Modules:
   hf_reader.py     HF directory (safetensors or .bin, sharded or single) -> tensor infos, arrays
   expected.py      what the model config expects, checked before anything is written
   orbax_writer.py  stacked-layer Orbax weights directory (zarr3, chunks in HF byte order),

@@ -23,6 +23,7 @@ from k2jax.convert.orbax_writer import hf_view, leaf_shape
 from k2jax.errors import UserError
 from k2jax.hf import name_map
 from k2jax.paths import storage_path
+from k2jax.tree_paths import get_path
 
 
 class OrbaxParamsReader:
@@ -111,11 +112,10 @@ class OrbaxParamsReader:
         return future, target.reshape(name_map.hf_shape(mapping, self.config))
 
     def _metadata(self, path: tuple[str, ...]):
-        node = self._tree
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                return None
-            node = node[key]
+        try:
+            node = get_path(self._tree, path)
+        except (KeyError, TypeError):  # TypeError: a leaf where the path goes on
+            return None
         # Flax's boxed parameters (nn.Partitioned) are saved with a 'value' child.
         if isinstance(node, dict) and set(node) == {"value"}:
             node = node["value"]

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from k2jax import dtypes
-from k2jax.convert.atomic import atomic_output_dir, check_output
+from k2jax.atomic_write import atomic_output_dir, check_output
 from k2jax.convert.buffers import ReusableBuffer, copy_into
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, parse_size,

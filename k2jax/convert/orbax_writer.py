@@ -21,7 +21,6 @@ CPU-bound.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -31,9 +30,10 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from k2jax import dtypes
-from k2jax.checkpoint.params_io import MODEL_CONFIG_FILE, PARAMS_ITEM
+from k2jax.checkpoint.params_io import PARAMS_ITEM, write_model_config
 from k2jax.config import ModelConfig
 from k2jax.hf import name_map
+from k2jax.tree_paths import set_path
 
 CHUNK_BYTES = 64 * 2**20  # upper bound per chunk file: small enough for sharded reads
 
@@ -88,7 +88,7 @@ class StreamingParamsWriter:
         skeleton: dict = {}
         for mapping in mappings:
             ndim = len(leaf_shape(mapping, self._config))
-            _set(skeleton, leaf_path(mapping), np.zeros((1,) * ndim, self._dtype))
+            set_path(skeleton, leaf_path(mapping), np.zeros((1,) * ndim, self._dtype))
         _quiet_orbax()
         with ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=True) as checkpointer:
             checkpointer.save(item, skeleton)
@@ -139,14 +139,7 @@ class StreamingParamsWriter:
                             can_reference_source_data_indefinitely=True)
 
     def close(self) -> None:
-        (self._directory / MODEL_CONFIG_FILE).write_text(
-            json.dumps(dataclasses.asdict(self._config), indent=1))
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+        write_model_config(self._directory, self._config)
 
 
 def _quiet_orbax() -> None:

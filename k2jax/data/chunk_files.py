@@ -15,12 +15,14 @@ import io
 import json
 import os
 import re
-import uuid
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from etils import epath
 
+# Re-exported until train/trainer.py, data/run_order.py and aot/compile_report.py import them
+# from k2jax.atomic_write (another change is rewriting those files).
+from k2jax.atomic_write import write_bytes_atomic  # noqa: F401
 from k2jax.errors import UserError
 
 INDEX_DIRNAME = ".k2index"
@@ -60,33 +62,6 @@ def file_signature(path: epath.Path) -> dict[str, int]:
     except (FileNotFoundError, OSError):
         raise UserError(f"{path}: not found")
     return {"size": int(stat.length), "mtime": int(stat.mtime)}
-
-
-def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
-    """Write via a temporary sibling and rename, so a crash never leaves a complete-looking file."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError as err:  # a full disk, a bad --out: leave no partial temporary
-        if tmp.exists():
-            tmp.unlink()
-        if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                            PermissionError)):
-            raise UserError(f"{path}: cannot be written ({err.strerror or err})") from err
-        if err.filename is None:
-            err.filename = str(path)
-        raise
-
-
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def write_npy_atomic(path: epath.Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_json(path: epath.Path) -> Optional[dict]:

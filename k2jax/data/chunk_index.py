@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from k2jax.atomic_write import write_json_atomic, write_npy_atomic
 from k2jax.data import chunk_files
 from k2jax.errors import UserError
 
@@ -133,8 +134,8 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
         offsets = scan_line_offsets(path, on_bytes)
         if int(offsets[-1]) != signature["size"] or chunk_files.file_signature(path) != signature:
             raise UserError(f"{path}: changed while being indexed; re-run `k2jax data index`")
-        chunk_files.write_npy_atomic(offsets_path(index_root, chunk_id), offsets)
-        chunk_files.write_json_atomic(manifest_path(index_root, chunk_id), {
+        write_npy_atomic(offsets_path(index_root, chunk_id), offsets)
+        write_json_atomic(manifest_path(index_root, chunk_id), {
             "file": path.name, "size": signature["size"], "mtime": signature["mtime"],
             "num_lines": int(len(offsets) - 1), "version": INDEX_VERSION})
         return chunk_id

@@ -17,6 +17,7 @@ from etils import epath
 
 from k2jax.data import chunk_files
 from k2jax.data.chunk_index import ChunkIndex
+from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
 
 
@@ -139,12 +140,14 @@ def consecutive_runs(lines: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(lines[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class JsonlChunkReader:
+class JsonlChunkReader(ProcessLocalHandles):
     """Reads given lines of indexed chunk files: tokens int32 [n, S], tgt_mask or None.
 
     Local files use os.pread on a cached descriptor (thread-safe: Grain reads batches from
     several threads); GCS files are opened per read run.
     """
+
+    _handles_attr = "_fds"
 
     def __init__(self, index: ChunkIndex, seq_len: int, vocab_size: int,
                  read_mask: bool = True):
@@ -202,13 +205,3 @@ class JsonlChunkReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_fds"] = {}
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()

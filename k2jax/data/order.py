@@ -104,6 +104,3 @@ class RowMap:
                             f"{self.num_rows} rows in {len(self.chunk_ids)} chunk files")
         positions = np.searchsorted(self.ends, rows, side="right")
         return positions, rows - self.starts[positions]
-
-    def global_row(self, position: int, line: int) -> int:
-        return int(self.starts[position] + line)

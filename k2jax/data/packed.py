@@ -15,16 +15,17 @@ import multiprocessing
 import os
 import threading
 import time
-import uuid
 from typing import Optional, Sequence
 
 import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from k2jax.atomic_write import atomic_file, write_json_atomic
 from k2jax.data import chunk_files
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
+from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
 
 PACKED_VERSION = 1
@@ -43,10 +44,6 @@ def mask_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
 
 def packed_manifest_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
     return out_dir / f"chunk_{chunk_id}.packed.json"
-
-
-def _temp_sibling(path: epath.Path) -> epath.Path:
-    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
 def source_digest(path: epath.Path) -> str:
@@ -76,55 +73,43 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
     """Rewrite one indexed jsonl chunk into its packed form; returns the manifest."""
     data_dir, out_dir = epath.Path(data_dir), epath.Path(out_dir)
     source = chunk_files.jsonl_path(data_dir, chunk_id)
-    tok_tmp = _temp_sibling(tokens_path(out_dir, chunk_id))
-    mask_tmp = _temp_sibling(mask_path(out_dir, chunk_id))
     any_mask = False
     max_token = -1
     rows = 0
-    try:
-        with source.open("rb") as src, tok_tmp.open("wb") as tok_out, mask_tmp.open("wb") as mask_out:
-            tok_buf = np.empty((_ROWS_PER_WRITE, seq_len), TOKEN_DTYPE)
-            mask_buf = np.ones((_ROWS_PER_WRITE, seq_len), np.uint8)
-            filled = 0
-            for line in src:
-                rows += 1
-                tokens, tgt_mask = parse_row(line, source, rows, seq_len, vocab_size)
-                tok_buf[filled] = tokens
-                mask_buf[filled] = 1 if tgt_mask is None else tgt_mask
-                any_mask = any_mask or tgt_mask is not None
-                max_token = max(max_token, int(tokens.max()))
-                filled += 1
-                if filled == _ROWS_PER_WRITE:
-                    tok_out.write(tok_buf.tobytes())
-                    mask_out.write(mask_buf.tobytes())
-                    filled = 0
-                    if counter is not None:
-                        with counter.get_lock():
-                            counter.value += _ROWS_PER_WRITE
-            tok_out.write(tok_buf[:filled].tobytes())
-            mask_out.write(mask_buf[:filled].tobytes())
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += filled
+    with source.open("rb") as src, atomic_file(tokens_path(out_dir, chunk_id)) as tok_out, \
+            atomic_file(mask_path(out_dir, chunk_id)) as mask_out:
+        tok_buf = np.empty((_ROWS_PER_WRITE, seq_len), TOKEN_DTYPE)
+        mask_buf = np.ones((_ROWS_PER_WRITE, seq_len), np.uint8)
+        filled = 0
+        for line in src:
+            rows += 1
+            tokens, tgt_mask = parse_row(line, source, rows, seq_len, vocab_size)
+            tok_buf[filled] = tokens
+            mask_buf[filled] = 1 if tgt_mask is None else tgt_mask
+            any_mask = any_mask or tgt_mask is not None
+            max_token = max(max_token, int(tokens.max()))
+            filled += 1
+            if filled == _ROWS_PER_WRITE:
+                tok_out.write(tok_buf.tobytes())
+                mask_out.write(mask_buf.tobytes())
+                filled = 0
+                if counter is not None:
+                    with counter.get_lock():
+                        counter.value += _ROWS_PER_WRITE
+        tok_out.write(tok_buf[:filled].tobytes())
+        mask_out.write(mask_buf[:filled].tobytes())
+        if counter is not None:
+            with counter.get_lock():
+                counter.value += filled
         if rows != num_lines or chunk_files.file_signature(source) != signature:
             raise UserError(f"{source}: changed since it was indexed; re-run `k2jax data index`")
-        tok_tmp.replace(tokens_path(out_dir, chunk_id))
-        if any_mask:
-            mask_tmp.replace(mask_path(out_dir, chunk_id))
-        else:
-            mask_tmp.unlink()
-            if mask_path(out_dir, chunk_id).exists():  # left over from an older pack
-                mask_path(out_dir, chunk_id).unlink()
-    except BaseException:
-        for tmp in (tok_tmp, mask_tmp):
-            if tmp.exists():
-                tmp.unlink()
-        raise
+    if not any_mask:  # all ones means the same as no mask file: drop it (and an older pack's)
+        mask_path(out_dir, chunk_id).unlink()
     manifest = {"chunk_id": chunk_id, "num_rows": rows, "seq_len": seq_len,
                 "dtype": "uint16", "has_mask": any_mask, "max_token_id": max_token,
                 "source": {"file": source.name, **signature, "digest": source_digest(source)},
                 "version": PACKED_VERSION}
-    chunk_files.write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
+    write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
     return manifest
 
 
@@ -192,8 +177,10 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return done
 
 
-class PackedChunkReader:
+class PackedChunkReader(ProcessLocalHandles):
     """Reads given rows of packed chunks: tokens int32 [n, S], tgt_mask uint8 [n, S] or None."""
+
+    _handles_attr = "_maps"
 
     def __init__(self, data_dir: str | os.PathLike, chunk_ids: Sequence[int], seq_len: int,
                  vocab_size: Optional[int] = None, read_mask: bool = True):
@@ -275,13 +262,3 @@ class PackedChunkReader:
             mask = (self._read_remote(mask_path(self.data_dir, chunk_id), lines, np.uint8)
                     if has_mask else None)
         return tokens, mask
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()

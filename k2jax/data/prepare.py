@@ -36,6 +36,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from k2jax.atomic_write import atomic_file, write_json_atomic
 from k2jax.data import chunk_files, fim
 from k2jax.data.chunk_assignment import K2_REPEATS, ChunkAssigner, cycle_length, repeat_for
 from k2jax.errors import UserError
@@ -238,7 +239,7 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                "subsets": sorted({s.subset for s in sources}),
                "repeats": [list(r) for r in repeats], "fim": dataclasses.asdict(fim_options),
                "shuffle_seed_base": SHUFFLE_SEED_BASE, "words_per_piece": WORDS_PER_PIECE}
-    chunk_files.write_json_atomic(out / "prepare.json", summary)
+    write_json_atomic(out / "prepare.json", summary)
     return summary
 
 
@@ -278,8 +279,7 @@ def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
     order = list(range(len(records)))
     random.Random(SHUFFLE_SEED_BASE + chunk).shuffle(order)  # shuffle.py: same permutation
     target = chunk_files.jsonl_path(out, chunk)
-    tmp = out / f".{target.name}.tmp"
-    with tmp.open("w") as f:
+    with atomic_file(target, "w") as f:
         for i in order:
             position, variant, line = (int(x) for x in records[i, seq_len:])
             source = sources[position]
@@ -289,5 +289,4 @@ def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
                 "src_filename": f"{source.subset}{fim.variant_suffix(variant)}/"
                                 f"{source.path.name}",
                 "line_idx_in_src": line}) + "\n")
-    tmp.replace(target)
     return len(records)

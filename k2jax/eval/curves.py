@@ -12,16 +12,14 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from k2jax.atomic_write import atomic_file
 from k2jax.errors import UserError
 from k2jax.optional import require
-from k2jax.paths import chmod_as_created
 
 STEP_COLUMNS = ("Step", "_step", "iteration", "step", "trainer/global_step")
 LOSS_COLUMNS = ("lm loss", "train/lm_loss", "lm_loss", "loss", "train/loss")
@@ -166,16 +164,8 @@ def plot_curves(run: Curve, reference: Curve, out: str, threshold: float) -> Non
     bottom.set_ylabel("run - reference")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    # Temp file in the same directory + rename: a reader never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    chmod_as_created(tmp)  # mkstemp's 0600 would make the published PNG private
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(out_path, "wb") as f:
             fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         plt.close(fig)

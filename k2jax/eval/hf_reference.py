@@ -18,7 +18,7 @@ def load_hf_model(directory: str):
         model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                  attn_implementation="eager")
     except (OSError, ValueError) as err:
-        raise UserError(f"--hf {directory}: transformers cannot load it ({err})")
+        raise UserError(f"{directory}: transformers cannot load it ({err})")
     return model.eval()
 
 

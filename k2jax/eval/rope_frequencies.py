@@ -1,4 +1,4 @@
-"""`--rope-freq-dtype` of eval-loss and compare-hf: which RoPE inverse frequencies a check uses.
+"""The RoPE inverse frequencies of a transformers reference model: as released or as K2 trained.
 
 K2 was trained with bf16-rounded frequencies (Megatron's `inv_freq` buffer went through
 `Float16Module`'s `.bfloat16()`), while transformers runs the released checkpoints with fp32
@@ -7,19 +7,6 @@ first, a check against transformers the second, so each command defaults to its 
 """
 
 from __future__ import annotations
-
-import argparse
-
-
-def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: str, why: str) -> None:
-    from k2jax import dtypes
-    from k2jax.commands.cli_args import dtype_metavar, dtype_type
-
-    allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
-    p.add_argument("--rope-freq-dtype", default=default, metavar=dtype_metavar(allowed),
-                   type=dtype_type(allowed, "--rope-freq-dtype", full_name=True),
-                   help=f"RoPE inverse frequencies rounded to this dtype ({default}: {why}); "
-                        "bfloat16 = K2 as trained, float32 = transformers")
 
 
 def round_hf_rope_frequencies(model, freq_dtype: str):

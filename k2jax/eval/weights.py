@@ -26,17 +26,18 @@ from k2jax.hf.config_json import model_config_from_hf
 from k2jax.hf.name_map import hf_shape, hf_to_k2jax, mappings
 from k2jax.model import K2Model
 from k2jax.sharding.rules import param_shardings
+from k2jax.tree_paths import get_path, set_path
 
 
 def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
                       attention: str = "auto", rope_freq_dtype: str = "float32"
                       ) -> ModelConfig:
     """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
-    bf16 params and compute (what Megatron's --bf16 forward used). `rope_freq_dtype` (the
-    command's --rope-freq-dtype) replaces whatever a checkpoint's config says."""
+    bf16 params and compute (what Megatron's bf16 forward used). `rope_freq_dtype` replaces
+    whatever a checkpoint's config says. Dtypes in either spelling (bf16 or bfloat16)."""
     allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
-    name = dtypes.parse(dtype, "--dtype", allowed).name
-    rope = dtypes.parse(rope_freq_dtype, "--rope-freq-dtype", allowed).name
+    name = dtypes.parse(dtype, "evaluation dtype", allowed).name
+    rope = dtypes.parse(rope_freq_dtype, "model.rope_freq_dtype", allowed).name
     return dataclasses.replace(base, param_dtype=name, compute_dtype=name,
                                remat="none", scan_layers=scan_layers, attention=attention,
                                rope_freq_dtype=rope)
@@ -50,7 +51,7 @@ def checkpoint_model_config(directory: str) -> ModelConfig:
     params_io.weights_kind(directory)  # a clear error for a directory that is neither kind
     config = params_io.read_model_config(directory)
     if config is None:
-        raise UserError(f"--checkpoint {directory}: no {params_io.MODEL_CONFIG_FILE} nor run "
+        raise UserError(f"{directory}: no {params_io.MODEL_CONFIG_FILE} nor run "
                         "config next to the weights, so the architecture is unknown")
     return config
 
@@ -61,18 +62,6 @@ def abstract_params(config: ModelConfig, mesh: Mesh, rules: dict) -> tuple[Any, 
     boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 2), jnp.int32))["params"],
                            jax.random.key(0))
     return nn.meta.unbox(boxed), param_shardings(boxed, mesh, rules)
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _to_devices(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -108,22 +97,22 @@ def params_from_hf_on_mesh(get_tensor: Callable[[str], np.ndarray], config: Mode
         if log:
             log(f"weights {k + 1}/{len(names)}: {mapping.hf_name}")
         if not mapping.per_layer:
-            _set(params, mapping.path, _to_devices(load(mapping.hf_name, mapping),
-                                                   _get(shardings, mapping.path)))
+            set_path(params, mapping.path, _to_devices(load(mapping.hf_name, mapping),
+                                                   get_path(shardings, mapping.path)))
         elif config.scan_layers:
-            sharding = _get(shardings, ("layers",) + mapping.path)
-            ndim = len(_get(shapes, ("layers",) + mapping.path).shape)
+            sharding = get_path(shardings, ("layers",) + mapping.path)
+            ndim = len(get_path(shapes, ("layers",) + mapping.path).shape)
             per_layer_sharding = _without_leading_axis(sharding, ndim)
             layers = [_to_devices(load(mapping.hf_name.format(i=i), mapping), per_layer_sharding)
                       for i in range(config.num_layers)]
             stacked = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
             del layers  # frees the per-layer copies before the next group is read
-            _set(params, ("layers",) + mapping.path, stacked)
+            set_path(params, ("layers",) + mapping.path, stacked)
         else:
             for i in range(config.num_layers):
                 path = (f"layers_{i}",) + mapping.path
-                _set(params, path, _to_devices(load(mapping.hf_name.format(i=i), mapping),
-                                               _get(shardings, path)))
+                set_path(params, path, _to_devices(load(mapping.hf_name.format(i=i), mapping),
+                                               get_path(shardings, path)))
     return params
 
 

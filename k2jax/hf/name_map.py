@@ -4,8 +4,8 @@ Each entry names a tensor both ways and gives its layout once: the k2jax paramet
 model's logical axis names, e.g. q_proj ("embed", "heads", "head_dim")) and the Hugging Face
 tensor's axes as groups of those names in HF order (q_proj (("heads", "head_dim"), ("embed",)),
 i.e. HF's [N*D, E]; HF linear weights are [out, in] and have no head axis). Everything else
-derives from that: both shapes, the axis permutation (k2jax axes in HF byte order), both
-transforms, and the order in which the converter stores each leaf's bytes on disk. K2 uses
+derives from that: both shapes, the axis permutation (k2jax axes in HF byte order), the
+transform to k2jax's layout, and the order in which the converter stores each leaf's bytes on disk. K2 uses
 Hugging Face's rotate-half RoPE, so q/k weights need NO permutation of rows: only transposes
 and head reshapes.
 """
@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from k2jax.config import ModelConfig
+from k2jax.tree_paths import set_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,27 +124,6 @@ def hf_to_k2jax(array, mapping: TensorMapping, config: ModelConfig):
     return permuted.transpose(tuple(mapping.order.index(a) for a in range(len(shape))))
 
 
-def k2jax_to_hf(array, mapping: TensorMapping, config: ModelConfig):
-    """One k2jax parameter (unstacked) -> the Hugging Face layout (the permutation, then the
-    merge of each group of axes; a copy only where the merge needs one)."""
-    if tuple(array.shape) != k2jax_shape(mapping, config):
-        raise ValueError(f"{'/'.join(mapping.path)}: shape {list(array.shape)}, expected "
-                         f"{list(k2jax_shape(mapping, config))}")
-    return array.transpose(mapping.order).reshape(hf_shape(mapping, config))
-
-
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_path(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def params_from_hf(get_tensor: Callable[[str], np.ndarray], config: ModelConfig,
                    dtype=None) -> dict:
     """Build the k2jax params tree (scanned or not, per config.scan_layers) in memory.
@@ -158,25 +138,14 @@ def params_from_hf(get_tensor: Callable[[str], np.ndarray], config: ModelConfig,
             return array.astype(dtype) if dtype is not None else array
 
         if not mapping.per_layer:
-            _set_path(params, mapping.path, load(mapping.hf_name))
+            set_path(params, mapping.path, load(mapping.hf_name))
         elif config.scan_layers:
             stacked = np.stack([load(mapping.hf_name.format(i=i))
                                 for i in range(config.num_layers)])
-            _set_path(params, ("layers",) + mapping.path, stacked)
+            set_path(params, ("layers",) + mapping.path, stacked)
         else:
             for i in range(config.num_layers):
-                _set_path(params, (f"layers_{i}",) + mapping.path,
+                set_path(params, (f"layers_{i}",) + mapping.path,
                           load(mapping.hf_name.format(i=i)))
     return params
 
-
-def params_to_hf(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (Hugging Face name, array) for every tensor of a k2jax params tree."""
-    for name, mapping, layer in hf_names(config):
-        if layer is None:
-            array = _get_path(params, mapping.path)
-        elif config.scan_layers:
-            array = _get_path(params, ("layers",) + mapping.path)[layer]
-        else:
-            array = _get_path(params, (f"layers_{layer}",) + mapping.path)
-        yield name, np.asarray(k2jax_to_hf(np.asarray(array), mapping, config))
