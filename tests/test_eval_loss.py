@@ -113,6 +113,7 @@ def test_eval_loss_bad_input_one_line_exit_2(setup, capsys, args, needle):
     assert err.startswith("k2jax eval-loss: error: ") and needle in err, err
 
 
+@pytest.mark.slow  # 4 simulated devices: ~6 s idle
 def test_eval_loss_sharded_over_4_devices(setup, k2_rope_model):
     """4 CPU devices (fsdp 2 x tensor 2), micro-batch 8 (the 4-row batch padded with masked
     rows): the same losses (default RoPE: K2's bf16 frequencies). A subprocess, since the

@@ -206,6 +206,7 @@ def test_default_block_sizes():
         default_block_sizes("v5p", 0)
 
 
+@pytest.mark.slow  # simulated devices + interpret mode: ~7 s idle
 def test_sharded_wrapper_matches_unsharded():
     """shard_map plumbing (with and without segment ids) on a 1x1 CPU mesh; the multi-chip
     case is compiled for TPU in test_flash_attention_tpu_compile.py."""

@@ -66,7 +66,7 @@ def _close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("micro", [8, 2])
+@pytest.mark.parametrize("micro", [8, pytest.param(2, marks=pytest.mark.slow)])
 def test_per_group_loss_and_gradients_equal_the_reference(micro):
     tokens, mask = _batch(equal_counts=False)
     config, params, loss, grads, count = _step_loss_and_grads("per_group", micro, tokens, mask)
@@ -106,7 +106,7 @@ def test_group_rows_must_divide_the_global_batch():
     small_config("unused", "train.loss_normalization=global", "train.loss_group_rows=3")
 
 
-@pytest.mark.parametrize("micro", [8, 4])
+@pytest.mark.parametrize("micro", [8, pytest.param(4, marks=pytest.mark.slow)])
 def test_eval_loss_follows_the_normalisation(micro):
     from k2jax.config import MeshConfig
     from k2jax.eval.batch_loss import BatchLossEvaluator, plan_micro_batches

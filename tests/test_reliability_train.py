@@ -181,6 +181,7 @@ def test_non_finite_config_numbers_are_refused(tmp_path, override):
         small_config(tmp_path, override)
 
 
+@pytest.mark.slow  # a training run: ~11 s idle
 def test_a_non_finite_update_is_refused_and_reported(tmp_path):
     """peak_lr 1e39 is a finite config number but inf in float32: loss and gradient stay
     finite, the update does not. Before: applied, param_norm NaN, exit 0."""

@@ -86,6 +86,7 @@ def test_config_accepts_splash_and_names_the_key_otherwise():
         load_config(TINY, ["model.attention=flash"])
 
 
+@pytest.mark.slow  # simulated devices + interpret mode: ~10 s idle
 def test_sharded_wrapper_matches_unsharded():
     """shard_map plumbing (with and without segment ids) on a 1x1 CPU mesh; the multi-chip
     case is compiled for TPU in test_splash_attention_tpu_compile.py."""

@@ -75,6 +75,7 @@ def test_micro_batch_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)  # Adam: g/sqrt(v)
 
 
+@pytest.mark.slow  # 2 x 30 training steps: ~20 s idle
 def test_two_runs_are_bitwise_identical_and_loss_falls(tmp_path):
     for name in ("a", "b"):
         Trainer(small_config(tmp_path / name, "train.steps=30",
@@ -127,6 +128,7 @@ def test_resume_step_and_init_from(tmp_path):
     assert_trees_equal(state.params, restore_params_numpy(tmp_path / "a", 2))
 
 
+@pytest.mark.slow  # two training runs: ~18 s idle
 def test_resume_from_an_earlier_step_sets_the_newer_checkpoints_aside(tmp_path):
     """train.resume_step=2 on a run that reached 4: steps 3-4 are trained again (equal to the
     first time: a batch is a function of the step) and the old checkpoint 4 is kept under
