@@ -118,8 +118,11 @@ def _checked_ints(value: object, where: str, field: str, seq_len: int) -> np.nda
             array = np.asarray(value)
         except (ValueError, OverflowError):
             raise UserError(f"{where}: '{field}' is not a flat list of integers") from None
-        if array.ndim != 1 or (len(array) and array.dtype.kind not in "iub"):
+        if array.ndim != 1 or (len(array) and array.dtype.kind not in "iu"):
             raise UserError(f"{where}: '{field}' is not a flat list of integers")
+        # JSON true/false become 1/0 in a mixed list; they are no token ids (nor 0/1 masks)
+        if any(type(v) is bool for v in value):
+            raise UserError(f"{where}: '{field}' holds true/false, expected integers")
     if len(array) != seq_len:
         raise UserError(f"{where}: '{field}' has {len(array)} entries, expected "
                         f"data.seq_len={seq_len}")

@@ -86,7 +86,9 @@ def _pick(header: list[str], given: Optional[str], candidates: tuple[str, ...], 
 
 def read_reference_csv(path: str, step_column: Optional[str] = None,
                        loss_column: Optional[str] = None) -> Curve:
-    """A W&B CSV export; rows with an empty or non-numeric loss are skipped."""
+    """A W&B CSV export. Rows with an empty loss cell (a step that logged other metrics) are
+    skipped; any other unreadable step or loss is a UserError naming file:line, so a damaged
+    export is never compared with rows silently missing."""
     if not Path(path).is_file():
         raise UserError(f"--reference {path}: no such file")
     with open(path, newline="") as f:
@@ -98,13 +100,29 @@ def read_reference_csv(path: str, step_column: Optional[str] = None,
         loss_name = _pick(header, loss_column, LOSS_COLUMNS, "loss", "--loss-column", path)
         points: dict[int, float] = {}
         for row in reader:
-            try:
-                step, loss = int(float(row[step_name])), float(row[loss_name])
-            except (TypeError, ValueError):
+            step_text, loss_text = row[step_name], row[loss_name]
+            if loss_text is None or step_text is None:  # fewer cells than the header
+                raise UserError(f"{path}:{reader.line_num}: fewer cells than the header's "
+                                f"{len(header)}")
+            if not loss_text.strip():
                 continue
+            try:
+                step, loss = _whole_number(step_text), float(loss_text)
+            except ValueError:
+                raise UserError(f"{path}:{reader.line_num}: expected a step (whole number) in "
+                                f"column {step_name!r} and a loss in {loss_name!r}, got "
+                                f"{step_text!r}, {loss_text!r}") from None
             if math.isfinite(loss):
                 points[step] = loss
     return _curve(f"{path} [{loss_name}]", points)
+
+
+def _whole_number(text: str) -> int:
+    """'1200' or '1200.0' (W&B writes steps either way) -> 1200; ValueError otherwise."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
 
 
 def restrict(curve: Curve, start: Optional[int], stop: Optional[int]) -> Curve:
