@@ -124,3 +124,98 @@ def test_data_index_on_a_full_tmpfs(tmp_path, small_tmpfs):
     assert line.startswith("k2jax data: error: no space left on device writing " +
                            str(small_tmpfs / "index"))
     assert not [p for p in (small_tmpfs / "index").iterdir() if "chunk_0" in p.name]
+
+
+def _log_storage_failure_from_a_thread():
+    """What Orbax's background save threads do: log the failure with its traceback."""
+    import logging
+
+    try:
+        raise ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed writing: '
+                         '"/run/checkpoints/2.orbax-checkpoint-tmp/d/ab": Failed to write 9 '
+                         "bytes to file 6: File too large [os_error_code='27']")
+    except ValueError:
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception",
+                                        exc_info=True)
+
+
+def _unraisable(exc):
+    import types
+
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                 err_msg=None, object=None)
+
+
+def test_background_storage_failures_are_quiet_and_nothing_else_is(caplog):
+    """Before: every Orbax thread logged the failure with a traceback, and TensorStore writes
+    finishing after the failed save's event loop closed printed 'Event loop is closed'
+    tracebacks (49 in all), before the one-line error."""
+    import logging
+
+    from k2jax.storage_errors import quiet_background_storage_errors
+
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with quiet_background_storage_errors() as background:
+            _log_storage_failure_from_a_thread()
+            logging.getLogger("absl").error("an unrelated error stays visible")
+            sys.unraisablehook(_unraisable(RuntimeError("Event loop is closed")))
+            sys.unraisablehook(_unraisable(RuntimeError("something else")))
+    finally:
+        sys.unraisablehook = previous
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated error stays visible"]
+    assert [str(u.exc_value) for u in seen] == ["something else"]
+    assert background.first_problem == (
+        PROBLEM + "/run/checkpoints/2.orbax-checkpoint-tmp/d/ab")
+    _log_storage_failure_from_a_thread()  # outside the block, logged as before
+    assert len(caplog.records) == 2 and caplog.records[-1].exc_info
+
+
+def test_a_storage_failure_a_library_only_logged_still_fails_the_command(monkeypatch, capsys):
+    """A command that returns 0 after a background thread logged a full disk exits 2 with the
+    one line: the quiet log must not turn a failure into a success."""
+    from k2jax import cli
+    from k2jax.commands import compare_curves
+
+    def logs_and_succeeds(args):
+        _log_storage_failure_from_a_thread()
+        return 0
+
+    monkeypatch.setattr(compare_curves, "run", logs_and_succeeds)
+    code = cli.main(["compare-curves", "--run", "r", "--reference", "x.csv"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("k2jax compare-curves: error: " + PROBLEM +
+                                 "/run/checkpoints/2.orbax-checkpoint-tmp/d/ab"), err
+
+
+@pytest.fixture(scope="module")
+def orbax_weights(tmp_path_factory):
+    from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
+    from k2jax.cli import main
+
+    root = tmp_path_factory.mktemp("weights")
+    model = tiny_hf_model()
+    write_hf_dir(root / "hf", hf_state(model), hf_config(model))
+    assert main(["convert", "hf-to-orbax", "--hf", str(root / "hf"), "--out",
+                 str(root / "weights"), "--no-progress"]) == 0
+    return root
+
+
+# (direction, file-size limit): 2000 bytes stops hf-to-orbax in Orbax's background metadata
+# write (before: its traceback, then the line, ending "writing ?") and orbax-to-hf in the
+# safetensors header; 40000 stops them mid-tensor.
+@pytest.mark.parametrize("direction, limit", [("hf-to-orbax", 2000), ("orbax-to-hf", 2000),
+                                              ("orbax-to-hf", 40000)])
+def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, limit):
+    out = tmp_path / "out"
+    source = (["--hf", orbax_weights / "hf"] if direction == "hf-to-orbax" else
+              ["--checkpoint", orbax_weights / "weights"])
+    argv = k2jax("convert", direction, *source, "--out", out, "--no-progress")
+    line = one_error_line(limited(argv, limit))
+    assert line.startswith("k2jax convert: error: " + PROBLEM + str(tmp_path)), line
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing looks complete
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert out.is_dir()
