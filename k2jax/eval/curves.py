@@ -8,6 +8,7 @@ i - 1 updates. eval-loss lines carry both; their `iteration` (= step + 1) is use
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -50,7 +51,7 @@ def read_run(path: str) -> Curve:
     if not file.is_file():
         raise UserError(f"--run {path}: no such run directory with metrics.jsonl, nor .jsonl file")
     points: dict[int, float] = {}
-    with open(file) as f:
+    with _text_file(file) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -63,6 +64,17 @@ def read_run(path: str) -> Curve:
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 points[step] = float(loss)
     return _curve(str(file), points)
+
+
+@contextlib.contextmanager
+def _text_file(path):
+    """Yields the file open as UTF-8 text (newline="" as csv needs); bytes that are not UTF-8
+    (a binary file given by mistake) are one line naming it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        try:
+            yield f
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not a UTF-8 text file ({err.reason})") from None
 
 
 def _pick(header: list[str], given: Optional[str], candidates: tuple[str, ...], what: str,
@@ -89,9 +101,11 @@ def read_reference_csv(path: str, step_column: Optional[str] = None,
     """A W&B CSV export. Rows with an empty loss cell (a step that logged other metrics) are
     skipped; any other unreadable step or loss is a UserError naming file:line, so a damaged
     export is never compared with rows silently missing."""
+    if Path(path).is_dir():
+        raise UserError(f"--reference {path}: is a directory, expected a CSV file")
     if not Path(path).is_file():
         raise UserError(f"--reference {path}: no such file")
-    with open(path, newline="") as f:
+    with _text_file(path) as f:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         if not header:
