@@ -165,3 +165,42 @@ def test_train_on_a_read_only_run_dir(request, capsys, fs, run_dir_name):
     run_dir = root / run_dir_name
     err = one_line_error(capsys, _train_argv(run_dir))
     assert "read-only file system" in err.lower() and str(root / "run") in err, err
+
+
+def _wrong_kind_in_place(directory, name, kind):
+    """`directory/name` made a directory (kind 'dir') or a plain file (kind 'file')."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if kind == "dir":
+        (directory / name).mkdir()
+    else:
+        (directory / name).write_text("x")
+    return directory
+
+
+# Files k2jax reads or writes inside a directory the user gives, replaced by the wrong kind of
+# thing. Before: IsADirectoryError / FileExistsError tracebacks, rc 1. Now the CLI's net names
+# the path.
+IN_PLACE = {
+    "weights' k2jax_model.json is a directory": (
+        lambda t: ["convert", "orbax-to-hf", "--checkpoint",
+                   _wrong_kind_in_place(t / "w", "params", "dir") and
+                   _wrong_kind_in_place(t / "w", "k2jax_model.json", "dir"), "--out", t / "o"],
+        "w/k2jax_model.json: is a directory, expected a file"),
+    "run_dir's config.yaml is a directory (data batch --run-dir)": (
+        lambda t: ["data", "batch", "--run-dir", _wrong_kind_in_place(t / "r", "config.yaml",
+                                                                      "dir"),
+                   "--step", "0", "--out", t / "b.npy"],
+        "r/config.yaml: is a directory, expected a file"),
+    "run_dir's metrics.jsonl is a directory (train)": (
+        lambda t: _train_argv(_wrong_kind_in_place(t / "r", "metrics.jsonl", "dir")),
+        "r/metrics.jsonl: is a directory, expected a file"),
+    "run_dir's tensorboard is a file (train)": (
+        lambda t: _train_argv(_wrong_kind_in_place(t / "r", "tensorboard", "file")),
+        "r/tensorboard: exists and is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", IN_PLACE, ids=list(IN_PLACE))
+def test_files_of_the_wrong_kind_inside_given_directories(tmp_path, capsys, case):
+    make_argv, expected = IN_PLACE[case]
+    assert expected in one_line_error(capsys, make_argv(tmp_path))
