@@ -200,7 +200,9 @@ IN_PLACE = {
 }
 
 
-@pytest.mark.parametrize("case", IN_PLACE, ids=list(IN_PLACE))
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=case, marks=[pytest.mark.slow] if "(train)" in case else [])
+    for case in IN_PLACE])  # train's cases build the model first (~25 s each on 2 cores)
 def test_files_of_the_wrong_kind_inside_given_directories(tmp_path, capsys, case):
     make_argv, expected = IN_PLACE[case]
     assert expected in one_line_error(capsys, make_argv(tmp_path))
