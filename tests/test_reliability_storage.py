@@ -222,3 +222,22 @@ def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, li
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert out.is_dir()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_data_pack_on_a_full_disk(tmp_path, workers):
+    """Before: '... writing ?' (a write to an open file names no path)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for chunk_id in range(2):
+        write_chunk(data, chunk_id, 300)  # 4.8 KB of tokens per chunk, past the 2000 bytes
+    assert limited(k2jax("data", "index", data, "--quiet"), resource.RLIM_INFINITY).returncode == 0
+    out = tmp_path / "packed"
+    argv = k2jax("data", "pack", "--data", data, "--out", out, "--seq-len", SEQ_LEN, "--quiet",
+                 "--workers", workers)
+    line = one_error_line(limited(argv, 2000))
+    assert line.startswith("k2jax data: error: " + PROBLEM + str(out)), line
+    assert sorted(p.name for p in out.iterdir()) == []  # no temporaries, no lock file
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (out / "chunk_1.packed.json").is_file()

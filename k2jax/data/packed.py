@@ -26,6 +26,7 @@ from k2jax.data import chunk_files, stale_temps
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
 from k2jax.errors import UserError
+from k2jax.storage_errors import writing
 
 PACKED_VERSION = 1
 TOKEN_DTYPE = np.uint16
@@ -171,7 +172,8 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      index.line_counts[chunk_id], signature, seq_len, vocab_size))
     bar = tqdm(total=sum(job[3] for job in jobs), unit="row", unit_scale=True,
                desc=f"pack {len(jobs)} files", disable=not progress)
-    with stale_temps.writing_into(out_path), bar:  # a killed pack's temporaries go first
+    # A killed pack's temporaries go first; a full disk names out_path when the OS names none.
+    with stale_temps.writing_into(out_path), writing(out_path), bar:
         if workers <= 1 or len(jobs) <= 1:
             counter = multiprocessing.Value("q", 0, lock=True)
             for job in jobs:
