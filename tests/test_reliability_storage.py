@@ -241,3 +241,37 @@ def test_data_pack_on_a_full_disk(tmp_path, workers):
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (out / "chunk_1.packed.json").is_file()
+
+
+def test_metrics_on_a_full_disk_name_the_file_and_leave_no_half_line(tmp_path):
+    """Before: 'file too large ... writing ?', and the half-written record stayed at the end of
+    metrics.jsonl, where the resumed run's first record was glued to it."""
+    import errno
+
+    from k2jax.errors import UserError
+    from k2jax.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    writer.record(1, {"loss": 2.5})
+
+    class FullDisk:
+        def write(self, text):  # what a buffered file does at the limit: part, then EFBIG
+            with open(tmp_path / "metrics.jsonl", "a") as f:
+                f.write(text[:7])
+            raise OSError(errno.EFBIG, "File too large")
+
+        def flush(self):
+            pass
+
+        close = flush
+
+    writer._jsonl = FullDisk()
+    with pytest.raises(UserError, match=f"file too large .* writing {tmp_path}/metrics.jsonl$"):
+        writer.record(2, {"loss": 2.4})
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text().endswith('\n{"step"')  # the half line
+    resumed = MetricsWriter(str(tmp_path))
+    resumed.record(2, {"loss": 2.4})
+    resumed.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
