@@ -275,3 +275,32 @@ def test_metrics_on_a_full_disk_name_the_file_and_leave_no_half_line(tmp_path):
     resumed.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_data_prepare_on_a_full_disk(tmp_path):
+    """Before: '... writing ?', and the spool directory `.prepare-spool` was left behind (the
+    cleanup's own flush failed first and hid the error)."""
+    import random
+
+    import sentencepiece
+    from test_data_prepare import random_text
+
+    rng = random.Random(0)
+    sentences = [random_text(rng, 12).replace("\n", " ") for _ in range(400)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "tok"), vocab_size=300,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (tmp_path / "docs.txt").write_text(" ".join(sentences) * 3)  # ~70 KB of rows into 3000 B
+    out = tmp_path / "out"
+    argv = k2jax("data", "prepare", "--tokenizer", tmp_path / "tok.model", "--input",
+                 tmp_path / "docs.txt", "--out", out, "--num-chunks", 2, "--seq-len", 16,
+                 "--quiet")
+    line = one_error_line(limited(argv, 3000))
+    assert line == "k2jax data: error: " + PROBLEM + str(out), line
+    assert list(out.iterdir()) == []  # no spool, no half chunk
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["chunk_0.jsonl", "chunk_1.jsonl",
+                                                     "prepare.json"]
