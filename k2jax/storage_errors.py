@@ -106,9 +106,11 @@ class _StorageRecordFilter(logging.Filter):
         self.first_problem: Optional[str] = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:  # a warning may be one the library recovered from
+            return True
         exc = record.exc_info[1] if record.exc_info else None
         problem = storage_failure(exc) if exc is not None else None
-        if problem is None and record.levelno >= logging.ERROR:
+        if problem is None:
             problem = storage_failure(Exception(record.getMessage()))
         if problem is None:
             return True
