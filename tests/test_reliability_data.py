@@ -232,3 +232,17 @@ def test_temporaries_are_kept_while_another_writer_is_alive(tmp_path):
     assert main(["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
                  str(SEQ_LEN), "--quiet"]) == 0
     assert _leftovers(out) == []  # once alone, the next writer cleans up
+
+
+def test_pack_with_nothing_left_to_do_on_a_read_only_directory(tmp_path, capsys):
+    """The writers lock cannot be created there: a pack that writes nothing still succeeds."""
+    from mounts import make_read_only, tmpfs
+
+    data_dir = _indexed(tmp_path / "data")
+    with tmpfs(tmp_path / "ro") as out:
+        argv = ["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
+                str(SEQ_LEN), "--quiet"]
+        assert main(argv) == 0
+        make_read_only(out)
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err

@@ -7,11 +7,11 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import subprocess
 
 import pytest
 
 from k2jax.cli import main
+from mounts import make_read_only, tmpfs
 from train_utils import SMALL_MODEL, TINY
 
 
@@ -122,20 +122,11 @@ def _train_argv(run_dir):
 
 @pytest.fixture
 def read_only_fs(tmp_path):
-    """A real read-only file system (a tmpfs remounted ro) where mounting is allowed (root;
-    chmod does not stop root's writes); skipped elsewhere."""
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True)
-    if made.returncode != 0:
-        pytest.skip("mounting a tmpfs needs privileges")
-    try:
+    """A real read-only file system (a tmpfs remounted ro) where mounting is allowed."""
+    with tmpfs(tmp_path / "ro") as mount_point:
         (mount_point / "run").mkdir()
-        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        make_read_only(mount_point)
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 @pytest.fixture

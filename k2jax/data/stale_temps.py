@@ -19,7 +19,6 @@ from typing import Iterator
 
 from etils import epath
 
-from k2jax.errors import UserError
 
 LOCK_NAME = ".k2jax-writers.lock"
 TEMP_PATTERN = ".chunk_*.tmp-*"  # what pack and index write; never a user's other files
@@ -69,8 +68,11 @@ def writing_into(directory: epath.Path) -> Iterator[list[str]]:
     lock_path = os.fspath(directory / LOCK_NAME)
     try:
         fd, alone = _take_lock(lock_path)
-    except OSError as err:
-        raise UserError(f"{directory}: cannot be written ({err.strerror or err})") from err
+    except OSError:
+        # Read-only (or not ours): nothing to clean, and a run with nothing left to write must
+        # still succeed; a write that is attempted fails with its own one-line error.
+        yield []
+        return
     try:
         removed = _remove_temps(directory) if alone else []
         # Not atomic from exclusive (flock(2)), but this writer has no temporaries yet.
