@@ -168,15 +168,25 @@ def _wrong_kind_in_place(directory, name, kind):
     return directory
 
 
+def _truncated_model_json(weights):
+    (weights / "k2jax_model.json").write_text('{"vocab_size": 128, "hidden_si')
+    return weights
+
+
 # Files k2jax reads or writes inside a directory the user gives, replaced by the wrong kind of
-# thing. Before: IsADirectoryError / FileExistsError tracebacks, rc 1. Now the CLI's net names
-# the path.
+# thing (or truncated). Before: IsADirectoryError / FileExistsError / JSONDecodeError
+# tracebacks, rc 1. Now the CLI's net, or the reader, names the path.
 IN_PLACE = {
     "weights' k2jax_model.json is a directory": (
         lambda t: ["convert", "orbax-to-hf", "--checkpoint",
                    _wrong_kind_in_place(t / "w", "params", "dir") and
                    _wrong_kind_in_place(t / "w", "k2jax_model.json", "dir"), "--out", t / "o"],
         "w/k2jax_model.json: is a directory, expected a file"),
+    "weights' k2jax_model.json truncated": (
+        lambda t: ["convert", "orbax-to-hf", "--checkpoint",
+                   _wrong_kind_in_place(t / "w", "params", "dir") and
+                   _truncated_model_json(t / "w"), "--out", t / "o"],
+        "w/k2jax_model.json: not valid JSON"),
     "run_dir's config.yaml is a directory (data batch --run-dir)": (
         lambda t: ["data", "batch", "--run-dir", _wrong_kind_in_place(t / "r", "config.yaml",
                                                                       "dir"),
