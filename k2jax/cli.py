@@ -14,7 +14,7 @@ import sys
 from k2jax import __version__
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
-from k2jax.storage_errors import storage_failure
+from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -47,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with quiet_background_storage_errors() as background:
+            code = int(args.func(args) or 0)
+        if background.first_problem is not None:  # a library logged it and carried on
+            raise UserError(background.first_problem)
+        return code
     except UserError as err:
         print(f"k2jax {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # a full disk is the user's to fix: one line, not a traceback
-        problem = storage_failure(err)
+    except Exception as err:  # a full disk, a directory given as a file: the user's to fix
+        problem = storage_failure(err) or path_failure(err)
         if problem is None:
             raise
         print(f"k2jax {args.command}: error: {problem}", file=sys.stderr)

@@ -454,6 +454,8 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     mappings are merged key by key, anything else (numbers, lists) is replaced. So K2-Chat's
     file states only what differs from K2's."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path}: is a directory, expected a YAML file")
     if not path.is_file():
         raise UserError(f"config file {path}: not found")
     if path.resolve() in _seen:

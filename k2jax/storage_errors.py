@@ -8,9 +8,14 @@ elsewhere) and a traceback adds nothing: the CLI prints which and where, and exi
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import re
-from typing import Optional
+import sys
+from typing import Iterator, Optional
+
+from k2jax.errors import UserError
 
 _PROBLEMS = {
     errno.ENOSPC: "no space left on device",
@@ -48,3 +53,92 @@ def storage_failure(err: BaseException) -> Optional[str]:
             paths = _QUOTED_PATH.findall(text)
             return f"{_PROBLEMS[found]} writing {paths[-1] if paths else '?'}"
     return None
+
+
+# A path the user gave that is the wrong kind of thing (a directory where a file belongs, a file
+# where a directory belongs), unreadable, or missing: the OSError names it, and that is the report.
+_PATH_PROBLEMS = {
+    errno.EISDIR: "is a directory, expected a file",
+    errno.ENOTDIR: "a part of the path is a file, expected a directory",
+    errno.EEXIST: "exists and is not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "not found",
+}
+
+
+def path_failure(err: BaseException) -> Optional[str]:
+    """'PATH: PROBLEM' when `err` (or an exception it came from) is an OSError about a named
+    path of the wrong kind, without permission or missing; None otherwise."""
+    for cause in _causes(err):
+        if isinstance(cause, OSError) and cause.errno in _PATH_PROBLEMS and cause.filename:
+            return f"{cause.filename}: {_PATH_PROBLEMS[cause.errno]}"
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: object) -> Iterator[None]:
+    """Names `path` in a storage failure raised inside that names no file of its own (a write
+    to an open file object, a library's write_text)."""
+    try:
+        yield
+    except Exception as err:
+        problem = storage_failure(err)
+        if problem is None or not problem.endswith(" writing ?"):
+            raise
+        raise UserError(f"{problem[:-1]}{path}") from err
+
+
+def _is_loop_closed_noise(unraisable) -> bool:
+    """TensorStore completing a write after Orbax closed the asyncio loop that awaited it (the
+    save already failed): Python reports it as unraisable, with no message or object."""
+    exc = unraisable.exc_value
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and unraisable.object is None)
+
+
+class _StorageRecordFilter(logging.Filter):
+    """Drops a library's log record of a storage failure (Orbax's background save threads log
+    one, with its traceback, per thread), keeping the first problem for the one-line report."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_problem: Optional[str] = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:  # a warning may be one the library recovered from
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        problem = storage_failure(exc) if exc is not None else None
+        if problem is None:
+            problem = storage_failure(Exception(record.getMessage()))
+        if problem is None:
+            return True
+        self.first_problem = self.first_problem or problem
+        return False
+
+
+@contextlib.contextmanager
+def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl",)
+                                    ) -> Iterator[_StorageRecordFilter]:
+    """While inside: storage failures logged by background threads (Orbax, through absl) and the
+    'Event loop is closed' reports that follow a failed asynchronous save are not printed; every
+    other record and unraisable exception is. The failure itself still reaches the caller from
+    the save's wait (the CLI prints it as one line); `.first_problem` of the yielded filter holds
+    it in case a library swallowed it."""
+    record_filter = _StorageRecordFilter()
+    previous_hook = sys.unraisablehook
+
+    def unraisable_hook(unraisable) -> None:
+        if not _is_loop_closed_noise(unraisable):
+            previous_hook(unraisable)
+
+    for name in loggers:
+        logging.getLogger(name).addFilter(record_filter)
+    sys.unraisablehook = unraisable_hook
+    try:
+        yield record_filter
+    finally:
+        sys.unraisablehook = previous_hook
+        for name in loggers:
+            logging.getLogger(name).removeFilter(record_filter)

@@ -38,6 +38,8 @@ class K2Tokenizer:
         import sentencepiece
 
         path = os.fspath(model_path)
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a directory, expected a SentencePiece model file")
         if not os.path.isfile(path):
             raise UserError(f"{path}: SentencePiece model not found")
         self.sp = sentencepiece.SentencePieceProcessor()

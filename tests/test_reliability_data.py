@@ -93,3 +93,156 @@ def test_batch_out_that_cannot_be_written_is_one_line(packed_dir, tmp_path, caps
     assert code == 2 and err.count("\n") == 1, err
     assert f"{out}: cannot be written" in err
     assert not list(tmp_path.glob("**/.*.tmp-*"))  # no temporary left behind
+
+
+def _indexed(tmp_path):
+    """Three indexed chunks (no packed form)."""
+    tmp_path.mkdir(exist_ok=True)
+    for chunk_id in range(3):
+        write_chunk(tmp_path, chunk_id, 4)
+    assert main(["data", "index", str(tmp_path), "--quiet"]) == 0
+    return tmp_path
+
+
+def _replace_with_directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+def _truncate(path, size):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _index_dir_is_a_file(data_dir):
+    import shutil
+
+    shutil.rmtree(data_dir / ".k2index")
+    (data_dir / ".k2index").write_text("")
+
+
+def _bool_token_id(data_dir):
+    path = data_dir / "chunk_1.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    row = json.loads(lines[2])
+    row["token_ids"][3] = True  # json.dumps writes `true`
+    lines[2] = json.dumps(row) + "\n"
+    path.write_text("".join(lines))
+    assert main(["data", "index", str(data_dir), "--quiet"]) == 0
+
+
+# Case 9 and its relatives: (damage, command, text the one line must hold). Before: tracebacks
+# (IsADirectoryError, numpy's "EOF: reading array header", FileExistsError), or rows served.
+DAMAGED_DATA = {
+    "chunk file is a directory (index)": (
+        lambda d: (d / "chunk_7.jsonl").mkdir(), "index",
+        "chunk_7.jsonl: is a directory, expected a file"),
+    "chunk file is a directory (batch)": (
+        lambda d: (d / "chunk_7.jsonl").mkdir(), "batch",
+        "chunk_7.jsonl: is a directory, expected a file"),
+    ".k2index is a file (index)": (
+        _index_dir_is_a_file, "index", ".k2index: exists and is not a directory"),
+    ".k2index is a file (batch)": (
+        _index_dir_is_a_file, "batch", ".k2index: is a file, expected a directory holding "
+                                       "chunk_0.json"),
+    "offsets truncated in the header": (
+        lambda d: _truncate(d / ".k2index" / "chunk_0.offsets.npy", 100), "batch",
+        "chunk_0.offsets.npy: not a complete .npy array"),
+    "offsets truncated in the data": (
+        lambda d: _truncate(d / ".k2index" / "chunk_0.offsets.npy", 130), "batch",
+        "chunk_0.offsets.npy: not a complete .npy array"),
+    "offsets file is a directory": (
+        lambda d: _replace_with_directory(d / ".k2index" / "chunk_0.offsets.npy"), "batch",
+        "chunk_0.offsets.npy: not a complete .npy array"),
+    "index manifest is a directory": (
+        lambda d: _replace_with_directory(d / ".k2index" / "chunk_2.json"), "batch",
+        "chunk_2.json: is a directory, expected a JSON file"),
+    "bool token id": (_bool_token_id, "batch",
+                      "chunk_1.jsonl:3: 'token_ids' holds true/false, expected integers"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_DATA, ids=list(DAMAGED_DATA))
+def test_damaged_data_directory_is_one_line(tmp_path, capsys, case):
+    damage, command, expected = DAMAGED_DATA[case]
+    data_dir = _indexed(tmp_path / "data")
+    damage(data_dir)
+    capsys.readouterr()
+    argv = (["data", "index", str(data_dir), "--quiet"] if command == "index" else
+            ["data", "batch", "--data", str(data_dir), "--step", "0", "--global-batch", "8",
+             "--seq-len", str(SEQ_LEN), "--order", "0,1,2" + (",7" if "chunk_7" in expected
+                                                              else ""),
+             "--out", str(tmp_path / "b.npy")])
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert expected in err, err
+    if ".k2index" in err:  # the index's files name the command that rewrites them
+        assert "re-run `k2jax data index" in err or "--index-dir" in err, err
+    assert not (tmp_path / "b.npy").exists()
+
+
+def test_bool_token_ids_are_refused_by_pack(tmp_path, capsys):
+    """Before: JSON `true` packed as token id 1."""
+    data_dir = _indexed(tmp_path)
+    _bool_token_id(data_dir)
+    capsys.readouterr()
+    code = main(["data", "pack", "--data", str(data_dir), "--out", str(tmp_path / "p"),
+                 "--seq-len", str(SEQ_LEN), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "chunk_1.jsonl:3: 'token_ids' holds true/false" in err, err
+
+
+def _leftovers(directory):
+    return sorted(p.name for p in directory.glob(".chunk_*.tmp-*"))
+
+
+@pytest.mark.parametrize("command", ["pack", "index"])
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next(tmp_path, command):
+    """A SIGKILLed `data pack` / `data index` leaves its `.chunk_*.tmp-*` files (gigabytes
+    each at K2's scale); before, nothing ever removed them."""
+    data_dir = _indexed(tmp_path / "data")
+    out = tmp_path / "packed" if command == "pack" else data_dir / ".k2index"
+    out.mkdir(exist_ok=True)
+    names = [".chunk_0.tokens.u16.tmp-0123abcd", ".chunk_1.json.tmp-89ab4567"]
+    for name in names:
+        (out / name).write_bytes(b"partial")
+    (out / ".notes.tmp-1").write_text("not ours")  # only k2jax's chunk temporaries go
+    argv = (["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
+             str(SEQ_LEN), "--quiet"] if command == "pack" else
+            ["data", "index", str(data_dir), "--quiet"])
+    assert main(argv) == 0
+    assert _leftovers(out) == [] and (out / ".notes.tmp-1").exists()
+
+
+def test_temporaries_are_kept_while_another_writer_is_alive(tmp_path):
+    """A pack that overlaps another into the same directory must not delete the other's
+    temporaries: the live writer holds the shared lock, so no cleanup happens."""
+    from k2jax.data import stale_temps
+    from etils import epath
+
+    data_dir = _indexed(tmp_path / "data")
+    out = tmp_path / "packed"
+    out.mkdir()
+    with stale_temps.writing_into(epath.Path(out)) as removed:  # the other, live writer
+        assert removed == []
+        (out / ".chunk_0.tokens.u16.tmp-0123abcd").write_bytes(b"being written")
+        assert main(["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
+                     str(SEQ_LEN), "--quiet"]) == 0
+        assert _leftovers(out) == [".chunk_0.tokens.u16.tmp-0123abcd"]
+    assert main(["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
+                 str(SEQ_LEN), "--quiet"]) == 0
+    assert _leftovers(out) == []  # once alone, the next writer cleans up
+
+
+def test_pack_with_nothing_left_to_do_on_a_read_only_directory(tmp_path, capsys):
+    """The writers lock cannot be created there: a pack that writes nothing still succeeds."""
+    from mounts import make_read_only, tmpfs
+
+    data_dir = _indexed(tmp_path / "data")
+    with tmpfs(tmp_path / "ro") as out:
+        argv = ["data", "pack", "--data", str(data_dir), "--out", str(out), "--seq-len",
+                str(SEQ_LEN), "--quiet"]
+        assert main(argv) == 0
+        make_read_only(out)
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err

@@ -88,14 +88,17 @@ def test_convert_on_a_full_disk(tmp_path):
 
 @pytest.mark.slow
 def test_train_on_a_full_disk_then_after_freeing_space(tmp_path):
-    """The last line names the problem (exit 2; Orbax's background threads still log their
-    own tracebacks before it), no checkpoint looks complete, and the next run trains."""
+    """The last line names the problem, exit 2, and nothing else in stderr is an error (before:
+    Orbax's background threads logged 4 tracebacks and TensorStore ~35 'Event loop is closed'
+    ones first); no checkpoint looks complete, and the next run trains."""
     run_dir = tmp_path / "run"
     argv = train_command(run_dir, "train.steps=2", "train.checkpoint_every=2")
     result = limited(argv, 100_000)
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("k2jax train: error: " + PROBLEM + str(run_dir)), last
+    for noise in ("Traceback", "ERROR:", "Event loop is closed", "Exception"):
+        assert noise not in result.stderr, result.stderr[-3000:]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -124,3 +127,180 @@ def test_data_index_on_a_full_tmpfs(tmp_path, small_tmpfs):
     assert line.startswith("k2jax data: error: no space left on device writing " +
                            str(small_tmpfs / "index"))
     assert not [p for p in (small_tmpfs / "index").iterdir() if "chunk_0" in p.name]
+
+
+def _log_storage_failure_from_a_thread():
+    """What Orbax's background save threads do: log the failure with its traceback."""
+    import logging
+
+    try:
+        raise ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed writing: '
+                         '"/run/checkpoints/2.orbax-checkpoint-tmp/d/ab": Failed to write 9 '
+                         "bytes to file 6: File too large [os_error_code='27']")
+    except ValueError:
+        logging.getLogger("absl").error("_SignalingThread.run() raised an exception",
+                                        exc_info=True)
+
+
+def _unraisable(exc):
+    import types
+
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                 err_msg=None, object=None)
+
+
+def test_background_storage_failures_are_quiet_and_nothing_else_is(caplog):
+    """Before: every Orbax thread logged the failure with a traceback, and TensorStore writes
+    finishing after the failed save's event loop closed printed 'Event loop is closed'
+    tracebacks (49 in all), before the one-line error."""
+    import logging
+
+    from k2jax.storage_errors import quiet_background_storage_errors
+
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with quiet_background_storage_errors() as background:
+            _log_storage_failure_from_a_thread()
+            logging.getLogger("absl").error("an unrelated error stays visible")
+            sys.unraisablehook(_unraisable(RuntimeError("Event loop is closed")))
+            sys.unraisablehook(_unraisable(RuntimeError("something else")))
+    finally:
+        sys.unraisablehook = previous
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated error stays visible"]
+    assert [str(u.exc_value) for u in seen] == ["something else"]
+    assert background.first_problem == (
+        PROBLEM + "/run/checkpoints/2.orbax-checkpoint-tmp/d/ab")
+    _log_storage_failure_from_a_thread()  # outside the block, logged as before
+    assert len(caplog.records) == 2 and caplog.records[-1].exc_info
+
+
+def test_a_storage_failure_a_library_only_logged_still_fails_the_command(monkeypatch, capsys):
+    """A command that returns 0 after a background thread logged a full disk exits 2 with the
+    one line: the quiet log must not turn a failure into a success."""
+    from k2jax import cli
+    from k2jax.commands import compare_curves
+
+    def logs_and_succeeds(args):
+        _log_storage_failure_from_a_thread()
+        return 0
+
+    monkeypatch.setattr(compare_curves, "run", logs_and_succeeds)
+    code = cli.main(["compare-curves", "--run", "r", "--reference", "x.csv"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("k2jax compare-curves: error: " + PROBLEM +
+                                 "/run/checkpoints/2.orbax-checkpoint-tmp/d/ab"), err
+
+
+@pytest.fixture(scope="module")
+def orbax_weights(tmp_path_factory):
+    from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
+    from k2jax.cli import main
+
+    root = tmp_path_factory.mktemp("weights")
+    model = tiny_hf_model()
+    write_hf_dir(root / "hf", hf_state(model), hf_config(model))
+    assert main(["convert", "hf-to-orbax", "--hf", str(root / "hf"), "--out",
+                 str(root / "weights"), "--no-progress"]) == 0
+    return root
+
+
+# (direction, file-size limit): 2000 bytes stops hf-to-orbax in Orbax's background metadata
+# write (before: its traceback, then the line, ending "writing ?") and orbax-to-hf in the
+# safetensors header; 40000 stops them mid-tensor.
+@pytest.mark.parametrize("direction, limit", [("hf-to-orbax", 2000), ("orbax-to-hf", 2000),
+                                              ("orbax-to-hf", 40000)])
+def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, limit):
+    out = tmp_path / "out"
+    source = (["--hf", orbax_weights / "hf"] if direction == "hf-to-orbax" else
+              ["--checkpoint", orbax_weights / "weights"])
+    argv = k2jax("convert", direction, *source, "--out", out, "--no-progress")
+    line = one_error_line(limited(argv, limit))
+    assert line.startswith("k2jax convert: error: " + PROBLEM + str(tmp_path)), line
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing looks complete
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert out.is_dir()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_data_pack_on_a_full_disk(tmp_path, workers):
+    """Before: '... writing ?' (a write to an open file names no path)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for chunk_id in range(2):
+        write_chunk(data, chunk_id, 300)  # 4.8 KB of tokens per chunk, past the 2000 bytes
+    assert limited(k2jax("data", "index", data, "--quiet"), resource.RLIM_INFINITY).returncode == 0
+    out = tmp_path / "packed"
+    argv = k2jax("data", "pack", "--data", data, "--out", out, "--seq-len", SEQ_LEN, "--quiet",
+                 "--workers", workers)
+    line = one_error_line(limited(argv, 2000))
+    assert line.startswith("k2jax data: error: " + PROBLEM + str(out)), line
+    assert sorted(p.name for p in out.iterdir()) == []  # no temporaries, no lock file
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (out / "chunk_1.packed.json").is_file()
+
+
+def test_metrics_on_a_full_disk_name_the_file_and_leave_no_half_line(tmp_path):
+    """Before: 'file too large ... writing ?', and the half-written record stayed at the end of
+    metrics.jsonl, where the resumed run's first record was glued to it."""
+    import errno
+
+    from k2jax.errors import UserError
+    from k2jax.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    writer.record(1, {"loss": 2.5})
+
+    class FullDisk:
+        def write(self, text):  # what a buffered file does at the limit: part, then EFBIG
+            with open(tmp_path / "metrics.jsonl", "a") as f:
+                f.write(text[:7])
+            raise OSError(errno.EFBIG, "File too large")
+
+        def flush(self):
+            pass
+
+        close = flush
+
+    writer._jsonl = FullDisk()
+    with pytest.raises(UserError, match=f"file too large .* writing {tmp_path}/metrics.jsonl$"):
+        writer.record(2, {"loss": 2.4})
+    writer.close()
+    assert (tmp_path / "metrics.jsonl").read_text().endswith('\n{"step"')  # the half line
+    resumed = MetricsWriter(str(tmp_path))
+    resumed.record(2, {"loss": 2.4})
+    resumed.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_data_prepare_on_a_full_disk(tmp_path):
+    """Before: '... writing ?', and the spool directory `.prepare-spool` was left behind (the
+    cleanup's own flush failed first and hid the error)."""
+    import random
+
+    import sentencepiece
+    from test_data_prepare import random_text
+
+    rng = random.Random(0)
+    sentences = [random_text(rng, 12).replace("\n", " ") for _ in range(400)]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "tok"), vocab_size=300,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (tmp_path / "docs.txt").write_text(" ".join(sentences) * 3)  # ~70 KB of rows into 3000 B
+    out = tmp_path / "out"
+    argv = k2jax("data", "prepare", "--tokenizer", tmp_path / "tok.model", "--input",
+                 tmp_path / "docs.txt", "--out", out, "--num-chunks", 2, "--seq-len", 16,
+                 "--quiet")
+    line = one_error_line(limited(argv, 3000))
+    assert line == "k2jax data: error: " + PROBLEM + str(out), line
+    assert list(out.iterdir()) == []  # no spool, no half chunk
+    ok = limited(argv, resource.RLIM_INFINITY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["chunk_0.jsonl", "chunk_1.jsonl",
+                                                     "prepare.json"]

@@ -47,12 +47,25 @@ def read_model_config(directory: str) -> ModelConfig | None:
     """The ModelConfig stored with the weights (None if absent)."""
     path = storage_path(directory)
     if (path / MODEL_CONFIG_FILE).exists():
-        return _build(ModelConfig, json.loads((path / MODEL_CONFIG_FILE).read_text()), "model")
+        return _build(ModelConfig, _json_mapping(path / MODEL_CONFIG_FILE), "model")
     config_item = path / "config"
     for candidate in (config_item / "metadata", config_item):
         if candidate.is_file():
-            return _build(ModelConfig, json.loads(candidate.read_text())["model"], "model")
+            model = _json_mapping(candidate).get("model")
+            if not isinstance(model, dict):
+                raise UserError(f"{candidate}: no 'model' section (a damaged checkpoint?)")
+            return _build(ModelConfig, model, "model")
     return None
+
+
+def _json_mapping(path) -> dict:
+    """A JSON object from a weights directory; damage (truncation, garbage) is one line."""
+    from k2jax.data.chunk_files import read_json
+
+    data = read_json(path, remedy="write the weights again (convert, or a training save)")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def check_stored_shapes(item: Any, target: Any) -> None:

@@ -7,6 +7,7 @@ import argparse
 
 from k2jax.commands.cli_args import (add_command, add_command_group, add_progress_flags,
                                     dtype_metavar, dtype_type)
+from k2jax.storage_errors import writing
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,8 +56,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def cmd_hf_to_orbax(args) -> int:
     from k2jax.convert.hf_to_orbax import convert_hf_to_orbax  # keeps `k2jax --help` fast
 
-    out = convert_hf_to_orbax(args.hf, args.out, dtype=args.dtype, force=args.force,
-                              progress=not args.no_progress)
+    with writing(args.out):  # a full disk named by the output, when the OS names no file
+        out = convert_hf_to_orbax(args.hf, args.out, dtype=args.dtype, force=args.force,
+                                  progress=not args.no_progress)
     print(f"wrote {out}")
     return 0
 
@@ -64,8 +66,9 @@ def cmd_hf_to_orbax(args) -> int:
 def cmd_orbax_to_hf(args) -> int:
     from k2jax.convert.orbax_to_hf import convert_orbax_to_hf
 
-    out = convert_orbax_to_hf(args.checkpoint, args.out, dtype=args.dtype,
-                              shard_size=args.shard_size, tokenizer=args.tokenizer,
-                              force=args.force, progress=not args.no_progress)
+    with writing(args.out):  # a full disk named by the output, when the OS names no file
+        out = convert_orbax_to_hf(args.checkpoint, args.out, dtype=args.dtype,
+                                  shard_size=args.shard_size, tokenizer=args.tokenizer,
+                                  force=args.force, progress=not args.no_progress)
     print(f"wrote {out}")
     return 0

@@ -61,28 +61,49 @@ def file_signature(path: epath.Path) -> dict[str, int]:
         stat = path.stat()
     except (FileNotFoundError, OSError):
         raise UserError(f"{path}: not found")
+    if stat.is_directory:  # a directory's size and mtime would pass for a file's
+        raise UserError(f"{path}: is a directory, expected a file")
     return {"size": int(stat.length), "mtime": int(stat.mtime)}
 
 
-def read_json(path: epath.Path) -> Optional[dict]:
-    """Parsed JSON, or None when the file does not exist."""
+REWRITE = "re-run the command that wrote it"
+
+
+def read_json(path: epath.Path, remedy: str = REWRITE) -> Optional[dict]:
+    """Parsed JSON, or None when the file does not exist. `remedy` ends the message when it is
+    not a readable JSON file (e.g. "re-run `k2jax data index DIR`")."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a JSON file; remove it and "
+                        f"{remedy}") from None
+    except NotADirectoryError:
+        raise UserError(f"{path.parent}: is a file, expected a directory holding "
+                        f"{path.name}; move it away and {remedy}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); delete it "
-                        f"and re-run the command that wrote it")
+                        f"and {remedy}")
 
 
-def read_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
-    """A .npy array; memory-mapped when the file is local (GCS files are read whole)."""
-    if mmap and is_local(path):
-        return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
-    with path.open("rb") as f:
-        return np.load(io.BytesIO(f.read()), allow_pickle=False)
+def read_npy(path: epath.Path, mmap: bool = True, remedy: str = REWRITE) -> np.ndarray:
+    """A .npy array; memory-mapped when the file is local (GCS files are read whole). A file
+    that is not a whole .npy array (truncated, a directory) is a UserError naming it and
+    ending in `remedy`."""
+    try:
+        if mmap and is_local(path):
+            return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
+        with path.open("rb") as f:
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, EOFError, OSError) as err:  # numpy reports a short file as ValueError
+        problem = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise UserError(f"{path}: not a complete .npy array ({problem}); delete it and "
+                        f"{remedy}") from None
 
 
 def is_local(path: epath.Path) -> bool:

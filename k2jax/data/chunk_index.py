@@ -22,7 +22,7 @@ from etils import epath
 from tqdm import tqdm
 
 from k2jax.atomic_write import write_json_atomic, write_npy_atomic
-from k2jax.data import chunk_files
+from k2jax.data import chunk_files, stale_temps
 from k2jax.errors import UserError
 
 INDEX_VERSION = 1
@@ -109,12 +109,17 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
     ids = list(chunk_ids) if chunk_ids is not None else chunk_files.find_chunk_ids(data_dir)
     if not ids:
         raise UserError(f"{data_dir}: no chunk_*.jsonl files to index")
-    index_root.mkdir(parents=True, exist_ok=True)
+    try:
+        index_root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{index_root}: exists and is not a directory (the line index goes "
+                        f"there; move it away or pass --index-dir)") from None
 
     todo, skipped = [], []
     for chunk_id in ids:
         signature = chunk_files.file_signature(chunk_files.jsonl_path(data_dir, chunk_id))
-        manifest = chunk_files.read_json(manifest_path(index_root, chunk_id))
+        manifest = chunk_files.read_json(manifest_path(index_root, chunk_id),
+                                         "re-run `k2jax data index`")
         if _manifest_matches(manifest, signature) and offsets_path(index_root, chunk_id).exists():
             skipped.append(chunk_id)
         else:
@@ -140,12 +145,10 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
             "num_lines": int(len(offsets) - 1), "version": INDEX_VERSION})
         return chunk_id
 
-    try:
+    with stale_temps.writing_into(index_root), bar:  # a killed index's temporaries go first
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [pool.submit(index_one, cid, sig) for cid, sig in todo]
             indexed = [f.result() for f in futures]
-    finally:
-        bar.close()
     return {"indexed": indexed, "skipped": skipped}
 
 
@@ -166,15 +169,19 @@ class ChunkIndex:
         self.line_counts: dict[int, int] = dict(zip(self.chunk_ids, counts))
         self._offsets = lru_cache(maxsize=8)(self._load_offsets)
 
+    @property
+    def _remedy(self) -> str:
+        return f"re-run `k2jax data index {self.data_dir}`"
+
     def _checked_count(self, chunk_id: int) -> int:
         path = chunk_files.jsonl_path(self.data_dir, chunk_id)
         if not path.exists():
             raise UserError(f"{path}: chunk file not found")
-        manifest = chunk_files.read_json(manifest_path(self.index_dir, chunk_id))
+        signature = chunk_files.file_signature(path)  # first: a directory is no chunk file
+        manifest = chunk_files.read_json(manifest_path(self.index_dir, chunk_id), self._remedy)
         if manifest is None:
             raise UserError(f"{path}: not indexed (no {manifest_path(self.index_dir, chunk_id)}); "
                             f"run `k2jax data index {self.data_dir}`")
-        signature = chunk_files.file_signature(path)
         if not _manifest_matches(manifest, signature):
             raise UserError(f"{path}: index is stale (file now {signature['size']} bytes, "
                             f"mtime {signature['mtime']}; indexed {manifest.get('size')} bytes, "
@@ -186,7 +193,7 @@ class ChunkIndex:
         path = offsets_path(self.index_dir, chunk_id)
         if not path.exists():
             raise UserError(f"{path}: missing; re-run `k2jax data index {self.data_dir}`")
-        offsets = chunk_files.read_npy(path)
+        offsets = chunk_files.read_npy(path, remedy=self._remedy)
         expected = self.line_counts[chunk_id] + 1
         if offsets.dtype != np.int64 or offsets.shape != (expected,):
             raise UserError(f"{path}: holds {offsets.shape} {offsets.dtype}, expected int64 "

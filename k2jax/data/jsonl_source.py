@@ -38,7 +38,8 @@ def parse_row(line: bytes, path: object, line_number: int, seq_len: int, vocab_s
                         f"(model.vocab_size)")
     tgt_mask = None
     if fields.get("tgt_mask") is not None:
-        tgt_mask = _checked_ints(fields["tgt_mask"], where, "tgt_mask", seq_len)
+        tgt_mask = _checked_ints(fields["tgt_mask"], where, "tgt_mask", seq_len,
+                                 booleans_ok=True)
         if tgt_mask.min() < 0 or tgt_mask.max() > 1:
             raise UserError(f"{where}: tgt_mask values must be 0 or 1")
         tgt_mask = tgt_mask.astype(np.uint8)
@@ -109,7 +110,8 @@ def _json_fields(line: bytes, where: str) -> dict:
     return obj
 
 
-def _checked_ints(value: object, where: str, field: str, seq_len: int) -> np.ndarray:
+def _checked_ints(value: object, where: str, field: str, seq_len: int,
+                  booleans_ok: bool = False) -> np.ndarray:
     if isinstance(value, np.ndarray):
         array = value
     elif not isinstance(value, list):
@@ -121,6 +123,9 @@ def _checked_ints(value: object, where: str, field: str, seq_len: int) -> np.nda
             raise UserError(f"{where}: '{field}' is not a flat list of integers") from None
         if array.ndim != 1 or (len(array) and array.dtype.kind not in "iub"):
             raise UserError(f"{where}: '{field}' is not a flat list of integers")
+        # JSON true/false read as 1/0: a fine 0/1 mask, but never a token id
+        if not booleans_ok and any(type(v) is bool for v in value):
+            raise UserError(f"{where}: '{field}' holds true/false, expected integers")
     if len(array) != seq_len:
         raise UserError(f"{where}: '{field}' has {len(array)} entries, expected "
                         f"data.seq_len={seq_len}")

@@ -22,16 +22,18 @@ from etils import epath
 from tqdm import tqdm
 
 from k2jax.atomic_write import atomic_file, write_json_atomic
-from k2jax.data import chunk_files
+from k2jax.data import chunk_files, stale_temps
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
 from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
+from k2jax.storage_errors import writing
 
 PACKED_VERSION = 1
 TOKEN_DTYPE = np.uint16
 _ROWS_PER_WRITE = 1024
 _DIGEST_SPAN = 64 << 10
+_REPACK = "re-run `k2jax data pack`"
 
 
 def tokens_path(out_dir: epath.Path, chunk_id: int) -> epath.Path:
@@ -144,7 +146,7 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
     jobs, done = [], []
     for chunk_id in index.chunk_ids:
         signature = chunk_files.file_signature(chunk_files.jsonl_path(data_dir, chunk_id))
-        old = chunk_files.read_json(packed_manifest_path(out_path, chunk_id))
+        old = chunk_files.read_json(packed_manifest_path(out_path, chunk_id), _REPACK)
         source = chunk_files.jsonl_path(data_dir, chunk_id)
         if (old and _source_matches(old, source) and old.get("max_token_id", vocab_size) <
                 vocab_size and old.get("seq_len") == seq_len
@@ -155,7 +157,8 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      index.line_counts[chunk_id], signature, seq_len, vocab_size))
     bar = tqdm(total=sum(job[3] for job in jobs), unit="row", unit_scale=True,
                desc=f"pack {len(jobs)} files", disable=not progress)
-    try:
+    # A killed pack's temporaries go first; a full disk names out_path when the OS names none.
+    with stale_temps.writing_into(out_path), writing(out_path), bar:
         if workers <= 1 or len(jobs) <= 1:
             counter = multiprocessing.Value("q", 0, lock=True)
             for job in jobs:
@@ -172,8 +175,6 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                     time.sleep(0.2)
                 done.extend(f.result() for f in futures)
             bar.update(counter.value - bar.n)
-    finally:
-        bar.close()
     return done
 
 
@@ -201,7 +202,7 @@ class PackedChunkReader(ProcessLocalHandles):
 
     def _checked_manifest(self, chunk_id: int) -> dict:
         path = packed_manifest_path(self.data_dir, chunk_id)
-        manifest = chunk_files.read_json(path)
+        manifest = chunk_files.read_json(path, _REPACK)
         if manifest is None:
             raise UserError(f"{path}: packed chunk not found (run `k2jax data pack`)")
         if manifest.get("version") != PACKED_VERSION or manifest.get("seq_len") != self.seq_len:

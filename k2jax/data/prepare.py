@@ -227,11 +227,20 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
         spools.close()
         rows_per_chunk = [_write_chunk(out, spools, chunk, sources, seq_len, source_name)
                           for chunk in range(num_chunks)]
+    except OSError as err:
+        if err.filename is None:  # a full disk under a write to an open file: name the output
+            err.filename = os.fspath(out)
+        raise
     finally:
         bar.close()
-        spools.close()
+        try:
+            spools.close()  # (a no-op after success) after an error, the error told is the first
+        except OSError:
+            pass
         if spool_dir.exists():
             spool_dir.rmtree()
+        for unfinished in out.glob(".chunk_*.jsonl.tmp"):  # none after success (renamed)
+            unfinished.unlink()
     summary = {"tokenizer_vocab_size": tokenizer.vocab_size, "seq_len": seq_len,
                "num_chunks": num_chunks, "rows": sum(rows_per_chunk),
                "rows_per_chunk": rows_per_chunk, "dropped_tail_tokens": dropped,

@@ -8,6 +8,7 @@ i - 1 updates. eval-loss lines carry both; their `iteration` (= step + 1) is use
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -48,7 +49,7 @@ def read_run(path: str) -> Curve:
     if not file.is_file():
         raise UserError(f"--run {path}: no such run directory with metrics.jsonl, nor .jsonl file")
     points: dict[int, float] = {}
-    with open(file) as f:
+    with _text_file(file) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -61,6 +62,17 @@ def read_run(path: str) -> Curve:
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 points[step] = float(loss)
     return _curve(str(file), points)
+
+
+@contextlib.contextmanager
+def _text_file(path):
+    """Yields the file open as UTF-8 text (newline="" as csv needs); bytes that are not UTF-8
+    (a binary file given by mistake) are one line naming it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        try:
+            yield f
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not a UTF-8 text file ({err.reason})") from None
 
 
 def _pick(header: list[str], given: Optional[str], candidates: tuple[str, ...], what: str,
@@ -84,10 +96,14 @@ def _pick(header: list[str], given: Optional[str], candidates: tuple[str, ...], 
 
 def read_reference_csv(path: str, step_column: Optional[str] = None,
                        loss_column: Optional[str] = None) -> Curve:
-    """A W&B CSV export; rows with an empty or non-numeric loss are skipped."""
+    """A W&B CSV export. Rows with an empty loss cell (a step that logged other metrics) are
+    skipped; any other unreadable step or loss is a UserError naming file:line, so a damaged
+    export is never compared with rows silently missing."""
+    if Path(path).is_dir():
+        raise UserError(f"--reference {path}: is a directory, expected a CSV file")
     if not Path(path).is_file():
         raise UserError(f"--reference {path}: no such file")
-    with open(path, newline="") as f:
+    with _text_file(path) as f:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         if not header:
@@ -96,13 +112,29 @@ def read_reference_csv(path: str, step_column: Optional[str] = None,
         loss_name = _pick(header, loss_column, LOSS_COLUMNS, "loss", "--loss-column", path)
         points: dict[int, float] = {}
         for row in reader:
-            try:
-                step, loss = int(float(row[step_name])), float(row[loss_name])
-            except (TypeError, ValueError):
+            step_text, loss_text = row[step_name], row[loss_name]
+            if loss_text is None or step_text is None:  # fewer cells than the header
+                raise UserError(f"{path}:{reader.line_num}: fewer cells than the header's "
+                                f"{len(header)}")
+            if not loss_text.strip():
                 continue
+            try:
+                step, loss = _whole_number(step_text), float(loss_text)
+            except ValueError:
+                raise UserError(f"{path}:{reader.line_num}: expected a step (whole number) in "
+                                f"column {step_name!r} and a loss in {loss_name!r}, got "
+                                f"{step_text!r}, {loss_text!r}") from None
             if math.isfinite(loss):
                 points[step] = loss
     return _curve(f"{path} [{loss_name}]", points)
+
+
+def _whole_number(text: str) -> int:
+    """'1200' or '1200.0' (W&B writes steps either way) -> 1200; ValueError otherwise."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
 
 
 def restrict(curve: Curve, start: Optional[int], stop: Optional[int]) -> Curve:
