@@ -181,7 +181,7 @@ IN_PLACE = {
         lambda t: ["convert", "orbax-to-hf", "--checkpoint",
                    _wrong_kind_in_place(t / "w", "params", "dir") and
                    _wrong_kind_in_place(t / "w", "k2jax_model.json", "dir"), "--out", t / "o"],
-        "w/k2jax_model.json: is a directory, expected a file"),
+        "w/k2jax_model.json: is a directory, expected a JSON file"),
     "weights' k2jax_model.json truncated": (
         lambda t: ["convert", "orbax-to-hf", "--checkpoint",
                    _wrong_kind_in_place(t / "w", "params", "dir") and
