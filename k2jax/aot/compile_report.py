@@ -202,6 +202,10 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "gradient_dtype": config.train.gradient_dtype,
         "hlo_out": _write_hlo(compiled, hlo_out),
     }
+    if compiled is not None:  # the step-time model (k2jax/aot/step_time.py) walks its HLO
+        from k2jax.aot.step_time import predict_compiled
+
+        report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         micro_rows = rows // config.data.accumulation_steps
