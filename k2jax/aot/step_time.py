@@ -147,8 +147,13 @@ def attention_kernel_flops(instr: Instruction, comp: Computation) -> float:
 class StepTimeModel:
     """Walks a parsed module for one chip of `layout` with the figures of `chip`."""
 
-    def __init__(self, module: Module, chip: Chip, layout: DeviceLayout):
+    def __init__(self, module: Module, chip: Chip, layout: DeviceLayout,
+                 layer_trips: Optional[tuple[int, int]] = None):
+        """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
+        layer count) are costed at `full` trips, extrapolating per layer from a cheaper
+        compile."""
         self.module, self.chip, self.layout = module, chip, layout
+        self.layer_trips = layer_trips
         self._memo: dict[str, StepTime] = {}
         self._fusion_memo: dict[str, tuple[float, list[Optional[float]], Optional[float]]] = {}
 
@@ -334,6 +339,8 @@ class StepTimeModel:
             if trips is None:
                 body.unknown_trip_counts += 1
                 trips = 1
+            elif self.layer_trips and trips == self.layer_trips[0]:
+                trips = self.layer_trips[1]
             return body, float(trips)
         if op in ("call", "async-start") and (instr.called("to_apply") or instr.called("calls")):
             return self.computation(instr.called("to_apply") or instr.called("calls")), 1.0
@@ -382,11 +389,11 @@ def _sliced_bytes(name: str, users: dict[str, list[Instruction]]) -> Optional[fl
 
 
 def predict(hlo_text: str, chip: Chip, layout: DeviceLayout, model_flops_per_step: float,
-            chips: int) -> dict:
+            chips: int, layer_trips: Optional[tuple[int, int]] = None) -> dict:
     """The step-time keys `k2jax aot --json` reports, from a compiled step's HLO text.
     Seconds are per step (every chip runs the same program); MFU uses `model_flops_per_step`
     (all chips) over `chips` x the chip's peak."""
-    step = StepTimeModel(parse_module(hlo_text), chip, layout).step()
+    step = StepTimeModel(parse_module(hlo_text), chip, layout, layer_trips).step()
     seconds = step.seconds
     return {
         "predicted_step_seconds": seconds,
