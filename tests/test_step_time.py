@@ -218,3 +218,21 @@ ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128], v: bf16[8,2048,128]) -> b
     # 4 x 4 blocks of 512, causal: 10 of 16 visited.
     assert attention_kernel_flops(entry.root, entry) == pytest.approx(
         4 * 8 * 2048 * 2048 * 128 * 10 / 16)
+
+
+def test_windowed_einsum_convolution_counts_only_window_positions_on_the_input():
+    # XLA's windowed einsums: a size-16 window over a padded input of size 1, so each output
+    # sees 1 of 16 positions (times the size-2 window over 2), not the whole kernel.
+    text = """
+HloModule m
+ENTRY %main (a: bf16[28,2048,2,512,1], b: bf16[16,128,2,512,1]) -> bf16[28,2048,16,128,1] {
+  %a = bf16[28,2048,2,512,1]{4,3,2,1,0} parameter(0)
+  %b = bf16[16,128,2,512,1]{4,3,2,1,0} parameter(1)
+  ROOT %c = bf16[28,2048,16,128,1]{4,3,2,1,0} convolution(%a, %b), window={size=1x16x2 pad=0_0x15_15x0_0 rhs_reversal=0x1x0}, dim_labels=0b2f1_1o2i0->0b1f2
+}
+"""
+    module = parse_module(text)
+    entry = module[module.entry]
+    from k2jax.aot.step_time import dot_flops
+
+    assert dot_flops(entry.root, entry) == 2 * 28 * 2048 * 16 * 128 * (512 * 2)

@@ -88,15 +88,22 @@ def dot_flops(instr: Instruction, comp: Computation) -> float:
             return 0.0
         contracted = math.prod(lhs.shape[0].dims[i] for i in _dims_attr(instr, "lhs_contracting_dims"))
         return 2.0 * out * contracted
-    # convolution: each output element sums over the kernel's input features x window.
+    # convolution: each output element sums over the kernel's input features times, per
+    # spatial dimension, the window positions that land on the input (XLA writes windowed
+    # einsums as convolutions whose window mostly covers padding: size 16 over an input of 1).
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
     rhs = comp.by_name.get(instr.operands[1]) if len(instr.operands) > 1 else None
-    labels = instr.attr("dim_labels") or ""
-    match = re.match(r"[^_]*_([^-]*)->", labels)
-    if rhs is None or not rhs.shape or not match or "o" not in match.group(1):
+    labels = re.match(r"([^_]*)_([^-]*)->", instr.attr("dim_labels") or "")
+    if lhs is None or rhs is None or not lhs.shape or not rhs.shape or not labels \
+            or "i" not in labels.group(2):
         return 0.0
-    kernel = rhs.shape[0].dims
-    out_features = kernel[match.group(1).index("o")]
-    return 2.0 * out * math.prod(kernel) / max(out_features, 1)
+    lhs_labels, rhs_labels = labels.groups()
+    lhs_dims, kernel = lhs.shape[0].dims, rhs.shape[0].dims
+    macs = kernel[rhs_labels.index("i")]
+    for pos, label in enumerate(rhs_labels):
+        if label.isdigit() and label in lhs_labels:
+            macs *= min(kernel[pos], lhs_dims[lhs_labels.index(label)])
+    return 2.0 * out * macs
 
 
 _ATTENTION = re.compile(r"(splash|flash|mha|attention)", re.IGNORECASE)
@@ -259,7 +266,9 @@ class StepTimeModel:
         return collective_seconds(kind, coll, operand_bytes, out_bytes, self.chip, self.layout)
 
     # --- control flow ------------------------------------------------------------------
-    def _trip_count(self, instr: Instruction) -> Optional[int]:
+    def _trip_count(self, instr: Instruction, parent: Computation) -> Optional[int]:
+        """Trips of a while loop: its known_trip_count, else from `i < N` in its condition,
+        the step `i + c` in its body and i's initial value (0 unless a constant)."""
         known = re.search(r'known_trip_count"?\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instr.rest)
         if known:
             return int(known.group(1))
@@ -267,14 +276,26 @@ class StepTimeModel:
         if cond is None:
             return None
         root = cond.root
-        if root.opcode != "compare" or "direction=LT" not in root.rest:
+        if root.opcode != "compare" or "direction=LT" not in root.rest or len(root.operands) != 2:
             return None
-        for name in root.operands[1:]:
-            op = cond.by_name.get(name)
-            if op is not None and op.opcode == "constant":
-                if re.fullmatch(r"-?\d+", op.operand_text):
-                    return int(op.operand_text)
-        return None
+        counter, limit = (cond.by_name.get(o) for o in root.operands)
+        if limit is None or limit.opcode != "constant" or not _is_int(limit.operand_text):
+            return None
+        end = int(limit.operand_text)
+        index = _tuple_index(counter)
+        begin, step = 0, 1
+        if index is not None:
+            body = self.module.computations.get(instr.called("body") or "")
+            update = _tuple_element(body, body.root, index) if body else None
+            if update is not None and update.opcode == "add":
+                steps = [_constant_value(body, o) for o in update.operands]
+                steps = [v for v in steps if v is not None]
+                step = steps[0] if steps and steps[0] > 0 else 1
+            init = (_tuple_element(parent, parent.by_name.get(instr.operands[0]), index)
+                    if instr.operands else None)
+            value = _constant_value(parent, init.name) if init is not None else None
+            begin = value if value is not None else 0
+        return max(0, -(-(end - begin) // step))
 
     def computation(self, name: str) -> StepTime:
         """StepTime of one execution of computation `name`."""
@@ -308,7 +329,7 @@ class StepTimeModel:
                     total.exposed_collective_seconds += comm_free - clock
                     clock = comm_free
                 continue
-            sub = self._control(instr)
+            sub = self._control(instr, comp)
             if sub is not None:
                 body, times = sub
                 total.add(body, times)
@@ -329,11 +350,12 @@ class StepTimeModel:
         self._memo[name] = total
         return total
 
-    def _control(self, instr: Instruction) -> Optional[tuple[StepTime, float]]:
+    def _control(self, instr: Instruction, parent: Computation
+                 ) -> Optional[tuple[StepTime, float]]:
         """(cost of the called computation(s), times) for while/call/conditional/async ops."""
         op = instr.opcode
         if op == "while":
-            trips = self._trip_count(instr)
+            trips = self._trip_count(instr, parent)
             body = StepTime()
             body.add(self.computation(instr.called("body")))
             if trips is None:
@@ -355,6 +377,31 @@ class StepTimeModel:
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
+
+
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"-?\d+", text) is not None
+
+
+def _constant_value(comp: Computation, name: str) -> Optional[int]:
+    op = comp.by_name.get(name)
+    if op is not None and op.opcode == "constant" and _is_int(op.operand_text):
+        return int(op.operand_text)
+    return None
+
+
+def _tuple_index(instr: Optional[Instruction]) -> Optional[int]:
+    if instr is None or instr.opcode != "get-tuple-element":
+        return None
+    index = instr.attr("index")
+    return int(index) if index and index.isdigit() else None
+
+
+def _tuple_element(comp: Computation, tup: Optional[Instruction], index: int
+                   ) -> Optional[Instruction]:
+    if tup is None or tup.opcode != "tuple" or index >= len(tup.operands):
+        return None
+    return comp.by_name.get(tup.operands[index])
 
 
 def _param_index(instr: Instruction) -> int:
