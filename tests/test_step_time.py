@@ -66,6 +66,15 @@ def test_dot_flops_times_trip_count():
     assert step.seconds == pytest.approx(step.memory_seconds)
 
 
+def test_trip_count_follows_the_counter_step_and_start():
+    # XLA's windowed-einsum loops count i = 0, 2, 4, 6 < 8: 4 trips, not 8.
+    text = MATMUL.replace("constant(7)", "constant(8)").replace(
+        "%one = s32[] constant(1)", "%one = s32[] constant(2)")
+    assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 4 * 2 * 128 * 512 * 256
+    started = text.replace("%zero = s32[] constant(0)", "%zero = s32[] constant(2)")
+    assert StepTimeModel(parse_module(started), V5P, LAYOUT).step().flops == 3 * 2 * 128 * 512 * 256
+
+
 def test_known_trip_count_wins_over_the_condition():
     text = MATMUL.replace("condition=%cond, body=%body",
                           'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"80"}}')
