@@ -8,7 +8,7 @@ TPU topology with libtpu (no TPU needed), and prints predicted against published
 Compile cost: each run is compiled with `--layers` (default 2) scanned layers and its
 layer loop is costed at the published layer count (the scan body is one layer, so the
 extrapolation is exact per layer: `StepTimeModel(layer_trips=...)`); `--check-extrapolation`
-also compiles the first case at twice the layers and compares.
+also compiles a small model at both layer counts and compares.
 
 MFU is MaxText's: 6 x matmul weights + attention (12 L S H D per token, full attention, for
 results published before MaxText's PR #1988 of July 2025; 6 L S H D, causal, after).
@@ -182,7 +182,8 @@ def main(argv=None) -> int:
                         + ", ".join(c.name for c in CASES))
     parser.add_argument("--layers", type=int, default=2, help="scanned layers to compile")
     parser.add_argument("--check-extrapolation", action="store_true",
-                        help="also compile the first case at 2 x --layers and compare")
+                        help="also compile a small model at --layers and 2 x --layers and "
+                             "compare the extrapolated step with the compiled one")
     parser.add_argument("--hlo-dir", default="/tmp", help="where the compiled HLO is kept")
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
     parser.add_argument("--reuse", action="store_true",
@@ -197,15 +198,39 @@ def main(argv=None) -> int:
             print(f"--cases: unknown {unknown}", file=sys.stderr)
             return 2
         chosen = [c for c in CASES if c.name in names]
-    if not args.json:
+    if args.cases == "":
+        chosen = []
+    if not args.json and chosen:
         print(HEADER)
     for case in chosen:
         row = run_case(case, args.layers, args.hlo_dir, args.reuse)
         print(json.dumps(row) if args.json else format_row(row), flush=True)
     if args.check_extrapolation:
-        row = run_case(chosen[0], 2 * args.layers, args.hlo_dir, args.reuse)
-        print(json.dumps(row) if args.json else format_row(row), flush=True)
+        check = check_extrapolation(args.layers, args.hlo_dir, args.reuse)
+        print(json.dumps(check) if args.json else
+              f"extrapolation check ({EXTRAPOLATION_CHECK.name}): {check['compiled_layers']} "
+              f"layers costed at {check['costed_layers']}: {check['extrapolated_seconds']:.4f} s; "
+              f"compiled at {check['costed_layers']}: {check['compiled_seconds']:.4f} s "
+              f"({check['relative_difference']:+.2%})")
     return 0
+
+
+# A small model (fast to compile) for checking the per-layer extrapolation: the same step
+# compiled at L and 2L layers; the L compile costed at 2L should predict the 2L compile.
+EXTRAPOLATION_CHECK = Case("check-1b-v5p-8", "v5p-8", 1,
+                           dict(hidden=2048, heads=16, kv_heads=16, mlp=5632, layers=0,
+                                vocab=32000), 2048, 4, "save_dots_no_batch", 1, 0.0, True,
+                           "none: an extrapolation check")
+
+
+def check_extrapolation(layers: int, hlo_dir: Optional[str], reuse: bool) -> dict:
+    short = dataclasses.replace(EXTRAPOLATION_CHECK, model={**EXTRAPOLATION_CHECK.model,
+                                                            "layers": 2 * layers})
+    extrapolated = run_case(short, layers, hlo_dir, reuse)["predicted_step_seconds"]
+    compiled = run_case(short, 2 * layers, hlo_dir, reuse)["predicted_step_seconds"]
+    return {"case": short.name, "compiled_layers": layers, "costed_layers": 2 * layers,
+            "extrapolated_seconds": extrapolated, "compiled_seconds": compiled,
+            "relative_difference": extrapolated / compiled - 1}
 
 
 if __name__ == "__main__":
