@@ -148,10 +148,12 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
     return {"case": case.name, "topology": case.topology, "slices": case.slices,
             "compiled_layers": layers, "layers": case.model["layers"],
             "published_mfu": case.published_mfu, "predicted_mfu": pred["predicted_mfu"],
-            "relative_error": pred["predicted_mfu"] / case.published_mfu - 1,
+            "relative_error": (pred["predicted_mfu"] / case.published_mfu - 1
+                               if case.published_mfu else None),
             "predicted_step_seconds": pred["predicted_step_seconds"],
-            "published_step_seconds": flops / (case.published_mfu * _chips(case)
-                                               * chip.peak_flops),
+            "published_step_seconds": (flops / (case.published_mfu * _chips(case)
+                                                * chip.peak_flops) if case.published_mfu
+                                       else None),
             "compute_seconds": pred["compute_seconds"], "memory_seconds": pred["memory_seconds"],
             "exposed_collective_seconds": pred["exposed_collective_seconds"],
             "collective_seconds": pred["collective_seconds"],

@@ -92,8 +92,9 @@ class Instruction:
 @dataclasses.dataclass
 class Computation:
     name: str
-    instructions: list[Instruction]
+    instructions: list[Instruction]  # in schedule order
     is_entry: bool = False
+    root_name: Optional[str] = None  # the ROOT instruction (default: the last)
 
     def __post_init__(self):
         self.by_name = {i.name: i for i in self.instructions}
@@ -101,8 +102,6 @@ class Computation:
     @property
     def root(self) -> Instruction:
         return self.instructions[-1] if self.root_name is None else self.by_name[self.root_name]
-
-    root_name: Optional[str] = None
 
 
 @dataclasses.dataclass
