@@ -245,3 +245,15 @@ ENTRY %main (a: bf16[28,2048,2,512,1], b: bf16[16,128,2,512,1]) -> bf16[28,2048,
     from k2jax.aot.step_time import dot_flops
 
     assert dot_flops(entry.root, entry) == 2 * 28 * 2048 * 16 * 128 * (512 * 2)
+
+
+def test_layout_from_devices_reads_coordinates_and_slices():
+    class Device:
+        def __init__(self, coords, slice_index):
+            self.coords, self.slice_index = coords, slice_index
+
+    devices = [Device([x, y, 0], s) for s in range(2) for y in range(2) for x in range(4)]
+    layout = DeviceLayout.from_devices(devices)
+    assert layout.dims == (4, 2, 1)
+    assert layout.slices == (0,) * 8 + (1,) * 8
+    assert layout == DeviceLayout.grid((4, 2, 1), num_slices=2)

@@ -44,7 +44,7 @@ class DeviceLayout:
 
     @classmethod
     def grid(cls, dims: Sequence[int], num_slices: int = 1) -> "DeviceLayout":
-        """Devices in row-major order over `dims` (last axis fastest), slice after slice."""
+        """Devices ordered x fastest (as TPU device ids count), slice after slice."""
         import itertools
 
         coords = [tuple(reversed(c)) for c in itertools.product(*(range(d) for d in reversed(dims)))]
