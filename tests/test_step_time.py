@@ -192,7 +192,7 @@ def test_ring_costs_wraparound_and_dcn():
     v5e = CHIPS["v5e"]
     # A full 16-chip v5e axis wraps (both directions); an 8-chip sub-ring of it does not.
     full = DeviceLayout.grid((16, 16))
-    ring16 = _collective("[16,16]<=[16,16]T(1,0)")  # groups along x (the first axis)
+    ring16 = _collective("[16,16]<=[16,16]T(1,0)")  # ids 0, 16, 32, ...: the whole y axis
     assert replica_groups(ring16, 256)[0] == [16 * i for i in range(16)]
     seconds = collective_seconds("all-reduce", ring16, size, size, v5e, full)
     assert seconds == pytest.approx(2 * size * 15 / 16 / (2 * v5e.ici_link_bandwidth))
