@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
                     "model's predicted step (compute, HBM-bound and exposed collective "
                     "seconds, from the compiled HLO; docs/performance.md) and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
                     "configs/k2-65b.yaml --topology v5p-512",
-        epilog="examples:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json\n"
+        epilog="example:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json\n"
                "  k2jax aot --config configs/k2-65b.yaml --topology v5e-256 --search "
                "--time-budget 3600",
         formatter_class=HelpFormatter)
