@@ -257,3 +257,20 @@ def test_layout_from_devices_reads_coordinates_and_slices():
     assert layout.dims == (4, 2, 1)
     assert layout.slices == (0,) * 8 + (1,) * 8
     assert layout == DeviceLayout.grid((4, 2, 1), num_slices=2)
+
+
+def test_async_all_reduce_of_a_tuple_counts_every_output():
+    text = """
+HloModule m, is_scheduled=true
+ENTRY %main (a: f32[1024,1024], b: f32[1024,1024]) -> (f32[1024,1024], f32[1024,1024]) {
+  %a = f32[1024,1024]{1,0} parameter(0)
+  %b = f32[1024,1024]{1,0} parameter(1)
+  %ars = (f32[1024,1024]{1,0}, f32[1024,1024]{1,0}) all-reduce-start(%a, %b), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  ROOT %ard = (f32[1024,1024]{1,0}, f32[1024,1024]{1,0}) all-reduce-done(%ars)
+}
+"""
+    step = StepTimeModel(parse_module(text), V5P, LAYOUT).step()
+    both = 2 * 1024 * 1024 * 4
+    assert step.collective_seconds == pytest.approx(
+        2 * both * 3 / 4 / (2 * V5P.ici_link_bandwidth))
+    assert step.exposed_collective_seconds == pytest.approx(step.collective_seconds)

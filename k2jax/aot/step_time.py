@@ -258,9 +258,11 @@ class StepTimeModel:
             called = self.module[instr.called("calls")]
             operand_bytes = sum(called.by_name[o].result_bytes for o in coll.operands
                                 if o in called.by_name)
-        # A *-start result is (operands, outputs[, contexts]): the output is the second half.
+        # An all-gather-start or collective-permute-start result is (operands, outputs[,
+        # u32 contexts]): the output is the second half. An all-reduce-start's is the output.
         out_bytes = coll.result_bytes
-        if coll.opcode.endswith("-start") and len(coll.shape) >= 2:
+        if kind in ("all-gather", "collective-permute") and coll.opcode.endswith("-start") \
+                and len(coll.shape) >= 2:
             arrays = [a for a in coll.shape if a.dims or a.dtype not in ("u32", "s32")]
             out_bytes = sum(a.bytes for a in arrays[len(arrays) // 2:])
         return collective_seconds(kind, coll, operand_bytes, out_bytes, self.chip, self.layout)
