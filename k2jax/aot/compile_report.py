@@ -202,6 +202,10 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "gradient_dtype": config.train.gradient_dtype,
         "hlo_out": _write_hlo(compiled, hlo_out),
     }
+    if compiled is not None:  # the step-time model (k2jax/aot/step_time.py) walks its HLO
+        from k2jax.aot.step_time import predict_compiled
+
+        report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         micro_rows = rows // config.data.accumulation_steps
@@ -244,4 +248,10 @@ def format_report(report: dict) -> str:
         lines.append(f"estimated step {report['estimated_step_seconds']:.3f} s "
                      f"({report['step_time_source']}), estimated MFU "
                      f"{report['estimated_mfu']:.1%} (no communication time: an upper bound)")
+    if report.get("predicted_step_seconds") is not None:
+        lines.append(f"predicted step {report['predicted_step_seconds']:.3f} s = compute "
+                     f"{report['compute_seconds']:.3f} + HBM-bound {report['memory_seconds']:.3f}"
+                     f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
+                     f"{report['collective_seconds']:.3f}), predicted MFU "
+                     f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
     return "\n".join(lines)

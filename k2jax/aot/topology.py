@@ -11,9 +11,9 @@ import dataclasses
 import math
 import re
 
+from k2jax.aot.chips import CHIPS
 from k2jax.errors import UserError
 
-GIB = 1024 ** 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +25,14 @@ class Generation:
     peak_flops: float  # bf16 dense, per chip
 
 
-GENERATIONS = {
-    "v4": Generation("v4", 2, 3, 32 * GIB, 275e12),
-    "v5p": Generation("v5p", 2, 3, 95 * GIB, 459e12),
-    "v5e": Generation("v5e", 1, 2, 16 * GIB, 197e12),
-    "v6e": Generation("v6e", 1, 2, 32 * GIB, 918e12),
-}
+def _generation(name: str, cores_per_chip_in_name: int) -> Generation:
+    chip = CHIPS[name]  # the one table of chip figures (with their sources)
+    return Generation(name, cores_per_chip_in_name, chip.torus_dims, chip.hbm_bytes,
+                      chip.peak_flops)
+
+
+GENERATIONS = {"v4": _generation("v4", 2), "v5p": _generation("v5p", 2),
+               "v5e": _generation("v5e", 1), "v6e": _generation("v6e", 1)}
 
 
 @dataclasses.dataclass(frozen=True)

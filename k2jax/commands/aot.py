@@ -21,10 +21,13 @@ def add_parser(subparsers) -> None:
         description="Compile the complete train step (forward, backward, accumulation, AdamW) "
                     "for a TPU topology with libtpu, without a TPU, and report per chip the "
                     "bytes of parameters, optimizer state and temporaries against HBM (v4 32 "
-                    "GiB, v5e 16, v5p 95, v6e 32), compiler FLOPs per step, an estimated step "
-                    "time and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
+                    "GiB, v5e 16, v5p 95, v6e 32), compiler FLOPs per step, and the step-time "
+                    "model's predicted step (compute, HBM-bound and exposed collective "
+                    "seconds, from the compiled HLO; docs/performance.md) and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
                     "configs/k2-65b.yaml --topology v5p-512",
-        epilog="example:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json",
+        epilog="example:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json\n"
+               "  k2jax aot --config configs/k2-65b.yaml --topology v5e-256 --search "
+               "--time-budget 3600",
         formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, metavar="FILE|PRESET",
                         help="YAML config (see configs/) or preset name")
@@ -37,6 +40,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--hlo-out", metavar="FILE",
                         help="write the compiled step's optimized HLO text here (atomically), "
                              "e.g. to check the dtype of every collective")
+    parser.add_argument("--search", action="store_true",
+                        help="compile the sensible plans (tensor x fsdp split, micro-batch "
+                             "count, remat policy, attention kernel) nearest the config first, "
+                             "within --time-budget, and print them ranked by predicted step "
+                             "time with their memory")
+    parser.add_argument("--time-budget", type=float, default=1800.0, metavar="SECONDS",
+                        help="--search: start no new compile after this many seconds")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. mesh.tensor=4 model.remat=save_qkv_out")
     parser.set_defaults(func=run)
@@ -63,11 +73,36 @@ def run(args: argparse.Namespace) -> int:
     from k2jax.aot.compile_report import compile_report, format_report
     from k2jax.commands.progress_line import elapsed_ticker
 
+    if getattr(args, "search", False):
+        return _search(args, tpu_slice)
     with elapsed_ticker(f"aot: lowering and compiling the train step for {args.topology} "
                         f"x {args.slices} slice(s) with libtpu (minutes for a large model)"):
         report = compile_report(config, tpu_slice, args.slices, measure_flops=not args.no_flops,
                                 hlo_out=args.hlo_out)
     print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _search(args: argparse.Namespace, tpu_slice) -> int:
+    import sys
+
+    from k2jax.aot.compile_report import compile_report
+    from k2jax.aot.plan_search import format_ranking, search
+    from k2jax.commands.progress_line import elapsed_ticker
+    from k2jax.errors import UserError
+
+    if args.time_budget <= 0:
+        raise UserError(f"--time-budget: must be > 0 seconds, got {args.time_budget}")
+    if args.hlo_out is not None:
+        raise UserError("--hlo-out: not with --search (one HLO per plan); rerun the chosen plan")
+
+    def compile_one(variant):
+        with elapsed_ticker("aot: compiling this plan"):
+            return compile_report(variant, tpu_slice, args.slices, measure_flops=False)
+
+    reports = search(args.config, list(args.overrides), tpu_slice, args.slices, args.time_budget,
+                     compile_one, log=lambda line: print(f"aot --search: {line}", file=sys.stderr))
+    print(json.dumps({"plans": reports}) if args.json else format_ranking(reports))
     return 0
 
 

@@ -1,0 +1,66 @@
+"""Per-chip figures of the TPU generations k2jax plans for: the one table the step-time model
+(k2jax/aot/step_time.py) reads.
+
+Sources (public; docs/performance.md "Step-time model" repeats them):
+- Google Cloud TPU docs, one page per generation (peak bf16 FLOP/s, HBM capacity and bandwidth,
+  ICI and DCN figures): https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e
+- The JAX scaling book, "How to think about TPUs" (jax-ml/scaling-book, tpus.md): HBM bandwidth,
+  one-way ICI bandwidth per link, links per chip (6 on the 3-D tori v4/v5p, 4 on the 2-D v5e/v6e),
+  wrap-around rules, DCN egress per chip:
+  https://jax-ml.github.io/scaling-book/tpus/
+Figures are per chip (v4 and v5p chips have two TensorCores run as one "megacore" device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bytes: int  # per chip
+    hbm_bandwidth: float  # bytes/s per chip
+    ici_link_bandwidth: float  # bytes/s, one direction of one link
+    ici_links: int  # per chip: 2 per torus axis (6 on a 3-D torus, 4 on a 2-D one)
+    torus_dims: int  # 3 (v4, v5p) or 2 (v5e, v6e)
+    wrap_min_axis: int  # an axis this long (or a multiple of it) has wrap-around links
+    wrap_needs_full_axis: bool  # True: only the full pod axis (16 on v5e/v6e) wraps
+    dcn_bandwidth: float  # bytes/s of data-centre network egress per chip (multi-slice)
+
+
+CHIPS = {
+    # v4: 275 TFLOP/s, 32 GiB at 1.2 TB/s; ICI 4.5e10 B/s one way per link, 6 links; slices of
+    # whole 4x4x4 cubes are tori (optical switches close the rings); DCN 25 GB/s per 4-chip host.
+    "v4": Chip("v4", 275e12, 32 * GIB, 1.2e12, 4.5e10, 6, 3, 4, False, 6.25e9),
+    # v5p: 459 TFLOP/s, 95 GiB at 2.76 TB/s; ICI 9e10 B/s one way per link, 6 links (4,800 Gbps
+    # per chip, Google); wrap-around on cube-multiple axes as v4; DCN 50 Gbps per chip.
+    "v5p": Chip("v5p", 459e12, 95 * GIB, 2.765e12, 9e10, 6, 3, 4, False, 6.25e9),
+    # v5e: 197 TFLOP/s, 16 GiB at 819 GB/s; ICI 4.5e10 B/s one way per link (1,600 Gbps per
+    # chip), 4 links, 2-D; only the full 16-chip axis of a 16x16 pod wraps; DCN 25 Gbps per chip.
+    "v5e": Chip("v5e", 197e12, 16 * GIB, 8.19e11, 4.5e10, 4, 2, 16, True, 3.125e9),
+    # v6e (Trillium): 918 TFLOP/s, 32 GiB at 1.64 TB/s; ICI 9e10 B/s one way per link (3,584 Gbps
+    # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
+    "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10),
+}
+
+
+def chip_for(generation: str) -> Chip:
+    """The Chip of a generation name ("v5p"); KeyError names the known ones."""
+    try:
+        return CHIPS[generation]
+    except KeyError:
+        raise KeyError(f"no chip figures for {generation!r} (known: {', '.join(CHIPS)})") from None
+
+
+def axis_wraps(chip: Chip, axis_length: int, group_span: int) -> bool:
+    """Whether a ring of `group_span` chips along a physical axis of `axis_length` chips can use
+    the torus wrap-around link (so both directions of every link carry data)."""
+    if group_span != axis_length or axis_length < 3:
+        return False  # a sub-ring (or a 2-ring) closes over the far side only through others
+    if chip.wrap_needs_full_axis:
+        return axis_length == chip.wrap_min_axis
+    return axis_length % chip.wrap_min_axis == 0

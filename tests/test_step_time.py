@@ -1,0 +1,276 @@
+"""The step-time model (k2jax/aot/step_time.py, collectives.py, hlo_text.py) on handwritten HLO:
+FLOPs and bytes per op, loop trip counts, replica-group spellings, ring costs, overlap."""
+
+from __future__ import annotations
+
+import pytest
+
+from k2jax.aot.chips import CHIPS, axis_wraps
+from k2jax.aot.collectives import DeviceLayout, collective_seconds
+from k2jax.aot.hlo_text import parse_module, replica_groups
+from k2jax.aot.step_time import StepTimeModel, attention_kernel_flops, predict
+
+V5P = CHIPS["v5p"]
+# 4 chips on a line along x (no wrap-around: a 4-chip v5p axis in a 4x1x1 slice would wrap, so
+# use 2x2x1, whose axes of 2 never do).
+LAYOUT = DeviceLayout.grid((2, 2, 1))
+
+MATMUL = """
+HloModule m, is_scheduled=true
+
+%fused_dot (param_0: bf16[128,256], param_1: bf16[256,512]) -> bf16[128,512] {
+  %param_0 = bf16[128,256]{1,0} parameter(0)
+  %param_1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (p: (s32[], bf16[128,256], bf16[256,512])) -> (s32[], bf16[128,256], bf16[256,512]) {
+  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[128,256]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[256,512]{1,0} get-tuple-element(%p), index=2
+  %f = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)
+}
+
+%cond (p: (s32[], bf16[128,256], bf16[256,512])) -> pred[] {
+  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[128,256], b: bf16[256,512]) -> bf16[256,512] {
+  %a = bf16[128,256]{1,0} parameter(0)
+  %b = bf16[256,512]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %a, %b)
+  %loop = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[256,512]{1,0} get-tuple-element(%loop), index=2
+}
+"""
+
+
+def test_dot_flops_times_trip_count():
+    step = StepTimeModel(parse_module(MATMUL), V5P, LAYOUT).step()
+    flops = 2 * 128 * 512 * 256
+    assert step.flops == 7 * flops
+    # bytes: both operands read, the result written, per trip (the add is 12 bytes of s32).
+    fused_bytes = 2 * (128 * 256 + 256 * 512 + 128 * 512)
+    assert step.hbm_bytes == pytest.approx(7 * (fused_bytes + 12))
+    # This small matmul is HBM-bound on v5p: 33.5 MFLOP / 459 T < 0.36 MB / 2.765 TB/s.
+    assert step.compute_seconds == 0
+    assert step.memory_seconds == pytest.approx(7 * (fused_bytes + 12) / V5P.hbm_bandwidth)
+    assert step.seconds == pytest.approx(step.memory_seconds)
+
+
+def test_trip_count_follows_the_counter_step_and_start():
+    # XLA's windowed-einsum loops count i = 0, 2, 4, 6 < 8: 4 trips, not 8.
+    text = MATMUL.replace("constant(7)", "constant(8)").replace(
+        "%one = s32[] constant(1)", "%one = s32[] constant(2)")
+    assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 4 * 2 * 128 * 512 * 256
+    started = text.replace("%zero = s32[] constant(0)", "%zero = s32[] constant(2)")
+    assert StepTimeModel(parse_module(started), V5P, LAYOUT).step().flops == 3 * 2 * 128 * 512 * 256
+
+
+def test_known_trip_count_wins_over_the_condition():
+    text = MATMUL.replace("condition=%cond, body=%body",
+                          'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"80"}}')
+    assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 80 * 2 * 128 * 512 * 256
+
+
+SLICED = """
+HloModule m, is_scheduled=true
+
+%fused_slice (param_0: f32[80,1024,1024], param_1: s32[]) -> f32[1,1024,1024] {
+  %param_0 = f32[80,1024,1024]{2,1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,1024,1024]{2,1,0} dynamic-slice(%param_0, %param_1, %z, %z), dynamic_slice_sizes={1,1024,1024}
+}
+
+%fused_dus (param_0: f32[80,1024,1024], param_1: f32[1,1024,1024], param_2: s32[]) -> f32[80,1024,1024] {
+  %param_0 = f32[80,1024,1024]{2,1,0} parameter(0)
+  %param_1 = f32[1,1024,1024]{2,1,0} parameter(1)
+  %param_2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[80,1024,1024]{2,1,0} dynamic-update-slice(%param_0, %param_1, %param_2, %z, %z)
+}
+
+ENTRY %main (w: f32[80,1024,1024], i: s32[]) -> f32[80,1024,1024] {
+  %w = f32[80,1024,1024]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %s = f32[1,1024,1024]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
+  ROOT %u = f32[80,1024,1024]{2,1,0} fusion(%w, %s, %i), kind=kLoop, calls=%fused_dus
+}
+"""
+
+
+def test_sliced_and_in_place_buffers_count_only_the_slice():
+    step = StepTimeModel(parse_module(SLICED), V5P, LAYOUT).step()
+    layer = 1024 * 1024 * 4
+    # slice: reads one layer (+ the s32 index), writes one; update: reads the update (+ index),
+    # writes it in place. The 80-layer buffer itself is never streamed.
+    assert step.hbm_bytes == pytest.approx(2 * layer + 4 + 2 * layer + 4)
+
+
+ASYNC = """
+HloModule m, is_scheduled=true
+
+%fused_dot (param_0: bf16[4096,4096], param_1: bf16[4096,4096]) -> bf16[4096,4096] {
+  %param_0 = bf16[4096,4096]{1,0} parameter(0)
+  %param_1 = bf16[4096,4096]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[4096,4096]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[4096,4096], w: bf16[1024,4096]) -> bf16[4096,4096] {
+  %x = bf16[4096,4096]{1,0} parameter(0)
+  %w = bf16[1024,4096]{1,0} parameter(1)
+  %ags = (bf16[1024,4096]{1,0}, bf16[4096,4096]{1,0}) all-gather-start(%w), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}, use_global_device_ids=true
+  %f = bf16[4096,4096]{1,0} fusion(%x, %x), kind=kOutput, calls=%fused_dot
+  %agd = bf16[4096,4096]{1,0} all-gather-done(%ags)
+  ROOT %g = bf16[4096,4096]{1,0} fusion(%f, %agd), kind=kOutput, calls=%fused_dot
+}
+"""
+
+
+def test_async_collective_overlaps_the_compute_between_start_and_done():
+    step = StepTimeModel(parse_module(ASYNC), V5P, LAYOUT).step()
+    matmul = 2 * 4096 ** 3 / V5P.peak_flops
+    # all-gather of 32 MiB over 4 chips of a 2x2 (two axes, no wrap-around): 3/4 of the output
+    # over 2 one-way links.
+    gather = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_bandwidth)
+    assert step.collective_seconds == pytest.approx(gather)
+    assert step.compute_seconds == pytest.approx(2 * matmul)
+    assert step.exposed_collective_seconds == pytest.approx(max(0.0, gather - matmul))
+    assert step.seconds == pytest.approx(2 * matmul + max(0.0, gather - matmul))
+    # The same collective run synchronously is exposed whole.
+    sync = ASYNC.replace("all-gather-start", "all-gather").replace(
+        "(bf16[1024,4096]{1,0}, bf16[4096,4096]{1,0}) all-gather", "bf16[4096,4096]{1,0} all-gather")
+    sync = sync.replace("  %agd = bf16[4096,4096]{1,0} all-gather-done(%ags)\n", "").replace(
+        "%agd)", "%ags)")
+    step = StepTimeModel(parse_module(sync), V5P, LAYOUT).step()
+    assert step.exposed_collective_seconds == pytest.approx(gather)
+
+
+def test_predict_reports_mfu_from_the_predicted_step():
+    out = predict(ASYNC, V5P, LAYOUT, model_flops_per_step=4 * 2 * 4096 ** 3, chips=4)
+    assert out["predicted_mfu"] == pytest.approx(
+        4 * 2 * 4096 ** 3 / (out["predicted_step_seconds"] * 4 * V5P.peak_flops))
+    assert out["predicted_step_seconds"] == pytest.approx(
+        out["compute_seconds"] + out["memory_seconds"] + out["exposed_collective_seconds"])
+
+
+def _collective(groups: str, kind: str = "all-reduce", shape: str = "f32[1024,1024]"):
+    text = f"""
+HloModule m
+ENTRY %main (x: {shape}) -> {shape} {{
+  %x = {shape}{{1,0}} parameter(0)
+  ROOT %c = {shape}{{1,0}} {kind}(%x), channel_id=1, replica_groups={groups}, use_global_device_ids=true
+}}
+"""
+    module = parse_module(text)
+    return module[module.entry].root
+
+
+def test_replica_group_spellings_agree():
+    explicit = _collective("{{0,2},{1,3}}")
+    iota = _collective("[2,2]<=[2,2]T(1,0)")
+    mesh = _collective("mesh['a'=2,'b'=2] {'a'}")
+    reordered = _collective("mesh['a'=2,'b'=2], device_ids=([2,2]T(1,0)) {'b'}")
+    assert replica_groups(explicit, 4) == [[0, 2], [1, 3]]
+    assert replica_groups(iota, 4) == [[0, 2], [1, 3]]
+    assert replica_groups(mesh, 4) == [[0, 2], [1, 3]]
+    assert replica_groups(reordered, 4) == [[0, 2], [1, 3]]
+    assert replica_groups(_collective("{}"), 4) == [[0, 1, 2, 3]]
+
+
+def test_ring_costs_wraparound_and_dcn():
+    size = 1024 * 1024 * 4
+    v5e = CHIPS["v5e"]
+    # A full 16-chip v5e axis wraps (both directions); an 8-chip sub-ring of it does not.
+    full = DeviceLayout.grid((16, 16))
+    ring16 = _collective("[16,16]<=[16,16]T(1,0)")  # ids 0, 16, 32, ...: the whole y axis
+    assert replica_groups(ring16, 256)[0] == [16 * i for i in range(16)]
+    seconds = collective_seconds("all-reduce", ring16, size, size, v5e, full)
+    assert seconds == pytest.approx(2 * size * 15 / 16 / (2 * v5e.ici_link_bandwidth))
+    half = DeviceLayout.grid((8, 16))
+    ring8 = _collective("[16,8]<=[8,16]T(1,0)")
+    assert collective_seconds("all-reduce", ring8, size, size, v5e, half) == pytest.approx(
+        2 * size * 7 / 8 / v5e.ici_link_bandwidth)
+    assert axis_wraps(V5P, 8, 8) and not axis_wraps(V5P, 2, 2) and not axis_wraps(v5e, 8, 8)
+    # reduce-scatter counts its input, all-gather its output.
+    gather = collective_seconds("all-gather", ring8, size / 8, size, v5e, half)
+    scatter = collective_seconds("reduce-scatter", ring8, size, size / 8, v5e, half)
+    assert gather == pytest.approx(scatter) == pytest.approx(size * 7 / 8 / v5e.ici_link_bandwidth)
+    # Two slices of 4 chips: a group of one chip per slice crosses DCN only.
+    two = DeviceLayout.grid((2, 2), num_slices=2)
+    across = _collective("{{0,4},{1,5},{2,6},{3,7}}")
+    assert collective_seconds("all-reduce", across, size, size, v5e, two) == pytest.approx(
+        2 * size / 2 / v5e.dcn_bandwidth)
+
+
+def test_attention_kernel_flops_follow_the_causal_blocks():
+    text = """
+HloModule m
+ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128], v: bf16[8,2048,128]) -> bf16[8,2048,128] {
+  %q = bf16[8,2048,128]{2,1,0} parameter(0)
+  %k = bf16[8,2048,128]{2,1,0} parameter(1)
+  %v = bf16[8,2048,128]{2,1,0} parameter(2)
+  ROOT %splash_mha_fwd = bf16[8,2048,128]{2,1,0} custom-call(%q, %k, %v), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={"xprof_metadata":"{\\"block_q\\": 512, \\"block_kv\\": 512}"}}
+}
+"""
+    module = parse_module(text)
+    entry = module[module.entry]
+    # 4 x 4 blocks of 512, causal: 10 of 16 visited.
+    assert attention_kernel_flops(entry.root, entry) == pytest.approx(
+        4 * 8 * 2048 * 2048 * 128 * 10 / 16)
+
+
+def test_windowed_einsum_convolution_counts_only_window_positions_on_the_input():
+    # XLA's windowed einsums: a size-16 window over a padded input of size 1, so each output
+    # sees 1 of 16 positions (times the size-2 window over 2), not the whole kernel.
+    text = """
+HloModule m
+ENTRY %main (a: bf16[28,2048,2,512,1], b: bf16[16,128,2,512,1]) -> bf16[28,2048,16,128,1] {
+  %a = bf16[28,2048,2,512,1]{4,3,2,1,0} parameter(0)
+  %b = bf16[16,128,2,512,1]{4,3,2,1,0} parameter(1)
+  ROOT %c = bf16[28,2048,16,128,1]{4,3,2,1,0} convolution(%a, %b), window={size=1x16x2 pad=0_0x15_15x0_0 rhs_reversal=0x1x0}, dim_labels=0b2f1_1o2i0->0b1f2
+}
+"""
+    module = parse_module(text)
+    entry = module[module.entry]
+    from k2jax.aot.step_time import dot_flops
+
+    assert dot_flops(entry.root, entry) == 2 * 28 * 2048 * 16 * 128 * (512 * 2)
+
+
+def test_layout_from_devices_reads_coordinates_and_slices():
+    class Device:
+        def __init__(self, coords, slice_index):
+            self.coords, self.slice_index = coords, slice_index
+
+    devices = [Device([x, y, 0], s) for s in range(2) for y in range(2) for x in range(4)]
+    layout = DeviceLayout.from_devices(devices)
+    assert layout.dims == (4, 2, 1)
+    assert layout.slices == (0,) * 8 + (1,) * 8
+    assert layout == DeviceLayout.grid((4, 2, 1), num_slices=2)
+
+
+def test_async_all_reduce_of_a_tuple_counts_every_output():
+    text = """
+HloModule m, is_scheduled=true
+ENTRY %main (a: f32[1024,1024], b: f32[1024,1024]) -> (f32[1024,1024], f32[1024,1024]) {
+  %a = f32[1024,1024]{1,0} parameter(0)
+  %b = f32[1024,1024]{1,0} parameter(1)
+  %ars = (f32[1024,1024]{1,0}, f32[1024,1024]{1,0}) all-reduce-start(%a, %b), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  ROOT %ard = (f32[1024,1024]{1,0}, f32[1024,1024]{1,0}) all-reduce-done(%ars)
+}
+"""
+    step = StepTimeModel(parse_module(text), V5P, LAYOUT).step()
+    both = 2 * 1024 * 1024 * 4
+    assert step.collective_seconds == pytest.approx(
+        2 * both * 3 / 4 / (2 * V5P.ici_link_bandwidth))
+    assert step.exposed_collective_seconds == pytest.approx(step.collective_seconds)
