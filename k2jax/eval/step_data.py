@@ -1,4 +1,4 @@
-"""The data arguments shared by eval-loss and compare-hf, and the StepBatches they select.
+"""The data arguments shared by eval-loss and compare-hf, and the StepLoader they select.
 
 Same meaning as `k2jax data batch`: step t = global rows [start_row + t * B, start_row +
 (t + 1) * B) of the chunk files in data.order. The settings come from `--config` (unset: K2's
@@ -25,7 +25,7 @@ def data_dir(args: argparse.Namespace):
 
 def step_batches(args: argparse.Namespace, model_config: ModelConfig,
                  aliases=STEP_DATA_ALIASES):
-    """StepBatches over the chunk files named by the args (validated, one clear error line)."""
-    from k2jax.data.pipeline import make_step_batches
+    """StepLoader over the chunk files named by the args (validated, one clear error line)."""
+    from k2jax.data.loader import StepLoader
 
-    return make_step_batches(k2_data_config(args, aliases, model=model_config))
+    return StepLoader.from_config(k2_data_config(args, aliases, model=model_config))
