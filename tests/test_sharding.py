@@ -170,7 +170,7 @@ def test_padding_is_exact_in_the_loss():
     s2, c2 = masked_next_token_loss(jnp.asarray(plogits), jnp.asarray(padded["tokens"]),
                                     jnp.asarray(padded["loss_mask"]))
     assert float(c1) == float(c2) == 6 * 9
-    assert float(s1) == float(s2)
+    assert float(s1) == pytest.approx(float(s2), rel=1e-6)  # 8 rows vs 6: another summation
 
 
 def test_k2_batch_padding_on_pods():
@@ -254,8 +254,8 @@ def test_eval_loss_binds_activation_constraints():
     import jax.numpy as jnp
 
     from k2jax.eval.batch_loss import make_batch_loss_fn
-    from k2jax.sharding.padding import PaddingPlan
     from k2jax.eval.weights import abstract_params
+    from k2jax.sharding.padding import PaddingPlan
 
     config = small_config("unused-run-dir")
     mesh = build_mesh(config.mesh)
