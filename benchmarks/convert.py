@@ -154,7 +154,7 @@ def main() -> None:
             rows += measure(run, hf, orbax, back, work, args.cold)
         checked = compare_bits(hf, back)
         print(f"round trip bit-exact: {checked} tensors\n")
-        print_table(rows, total, largest)
+        print_table(rows, total, largest, config)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -182,7 +182,7 @@ def measure(run: int, hf: Path, orbax: Path, back: Path, work: Path, cold: bool)
     return rows
 
 
-def print_table(rows: list, total: int, largest: int) -> None:
+def print_table(rows: list, total: int, largest: int, config: ModelConfig) -> None:
     budget = 2 * largest + 1 * 2**30
     print("| run | direction | GB | plain read GB/s | plain copy GB/s | convert GB/s | "
           "vs read | vs copy | peak RSS GB | RSS / largest | within 2x largest + 1 GiB "

@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from k2jax.config import K2_PRESET, DataConfig, load_config  # noqa: E402
 from k2jax.data.chunk_index import build_index  # noqa: E402
 from k2jax.data.chunked_source import open_chunk_source  # noqa: E402
-from k2jax.data.grain_loader import iterate_host_batches  # noqa: E402
 from k2jax.data.packed import pack_chunks  # noqa: E402
-from k2jax.data.pipeline import StepBatches  # noqa: E402
+from k2jax.data.loader import StepLoader  # noqa: E402
 
 K2_VOCAB = load_config(K2_PRESET).model.vocab_size
 
@@ -57,16 +56,17 @@ def plain_read_seconds(paths: list[Path], block_bytes: int) -> float:
     return time.perf_counter() - start
 
 
-def loader_tokens_per_second(step_batches: StepBatches, steps: int, grain_threads: int = 0
+def loader_tokens_per_second(loader: StepLoader, steps: int, grain_threads: int = 0
                              ) -> float:
-    tokens = steps * step_batches.host_batch_size * step_batches.data.seq_len
+    tokens = steps * loader.host_batch_size * loader.data.seq_len
     start = time.perf_counter()
     if grain_threads:
-        for _ in iterate_host_batches(step_batches, 0, steps, 0, grain_threads):
+        for _ in loader.prefetched_host_batches(0, steps, worker_count=0,
+                                                prefetch=grain_threads):
             pass
     else:
         for step in range(steps):
-            step_batches.host_batch(step)
+            loader.host_batch(step)
     return tokens / (time.perf_counter() - start)
 
 
@@ -119,12 +119,12 @@ def main() -> None:
                             micro_batch_size=args.host_batch)
         for form, path in (("jsonl", data), ("packed", packed)):
             source = open_chunk_source(path, "sequential", args.seq_len, K2_VOCAB, form)
-            step_batches = StepBatches(source, config)
+            loader = StepLoader(source, config)
             steps = min(source.num_rows // args.host_batch, 200 if form == "packed" else 40)
-            tps = loader_tokens_per_second(step_batches, steps)
+            tps = loader_tokens_per_second(loader, steps)
             rows.append((f"loader {form}, host batch {args.host_batch}, 1 core",
                          f"{tps / 1e6:,.2f} M tokens/s", f"{steps} steps"))
-            tps = loader_tokens_per_second(step_batches, steps, grain_threads=2)
+            tps = loader_tokens_per_second(loader, steps, grain_threads=2)
             rows.append((f"loader {form} via Grain (2 threads)", f"{tps / 1e6:,.2f} M tokens/s",
                          f"{steps} steps"))
     finally:

@@ -19,11 +19,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from k2jax.config import load_config  # noqa: E402
-from k2jax.sharding.mesh import build_mesh  # noqa: E402
 from k2jax.train.flops import flops_per_token, measure_matmul_peak  # noqa: E402
-from k2jax.train.optimizer import make_optimizer  # noqa: E402
-from k2jax.train.state import create_train_state, state_shardings  # noqa: E402
-from k2jax.train.step import make_train_step  # noqa: E402
+from k2jax.train.setup import build_training_setup  # noqa: E402
 
 SHAPES = {
     # name: (overrides, batch, seq)
@@ -44,15 +41,14 @@ def k2jax_config(name, *extra):
 
 def k2jax_stepper(config):
     """One k2jax train step (compiled and warmed up), run to completion per call."""
-    mesh = build_mesh(config.mesh)
-    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
-    _, shardings = state_shardings(config, optimizer, mesh)
-    state = create_train_state(config, optimizer, mesh, shardings)
-    step = make_train_step(config, optimizer, mesh, shardings)
+    setup = build_training_setup(config)
+    state = setup.init_state()
+    step = setup.lower().compile()
     rng = np.random.default_rng(0)
-    shape = (config.data.global_batch_size, config.data.seq_len)
-    batch = {"tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32),
-             "loss_mask": np.ones(shape, np.float32)}
+    shape = (setup.padding.padded_rows, config.data.seq_len)  # one device: no padding rows
+    batch = jax.device_put(
+        {"tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32),
+         "loss_mask": np.ones(shape, np.float32)}, setup.batch_sharding)
     ceiling = np.float32(np.inf)
 
     def one_step():
@@ -60,7 +56,7 @@ def k2jax_stepper(config):
         state, metrics = step(state, batch, ceiling)
         jax.block_until_ready(metrics)
 
-    for _ in range(2):  # compile + warm-up
+    for _ in range(2):  # warm-up
         one_step()
     return one_step
 

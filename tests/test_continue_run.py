@@ -11,31 +11,21 @@ from k2jax.cli import main
 from k2jax.config import DataConfig, load_config
 from k2jax.data.chunked_source import ChunkedRowSource
 from k2jax.data.order import RowMap
-from k2jax.data.pipeline import StepBatches
+from k2jax.data.loader import StepLoader
 from k2jax.data.rollback import rollback_window
 from k2jax.data.synthetic import SyntheticSource
 from k2jax.errors import ConfigError
 from k2jax.train.schedule import k2_learning_rate
 from k2jax.train.trainer import Trainer
 from train_utils import (TINY, assert_trees_equal, losses_by_step, read_metrics,
-                         restore_params_numpy, small_config)
+                         record_batches_read, restore_params_numpy, small_config)
 
 pytestmark = pytest.mark.slow  # several tiny training runs
 
 
 @pytest.fixture
 def batches_read(monkeypatch):
-    """step -> the real rows' tokens int32 [B, S] of each read of that step, in read order."""
-    seen: dict[int, list[np.ndarray]] = {}
-    original = StepBatches.host_batch
-
-    def recording(self, step):
-        batch = original(self, step)
-        seen.setdefault(step, []).append(batch["tokens"][:self.data.global_batch_size].copy())
-        return batch
-
-    monkeypatch.setattr(StepBatches, "host_batch", recording)
-    return seen
+    return record_batches_read(monkeypatch)
 
 
 def synthetic_rows(config, start, count):
@@ -121,18 +111,18 @@ def test_rollback_window_is_the_rest_of_the_chunk_in_the_current_order():
     # Three files of 10, 12 and 11 rows at global rows [0, 10), [10, 22), [22, 33).
     source = ChunkedRowSource(RowMap([5, 7, 9], [10, 12, 11]), reader=None, seq_len=8)
     data = DataConfig(source="k2", path="x", global_batch_size=4, micro_batch_size=4)
-    batches = StepBatches(source, data)
+    batches = StepLoader(source, data)
     assert rollback_window(batches, 3, "step") == [12, 4]
     assert rollback_window(batches, 3, "chunk") == [12, 10]  # rows 12..21 of file 7
     # An earlier move cut rows 14..16 out of file 7: the rest of it in the current order is
     # original rows 12, 13, 17..21 (7 rows), which stand at logical rows 12..18.
-    cut = StepBatches(source, DataConfig(source="k2", path="x", global_batch_size=4,
-                                         micro_batch_size=4, moved_row_ranges=[[14, 3]]))
+    cut = StepLoader(source, DataConfig(source="k2", path="x", global_batch_size=4,
+                                        micro_batch_size=4, moved_row_ranges=[[14, 3]]))
     assert rollback_window(cut, 3, "chunk") == [12, 7]
     # Synthetic rows: a chunk is data.synthetic_chunk_rows consecutive rows.
-    synthetic = StepBatches(SyntheticSource(128, 8, 0),
-                            DataConfig(global_batch_size=8, micro_batch_size=8,
-                                       synthetic_chunk_rows=90))
+    synthetic = StepLoader(SyntheticSource(128, 8, 0),
+                           DataConfig(global_batch_size=8, micro_batch_size=8,
+                                      synthetic_chunk_rows=90))
     assert rollback_window(synthetic, 25, "chunk") == [200, 70]  # chunk [180, 270)
 
 

@@ -12,11 +12,11 @@ from data_fixtures import (SEQ_LEN, VOCAB, k2_stage1_line_counts, reference_rows
 from k2jax.config import config_from_dict
 from k2jax.data.chunk_index import build_index
 from k2jax.data.chunked_source import open_chunk_source
-from k2jax.data.grain_loader import iterate_host_batches
 from k2jax.data.order import k2_stage1_chunk_order
 from k2jax.data.packed import pack_chunks
-from k2jax.data.pipeline import StepBatches, make_step_batches
+from k2jax.data.loader import StepLoader
 from k2jax.errors import UserError
+from k2jax.sharding.padding import PaddingPlan
 
 MASKED_CHUNKS = {160: (0, 2), 17: (1,)}  # tgt_mask rows, including a spike-moved chunk
 
@@ -35,6 +35,14 @@ def k2_dir(tmp_path_factory):
     return directory, packed_dir
 
 
+def make_loader(config, process_index=0, process_count=1, padded_rows=None):
+    """StepLoader of `config` for one of `process_count` hosts, the batch padded to
+    `padded_rows` rows (None: no padding)."""
+    rows = config.data.global_batch_size
+    return StepLoader.from_config(config, padding=PaddingPlan(rows, padded_rows or rows, 1),
+                                  process_index=process_index, process_count=process_count)
+
+
 def k2_config(path, batch=6, form="auto", **data):
     return config_from_dict({"model": {"vocab_size": VOCAB, "max_position_embeddings": 64},
                              "data": {"source": "k2", "path": str(path), "order": "k2-stage1",
@@ -51,7 +59,7 @@ def test_every_step_of_k2_stage1_matches_the_plain_reference(k2_dir, use_tgt_mas
         assert (ref_mask[:, :-1] == 1).all() and (ref_mask[:, -1] == 0).all()
     batch = 6
     for path, form in [(directory, "jsonl"), (packed_dir, "packed"), (packed_dir, "auto")]:
-        step_batches = make_step_batches(k2_config(path, batch, form,
+        step_batches = make_loader(k2_config(path, batch, form,
                                                    use_tgt_mask=use_tgt_mask))
         assert step_batches.source.form == ("packed" if path == packed_dir else "jsonl")
         assert step_batches.source.num_rows == len(ref_tokens)
@@ -68,8 +76,8 @@ def test_every_step_of_k2_stage1_matches_the_plain_reference(k2_dir, use_tgt_mas
 
 def test_jsonl_and_packed_give_identical_batches_with_tgt_mask(k2_dir):
     directory, packed_dir = k2_dir
-    jsonl = make_step_batches(k2_config(directory, 10, "jsonl", use_tgt_mask=True))
-    packed = make_step_batches(k2_config(packed_dir, 10, "packed", use_tgt_mask=True))
+    jsonl = make_loader(k2_config(directory, 10, "jsonl", use_tgt_mask=True))
+    packed = make_loader(k2_config(packed_dir, 10, "packed", use_tgt_mask=True))
     for step in range(jsonl.source.num_rows // 10):
         a, b = jsonl.global_batch(step), packed.global_batch(step)
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
@@ -99,8 +107,8 @@ def test_hosts_get_disjoint_slices_that_make_the_global_batch(k2_dir, hosts):
     directory, _ = k2_dir
     config = k2_config(directory, batch=12)
     for step in (0, 57, 100):
-        whole = make_step_batches(config).global_batch(step)["tokens"]
-        parts = [make_step_batches(config, p, hosts).host_batch(step)["tokens"]
+        whole = make_loader(config).global_batch(step)["tokens"]
+        parts = [make_loader(config, p, hosts).host_batch(step)["tokens"]
                  for p in range(hosts)]
         assert all(len(part) == 12 // hosts for part in parts)
         np.testing.assert_array_equal(np.concatenate(parts), whole)
@@ -108,29 +116,30 @@ def test_hosts_get_disjoint_slices_that_make_the_global_batch(k2_dir, hosts):
 
 def test_grain_iterator_resumes_mid_run_with_identical_batches(k2_dir):
     directory, packed_dir = k2_dir
-    step_batches = make_step_batches(k2_config(directory, batch=8), 1, 2)
-    full = list(iterate_host_batches(step_batches, 0, 12, worker_count=0, prefetch=2))
-    assert [s for s, _ in full] == list(range(12))
-    resumed = list(iterate_host_batches(step_batches, 7, 5, worker_count=0, prefetch=0))
-    assert [s for s, _ in resumed] == list(range(7, 12))
-    for (_, a), (_, b) in zip(full[7:], resumed):
+    loader = make_loader(k2_config(directory, batch=8), 1, 2)
+    full = list(loader.prefetched_host_batches(0, 12, worker_count=0, prefetch=2))
+    assert len(full) == 12
+    for step in (0, 5, 11):
+        np.testing.assert_array_equal(full[step]["tokens"], loader.host_batch(step)["tokens"])
+    resumed = list(loader.prefetched_host_batches(7, 12, worker_count=0, prefetch=0))
+    for a, b in zip(full[7:], resumed, strict=True):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
     # Worker processes (spawned; state pickled) give the same sequence.
-    workers = list(iterate_host_batches(make_step_batches(k2_config(packed_dir, batch=8), 1, 2),
-                                        7, 5, worker_count=1, prefetch=2))
-    assert [s for s, _ in workers] == list(range(7, 12))
-    for (_, a), (_, b) in zip(resumed, workers):
+    workers = list(make_loader(k2_config(packed_dir, batch=8), 1, 2).prefetched_host_batches(
+        7, 12, worker_count=1, prefetch=2))
+    for a, b in zip(resumed, workers, strict=True):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
 
 
 def test_grain_dataset_end_is_the_last_whole_step(k2_dir):
     directory, _ = k2_dir
-    step_batches = make_step_batches(k2_config(directory, batch=100))
-    steps = step_batches.source.num_rows // 100
-    assert [s for s, _ in iterate_host_batches(step_batches, steps - 2)] == [steps - 2, steps - 1]
-    with pytest.raises(UserError, match="holds only"):
-        iterate_host_batches(step_batches, steps, 1)
+    loader = make_loader(k2_config(directory, batch=100))
+    steps = loader.source.num_rows // 100
+    assert loader.available_steps == steps
+    assert len(list(loader.prefetched_host_batches(steps - 2, steps))) == 2
+    with pytest.raises(UserError, match="holds only"):  # refused before anything is read
+        loader.iter_from_step(steps, steps + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,13 +198,13 @@ def test_stale_index_stops_the_loader(tmp_path):
     build_index(tmp_path, progress=False)
     write_chunk(tmp_path, 0, 2)
     with pytest.raises(UserError, match="index is stale"):
-        make_step_batches(k2_config(tmp_path, 2, order=[0]))
+        make_loader(k2_config(tmp_path, 2, order=[0]))
 
 
 def test_step_past_the_end_is_an_error(tmp_path):
     write_chunk(tmp_path, 0, 3)
     build_index(tmp_path, progress=False)
-    step_batches = StepBatches(open_chunk_source(tmp_path, [0], SEQ_LEN, VOCAB),
+    step_batches = StepLoader(open_chunk_source(tmp_path, [0], SEQ_LEN, VOCAB),
                                k2_config(tmp_path, 2, order=[0]).data)
     step_batches.global_batch(0)
     with pytest.raises(UserError, match=r"step 1 needs global rows \[2, 4\) but the order holds "
@@ -226,8 +235,8 @@ def test_hosts_that_do_not_divide_the_batch_get_padded_slices(k2_dir):
     batch; padding rows are token 0 with loss mask 0."""
     config = k2_config(k2_dir[0], batch=6)
     for step in (0, 7):
-        whole = make_step_batches(config).global_batch(step)
-        parts = [make_step_batches(config, p, 4, padded_batch_size=8).host_batch(step)
+        whole = make_loader(config).global_batch(step)
+        parts = [make_loader(config, p, 4, padded_rows=8).host_batch(step)
                  for p in range(4)]
         tokens = np.concatenate([part["tokens"] for part in parts])
         mask = np.concatenate([part["loss_mask"] for part in parts])
@@ -235,4 +244,4 @@ def test_hosts_that_do_not_divide_the_batch_get_padded_slices(k2_dir):
         np.testing.assert_array_equal(mask[:6], whole["loss_mask"])
         assert not tokens[6:].any() and not mask[6:].any()
     with pytest.raises(UserError, match="not divisible by the number of processes"):
-        make_step_batches(config, 0, 4)
+        make_loader(config, 0, 4)

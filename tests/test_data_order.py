@@ -9,7 +9,7 @@ from k2jax.config import DataConfig
 from k2jax.data.chunked_source import ChunkedRowSource
 from k2jax.data.order import (RowMap, k2_stage1_chunk_order, k2_stage2_chunk_order, move_to_end,
                               resolve_chunk_order)
-from k2jax.data.pipeline import StepBatches
+from k2jax.data.loader import StepLoader
 from k2jax.errors import UserError
 
 
@@ -77,7 +77,7 @@ def test_resume_at_step_one_million_of_a_k2_sized_order_is_fast_and_reads_one_ba
                       micro_batch_size=1024)
     step = 1_000_000
     start = time.perf_counter()
-    batch = StepBatches(source, data).global_batch(step)
+    batch = StepLoader(source, data).global_batch(step)
     elapsed = time.perf_counter() - start
     assert elapsed < 1.0
     assert reader.lines_read == 1024
@@ -99,5 +99,5 @@ def test_moved_row_ranges_compose_with_the_chunk_order():
     source = ChunkedRowSource(RowMap([0, 1], [10, 10]), reader, 4)
     data = DataConfig(source="k2", path="x", seq_len=4, global_batch_size=4, micro_batch_size=4,
                       moved_row_ranges=[[8, 4]])  # rows 8..11 go to the end
-    batch = StepBatches(source, data).global_batch(2)  # logical rows 8..11 -> original 12..15
+    batch = StepLoader(source, data).global_batch(2)  # logical rows 8..11 -> original 12..15
     assert batch["tokens"][:, :2].tolist() == [[1, 2], [1, 3], [1, 4], [1, 5]]

@@ -11,8 +11,7 @@ from k2jax.model import K2Model
 from k2jax.model.loss import next_token_labels, token_losses
 from k2jax.sharding.mesh import build_mesh
 from k2jax.train.loss_weights import loss_row_weights
-from k2jax.train.optimizer import make_optimizer
-from k2jax.train.state import create_train_state, state_shardings
+from k2jax.train.setup import build_training_setup
 from k2jax.train.step import make_loss_and_gradients
 from train_utils import small_config
 
@@ -53,11 +52,10 @@ def _step_loss_and_grads(normalization, micro, tokens, mask):
     config = small_config("unused", f"data.micro_batch_size={micro}", "model.compute_dtype=float32",
                           f"train.loss_normalization={normalization}",
                           f"train.loss_group_rows={GROUP}")
-    mesh = build_mesh(config.mesh)
-    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
-    _, shardings = state_shardings(config, optimizer, mesh)
-    params = create_train_state(config, optimizer, mesh, shardings).params
-    loss, grads, count = jax.jit(make_loss_and_gradients(config, mesh))(params, tokens, mask)
+    setup = build_training_setup(config)
+    params = setup.init_state().params
+    loss, grads, count = jax.jit(make_loss_and_gradients(config, setup.mesh))(params, tokens,
+                                                                             mask)
     return config, params, float(loss), grads, float(count)
 
 
@@ -109,19 +107,21 @@ def test_group_rows_must_divide_the_global_batch():
 @pytest.mark.parametrize("micro", [8, pytest.param(4, marks=pytest.mark.slow)])
 def test_eval_loss_follows_the_normalisation(micro):
     from k2jax.config import MeshConfig
-    from k2jax.eval.batch_loss import BatchLossEvaluator, plan_micro_batches
+    from k2jax.eval.batch_loss import BatchLossEvaluator
+    from k2jax.sharding.padding import eval_plan
 
     tokens, mask = _batch(equal_counts=False)
     config, params, step_loss, _, count = _step_loss_and_grads("per_group", 8, tokens, mask)
     mesh = build_mesh(MeshConfig())
-    plan = plan_micro_batches(8, micro, 1)
+    plan = eval_plan(8, micro, 1)
+    batch = {"tokens": np.asarray(tokens), "loss_mask": np.asarray(mask)}  # 8 rows: no padding
     for normalization in ("per_group", "global"):
         evaluate = BatchLossEvaluator(params, config.model, mesh, MeshConfig().rules, plan,
                                       normalization, GROUP)
-        result = evaluate(np.asarray(tokens), np.asarray(mask))
+        result = evaluate(batch)
         reference, _ = _reference(config, params, tokens, mask, normalization)
         assert result["loss"] == pytest.approx(float(reference), rel=1e-6), normalization
         assert result["tokens"] == count
     assert step_loss == pytest.approx(
         BatchLossEvaluator(params, config.model, mesh, MeshConfig().rules, plan, "per_group",
-                           GROUP)(np.asarray(tokens), np.asarray(mask))["loss"], rel=1e-6)
+                           GROUP)(batch)["loss"], rel=1e-6)

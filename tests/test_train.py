@@ -11,14 +11,12 @@ import pytest
 
 from k2jax.config import load_config
 from k2jax.errors import UserError
-from k2jax.sharding.mesh import build_mesh
 from k2jax.train.optimizer import make_optimizer
 from k2jax.train.schedule import k2_learning_rate
-from k2jax.train.state import create_train_state, state_shardings
-from k2jax.train.step import make_train_step
+from k2jax.train.setup import build_training_setup
 from k2jax.train.trainer import Trainer
 from train_utils import (TINY, assert_trees_equal, losses_by_step, read_metrics,
-                         restore_params_numpy, small_config)
+                         record_batches_read, restore_params_numpy, small_config)
 
 
 def k2_formula(step):
@@ -52,11 +50,8 @@ def test_weight_decay_skips_norm_scales():
 
 
 def one_step(config, batch):
-    mesh = build_mesh(config.mesh)
-    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
-    _, shardings = state_shardings(config, optimizer, mesh)
-    state = create_train_state(config, optimizer, mesh, shardings)
-    step = make_train_step(config, optimizer, mesh, shardings)
+    setup = build_training_setup(config)
+    state, step = setup.init_state(), setup.step
     state, metrics = step(state, batch, np.float32(np.inf))
     state, metrics = step(state, batch, np.float32(np.inf))  # lr(0) = 0: take a second step
     return state, jax.device_get(metrics)
@@ -86,6 +81,17 @@ def test_two_runs_are_bitwise_identical_and_loss_falls(tmp_path):
     assert losses_a[30] < 0.5 * losses_a[1]
     assert_trees_equal(restore_params_numpy(tmp_path / "a", 30),
                        restore_params_numpy(tmp_path / "b", 30))
+
+
+def test_the_trainer_reads_each_steps_batch_once(tmp_path, monkeypatch):
+    """The step compiles from shapes, so no step is read for compiling; a resumed run reads
+    from its checkpoint's step on, each step once."""
+    reads = record_batches_read(monkeypatch)
+    Trainer(small_config(tmp_path, "train.steps=3", "train.checkpoint_every=3")).run()
+    assert {step: len(seen) for step, seen in reads.items()} == {0: 1, 1: 1, 2: 1}
+    reads.clear()
+    Trainer(small_config(tmp_path, "train.steps=5", "train.checkpoint_every=3")).run()
+    assert {step: len(seen) for step, seen in reads.items()} == {3: 1, 4: 1}
 
 
 def test_metrics_jsonl_and_tensorboard(tmp_path):

@@ -78,3 +78,20 @@ def subprocess_env() -> dict:
 def run_train(run_dir, *extra, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(train_command(run_dir, *extra), env=subprocess_env(), timeout=timeout,
                           capture_output=True, text=True)
+
+
+def record_batches_read(monkeypatch) -> dict[int, list[np.ndarray]]:
+    """step -> the real rows' tokens int32 [B, S] of each read of that step, in read order
+    (every read of a step's rows goes through StepLoader.host_batch)."""
+    from k2jax.data.loader import StepLoader
+
+    seen: dict[int, list[np.ndarray]] = {}
+    original = StepLoader.host_batch
+
+    def recording(self, step):
+        batch = original(self, step)
+        seen.setdefault(step, []).append(batch["tokens"][:self.data.global_batch_size].copy())
+        return batch
+
+    monkeypatch.setattr(StepLoader, "host_batch", recording)
+    return seen

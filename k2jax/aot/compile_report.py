@@ -28,10 +28,8 @@ from k2jax.aot.topology import Slice
 from k2jax.config import Config
 from k2jax.data.chunk_files import write_bytes_atomic
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
-from k2jax.sharding.batch import padded_global_rows
-from k2jax.sharding.mesh import build_mesh
-from k2jax.sharding.rules import batch_sharding, replicated
 from k2jax.train.flops import flops_per_token
+from k2jax.train.setup import build_training_setup
 
 
 def topology_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
@@ -82,27 +80,6 @@ class _OomMemory:
     alias_size_in_bytes: int = 0
 
 
-def lower_train_step(config: Config, devices: list):
-    """(lowered step, abstract state, batch rows, mesh) for `config` over `devices`."""
-    from k2jax.train.optimizer import make_optimizer
-    from k2jax.train.state import abstract_state, state_shardings
-    from k2jax.train.step import make_train_step
-
-    mesh = build_mesh(config.mesh, devices)
-    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
-    _, shardings = state_shardings(config, optimizer, mesh)
-    state = abstract_state(shardings, config, optimizer)
-    rows = padded_global_rows(config, mesh)
-    batch_sh = batch_sharding(mesh, config.mesh.rules)
-    batch = {"tokens": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.int32,
-                                            sharding=batch_sh),
-             "loss_mask": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32,
-                                               sharding=batch_sh)}
-    ceiling = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
-    step = make_train_step(config, optimizer, mesh, shardings)
-    return step.lower(state, batch, ceiling), state, rows, mesh
-
-
 def _layer_variant(config: Config, layers: int, micro_rows: int) -> Config:
     """The same micro-batch, mesh and remat, `layers` unrolled layers, one accumulation step."""
     model = dataclasses.replace(config.model, num_layers=layers, scan_layers=False)
@@ -116,8 +93,8 @@ def step_cost(config: Config, devices: list, micro_rows: int) -> dict:
     2-layer unrolled compiles of one (padded) micro-batch."""
     costs = []
     for layers in (1, 2):
-        lowered = lower_train_step(_layer_variant(config, layers, micro_rows), devices)[0]
-        costs.append(_cost(lowered.compile()))
+        setup = build_training_setup(_layer_variant(config, layers, micro_rows), devices)
+        costs.append(_cost(setup.lower().compile()))
     layers, accumulation = config.model.num_layers, config.data.accumulation_steps
     out = {}
     for key in ("flops", "optimal_seconds"):
@@ -155,9 +132,10 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
     devices = topology_devices(tpu_slice, num_slices)
     chips = len(devices)
     start = time.perf_counter()
-    lowered, state, rows, mesh = lower_train_step(config, devices)
+    setup = build_training_setup(config, devices)
+    state, rows, mesh = setup.abstract_state, setup.padding.padded_rows, setup.mesh
     try:
-        compiled = lowered.compile()
+        compiled = setup.lower().compile()
     except Exception as err:  # the TPU compiler refuses programs that exceed HBM
         required = _oom_bytes(str(err))
         if required is None:
@@ -208,8 +186,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
-        micro_rows = rows // config.data.accumulation_steps
-        cost = step_cost(config, devices, micro_rows)
+        cost = step_cost(config, devices, setup.padding.micro_rows)
         report["cost_compile_seconds"] = round(time.perf_counter() - start, 2)
         flops = cost.get("flops")
         if flops is not None:

@@ -72,9 +72,9 @@ def _rows(args, model_config):
         raise UserError("give --data DIR with --step T, or --token-ids FILE.npy")
     if args.step < 0:
         raise UserError(f"--step must be >= 0, got {args.step}")
-    from k2jax.data.pipeline import make_step_batches
+    from k2jax.data.loader import StepLoader
 
-    batches = make_step_batches(k2_data_config(args, STEP_DATA_ALIASES, model=model_config))
+    batches = StepLoader.from_config(k2_data_config(args, STEP_DATA_ALIASES, model=model_config))
     rows = batches.global_rows(args.step)[:args.rows]
     tokens, loss_mask = batches.source.read_rows(rows)
     return tokens, loss_mask, f"step {args.step} of {batches.data.path}"

@@ -122,35 +122,30 @@ def _order(text: str):
     return _id_list(text) if text[:1].isdigit() else text
 
 
-def _order_config(args):
-    """The Config whose data order the command follows: the run's, or --config's with the
-    overrides and flags."""
-    from k2jax.data.run_order import load_run_config
+def _step_loader(args):
+    """The StepLoader over the order the args name: the run's (its config.yaml and moved
+    windows), or --config's with the overrides and flags."""
+    from k2jax.data.loader import StepLoader
+    from k2jax.data.run_order import load_run_config, run_moved_row_ranges
     from k2jax.paths import storage_path
 
     if args.run_dir is None:
-        return k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE))
+        return StepLoader.from_config(k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE)))
     fixed = [a.flag for a in given_aliases(args, STEP_DATA_ALIASES + (VOCAB_SIZE,))
              if a not in RUN_DIR_ALIASES]
     fixed += ["--config"] * (args.config is not None) + args.overrides
     if fixed:
         raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
                         f"{args.run_dir}; give only --data, --format, --index-dir")
-    config = load_run_config(storage_path(args.run_dir))
+    run_dir = storage_path(args.run_dir)
+    config = load_run_config(run_dir)
     path = getattr(args, DATA_PATH.dest, None)
     if path is not None:  # where the same chunk files live on this machine
         config.data.path = path
     form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
     if form is not None or index_dir is not None:
         config.data.format, config.data.index_dir = form or "auto", index_dir
-    return config
-
-
-def _step_batches(args):
-    """StepBatches over the order the args name: the single map from a step to its rows."""
-    from k2jax.data.pipeline import make_step_batches
-
-    return make_step_batches(_order_config(args))
+    return StepLoader.from_config(config, moved_row_ranges=run_moved_row_ranges(run_dir, config))
 
 
 def cmd_index(args) -> int:
@@ -188,15 +183,15 @@ def cmd_pack(args) -> int:
 def cmd_batch(args) -> int:
     from k2jax.atomic_write import write_npy_atomic
 
-    batches = _step_batches(args)
-    start, stop = batches.logical_rows(args.step)
-    tokens = batches.global_batch(args.step)["tokens"]
+    loader = _step_loader(args)
+    start, stop = loader.logical_rows(args.step)
+    tokens = loader.global_batch(args.step)["tokens"]
     out = epath.Path(args.out)
     write_npy_atomic(out, tokens)
-    moved = len(batches.data.moved_row_ranges)
+    moved = len(loader.moved_row_ranges)
     print(f"wrote step {args.step}: tokens int32 {list(tokens.shape)} (global rows "
           f"[{start}, {stop}) of the order{f' after {moved} moves' if moved else ''}, "
-          f"{getattr(batches.source, 'form', batches.data.source)}) to {out}")
+          f"{getattr(loader.source, 'form', loader.data.source)}) to {out}")
     return 0
 
 
@@ -210,11 +205,11 @@ def locate_step(args) -> dict:
     run of consecutive original rows (a rollback's move can split a step into several)."""
     from k2jax.data import chunk_files
 
-    batches = _step_batches(args)
-    data = batches.data
-    start, stop = batches.logical_rows(args.step)
-    rows = batches.global_rows(args.step)
-    row_map = getattr(batches.source, "row_map", None)  # None: synthetic rows, no files
+    loader = _step_loader(args)
+    data = loader.data
+    start, stop = loader.logical_rows(args.step)
+    rows = loader.global_rows(args.step)
+    row_map = getattr(loader.source, "row_map", None)  # None: synthetic rows, no files
     positions = row_map.locate(rows)[0] if row_map is not None else np.zeros_like(rows)
     cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 0)) + 1
     bounds = [0, *cuts.tolist(), len(rows)]
@@ -232,9 +227,9 @@ def locate_step(args) -> dict:
         pieces.append(piece)
     return {"step": args.step, "global_batch_size": data.global_batch_size,
             "global_rows_start": start, "global_rows_end_exclusive": stop,
-            "moved_row_ranges": data.moved_row_ranges,
+            "moved_row_ranges": loader.moved_row_ranges,
             "order": data.order if isinstance(data.order, str) else "explicit",
-            "format": getattr(batches.source, "form", data.source), "pieces": pieces}
+            "format": getattr(loader.source, "form", data.source), "pieces": pieces}
 
 
 def cmd_order(args) -> int:

@@ -17,7 +17,7 @@ from k2jax import dtypes
 from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_config_args,
                                      add_progress_flags, add_rope_freq_dtype_arg, dtype_metavar,
                                      dtype_type, k2_data_config)
-from k2jax.data.pipeline import make_step_batches
+from k2jax.data.loader import StepLoader
 
 EVAL_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
 
@@ -69,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
     model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention,
                                      rope_freq_dtype=args.rope_freq_dtype)
     config = k2_data_config(args, STEP_LOSS_ALIASES, model=model_config, computes_loss=True)
-    batches = make_step_batches(config)  # the rows, and train.loss_normalization over them
+    loader = StepLoader.from_config(config)
     for step in steps:
-        batches.global_rows(step)  # a step past the data fails now, not after loading 65B
+        loader.global_rows(step)  # a step past the data fails now, not after loading 65B
 
     from k2jax import distributed
 
@@ -79,21 +79,23 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from k2jax.config import MeshConfig
-    from k2jax.eval.batch_loss import (BatchLossEvaluator, data_parallel_size,
-                                       plan_micro_batches)
+    from k2jax.eval.batch_loss import BatchLossEvaluator
     from k2jax.eval.weights import params_from_checkpoint_on_mesh, params_from_hf_on_mesh
     from k2jax.sharding.mesh import build_mesh
+    from k2jax.sharding.padding import data_parallel_size, eval_plan
+    from k2jax.sharding.rules import batch_sharding
 
     primary = jax.process_index() == 0
     log = stderr_log if primary else (lambda _: None)
     mesh_config = MeshConfig(tensor=args.tensor_parallel)
     mesh = build_mesh(mesh_config)
     rules = mesh_config.rules
-    plan = plan_micro_batches(batches.data.global_batch_size, args.micro_batch,
-                              data_parallel_size(mesh, rules))
+    plan = eval_plan(config.data.global_batch_size, args.micro_batch,
+                     data_parallel_size(mesh, rules), jax.process_count())
+    loader = loader.on_devices(plan, batch_sharding(mesh, rules))
     log(f"eval-loss: {len(steps)} step(s), {jax.device_count()} devices "
-        f"(mesh {dict(mesh.shape)}), micro-batch {plan.micro_batch} x {plan.accumulation}"
-        f"{f' (padded {plan.global_batch} -> {plan.padded_rows} rows)' if plan.padded_rows != plan.global_batch else ''}"
+        f"(mesh {dict(mesh.shape)}), micro-batch {plan.micro_rows} x {plan.accumulation}"
+        f"{f' (padded {plan.rows} -> {plan.padded_rows} rows)' if plan.padding_rows else ''}"
         f", {args.dtype}, RoPE frequencies {args.rope_freq_dtype}")
     t0 = time.perf_counter()
     if args.hf:
@@ -110,10 +112,9 @@ def run(args: argparse.Namespace) -> int:
                disable=args.no_progress or not primary)
     for step in bar:
         t0 = time.perf_counter()
-        batch = batches.global_batch(step)
-        result = evaluate(batch["tokens"], batch["loss_mask"])
+        result = evaluate(loader.device_batch(step))
         record = {"step": step, "iteration": step + 1, "loss": result["loss"],
-                  "tokens": result["tokens"], "rows": plan.global_batch,
+                  "tokens": result["tokens"], "rows": plan.rows,
                   "loss_sum": result["loss_sum"], "dtype": args.dtype,
                   "rope_freq_dtype": args.rope_freq_dtype,
                   "loss_normalization": config.train.loss_normalization,

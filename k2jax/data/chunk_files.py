@@ -22,7 +22,6 @@ from etils import epath
 
 # Re-exported until train/trainer.py, data/run_order.py and aot/compile_report.py import them
 # from k2jax.atomic_write (another change is rewriting those files).
-from k2jax.atomic_write import write_bytes_atomic  # noqa: F401
 from k2jax.errors import UserError
 
 INDEX_DIRNAME = ".k2index"

@@ -1,14 +1,16 @@
 """A run's data order: its config.yaml plus the windows its rollbacks moved.
 
-Rollbacks append [start, count] windows to `run_dir/data_order.json`
-({"moved_row_ranges": [...]}); it outranks data.moved_row_ranges of the config, so a resumed
-run, `k2jax data batch --run-dir` and `data locate --run-dir` all follow the order the run
-actually read.
+The moved windows are stored in ONE place, `run_dir/data_order.json`
+({"moved_row_ranges": [...]}: the config's data.moved_row_ranges, then each rollback's
+[start, count]), written atomically by the trainer at each rollback. It outranks
+data.moved_row_ranges of the config (the order the run started with), so a resumed run,
+`k2jax data batch --run-dir` and `data locate --run-dir` all follow the order the run actually
+read. Checkpoints and config.yaml do not carry the run's moves (runs from before this layout
+stored a copy there that nothing read).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Optional
 
@@ -16,7 +18,7 @@ import yaml
 from etils import epath
 
 from k2jax.config import Config, config_from_dict
-from k2jax.data.chunk_files import write_bytes_atomic
+from k2jax.atomic_write import write_bytes_atomic
 from k2jax.errors import UserError
 
 DATA_ORDER_FILE = "data_order.json"
@@ -52,16 +54,15 @@ def write_moved_row_ranges(run_dir: epath.Path, moved: list[list[int]]) -> None:
     write_bytes_atomic(run_dir / DATA_ORDER_FILE, json.dumps({"moved_row_ranges": moved}).encode())
 
 
-def with_run_order(config: Config, run_dir: epath.Path) -> Config:
-    """`config` with the run's recorded moves in place of its data.moved_row_ranges."""
+def run_moved_row_ranges(run_dir: epath.Path, config: Config) -> list[list[int]]:
+    """The windows the run's order has moved: its data_order.json, else (no rollback yet) the
+    config's data.moved_row_ranges."""
     moved = read_moved_row_ranges(run_dir)
-    if moved is not None:
-        config.data = dataclasses.replace(config.data, moved_row_ranges=moved)
-    return config
+    return config.data.moved_row_ranges if moved is None else moved
 
 
 def load_run_config(run_dir: epath.Path) -> Config:
-    """The config a run was started with (run_dir/config.yaml), its recorded moves applied."""
+    """The config a run was started with (run_dir/config.yaml); its moves: run_moved_row_ranges."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise UserError(f"{path}: not found (--run-dir must be a k2jax train run directory)")
@@ -69,4 +70,4 @@ def load_run_config(run_dir: epath.Path) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({type(err).__name__})")
-    return with_run_order(config_from_dict(data), run_dir)
+    return config_from_dict(data)

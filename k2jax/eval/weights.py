@@ -24,7 +24,7 @@ from k2jax.config import ModelConfig
 from k2jax.errors import UserError
 from k2jax.hf.config_json import model_config_from_hf
 from k2jax.hf.name_map import hf_shape, hf_to_k2jax, mappings
-from k2jax.model import K2Model
+from k2jax.model.param_count import abstract_params
 from k2jax.sharding.rules import param_shardings
 from k2jax.tree_paths import get_path, set_path
 
@@ -56,11 +56,9 @@ def checkpoint_model_config(directory: str) -> ModelConfig:
     return config
 
 
-def abstract_params(config: ModelConfig, mesh: Mesh, rules: dict) -> tuple[Any, Any]:
+def sharded_abstract_params(config: ModelConfig, mesh: Mesh, rules: dict) -> tuple[Any, Any]:
     """(unboxed ShapeDtypeStruct tree, NamedSharding tree) of the params, allocating nothing."""
-    model = K2Model(config)
-    boxed = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 2), jnp.int32))["params"],
-                           jax.random.key(0))
+    boxed = abstract_params(config)
     return nn.meta.unbox(boxed), param_shardings(boxed, mesh, rules)
 
 
@@ -80,7 +78,7 @@ def params_from_hf_on_mesh(get_tensor: Callable[[str], np.ndarray], config: Mode
 
     get_tensor(name) -> float32 numpy array in the Hugging Face layout.
     """
-    shapes, shardings = abstract_params(config, mesh, rules)
+    shapes, shardings = sharded_abstract_params(config, mesh, rules)
     dtype = jnp.dtype(config.param_dtype)
     params: dict = {}
     names = mappings(config)
@@ -123,7 +121,7 @@ def params_from_checkpoint_on_mesh(directory: str, config: ModelConfig, mesh: Me
     if not config.scan_layers:
         raise UserError("k2jax checkpoints hold the scanned layout (internal: use "
                         "scan_layers=True and unstack afterwards)")
-    shapes, shardings = abstract_params(config, mesh, rules)
+    shapes, shardings = sharded_abstract_params(config, mesh, rules)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
     return params_io.restore_params(directory, target)

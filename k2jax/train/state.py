@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from k2jax.config import Config
 from k2jax.model import K2Model
+from k2jax.model.param_count import abstract_params
 from k2jax.sharding.rules import param_shardings, replicated
 from k2jax.train.schedule import with_schedule_count
 
@@ -34,14 +35,23 @@ def init_params_fn(config: Config):
     return init
 
 
-def state_shardings(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """(abstract boxed params, TrainState of NamedShardings) without allocating anything."""
-    boxed = jax.eval_shape(init_params_fn(config), jax.random.key(0))
+def state_layout(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh
+                 ) -> tuple[TrainState, TrainState]:
+    """(TrainState of NamedShardings, TrainState of ShapeDtypeStructs carrying them): the
+    state's layout and the restore/compile target, from one `jax.eval_shape` of the parameters;
+    nothing is allocated."""
+    boxed = abstract_params(config.model)
+    params = nn.meta.unbox(boxed)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
     params_sh = param_shardings(boxed, mesh, config.mesh.rules)
-    opt_shapes = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
     opt_sh = optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_shapes,
                                    params_sh, transform_non_params=lambda _: replicated(mesh))
-    return boxed, TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
+    shardings = TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=opt_shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+    return shardings, abstract
 
 
 def create_train_state(config: Config, optimizer, mesh: Mesh, shardings: TrainState,
@@ -64,13 +74,3 @@ def create_train_state(config: Config, optimizer, mesh: Mesh, shardings: TrainSt
     if params is None:
         return jax.jit(lambda k: make(k, None), out_shardings=shardings)(key)
     return jax.jit(make, out_shardings=shardings, donate_argnums=1)(key, params)
-
-
-def abstract_state(shardings: TrainState, config: Config, optimizer) -> TrainState:
-    """ShapeDtypeStructs with shardings, the restore target of a checkpoint."""
-    boxed = jax.eval_shape(init_params_fn(config), jax.random.key(0))
-    params = nn.meta.unbox(boxed)
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(optimizer.init, params))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)

@@ -21,6 +21,7 @@ from k2jax.model import K2Model, masked_next_token_loss
 from k2jax.model.weight_grad import weight_gradient_dtype
 from k2jax.sharding.rules import batch_sharding, rules_list
 from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
+from k2jax.train.micro_batches import over_micro_batches
 from k2jax.train.state import TrainState
 
 
@@ -32,51 +33,31 @@ def make_loss_and_gradients(config: Config, mesh: Mesh):
     zero-mask padding rows (P >= data.global_batch_size), sharded over the batch axes.
     """
     model = K2Model(config.model)
-    accumulation = config.data.accumulation_steps
-    rules = rules_list(config.mesh.rules)
-    micro_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh, config.mesh.rules).spec))
+    rules = config.mesh.rules
 
     def summed_loss(params, tokens, loss_mask):
         logits = model.apply({"params": params}, tokens)
         return masked_next_token_loss(logits, tokens, loss_mask)
 
     def loss_and_gradients(params, tokens, loss_mask):
-        rows, seq = tokens.shape
-        micro = rows // accumulation
         row_weights, divisor = loss_row_weights(
             loss_mask, config.data.global_batch_size, config.train.loss_normalization,
             config.train.loss_group_rows)
         count = jnp.sum(counted_tokens_per_row(loss_mask))
-        weighted_mask = loss_mask * row_weights[:, None]
-
-        # Micro-step a takes rows {m * A + a}: each device's contiguous rows hold a share of
-        # every micro-batch, so the split needs no cross-device shuffle.
-        def split(x):
-            x = x.reshape(micro, accumulation, seq).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(x, micro_sharding)
 
         def micro_step(micro_tokens, micro_mask):
             (loss_sum, _), grads = jax.value_and_grad(summed_loss, has_aux=True)(
                 params, micro_tokens, micro_mask)
             return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum
 
-        def accumulate(carry, micro_batch):
-            grads, loss_sum = micro_step(*micro_batch)
-            grads = jax.tree.map(jnp.add, carry[0], grads)
-            return (grads, carry[1] + loss_sum), None
-
         # The abstract mesh is what flax's logical constraints and the attention dispatch look
         # for while tracing (`with mesh:` alone left the constraints silently dropped).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules), \
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+                nn.logical_axis_rules(rules_list(rules)), \
                 weight_gradient_dtype(config.train.gradient_dtype):
-            if accumulation == 1:  # no zero-filled accumulator to write and add to
-                grads, loss_sum = micro_step(tokens, weighted_mask)
-            else:
-                zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-                init = (zeros, jnp.zeros((), jnp.float32))
-                (grads, loss_sum), _ = jax.lax.scan(
-                    accumulate, init, (split(tokens), split(weighted_mask)))
+            grads, loss_sum = over_micro_batches(
+                micro_step, (tokens, loss_mask * row_weights[:, None]),
+                config.data.accumulation_steps, mesh, rules)
         grads = jax.tree.map(lambda g: g / divisor, grads)
         return loss_sum / divisor, grads, count
 

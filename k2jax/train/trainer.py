@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -18,25 +17,19 @@ from k2jax.checkpoint.params_io import restore_params
 from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
 from k2jax.checkpoint.set_aside import SUPERSEDED_DIR, restore_newest_intact
 from k2jax.config import Config
-from k2jax.data.chunk_files import write_bytes_atomic
-from k2jax.data.grain_loader import iterate_host_batches
-from k2jax.data.pipeline import make_step_batches
+from k2jax.atomic_write import write_bytes_atomic
+from k2jax.data.loader import StepLoader
 from k2jax.data.rollback import rollback_window
-from k2jax.data.run_order import with_run_order, write_moved_row_ranges
+from k2jax.data.run_order import run_moved_row_ranges, write_moved_row_ranges
 from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
-from k2jax.sharding.batch import padded_global_rows
-from k2jax.sharding.mesh import build_mesh
-from k2jax.sharding.rules import batch_sharding
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
-from k2jax.train.optimizer import make_optimizer
 from k2jax.train.preemption import StopRequested
 from k2jax.train.schedule import k2_learning_rate, schedule_count
+from k2jax.train.setup import build_training_setup
 from k2jax.train.spikes import SpikeDetector
-from k2jax.train.state import abstract_state, create_train_state, state_shardings
-from k2jax.train.step import make_train_step
 
 
 class Trainer:
@@ -45,26 +38,24 @@ class Trainer:
         self.run_dir = storage_path(config.train.run_dir)
         ensure_run_dir(self.run_dir)
         self.primary = jax.process_index() == 0
-        self.mesh = build_mesh(config.mesh)
-        self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
+        self.setup = build_training_setup(config, process_count=jax.process_count())
+        self.mesh = self.setup.mesh
         self.learning_rate = k2_learning_rate(config.optimizer)  # for the logs: the step's lr
-        self.boxed, self.shardings = state_shardings(config, self.optimizer, self.mesh)
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
-        with_run_order(self.config, self.run_dir)  # rollbacks recorded by this run
-        # Device batches are padded with zero-mask rows to a multiple of the data-parallel size
-        # (k2jax/sharding/batch.py); the loss and MFU count only the real rows.
-        self.device_rows = padded_global_rows(config, self.mesh, jax.process_count())
-        self.batches = make_step_batches(config, jax.process_index(), jax.process_count(),
-                                         self.device_rows)
-        self.batch_sharding = batch_sharding(self.mesh, config.mesh.rules)
+        # The run's order: its data_order.json (rollbacks) else the config's moved windows.
+        # Device batches are padded with zero-mask rows (k2jax/sharding/padding.py); the loss
+        # and MFU count only the real rows.
+        self.loader = StepLoader.from_config(
+            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config),
+            padding=self.setup.padding, process_index=jax.process_index(),
+            process_count=jax.process_count(), sharding=self.setup.batch_sharding)
 
     # -- state -------------------------------------------------------------------------------
 
     def _restore(self, step: int):
         self.checkpoints.check_compatible(step, self.config.to_dict())
-        target = abstract_state(self.shardings, self.config, self.optimizer)
-        state = self.checkpoints.restore_state(step, target)
+        state = self.checkpoints.restore_state(step, self.setup.abstract_state)
         _, data = self.checkpoints.read_json(step)
         self.detector.restore(data.get("spike_history", []))
         return state
@@ -96,21 +87,19 @@ class Trainer:
             self.log(f"resumed from step {restored[1]} ({self.checkpoints.directory})")
             return restored
         if train.init_from:
-            target = abstract_state(self.shardings, self.config, self.optimizer).params
-            params = restore_params(train.init_from, target)
+            params = restore_params(train.init_from, self.setup.abstract_state.params)
             self.log(f"initialised parameters from {train.init_from}"
                      + (f"; continuing at step {train.start_step} with fresh AdamW moments"
                         if train.start_step else ""))
-            return create_train_state(self.config, self.optimizer, self.mesh, self.shardings,
-                                      params, train.start_step), train.start_step
-        return create_train_state(self.config, self.optimizer, self.mesh, self.shardings), 0
+            return self.setup.init_state(params, train.start_step), train.start_step
+        return self.setup.init_state(), 0
 
     def save(self, step: int, state, metrics: Optional[dict]) -> None:
         if metrics is not None and not math.isfinite(metrics["param_norm"]):
             self.log(f"step {step}: parameters are not finite; checkpoint NOT saved")
             return
-        data = {"step": step, "moved_row_ranges": self.config.data.moved_row_ranges,
-                "spike_history": self.detector.state()}
+        # The data position is the step; the moved windows live in data_order.json only.
+        data = {"step": step, "spike_history": self.detector.state()}
         self.checkpoints.save(step, state, self.config.to_dict(), data)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -118,18 +107,6 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.primary:
             tqdm.write(f"[k2jax] {message}", file=sys.stderr)
-
-    def global_batch(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows (already padded to the data-parallel size) -> the global batch
-        arrays, sharded over the batch axes."""
-        shape = lambda x: (self.device_rows,) + x.shape[1:]
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape(v))
-                for k, v in host.items()}
-
-    def host_batches(self, step: int):
-        """(step, host batch) from `step` on, read ahead by Grain (data.prefetch/worker_count)."""
-        return iterate_host_batches(self.batches, step, self.config.train.steps - step,
-                                    self.config.data.worker_count, self.config.data.prefetch)
 
     @staticmethod
     def _schedule_step(state) -> int:
@@ -150,13 +127,10 @@ class Trainer:
         """Move the rest of the spiking step's chunk (or its rows: train.spikes.rollback_unit)
         to the end of the order and restore the last good checkpoint at or before `step` (what
         K2's team did by hand, automated)."""
-        window = rollback_window(self.batches, step, self.config.train.spikes.rollback_unit)
-        moved = self.config.data.moved_row_ranges + [window]
-        self.config.data = dataclasses.replace(self.config.data, moved_row_ranges=moved)
+        window = rollback_window(self.loader, step, self.config.train.spikes.rollback_unit)
+        self.loader = self.loader.with_moved_window(window)
         if self.primary:
-            write_moved_row_ranges(self.run_dir, moved)
-        self.batches = make_step_batches(self.config, jax.process_index(),
-                                         jax.process_count(), self.device_rows)
+            write_moved_row_ranges(self.run_dir, self.loader.moved_row_ranges)
         self.checkpoints.wait()
         good = [s for s in self.checkpoints.all_steps() if s <= step]
         return window, (good[-1] if good else None)
@@ -182,10 +156,9 @@ class Trainer:
             self.log(f"nothing to do: checkpoint at step {step} >= train.steps={cfg.train.steps}")
             return 0
 
+        batches = self.loader.iter_from_step(step, cfg.train.steps)  # reads ahead while compiling
         start = time.perf_counter()
-        ceiling = np.float32(self.detector.loss_ceiling())
-        compiled = make_train_step(cfg, self.optimizer, self.mesh, self.shardings).lower(
-            state, self.global_batch(self.batches.host_batch(step)), ceiling).compile()
+        compiled = self.setup.lower().compile()  # from shapes: step `step` is read once, below
         compile_seconds = time.perf_counter() - start
         self.log(f"compiled the train step in {compile_seconds:.1f} s")
         self.writer.scalars(step, {"compile_seconds": compile_seconds})
@@ -197,12 +170,10 @@ class Trainer:
         progress = tqdm(total=cfg.train.steps, initial=step, disable=not self.primary,
                         unit="step", dynamic_ncols=True)
         metrics = None
-        batches = self.host_batches(step)
         try:
             while step < cfg.train.steps:
-                batch_step, host = next(batches)
+                batch_step, batch = next(batches)
                 assert batch_step == step, (batch_step, step)
-                batch = self.global_batch(host)
                 # The lr this update uses: the schedule's counter, which a skipped update does
                 # not advance and train.start_step starts at the global step.
                 lr = float(self.learning_rate(self._schedule_step(state)))
@@ -215,7 +186,7 @@ class Trainer:
                 if spike:
                     next_step, state = self.handle_spike(step, spike, metrics, state)
                     if next_step != step + 1:  # rolled back: the order and position changed
-                        batches = self.host_batches(next_step)
+                        batches = self.loader.iter_from_step(next_step, cfg.train.steps)
                     step = progress.n = next_step
                     progress.refresh()
                     continue
