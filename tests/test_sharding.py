@@ -254,12 +254,12 @@ def test_eval_loss_binds_activation_constraints():
     import jax.numpy as jnp
 
     from k2jax.eval.batch_loss import make_batch_loss_fn
-    from k2jax.eval.weights import abstract_params
+    from k2jax.eval.weights import sharded_abstract_params
     from k2jax.sharding.padding import PaddingPlan
 
     config = small_config("unused-run-dir")
     mesh = build_mesh(config.mesh)
-    params, shardings = abstract_params(config.model, mesh, config.mesh.rules)
+    params, shardings = sharded_abstract_params(config.model, mesh, config.mesh.rules)
     loss_fn = make_batch_loss_fn(config.model, mesh, config.mesh.rules, PaddingPlan(4, 4, 1),
                                  shardings)
     rows = jax.ShapeDtypeStruct((4, 16), jnp.int32)
