@@ -31,6 +31,18 @@ parse_common_args() {
   done
 }
 
+# The start of every script that takes no positional argument: its flags, the settings file and
+# the settings it needs.  Usage: start_script "$@" -- K2_PROJECT K2_ZONE ...
+start_script() {
+  local args=()
+  while (($#)) && [[ "$1" != -- ]]; do args+=("$1"); shift; done
+  (($#)) && shift
+  parse_common_args "${args[@]}"
+  ((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
+  load_env
+  require "$@"
+}
+
 # K2_ENV=path picks another settings file; the committed gcp/k2.env is the example.
 load_env() {
   K2_ENV="${K2_ENV:-$GCP_DIR/k2.env}"

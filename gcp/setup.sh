@@ -13,10 +13,7 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-parse_common_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-load_env
-require K2_PROJECT K2_ZONE K2_RUN_NAME K2_SOURCE K2_CONFIG
+start_script "$@" -- K2_PROJECT K2_ZONE K2_RUN_NAME K2_SOURCE K2_CONFIG
 
 case "$K2_SOURCE" in
   gs://*.whl)

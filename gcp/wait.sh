@@ -9,10 +9,7 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-parse_common_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-load_env
-require K2_PROJECT K2_ZONE K2_RUN_NAME
+start_script "$@" -- K2_PROJECT K2_ZONE K2_RUN_NAME
 
 # A count of polls, not a clock, bounds the loop, so K2_POLL_S=0 still terminates.
 max_polls=$((K2_WAIT_TIMEOUT_S / (K2_POLL_S > 0 ? K2_POLL_S : 1) + 1))
