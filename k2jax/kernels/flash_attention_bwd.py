@@ -146,14 +146,19 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, static: Static):
     def q_block(b, h, i, j):
         return b, h, i
 
-    in_specs = [layout.block_spec(bq, q_block), layout.block_spec(bkv, kv_block),
-                layout.block_spec(bkv, kv_block), layout.block_spec(bq, q_block),
-                stats_spec(bq, q_block), stats_spec(bq, q_block)]
-    args = [q, k, v, do, lse_b, delta_b]
-    if geo.segmented:
-        in_specs += segment_specs(bq, bkv, lambda b, h, i, j: (b, i),
-                                  lambda b, h, i, j: (b, kv_block(b, h, i, j)[2]))
-        args += [q_seg, kv_seg]
+    def inputs(q_index, kv_index, q_seg_index, kv_seg_index):
+        """Block specs and operands (q, k, v, do, lse, delta[, segment ids]) of one grid."""
+        specs = [layout.block_spec(bq, q_index), layout.block_spec(bkv, kv_index),
+                 layout.block_spec(bkv, kv_index), layout.block_spec(bq, q_index),
+                 stats_spec(bq, q_index), stats_spec(bq, q_index)]
+        operands = [q, k, v, do, lse_b, delta_b]
+        if geo.segmented:
+            specs += segment_specs(bq, bkv, q_seg_index, kv_seg_index)
+            operands += [q_seg, kv_seg]
+        return specs, operands
+
+    in_specs, args = inputs(q_block, kv_block, lambda b, h, i, j: (b, i),
+                            lambda b, h, i, j: (b, kv_block(b, h, i, j)[2]))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, static=static, precision=precision),
         grid=(batch, heads, nq, nkv),
@@ -179,14 +184,9 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, static: Static):
     def kv_block_t(b, g, j, t):
         return b, g, j
 
-    in_specs = [layout.block_spec(bq, q_block_t), layout.block_spec(bkv, kv_block_t),
-                layout.block_spec(bkv, kv_block_t), layout.block_spec(bq, q_block_t),
-                stats_spec(bq, q_block_t), stats_spec(bq, q_block_t)]
-    args = [q, k, v, do, lse_b, delta_b]
-    if geo.segmented:
-        in_specs += segment_specs(bq, bkv, lambda b, g, j, t: (b, q_block_t(b, g, j, t)[2]),
-                                  lambda b, g, j, t: (b, j))
-        args += [q_seg, kv_seg]
+    in_specs, args = inputs(q_block_t, kv_block_t,
+                            lambda b, g, j, t: (b, q_block_t(b, g, j, t)[2]),
+                            lambda b, g, j, t: (b, j))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, static=static, precision=precision),
         grid=(batch, kv_heads, nkv, group * nq),
