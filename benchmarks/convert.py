@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import io_floor  # benchmarks/io_floor.py, next to this script
 from k2jax.config import K2_PRESET, ModelConfig, load_config
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import ShardEntry, write_safetensors_shards
@@ -72,13 +73,7 @@ def plain_read_seconds(files: list[Path], cold: bool) -> float:
     """Sequential read of every file through one reused 64 MiB buffer (the I/O floor)."""
     if cold:
         evict(files)
-    buffer = bytearray(64 * 2**20)
-    start = time.perf_counter()
-    for file in files:
-        with open(file, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
-    return time.perf_counter() - start
+    return io_floor.plain_read_seconds(files)
 
 
 def plain_copy_seconds(files: list[Path], scratch: Path, cold: bool) -> float:

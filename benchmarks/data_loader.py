@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import io_floor  # noqa: E402  (benchmarks/io_floor.py, next to this script)
 from k2jax.config import K2_PRESET, DataConfig, load_config  # noqa: E402
 from k2jax.data.chunk_index import build_index  # noqa: E402
 from k2jax.data.chunked_source import open_chunk_source  # noqa: E402
@@ -45,15 +46,6 @@ def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: i
                 f.write(text)
                 written += len(text)
                 line += 1
-
-
-def plain_read_seconds(paths: list[Path], block_bytes: int) -> float:
-    start = time.perf_counter()
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while f.read(block_bytes):
-                pass
-    return time.perf_counter() - start
 
 
 def loader_tokens_per_second(loader: StepLoader, steps: int, grain_threads: int = 0
@@ -87,14 +79,14 @@ def main() -> None:
         write_chunks(data, args.files, args.size_mb / args.files, args.seq_len)
         paths = sorted(data.glob("chunk_*.jsonl"))
         total_mb = sum(p.stat().st_size for p in paths) / 2**20
-        plain_read_seconds(paths, 16 << 20)  # warm the page cache the same way for both
+        io_floor.plain_read_seconds(paths, 16 << 20)  # warm the page cache the same way for both
         # The machine may be shared: interleave plain reads and index builds in rounds and
         # report the median per-round ratio. The baseline is the faster of small and large
         # plain reads in that round.
         for workers in (1, args.files):
             ratios, best_read, best_index = [], float("inf"), float("inf")
             for _ in range(5):
-                read_s = min(plain_read_seconds(paths, size) for size in (256 << 10, 16 << 20))
+                read_s = min(io_floor.plain_read_seconds(paths, size) for size in (256 << 10, 16 << 20))
                 shutil.rmtree(data / ".k2index", ignore_errors=True)
                 start = time.perf_counter()
                 build_index(data, workers=workers, progress=False)
