@@ -68,6 +68,16 @@ def mesh_context(mesh: Optional[Mesh], rules: Optional[dict]):
     return stack
 
 
+def replicate(x: Any, mesh: Optional[Mesh]) -> Any:
+    """Inside a jitted function: `x` on every device, so every host of a pod can read it."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+
+
 def put_rows(array: np.ndarray, mesh: Optional[Mesh], rules: Optional[dict]) -> Any:
     """A host [B, ...] array onto the devices, rows split over the batch axes."""
     import jax

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from k2jax.config import ModelConfig
 from k2jax.errors import UserError
 from k2jax.generate.batching import (batch_shards, bucket, mesh_context, pad_left,
-                                     padded_rows, put_rows)
+                                     padded_rows, put_rows, replicate)
 from k2jax.generate.sampling import SamplingParams, next_tokens
 from k2jax.model.kv_cache import KVCache, empty_cache, forward_with_cache
 
@@ -90,7 +90,7 @@ class Generator:
             carry, (tokens_CxB, was_done_CxB) = jax.lax.scan(
                 step, (cache, logits_BxV, positions_B, offset, done_B, key), None,
                 length=self.chunk)
-        return carry, tokens_CxB, was_done_CxB
+        return carry, replicate(tokens_CxB, self.mesh), replicate(was_done_CxB, self.mesh)
 
     # -- host loop -------------------------------------------------------------------------
 
