@@ -48,8 +48,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="prompts decoded together")
     p.add_argument("--dtype", default="bf16", type=dtype_type(GENERATE_DTYPES),
                    metavar=dtype_metavar(GENERATE_DTYPES), help="parameter and compute dtype")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
-                   help="attention of the prefill (auto: splash on TPU, XLA elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt (prompt, "
                    "text, token ids, finish reason) on stdout")
     p.add_argument("--config", default=None, metavar="FILE|PRESET",
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--tokenizer is required with --checkpoint")
     texts = read_prompts(args)
     mesh = mesh_config(args)
-    config, _ = model_config_of(args.checkpoint, args.hf, args.dtype, args.attention)
+    config, _ = model_config_of(args.checkpoint, args.hf, args.dtype)
     tokenizer = TextTokenizer(tokenizer_path)
     tokenizer.check_fits(config.vocab_size)
     prompts = [tokenizer.encode(text) for text in texts]
@@ -126,12 +124,14 @@ def run(args: argparse.Namespace) -> int:
     from k2jax import distributed
 
     distributed.initialize()
+    import jax
+
     from k2jax.eval.weights import stderr_log
     from k2jax.generate import Generator
     from k2jax.generate.weights import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.checkpoint, args.hf, args.dtype, mesh, args.attention)
+    loaded = load_model(args.checkpoint, args.hf, args.dtype, mesh)
     stderr_log(f"generate: weights on {loaded.mesh.devices.size} device(s) "
                f"(mesh {dict(loaded.mesh.shape)}) in {time.perf_counter() - t0:.1f} s")
     generator = Generator(loaded.params, loaded.config, loaded.mesh, loaded.rules)
@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             for stop in stops:
                 text = text.split(stop)[0]
             produced += len(result.tokens)
+            if jax.process_index() != 0:  # every host of a pod computes the same tokens
+                continue
             if args.json:
                 print(json.dumps({"prompt": texts[start + offset], "text": text,
                                   "prompt_ids": batch[offset], "token_ids": result.tokens,

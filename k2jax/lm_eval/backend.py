@@ -29,6 +29,7 @@ class K2JaxLM(TemplateLM):
                  max_length: Optional[int] = None, max_gen_toks: int = 256, data: int = 1,
                  fsdp: int = -1, tensor: int = 1, attention: str = "auto", **unused):
         super().__init__()
+        from k2jax import distributed
         from k2jax.config import MeshConfig
         from k2jax.generate import Generator
         from k2jax.generate.scoring import Scorer
@@ -43,6 +44,7 @@ class K2JaxLM(TemplateLM):
         self.tokenizer.check_fits(config.vocab_size)
         if self.tokenizer.eos_id is None:
             raise UserError(f"tokenizer {tokenizer}: has no EOS token")
+        distributed.initialize()  # a pod: every host runs lm-eval, the devices work as one
         loaded = load_model(checkpoint, hf, dtype,
                             MeshConfig(data=int(data), fsdp=int(fsdp), tensor=int(tensor)),
                             attention)
