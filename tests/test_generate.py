@@ -64,6 +64,7 @@ def test_greedy_equals_transformers_generate(num_kv_heads):
     assert any(r.finish_reason == "eos" for r in results)  # the EOS path is exercised
 
 
+@pytest.mark.slow  # compiles several bucket shapes
 def test_decode_compiles_once_per_bucket():
     model = tiny_llama(num_kv_heads=2, max_positions=128)
     params, config = k2jax_weights(model)
@@ -75,6 +76,7 @@ def test_decode_compiles_once_per_bucket():
     assert generator.compiles() == {"prefill": 3, "decode": 3}
 
 
+@pytest.mark.slow  # compiles several bucket shapes
 def test_sampling_settings():
     model = tiny_llama(num_kv_heads=2, max_positions=128)
     params, config = k2jax_weights(model)

@@ -28,6 +28,7 @@ def hf_greedy_ids(directory, text: str, new: int) -> list[int]:
     return row[:row.index(2) + 1] if 2 in row else row
 
 
+@pytest.mark.slow  # two CLI runs, each compiling prefill and decode
 def test_generate_json_equals_transformers(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     texts = ["the quick brown fox", "one two", "red green blue sky sea and"]
