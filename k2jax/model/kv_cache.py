@@ -14,7 +14,7 @@ attention mask (`attention_mask.cumsum(-1) - 1`), so left-padded rows match unpa
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,25 +85,31 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
                             cfg.rope_freq_dtype)
     norm, mlp = RMSNorm(cfg), Mlp(cfg)
 
-    def layer(x_BxSxE, per_layer):
-        p, keys_BxTxKxD, values_BxTxKxD = per_layer
+    def layer(carry, per_layer):
+        # The whole cache rides in the carry and is updated in place (one token's K/V per
+        # layer); scanning it as xs -> ys would make XLA hold a second copy of it.
+        x_BxSxE, keys_LxBxTxKxD, values_LxBxTxKxD = carry
+        p, index = per_layer
         attn = p["attention"]
         h = norm.apply({"params": p["input_norm"]}, x_BxSxE)
         q = apply_rope(project(h, attn["q_proj"]), cos, sin)
         k = apply_rope(project(h, attn["k_proj"]), cos, sin)
         v = project(h, attn["v_proj"])
-        keys_BxTxKxD = jax.lax.dynamic_update_slice(keys_BxTxKxD, k.astype(compute),
-                                                    (0, offset, 0, 0))
-        values_BxTxKxD = jax.lax.dynamic_update_slice(values_BxTxKxD, v.astype(compute),
-                                                      (0, offset, 0, 0))
-        out = cached_attention(q, keys_BxTxKxD, values_BxTxKxD, mask_BxSxT)
+        at = (index, 0, offset, 0, 0)
+        keys_LxBxTxKxD = jax.lax.dynamic_update_slice(keys_LxBxTxKxD,
+                                                      k.astype(compute)[None], at)
+        values_LxBxTxKxD = jax.lax.dynamic_update_slice(values_LxBxTxKxD,
+                                                        v.astype(compute)[None], at)
+        out = cached_attention(q, keys_LxBxTxKxD[index], values_LxBxTxKxD[index], mask_BxSxT)
         x_BxSxE = x_BxSxE + project(out, attn["o_proj"], in_dims=2)
         h = norm.apply({"params": p["post_attention_norm"]}, x_BxSxE)
         x_BxSxE = x_BxSxE + mlp.apply({"params": p["mlp"]}, h)
-        return x_BxSxE, (keys_BxTxKxD, values_BxTxKxD)
+        return (x_BxSxE, keys_LxBxTxKxD, values_LxBxTxKxD), None
 
     layers = stacked_layers(params, cfg.num_layers)
-    x_BxSxE, (keys, values) = jax.lax.scan(layer, x_BxSxE, (layers, cache.keys, cache.values))
+    (x_BxSxE, keys, values), _ = jax.lax.scan(
+        layer, (x_BxSxE, cache.keys, cache.values),
+        (layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     if last_only:
         x_BxSxE = x_BxSxE[:, -1:]
     x_BxSxE = norm.apply({"params": params["final_norm"]}, x_BxSxE)
@@ -112,13 +118,3 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
     cache = KVCache(constrain(keys, CACHE_AXES), constrain(values, CACHE_AXES), valid_BxT)
     return logits, cache
 
-
-def cache_bytes(config: ModelConfig, batch: int, slots: int) -> int:
-    """Bytes of K and V for `batch` rows of `slots` tokens (all layers, compute dtype)."""
-    per_token = (2 * config.num_layers * config.num_kv_heads * config.resolved_head_dim
-                 * jnp.dtype(config.compute_dtype).itemsize)
-    return per_token * batch * slots
-
-
-def cache_shape_dtype(config: ModelConfig, batch: int, slots: int) -> Any:
-    return jax.eval_shape(lambda: empty_cache(config, batch, slots))
