@@ -1,7 +1,7 @@
 """Generation and scoring speed: k2jax against Hugging Face transformers on this CPU, side by
 side in one run, and the memory of a K2-65B decode step compiled ahead of time for v5p slices.
 
-CPU part (~100 M parameters: hidden 768, 12 layers, 12 heads, vocab 32032, fp32): the same
+CPU part (~100 M parameters: hidden 768, 12 layers, 12 heads, K2's vocabulary, fp32): the same
 random weights in both frameworks; decode tokens/s of greedy generation (a batch of prompts,
 prefill included, compiles excluded: one warm-up call first) and log-likelihood requests/s (what
 lm-eval's `loglikelihood` asks: context + continuation, one forward per batch, log-softmax,
@@ -28,9 +28,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 GIB = 1024 ** 3
-SHAPE_100M = dict(vocab_size=32032, hidden_size=768, intermediate_size=2048,
-                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
-                  max_position_embeddings=2048)
+SHAPE_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)
+
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -49,8 +49,11 @@ def cpu_models():
     from k2jax.hf.config_json import model_config_from_hf
     from k2jax.hf.name_map import params_from_hf
 
+    from k2jax.config import load_config
+
     torch.manual_seed(0)
-    hf_config = LlamaConfig(**SHAPE_100M, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    vocab = load_config("configs/k2-65b.yaml").model.vocab_size  # K2's padded vocabulary
+    hf_config = LlamaConfig(**SHAPE_100M, vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=False,
                             attn_implementation="sdpa", pad_token_id=0, eos_token_id=2,
                             bos_token_id=1)
     model = LlamaForCausalLM(hf_config).eval()
@@ -70,7 +73,8 @@ def cpu_benchmark(args) -> list[tuple[str, float, float]]:
     torch.set_num_threads(os.cpu_count() or 1)
     model, params, config = cpu_models()
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 32000, n).tolist() for n in
+    top = config.vocab_size
+    prompts = [rng.integers(3, top, n).tolist() for n in
                rng.integers(args.prompt_len // 2, args.prompt_len + 1, args.batch)]
     new = args.new_tokens
 
@@ -85,7 +89,7 @@ def cpu_benchmark(args) -> list[tuple[str, float, float]]:
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                            min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-    pairs = [(rng.integers(3, 32000, int(c)).tolist(), rng.integers(3, 32000, 4).tolist())
+    pairs = [(rng.integers(3, top, int(c)).tolist(), rng.integers(3, top, 4).tolist())
              for c in rng.integers(32, args.context_len + 1, args.requests)]
     scorer = Scorer(params, config)
 
