@@ -86,8 +86,9 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
     norm, mlp = RMSNorm(cfg), Mlp(cfg)
 
     def layer(carry, per_layer):
-        # The whole cache rides in the carry and is updated in place (one token's K/V per
-        # layer); scanning it as xs -> ys would make XLA hold a second copy of it.
+        # The whole cache rides in the carry, written one layer's new K/V at a time (scanning
+        # it as xs -> ys measured 1 GiB more temporaries per chip for K2-65B, 32 x 4096 on
+        # v5p-16; docs/performance.md).
         x_BxSxE, keys_LxBxTxKxD, values_LxBxTxKxD = carry
         p, index = per_layer
         attn = p["attention"]
