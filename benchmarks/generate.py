@@ -158,8 +158,8 @@ def aot_decode_memory(topology: str, batch: int, cache_len: int) -> dict:
     spec = lambda *axes: NamedSharding(mesh, PartitionSpec(*axes))
     rows = batch
     assert rows % batch_shards(mesh, rules) == 0
-    kv = (config.num_layers, rows, cache_len, config.num_kv_heads, config.resolved_head_dim)
-    cache_sharding = spec(None, table["batch"], None, table["kv_heads"], None)
+    kv = (config.num_layers, rows, config.num_kv_heads, cache_len, config.resolved_head_dim)
+    cache_sharding = spec(None, table["batch"], table["kv_heads"], None, None)
     cache = KVCache(jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=cache_sharding),
                     jax.ShapeDtypeStruct(kv, jnp.bfloat16, sharding=cache_sharding),
                     jax.ShapeDtypeStruct((rows, cache_len), bool,

@@ -5,7 +5,8 @@ building blocks (RMSNorm and Mlp modules, `project`, RoPE), so it cannot drift f
 model; only attention differs: new queries attend to the cache, not to their own segment.
 
 Cache layout (one array per K and V, all layers stacked so one `lax.scan` walks them):
-  keys/values  [L, B, T, K, D] in the compute dtype (T: cache slots, K: kv heads)
+  keys/values  [L, B, K, T, D] in the compute dtype (K: kv heads, T: cache slots; each head's
+               [T, D] contiguous, the operand layout of the attention dots)
   valid        bool [B, T]: slot t of row b holds a real token (left padding is never valid)
 Slot index = the step's write offset, shared by all rows; the RoPE position of a token is its
 row's count of real tokens before it, which is what transformers' generate computes from the
@@ -23,17 +24,17 @@ from k2jax.config import ModelConfig
 from k2jax.model.layers import Mlp, RMSNorm, constrain, dtype_of, project
 from k2jax.model.rope import apply_rope, rope_cos_sin
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 class KVCache(NamedTuple):
-    keys: jnp.ndarray    # [L, B, T, K, D]
-    values: jnp.ndarray  # [L, B, T, K, D]
+    keys: jnp.ndarray    # [L, B, K, T, D]
+    values: jnp.ndarray  # [L, B, K, T, D]
     valid: jnp.ndarray   # bool [B, T]
 
 
 def empty_cache(config: ModelConfig, batch: int, slots: int) -> KVCache:
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.resolved_head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.resolved_head_dim)
     zeros = jnp.zeros(shape, dtype_of(config.compute_dtype))
     return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES),
                    jnp.zeros((batch, slots), bool))
@@ -47,17 +48,17 @@ def stacked_layers(params: dict, num_layers: int) -> dict:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
-def cached_attention(q_BxSxNxD, keys_BxTxKxD, values_BxTxKxD, mask_BxSxT) -> jnp.ndarray:
+def cached_attention(q_BxSxNxD, keys_BxKxTxD, values_BxKxTxD, mask_BxSxT) -> jnp.ndarray:
     """softmax(q k^T / sqrt(D) masked) v over the cache: logits and softmax in fp32, output in
     q's dtype; a query group's heads share their kv head (GQA). -> [B, S, N, D]."""
     batch, seq, num_heads, head_dim = q_BxSxNxD.shape
-    num_kv = keys_BxTxKxD.shape[2]
+    num_kv = keys_BxKxTxD.shape[1]
     q_BxSxKxGxD = q_BxSxNxD.reshape(batch, seq, num_kv, num_heads // num_kv, head_dim)
-    logits = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, keys_BxTxKxD,
+    logits = jnp.einsum("bskgd,bktd->bkgst", q_BxSxKxGxD, keys_BxKxTxD,
                         preferred_element_type=jnp.float32) * head_dim ** -0.5
     logits = jnp.where(mask_BxSxT[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values_BxTxKxD.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, values_BxTxKxD)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values_BxKxTxD.dtype)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, values_BxKxTxD)
     return out.reshape(batch, seq, num_heads, head_dim)
 
 
@@ -89,23 +90,23 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
         # The whole cache rides in the carry, written one layer's new K/V at a time (scanning
         # it as xs -> ys measured 1 GiB more temporaries per chip for K2-65B, 32 x 4096 on
         # v5p-16; docs/performance.md).
-        x_BxSxE, keys_LxBxTxKxD, values_LxBxTxKxD = carry
+        x_BxSxE, keys_LxBxKxTxD, values_LxBxKxTxD = carry
         p, index = per_layer
         attn = p["attention"]
         h = norm.apply({"params": p["input_norm"]}, x_BxSxE)
         q = apply_rope(project(h, attn["q_proj"]), cos, sin)
         k = apply_rope(project(h, attn["k_proj"]), cos, sin)
         v = project(h, attn["v_proj"])
-        at = (index, 0, offset, 0, 0)
-        keys_LxBxTxKxD = jax.lax.dynamic_update_slice(keys_LxBxTxKxD,
-                                                      k.astype(compute)[None], at)
-        values_LxBxTxKxD = jax.lax.dynamic_update_slice(values_LxBxTxKxD,
-                                                        v.astype(compute)[None], at)
-        out = cached_attention(q, keys_LxBxTxKxD[index], values_LxBxTxKxD[index], mask_BxSxT)
+        at = (index, 0, 0, offset, 0)
+        new_k = k.astype(compute).transpose(0, 2, 1, 3)[None]  # [1, B, K, S, D]
+        new_v = v.astype(compute).transpose(0, 2, 1, 3)[None]
+        keys_LxBxKxTxD = jax.lax.dynamic_update_slice(keys_LxBxKxTxD, new_k, at)
+        values_LxBxKxTxD = jax.lax.dynamic_update_slice(values_LxBxKxTxD, new_v, at)
+        out = cached_attention(q, keys_LxBxKxTxD[index], values_LxBxKxTxD[index], mask_BxSxT)
         x_BxSxE = x_BxSxE + project(out, attn["o_proj"], in_dims=2)
         h = norm.apply({"params": p["post_attention_norm"]}, x_BxSxE)
         x_BxSxE = x_BxSxE + mlp.apply({"params": p["mlp"]}, h)
-        return (x_BxSxE, keys_LxBxTxKxD, values_LxBxTxKxD), None
+        return (x_BxSxE, keys_LxBxKxTxD, values_LxBxKxTxD), None
 
     layers = stacked_layers(params, cfg.num_layers)
     (x_BxSxE, keys, values), _ = jax.lax.scan(
