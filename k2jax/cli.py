@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES = [
     "k2jax.commands.eval_loss",
     "k2jax.commands.compare_hf",
     "k2jax.commands.compare_curves",
+    "k2jax.commands.generate",
+    "k2jax.commands.eval_tasks",
 ]
 
 

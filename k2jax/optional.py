@@ -9,7 +9,7 @@ from k2jax.errors import UserError
 
 # module -> the k2jax extra that installs it (pyproject.toml's optional-dependencies)
 EXTRA_OF = {"torch": "compare", "transformers": "compare", "matplotlib": "compare",
-            "libtpu": "tpu"}
+            "libtpu": "tpu", "lm_eval": "eval"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

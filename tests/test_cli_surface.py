@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = [["train"], ["aot"], ["eval-loss"], ["compare-hf"], ["compare-curves"],
             ["convert", "hf-to-orbax"], ["convert", "orbax-to-hf"], ["data", "index"],
             ["data", "pack"], ["data", "batch"], ["data", "locate"], ["data", "order"],
-            ["data", "prepare"]]
+            ["data", "prepare"], ["generate"]]
 # Commands with a progress bar: each takes both spellings of the switch.
 PROGRESS = [["eval-loss", "--hf", "h", "--steps", "0"], ["convert", "hf-to-orbax", "--hf", "h",
             "--out", "o"], ["convert", "orbax-to-hf", "--checkpoint", "c", "--out", "o"],

@@ -165,6 +165,23 @@ def check_downloaded_model(scratch, result):
     assert (scratch / "K2-ckpt_100/tokenizer.model").is_file()
 
 
+def check_generate_text(scratch, result):
+    assert result.stdout.startswith("The capital of France is"), result.stdout
+
+
+def write_prompts(scratch):
+    (scratch / "prompts.jsonl").write_text('{"prompt": "Once upon a time"}\n'
+                                           '{"prompt": "def main():"}\n')
+
+
+def check_generate_json(scratch, result):
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["Once upon a time", "def main():"]
+    for record in records:
+        assert 1 <= len(record["token_ids"]) <= 64 and record["prompt_ids"]
+        assert record["finish_reason"] in ("eos", "length")
+
+
 def check_bf16_weights(scratch, result):
     config = json.loads((scratch / "weights/ckpt_100/k2jax_model.json").read_text())
     assert "bfloat16" in json.dumps(config)
@@ -313,6 +330,16 @@ COMMANDS: list[tuple[str, object]] = [
      Run(subs=TINY_RUN + (("94000:95000", "100:300"),), check=check_curves("curves.png", 20),
          before=wandb_export("runs/tiny/metrics.jsonl", "step"),
          why="the pod run -> the quick start's run, and its steps")),
+    # k2jax generate, k2jax eval-tasks, Evaluate a checkpoint
+    (r"k2jax generate --hf K2-ckpt_100 --prompt ", Run(check=check_generate_text)),
+    (r"k2jax generate --checkpoint weights/ckpt_100 --tokenizer K2-ckpt_100 --prompts ",
+     Run(before=write_prompts, check=check_generate_json)),
+    (r"k2jax eval-tasks --model_args hf=K2-ckpt_100,",
+     Skip("HellaSwag's data is on the Hugging Face Hub; tests/test_lm_eval_backend.py runs the "
+          "backend on local tasks against lm-eval's hf backend")),
+    (r"hf download LLM360/K2 --local-dir K2 ", Skip(REMOTE)),
+    (r"k2jax eval-tasks --model_args hf=K2,dtype=bf16,tensor=8 --tasks mmlu",
+     Skip("K2-65B on a TPU slice, MMLU from the Hugging Face Hub")),
     # k2jax aot
     (r"k2jax aot --config configs/k2-65b\.yaml --topology v5p-512",
      Skip("K2-65B AOT compile: minutes of CPU and many GB (tests/test_aot.py, slow, plans it)")),
