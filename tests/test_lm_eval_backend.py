@@ -5,7 +5,6 @@ multiple-choice, generation and rolling-log-likelihood tasks."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
