@@ -86,7 +86,7 @@ def lower_train_step(config: Config, devices: list):
     """(lowered step, abstract state, batch rows, mesh) for `config` over `devices`."""
     from k2jax.train.optimizer import make_optimizer
     from k2jax.train.state import abstract_state, state_shardings
-    from k2jax.train.step import make_train_step
+    from k2jax.train.step import batch_dtypes, make_train_step
 
     mesh = build_mesh(config.mesh, devices)
     optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
@@ -94,10 +94,8 @@ def lower_train_step(config: Config, devices: list):
     state = abstract_state(shardings, config, optimizer)
     rows = padded_global_rows(config, mesh)
     batch_sh = batch_sharding(mesh, config.mesh.rules)
-    batch = {"tokens": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.int32,
-                                            sharding=batch_sh),
-             "loss_mask": jax.ShapeDtypeStruct((rows, config.data.seq_len), jnp.float32,
-                                               sharding=batch_sh)}
+    batch = {key: jax.ShapeDtypeStruct((rows, config.data.seq_len), dtype, sharding=batch_sh)
+             for key, dtype in batch_dtypes(config).items()}
     ceiling = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
     step = make_train_step(config, optimizer, mesh, shardings)
     return step.lower(state, batch, ceiling), state, rows, mesh

@@ -29,7 +29,8 @@ def available_steps(step_batches: StepBatches) -> int:
     num_rows = step_batches.source.num_rows
     if num_rows is None:
         return UNBOUNDED_STEPS
-    return max(0, (num_rows - step_batches.data.start_row) // step_batches.data.global_batch_size)
+    data = step_batches.data  # steps are numbered from data.first_step
+    return data.first_step + max(0, (num_rows - data.start_row) // data.global_batch_size)
 
 
 class HostBatchSource:

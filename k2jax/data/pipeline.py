@@ -1,7 +1,7 @@
 """Per-step batches: a batch is a pure function of the step number.
 
-Step t reads global rows [start_row + t * B, start_row + (t + 1) * B) of the order (B =
-data.global_batch_size), after data.moved_row_ranges is applied. Process p of P gets the
+Step t reads global rows [start_row + u * B, start_row + (u + 1) * B) of the order, u = t -
+data.first_step (B = data.global_batch_size), after data.moved_row_ranges is applied. Process p of P gets the
 contiguous slice [p * H, (p + 1) * H) of those rows, H = padded / P, where `padded` >= B is the
 row count the devices need (a multiple of the data-parallel size and of P; K2's global batch
 divides no power-of-two pod). Rows past B are padding: token 0, loss mask 0, so they change
@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from k2jax.config import Config, DataConfig
+from k2jax.data.segments import open_document_segments
 from k2jax.data.source import RowSource, apply_moved_ranges
 from k2jax.data.synthetic import SyntheticSource
 from k2jax.errors import UserError
@@ -33,6 +34,7 @@ class StepBatches:
         self.process_index = process_index
         self.process_count = process_count
         self.padded_batch_size = padded
+        self.documents = open_document_segments(data, source)  # None unless data.reset_*
 
     @property
     def host_batch_size(self) -> int:
@@ -42,9 +44,10 @@ class StepBatches:
     def logical_rows(self, step: int) -> tuple[int, int]:
         """[start, stop) of `step` in the current order (data.moved_row_ranges applied)."""
         size = self.data.global_batch_size
-        if step < 0:
-            raise UserError(f"step must be >= 0, got {step}")
-        start = self.data.start_row + step * size
+        if step < self.data.first_step:
+            raise UserError(f"step must be >= data.first_step={self.data.first_step}, got "
+                            f"{step}")
+        start = self.data.start_row + (step - self.data.first_step) * size
         total = self.source.num_rows
         if total is not None and start + size > total:
             raise UserError(f"step {step} needs global rows [{start}, {start + size}) but the "
@@ -74,11 +77,20 @@ class StepBatches:
         loss_mask = np.zeros((self.host_batch_size, seq), np.float32)
         if len(rows):
             tokens[:len(rows)], loss_mask[:len(rows)] = self.source.read_rows(rows)
-        return {"tokens": tokens, "loss_mask": loss_mask}
+        return {"tokens": tokens, "loss_mask": loss_mask, **self._document_fields(rows)}
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
-        tokens, loss_mask = self.source.read_rows(self.global_rows(step))
-        return {"tokens": tokens, "loss_mask": loss_mask}
+        rows = self.global_rows(step)
+        tokens, loss_mask = self.source.read_rows(rows)
+        return {"tokens": tokens, "loss_mask": loss_mask,
+                **self._document_fields(rows, len(rows))}
+
+    def _document_fields(self, rows: np.ndarray, num_rows: int | None = None) -> dict:
+        """segment_ids / positions int32 [num_rows (default: host batch), S] under
+        data.reset_attention_mask / reset_position_ids (k2jax/data/segments.py); else none."""
+        if self.documents is None:
+            return {}
+        return self.documents.batch_fields(rows, num_rows or self.host_batch_size)
 
 
 def make_row_source(config: Config, seed: int) -> RowSource:

@@ -24,12 +24,31 @@ from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
 from k2jax.train.state import TrainState
 
 
+# Batch entries besides tokens and loss_mask, present under data.reset_attention_mask /
+# data.reset_position_ids (k2jax/data/segments.py): int32 [P, S] each.
+DOCUMENT_KEYS = ("segment_ids", "positions")
+
+
+def batch_dtypes(config: Config) -> dict[str, jnp.dtype]:
+    """The train step's batch entries and their dtypes (all [P, S], sharded over the batch
+    axes): tokens, loss_mask, and the document fields `config.data` asks for."""
+    dtypes = {"tokens": jnp.int32, "loss_mask": jnp.float32}
+    if config.data.reset_attention_mask:
+        dtypes["segment_ids"] = jnp.int32
+    if config.data.reset_position_ids:
+        dtypes["positions"] = jnp.int32
+    return dtypes
+
+
 def make_loss_and_gradients(config: Config, mesh: Mesh):
-    """Returns fn(params, tokens, loss_mask) -> (loss, grads fp32 like params, counted tokens),
-    to be traced inside a jit: the step's loss and its gradients over the whole device batch.
+    """Returns fn(params, tokens, loss_mask, documents=None) -> (loss, grads fp32 like params,
+    counted tokens), to be traced inside a jit: the step's loss and its gradients over the
+    whole device batch.
 
     tokens int32 [P, S], loss_mask float32 [P, S]: the step's global batch in order, then
     zero-mask padding rows (P >= data.global_batch_size), sharded over the batch axes.
+    documents: {"segment_ids", "positions"} int32 [P, S] each, either optional (packed
+    documents: attention within a document, positions restarting per document).
     """
     model = K2Model(config.model)
     accumulation = config.data.accumulation_steps
@@ -37,11 +56,13 @@ def make_loss_and_gradients(config: Config, mesh: Mesh):
     micro_sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(None, *batch_sharding(mesh, config.mesh.rules).spec))
 
-    def summed_loss(params, tokens, loss_mask):
-        logits = model.apply({"params": params}, tokens)
+    def summed_loss(params, tokens, loss_mask, documents):
+        logits = model.apply({"params": params}, tokens, documents.get("positions"),
+                             documents.get("segment_ids"))
         return masked_next_token_loss(logits, tokens, loss_mask)
 
-    def loss_and_gradients(params, tokens, loss_mask):
+    def loss_and_gradients(params, tokens, loss_mask, documents=None):
+        documents = documents or {}
         rows, seq = tokens.shape
         micro = rows // accumulation
         row_weights, divisor = loss_row_weights(
@@ -56,9 +77,9 @@ def make_loss_and_gradients(config: Config, mesh: Mesh):
             x = x.reshape(micro, accumulation, seq).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(x, micro_sharding)
 
-        def micro_step(micro_tokens, micro_mask):
+        def micro_step(micro_tokens, micro_mask, micro_documents):
             (loss_sum, _), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                params, micro_tokens, micro_mask)
+                params, micro_tokens, micro_mask, micro_documents)
             return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum
 
         def accumulate(carry, micro_batch):
@@ -71,12 +92,13 @@ def make_loss_and_gradients(config: Config, mesh: Mesh):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules), \
                 weight_gradient_dtype(config.train.gradient_dtype):
             if accumulation == 1:  # no zero-filled accumulator to write and add to
-                grads, loss_sum = micro_step(tokens, weighted_mask)
+                grads, loss_sum = micro_step(tokens, weighted_mask, documents)
             else:
                 zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
                 init = (zeros, jnp.zeros((), jnp.float32))
                 (grads, loss_sum), _ = jax.lax.scan(
-                    accumulate, init, (split(tokens), split(weighted_mask)))
+                    accumulate, init, (split(tokens), split(weighted_mask),
+                                       jax.tree.map(split, documents)))
         grads = jax.tree.map(lambda g: g / divisor, grads)
         return loss_sum / divisor, grads, count
 
@@ -87,15 +109,17 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
                     shardings: TrainState):
     """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
 
-    batch: tokens int32 [B, S], loss_mask float32 [B, S] (sharded over the batch axes).
+    batch: tokens int32 [B, S], loss_mask float32 [B, S] and the document fields of
+    `batch_dtypes(config)` (sharded over the batch axes).
     loss_ceiling: float32 scalar; the update is applied only if the loss is finite and at most
     this (spike handling passes +inf to always apply).
     """
     loss_and_gradients = make_loss_and_gradients(config, mesh)
 
     def step(state: TrainState, batch, loss_ceiling):
-        loss, grads, count = loss_and_gradients(state.params, batch["tokens"],
-                                                batch["loss_mask"])
+        loss, grads, count = loss_and_gradients(
+            state.params, batch["tokens"], batch["loss_mask"],
+            {k: batch[k] for k in DOCUMENT_KEYS if k in batch})
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -123,6 +147,6 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         return new_state, metrics
 
     batch_sh = batch_sharding(mesh, config.mesh.rules)
-    return jax.jit(step, in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh},
+    return jax.jit(step, in_shardings=(shardings, {k: batch_sh for k in batch_dtypes(config)},
                                        None),
                    out_shardings=(shardings, None), donate_argnums=0)

@@ -33,7 +33,7 @@ from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_f
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.optimizer import make_optimizer
 from k2jax.train.preemption import StopRequested
-from k2jax.train.schedule import k2_learning_rate, schedule_count
+from k2jax.train.schedule import learning_rate, schedule_count
 from k2jax.train.spikes import SpikeDetector
 from k2jax.train.state import abstract_state, create_train_state, state_shardings
 from k2jax.train.step import make_train_step
@@ -47,7 +47,7 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.mesh = build_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
-        self.learning_rate = k2_learning_rate(config.optimizer)  # for the logs: the step's lr
+        self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
         self.boxed, self.shardings = state_shardings(config, self.optimizer, self.mesh)
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
