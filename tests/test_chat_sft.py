@@ -211,3 +211,19 @@ def test_segments_file_missing_is_one_line(chat_dir):
         make_step_batches(sft_config(data_dir)).global_batch(0)
     with pytest.raises(ConfigError, match="data.reset_attention_mask"):
         load_config(TINY, ["data.reset_attention_mask=true"])  # synthetic data has no documents
+
+
+@pytest.mark.slow  # one training compile
+def test_trainer_reads_chat_rows_with_documents(chat_dir, tmp_path):
+    from k2jax.train.trainer import Trainer
+    from train_utils import read_metrics
+
+    data_dir, _ = chat_dir
+    config = sft_config(data_dir, "train.steps=1", "train.checkpoint_every=1",
+                        f"train.run_dir={tmp_path / 'run'}", "train.peak_flops_per_device=1e11",
+                        "train.log_every=1")
+    Trainer(config).run()
+    record, = read_metrics(tmp_path / "run")
+    summary = json.loads((data_dir / "prepare-chat.json").read_text())
+    assert record["step"] == 1 and np.isfinite(record["loss"])
+    assert record["tokens"] == summary["target_tokens"]  # the assistant tokens, nothing else
