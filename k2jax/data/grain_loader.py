@@ -25,7 +25,8 @@ UNBOUNDED_STEPS = 2**62  # for sources without an end (synthetic)
 
 
 def available_steps(step_batches: StepBatches) -> int:
-    """Whole global batches the data holds from data.start_row on."""
+    """The end (exclusive) of the steps whose whole global batch the data holds: steps are
+    numbered from data.first_step, which reads row data.start_row."""
     num_rows = step_batches.source.num_rows
     if num_rows is None:
         return UNBOUNDED_STEPS
