@@ -2,9 +2,9 @@
 
 Step t reads global rows [start_row + u * B, start_row + (u + 1) * B) of the order, u = t -
 data.first_step (B = data.global_batch_size), after data.moved_row_ranges is applied. Process p
-of P gets the contiguous slice [p * H, (p + 1) * H) of those rows, H = padded / P, where `padded` >= B is the
-row count the devices need (a multiple of the data-parallel size and of P; K2's global batch
-divides no power-of-two pod). Rows past B are padding: token 0, loss mask 0, so they change
+of P gets the contiguous slice [p * H, (p + 1) * H) of those rows, H = padded / P, where
+`padded` >= B is the row count the devices need (a multiple of the data-parallel size and of P;
+K2's global batch divides no power-of-two pod). Rows past B are padding: token 0, loss mask 0, so they change
 neither sum(loss * mask) nor sum(mask). The global batch is the same for any number of hosts.
 Resuming at step t costs O(B) reads and needs no saved iterator: the step number in the
 checkpoint is the data position.
