@@ -106,11 +106,26 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip_norm: float = 1.0
+    # The lr schedule (train/schedule.py). k2: warm-up from step 0, cosine to min_lr at
+    # decay_steps (K2's stage 1). constant / linear_decay: a warm-up of warmup_steps starting at
+    # schedule_start_step, then peak_lr (constant) or peak_lr falling linearly to min_lr at
+    # decay_steps (linear_decay): a schedule of its own for a run continuing another one.
+    schedule: Literal["k2", "constant", "linear_decay"] = "k2"
+    schedule_start_step: int = 0
 
     def validate(self) -> None:
         if self.warmup_steps < 0 or self.decay_steps <= self.warmup_steps:
             raise ConfigError("optimizer.decay_steps", f"must exceed optimizer.warmup_steps "
                               f"({self.warmup_steps}), got {self.decay_steps}")
+        if self.schedule_start_step < 0 or (self.schedule == "k2" and self.schedule_start_step):
+            raise ConfigError("optimizer.schedule_start_step", f"must be >= 0, and 0 with "
+                              f"optimizer.schedule k2 (its warm-up starts at step 0), got "
+                              f"{self.schedule_start_step}")
+        decay_from = self.schedule_start_step + self.warmup_steps
+        if self.schedule == "linear_decay" and self.decay_steps <= decay_from:
+            raise ConfigError("optimizer.decay_steps", f"linear_decay needs decay_steps past "
+                              f"optimizer.schedule_start_step + warmup_steps ({decay_from}), "
+                              f"got {self.decay_steps}")
         if not 0 <= self.min_lr <= self.peak_lr:
             raise ConfigError("optimizer.min_lr", f"must be in [0, peak_lr={self.peak_lr}], "
                               f"got {self.min_lr}")
@@ -130,9 +145,21 @@ class DataConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 256  # rows per accumulation micro-step, over the whole mesh
     start_row: int = 0  # global row offset added to step * global_batch_size
+    # The step that reads row start_row of the order: step t reads rows from start_row +
+    # (t - first_step) * global_batch_size. 0 for a run whose order starts with its first step;
+    # K2's stage 2 (configs/k2-stage2.yaml) numbers its steps on after stage 1 (338760) while its
+    # order, chunks 360..379, starts afresh.
+    first_step: int = 0
     # Apply rows' per-token `tgt_mask`. False is K2's stage 1: its main.py never reads the
     # field (loss mask = ones but the last position), so K2's own runs ignored it.
     use_tgt_mask: bool = False
+    # Documents packed in one row (chat SFT rows of `k2jax data prepare-chat`, which writes
+    # each row's segment ids beside its chunk file): reset_attention_mask keeps attention within
+    # a document, reset_position_ids restarts RoPE positions at each document's first token.
+    # Both false is K2's pretraining (its main.py asserts Megatron's flags of these names off).
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    chat: "ChatConfig" = dataclasses.field(default_factory=lambda: ChatConfig())
     # [start, count] global row windows moved to the end of the order, applied in turn
     # (what K2's team did by hand after a malignant loss spike; rollback appends here).
     moved_row_ranges: list[list[int]] = dataclasses.field(default_factory=list)
@@ -174,6 +201,53 @@ class DataConfig:
         if self.worker_count < 0 or self.prefetch < 0:
             raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
                               f"{self.worker_count} and {self.prefetch}")
+        if self.first_step < 0:
+            raise ConfigError("data.first_step", f"must be >= 0, got {self.first_step}")
+        if (self.reset_attention_mask or self.reset_position_ids) and self.source != "k2":
+            key = "reset_attention_mask" if self.reset_attention_mask else "reset_position_ids"
+            raise ConfigError(f"data.{key}", "needs data.source k2 (chunk files with segment "
+                              "ids, from `k2jax data prepare-chat`); the synthetic source has "
+                              "no documents")
+        self.chat.validate()
+
+    @property
+    def uses_segments(self) -> bool:
+        """Whether batches carry per-document segment ids and positions."""
+        return self.reset_attention_mask or self.reset_position_ids
+
+
+@dataclasses.dataclass
+class ChatConfig:
+    """How `k2jax data prepare-chat` renders a conversation (k2jax/data/chat.py).
+
+    A turn is its role's marker then its content; an assistant turn also ends with
+    `assistant_end`. Loss is taken on assistant content and `assistant_end` only. Neutral
+    defaults; K2-Chat's markers (its model card's prompt) are in configs/k2-chat.yaml.
+    """
+
+    user_marker: str = "<|user|>"
+    assistant_marker: str = "<|assistant|>"
+    # None: a system message's content goes first as plain text, without a marker.
+    system_marker: Optional[str] = None
+    assistant_end: str = "</s>"
+    # A conversation longer than data.seq_len: drop (counted and reported) or truncate (keep
+    # its first seq_len tokens; counted too).
+    overlong: Literal["drop", "truncate"] = "drop"
+
+    def markers(self) -> dict[str, str]:
+        """role -> marker text, for the roles that have one."""
+        found = {"user": self.user_marker, "assistant": self.assistant_marker}
+        if self.system_marker is not None:
+            found["system"] = self.system_marker
+        return found
+
+    def validate(self) -> None:
+        for role, marker in self.markers().items():
+            if not marker.strip():
+                raise ConfigError(f"data.chat.{role}_marker", "must not be empty")
+        if len(set(self.markers().values())) != len(self.markers()):
+            raise ConfigError("data.chat.user_marker", f"the role markers must differ, got "
+                              f"{self.markers()}")
 
 
 def parse_order(order: Union[str, list[int]], key: str) -> Union[str, list[int]]:
@@ -314,6 +388,10 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.model, self.optimizer, self.data, self.train, self.mesh):
             section.validate()
+        if self.data.first_step > self.train.start_step:
+            raise ConfigError("data.first_step", f"{self.data.first_step} is past "
+                              f"train.start_step={self.train.start_step}: the run's first step "
+                              f"would read before the order's first row")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")

@@ -224,6 +224,27 @@ def check_aot(scratch, result):
     assert "v5e" in result.stdout and "fit" in result.stdout.lower()
 
 
+def write_chats(scratch: Path) -> None:
+    """chats.jsonl: conversations of the common messages format, enough for 4 rows of 8192."""
+    rng = random.Random(1)
+    lines = [json.dumps({"messages": [
+        {"role": "system", "content": text(rng, 5)},
+        {"role": "user", "content": text(rng, 200)},
+        {"role": "assistant", "content": text(rng, 300)}]}) for _ in range(80)]
+    (scratch / "chats.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def check_prepare_chat(scratch, result):
+    out = scratch / "data/chat"
+    summary = json.loads((out / "prepare-chat.json").read_text())
+    assert summary["conversations"] == 80 and summary["rows"] >= 4
+    assert sorted(p.name for p in out.glob("chunk_*.segments.npy")) == [
+        f"chunk_{i}.segments.npy" for i in range(4)]
+    row = json.loads((out / "chunk_0.jsonl").read_text().splitlines()[0])
+    assert len(row["token_ids"]) == 8192 and 0 < sum(row["tgt_mask"]) < 8192
+    assert f"wrote 80 conversations as {summary['rows']} rows" in result.stdout
+
+
 def check_downloaded_chunks(scratch, result):
     assert all((scratch / f"k2data/chunk_{i}.jsonl").is_file() for i in range(101))
 
@@ -357,6 +378,23 @@ COMMANDS: list[tuple[str, object]] = [
     (r"k2jax compare-curves --run ckpt_100\.jsonl --reference k2_wandb\.csv --out ckpt_100\.png",
      Run(check=check_curves("ckpt_100.png", 1),
          before=wandb_export("ckpt_100.jsonl", "iteration"))),
+    # Continue K2: stage 2, long context, chat
+    (r"hf download LLM360/K2 --revision ckpt_360 ",
+     Skip(REMOTE + ": K2-65B's weights; the ckpt_100 download above runs the same stand-in")),
+    (r"k2jax convert hf-to-orbax --hf K2-ckpt_360 ",
+     Skip("needs the ckpt_360 download; the ckpt_100 conversion above is the same command")),
+    (r"k2jax train --config configs/k2-stage2\.yaml",
+     Skip(POD + "; tests/test_stage2.py runs steps 338760-338761 of it on a tiny model")),
+    (r"k2jax data prepare-chat --tokenizer tokenizer\.model --input chats\.jsonl",
+     Run(before=write_chats, check=check_prepare_chat)),
+    (r"k2jax train --config configs/k2-chat\.yaml data\.path=data/chat",
+     Skip(POD + " at 8192 tokens; tests/test_chat_sft.py and tests/test_long_context.py run "
+          "its data path and context on tiny models")),
+    (r"k2jax aot --config configs/k2-chat\.yaml --topology v5p-512",
+     Skip("K2-65B AOT compile at 8192 tokens: tens of minutes of CPU (docs/performance.md)")),
+    (r"k2jax convert orbax-to-hf --checkpoint runs/k2-chat/checkpoints/1000",
+     Skip("the K2-Chat pod run's checkpoint; tests/test_long_context.py exports an 8192-token "
+          "tiny run and loads it in transformers")),
     # Train K2-65B on a TPU pod
     (r"python -m pip wheel --no-deps -w dist \. && gcloud storage cp", Skip(REMOTE)),
     (r"cp gcp/k2\.env my-run\.env && \$EDITOR", Skip("interactive: opens an editor")),

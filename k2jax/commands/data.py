@@ -93,8 +93,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_progress_flags(p)
     p.set_defaults(func=cmd_prepare)
 
+    p = add_command(commands, "prepare-chat", "chat conversations (jsonl messages) -> packed "
+                    "rows with an assistant-only loss mask and document segment ids",
+                    "k2jax data prepare-chat --tokenizer tokenizer.model --input chats.jsonl "
+                    "--out /data/chat --num-chunks 4")
+    p.add_argument("--tokenizer", required=True, metavar="SPM.model")
+    p.add_argument("--input", required=True, nargs="+", metavar="FILE.jsonl",
+                   help='one conversation per line: {"messages": [{"role": "user|assistant|'
+                        'system", "content": "..."}, ...]}')
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new directory: chunk_{i}.jsonl (+ tgt_mask), chunk_{i}.segments.npy, "
+                        "its line index, prepare-chat.json")
+    p.add_argument("--num-chunks", type=int, default=1, help="chunk files the rows are cut into")
+    p.add_argument("--special-base-id", type=int, default=None,
+                   help="id of the first added special token (unset: SentencePiece size)")
+    add_config_args(p, (SEQ_LEN,))
+    p.set_defaults(func=cmd_prepare_chat, config=CHAT_PRESET)
+    p._option_string_actions["--config"].help = (
+        f"YAML config or preset name: data.seq_len, data.chat.* (markers, overlong policy), "
+        f"model.vocab_size, model.pad_token_id (default: {CHAT_PRESET}, K2-Chat's)")
+
 
 PACK_ALIASES = (DATA_PATH, SEQ_LEN, VOCAB_SIZE, INDEX_DIR)
+CHAT_PRESET = "k2-chat"  # prepare-chat's settings: K2-Chat's markers and context
 # With --run-dir the run's config decides everything but where the files are on this machine.
 RUN_DIR_ALIASES = (DATA_PATH, FORMAT, INDEX_DIR)
 
@@ -258,4 +279,23 @@ def cmd_prepare(args) -> int:
     print(f"wrote {summary['rows']} rows of {seq_len} tokens into {args.num_chunks} "
           f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens)",
           file=sys.stdout)
+    return 0
+
+
+def cmd_prepare_chat(args) -> int:
+    from k2jax.config import config_from_dict
+    from k2jax.data.chat import chat_tokenizer, prepare_chat
+    from k2jax.data.chunk_index import build_index
+
+    config = config_from_dict(config_dict_from_args(args, (SEQ_LEN,)))
+    chat, seq_len = config.data.chat, config.data.seq_len
+    tokenizer = chat_tokenizer(args.tokenizer, chat, args.special_base_id)
+    summary = prepare_chat(tokenizer, args.input, args.out, chat, seq_len,
+                           config.model.vocab_size, args.num_chunks,
+                           config.model.pad_token_id or 0)
+    build_index(args.out, progress=False)  # trainable as written (data.format jsonl)
+    print(f"wrote {summary['conversations']} conversations as {summary['rows']} rows of "
+          f"{seq_len} tokens into {args.num_chunks} chunk files in {args.out} "
+          f"({summary['target_tokens']} target tokens; {summary['dropped_overlong']} dropped "
+          f"and {summary['truncated_overlong']} truncated as longer than {seq_len})")
     return 0

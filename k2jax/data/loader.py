@@ -1,11 +1,13 @@
 """The one owner of the data position: step -> global rows -> this host's rows -> padded device
 batch (Levanter's `DataLoader.iter_from_step`, for K2's order).
 
-Step t reads global rows [start_row + t * B, start_row + (t + 1) * B) of the current order
-(B = data.global_batch_size): the original order after the run's moved windows
+Step t reads global rows [start_row + u * B, start_row + (u + 1) * B) of the current order,
+u = t - data.first_step (B = data.global_batch_size; first_step is 0 unless a run continues
+another's step numbering, e.g. K2's stage 2 from step 338760): the original order after the run's moved windows
 (`moved_row_ranges`: the config's, or the run's data_order.json, k2jax/data/run_order.py). The
 device batch is the padding plan's `padded_rows` rows (k2jax/sharding/padding.py): the B rows
-in order, then padding (token 0, loss mask 0). Process p of P feeds the contiguous slice
+in order, then padding (token 0, loss mask 0). Packed documents (data.reset_attention_mask /
+reset_position_ids) add segment_ids / positions int32 [rows, S] (k2jax/data/segments.py). Process p of P feeds the contiguous slice
 [p * H, (p + 1) * H), H = padded_rows / P. The global batch is the same for any number of
 hosts, and resuming at step t costs O(B) reads with no saved iterator: the checkpoint's step is
 the data position.
@@ -25,22 +27,36 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from k2jax.config import Config, DataConfig
+from k2jax.data.segments import open_document_segments
 from k2jax.data.source import RowSource, apply_moved_ranges
 from k2jax.data.synthetic import SyntheticSource
 from k2jax.errors import UserError
 from k2jax.sharding.padding import PaddingPlan, unpadded
 
 UNBOUNDED_STEPS = 2**62  # for sources without an end (synthetic)
-BATCH_DTYPES = {"tokens": np.int32, "loss_mask": np.float32}
+# Batch entries besides tokens and loss_mask, under data.reset_attention_mask /
+# data.reset_position_ids: int32 [rows, S] each.
+DOCUMENT_KEYS = ("segment_ids", "positions")
 
 
-def device_batch_shapes(padding: PaddingPlan, seq_len: int,
+def batch_dtypes(data: DataConfig) -> dict[str, np.dtype]:
+    """The batch entries `data` asks for and their dtypes (all [rows, seq_len]): tokens int32,
+    loss_mask float32, and segment_ids / positions int32 for packed documents."""
+    dtypes = {"tokens": np.dtype(np.int32), "loss_mask": np.dtype(np.float32)}
+    if data.reset_attention_mask:
+        dtypes["segment_ids"] = np.dtype(np.int32)
+    if data.reset_position_ids:
+        dtypes["positions"] = np.dtype(np.int32)
+    return dtypes
+
+
+def device_batch_shapes(padding: PaddingPlan, data: DataConfig,
                         sharding: Optional[NamedSharding]) -> dict[str, jax.ShapeDtypeStruct]:
-    """The device batch as shapes (what the train step compiles for): tokens int32 and
-    loss_mask float32 [padding.padded_rows, seq_len]."""
-    shape = (padding.padded_rows, seq_len)
+    """The device batch as shapes (what the train step compiles for): `batch_dtypes(data)`,
+    each [padding.padded_rows, data.seq_len]."""
+    shape = (padding.padded_rows, data.seq_len)
     return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
-            for name, dtype in BATCH_DTYPES.items()}
+            for name, dtype in batch_dtypes(data).items()}
 
 
 def open_row_source(config: Config) -> RowSource:
@@ -85,6 +101,7 @@ class StepLoader:
         self.process_index = process_index
         self.process_count = process_count
         self.sharding = sharding
+        self.documents = open_document_segments(data, source)  # None unless data.reset_*
 
     @classmethod
     def from_config(cls, config: Config, **kwargs) -> "StepLoader":
@@ -120,17 +137,20 @@ class StepLoader:
 
     @property
     def available_steps(self) -> int:
-        """Whole global batches the data holds from data.start_row on."""
+        """The end (exclusive) of the steps whose whole global batch the data holds: steps are
+        numbered from data.first_step, which reads row data.start_row."""
         if self.source.num_rows is None:
             return UNBOUNDED_STEPS
-        return max(0, (self.source.num_rows - self.data.start_row) // self.data.global_batch_size)
+        whole = (self.source.num_rows - self.data.start_row) // self.data.global_batch_size
+        return self.data.first_step + max(0, whole)
 
     def logical_rows(self, step: int) -> tuple[int, int]:
         """[start, stop) of `step` in the current order (moved windows applied)."""
         size = self.data.global_batch_size
-        if step < 0:
-            raise UserError(f"step must be >= 0, got {step}")
-        start = self.data.start_row + step * size
+        if step < self.data.first_step:
+            raise UserError(f"step must be >= data.first_step={self.data.first_step}, got "
+                            f"{step}")
+        start = self.data.start_row + (step - self.data.first_step) * size
         total = self.source.num_rows
         if total is not None and start + size > total:
             raise UserError(f"step {step} needs global rows [{start}, {start + size}) but the "
@@ -155,27 +175,36 @@ class StepLoader:
     # -- rows -> arrays --------------------------------------------------------------------
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
-        """All B rows of `step`, unpadded: tokens int32 [B, S], loss_mask float32 [B, S]."""
-        tokens, loss_mask = self.source.read_rows(self.global_rows(step))
-        return {"tokens": tokens, "loss_mask": loss_mask}
+        """All B rows of `step`, unpadded: tokens int32 [B, S], loss_mask float32 [B, S] (and
+        the document fields of `batch_dtypes`)."""
+        rows = self.global_rows(step)
+        tokens, loss_mask = self.source.read_rows(rows)
+        return {"tokens": tokens, "loss_mask": loss_mask, **self._document_fields(rows, len(rows))}
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of `step`, padded: tokens int32 [H, S], loss_mask float32
-        [H, S]."""
+        [H, S] (and the document fields of `batch_dtypes`)."""
         rows = self.host_rows(step)
-        batch = {name: np.zeros((self.host_batch_size, self.data.seq_len), dtype)
-                 for name, dtype in BATCH_DTYPES.items()}
+        shape = (self.host_batch_size, self.data.seq_len)
+        batch = {"tokens": np.zeros(shape, np.int32), "loss_mask": np.zeros(shape, np.float32)}
         if len(rows):
             batch["tokens"][:len(rows)], batch["loss_mask"][:len(rows)] = \
                 self.source.read_rows(rows)
-        return batch
+        return {**batch, **self._document_fields(rows, self.host_batch_size)}
+
+    def _document_fields(self, rows: np.ndarray, num_rows: int) -> dict[str, np.ndarray]:
+        """segment_ids / positions int32 [num_rows, S] of `rows` (padded), under
+        data.reset_attention_mask / reset_position_ids; else none."""
+        if self.documents is None:
+            return {}
+        return self.documents.batch_fields(rows, num_rows)
 
     def put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's padded rows -> the global device batch, sharded over the batch axes
         (every process calls it with its own slice)."""
         if self.sharding is None:
             raise ValueError("StepLoader built without a sharding has no device batches")
-        shapes = device_batch_shapes(self.padding, self.data.seq_len, self.sharding)
+        shapes = device_batch_shapes(self.padding, self.data, self.sharding)
         return {name: jax.make_array_from_process_local_data(self.sharding, array,
                                                               shapes[name].shape)
                 for name, array in host.items()}
@@ -189,7 +218,7 @@ class StepLoader:
         Grain (data.prefetch threads, or data.worker_count processes), in step order. Steps
         past the data are refused here, before anything is read."""
         stop = self.available_steps if stop_step is None else stop_step
-        if start_step < 0 or stop > self.available_steps:
+        if start_step < self.data.first_step or stop > self.available_steps:
             raise UserError(f"steps [{start_step}, {stop}) requested but the data holds only "
                             f"{self.available_steps} steps of {self.data.global_batch_size} "
                             "rows")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from k2jax.config import OptimizerConfig
-from k2jax.train.schedule import k2_learning_rate
+from k2jax.train.schedule import learning_rate
 
 
 MEGATRON_CLIP_EPSILON = 1e-6
@@ -43,6 +43,6 @@ def make_optimizer(config: OptimizerConfig, scanned_layers: bool) -> optax.Gradi
 
     return optax.chain(
         clip_by_global_norm_megatron(config.grad_clip_norm),
-        optax.adamw(k2_learning_rate(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
+        optax.adamw(learning_rate(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=mask),
     )

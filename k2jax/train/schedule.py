@@ -9,6 +9,13 @@ Both branches give `peak` at step == warmup, so the split only matters for warmu
 Megatron runs step 0 at peak (its warm-up branch is taken only when warmup > 0). `step` is the
 0-based index of the update (the optax schedule count): the lr of step t is the one update t
 uses.
+
+`optimizer.schedule` picks it (k2, the default) or a schedule of its own for a run that
+continues another (K2's stage 2, a fine-tune), with a warm-up of `warmup_steps` that starts at
+`schedule_start_step` (s0) instead of 0:
+
+  constant     : lr = peak * (step - s0) / warmup during the warm-up, then peak
+  linear_decay : the same warm-up, then peak falling linearly to min at decay_steps, then min
 """
 
 from __future__ import annotations
@@ -32,6 +39,30 @@ def k2_learning_rate(config: OptimizerConfig):
         return jnp.where(step < warmup, warm, cosine)
 
     return schedule
+
+
+def warmed_up_learning_rate(config: OptimizerConfig):
+    """The `constant` and `linear_decay` schedules (module docstring); 0 before s0."""
+    peak, low, warmup = config.peak_lr, config.min_lr, config.warmup_steps
+    start, decay = config.schedule_start_step, config.decay_steps
+    decay_from = start + warmup
+
+    def schedule(step):
+        since = jnp.asarray(step, jnp.float32) - start
+        warm = peak * jnp.clip(since / max(warmup, 1), 0.0, 1.0)
+        if config.schedule == "constant":
+            return jnp.where(since < warmup, warm, peak)
+        progress = jnp.clip((since - warmup) / (decay - decay_from), 0.0, 1.0)
+        return jnp.where(since < warmup, warm, peak + progress * (low - peak))
+
+    return schedule
+
+
+def learning_rate(config: OptimizerConfig):
+    """The optax schedule `optimizer.schedule` names: step (int) -> lr (float32)."""
+    if config.schedule == "k2":
+        return k2_learning_rate(config)
+    return warmed_up_learning_rate(config)
 
 
 # The optimizer state holds two counters: Adam's (bias correction of its moments) and the

@@ -36,8 +36,9 @@ class TrainingSetup:
     step: Any  # jitted step(state, batch, loss_ceiling) -> (state, metrics)
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """tokens int32 / loss_mask float32 [padded rows, S], sharded over the batch axes."""
-        return device_batch_shapes(self.padding, self.config.data.seq_len, self.batch_sharding)
+        """The batch entries (tokens, loss_mask, document fields) [padded rows, S], sharded
+        over the batch axes."""
+        return device_batch_shapes(self.padding, self.config.data, self.batch_sharding)
 
     def lower(self):
         """The step lowered for the abstract state and batch shapes (nothing read or

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from k2jax.config import Config
+from k2jax.data.loader import DOCUMENT_KEYS, batch_dtypes
 from k2jax.model import K2Model, masked_next_token_loss
 from k2jax.model.weight_grad import weight_gradient_dtype
 from k2jax.sharding.rules import batch_sharding, rules_list
@@ -26,28 +27,34 @@ from k2jax.train.state import TrainState
 
 
 def make_loss_and_gradients(config: Config, mesh: Mesh):
-    """Returns fn(params, tokens, loss_mask) -> (loss, grads fp32 like params, counted tokens),
-    to be traced inside a jit: the step's loss and its gradients over the whole device batch.
+    """Returns fn(params, tokens, loss_mask, documents=None) -> (loss, grads fp32 like params,
+    counted tokens), to be traced inside a jit: the step's loss and its gradients over the
+    whole device batch.
 
     tokens int32 [P, S], loss_mask float32 [P, S]: the step's global batch in order, then
     zero-mask padding rows (P >= data.global_batch_size), sharded over the batch axes.
+    documents: {"segment_ids", "positions"} int32 [P, S] each, either optional (packed
+    documents: attention within a document, positions restarting per document).
     """
     model = K2Model(config.model)
     rules = config.mesh.rules
 
-    def summed_loss(params, tokens, loss_mask):
-        logits = model.apply({"params": params}, tokens)
+    def summed_loss(params, tokens, loss_mask, documents):
+        logits = model.apply({"params": params}, tokens, documents.get("positions"),
+                             documents.get("segment_ids"))
         return masked_next_token_loss(logits, tokens, loss_mask)
 
-    def loss_and_gradients(params, tokens, loss_mask):
+    def loss_and_gradients(params, tokens, loss_mask, documents=None):
+        documents = documents or {}
+        document_keys = [key for key in DOCUMENT_KEYS if key in documents]
         row_weights, divisor = loss_row_weights(
             loss_mask, config.data.global_batch_size, config.train.loss_normalization,
             config.train.loss_group_rows)
         count = jnp.sum(counted_tokens_per_row(loss_mask))
 
-        def micro_step(micro_tokens, micro_mask):
+        def micro_step(micro_tokens, micro_mask, *micro_documents):
             (loss_sum, _), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                params, micro_tokens, micro_mask)
+                params, micro_tokens, micro_mask, dict(zip(document_keys, micro_documents)))
             return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum
 
         # The abstract mesh is what flax's logical constraints and the attention dispatch look
@@ -56,7 +63,8 @@ def make_loss_and_gradients(config: Config, mesh: Mesh):
                 nn.logical_axis_rules(rules_list(rules)), \
                 weight_gradient_dtype(config.train.gradient_dtype):
             grads, loss_sum = over_micro_batches(
-                micro_step, (tokens, loss_mask * row_weights[:, None]),
+                micro_step, (tokens, loss_mask * row_weights[:, None],
+                             *(documents[key] for key in document_keys)),
                 config.data.accumulation_steps, mesh, rules)
         grads = jax.tree.map(lambda g: g / divisor, grads)
         return loss_sum / divisor, grads, count
@@ -68,15 +76,17 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
                     shardings: TrainState):
     """Returns step(state, batch, loss_ceiling) -> (state, metrics), jitted and donating state.
 
-    batch: tokens int32 [B, S], loss_mask float32 [B, S] (sharded over the batch axes).
+    batch: tokens int32 [B, S], loss_mask float32 [B, S] and the document fields of
+    `batch_dtypes(config)` (sharded over the batch axes).
     loss_ceiling: float32 scalar; the update is applied only if the loss is finite and at most
     this (spike handling passes +inf to always apply).
     """
     loss_and_gradients = make_loss_and_gradients(config, mesh)
 
     def step(state: TrainState, batch, loss_ceiling):
-        loss, grads, count = loss_and_gradients(state.params, batch["tokens"],
-                                                batch["loss_mask"])
+        loss, grads, count = loss_and_gradients(
+            state.params, batch["tokens"], batch["loss_mask"],
+            {k: batch[k] for k in DOCUMENT_KEYS if k in batch})
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -104,6 +114,6 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
         return new_state, metrics
 
     batch_sh = batch_sharding(mesh, config.mesh.rules)
-    return jax.jit(step, in_shardings=(shardings, {"tokens": batch_sh, "loss_mask": batch_sh},
+    return jax.jit(step, in_shardings=(shardings, {k: batch_sh for k in batch_dtypes(config.data)},
                                        None),
                    out_shardings=(shardings, None), donate_argnums=0)

@@ -27,7 +27,7 @@ from k2jax.paths import storage_path
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.preemption import StopRequested
-from k2jax.train.schedule import k2_learning_rate, schedule_count
+from k2jax.train.schedule import learning_rate, schedule_count
 from k2jax.train.setup import build_training_setup
 from k2jax.train.spikes import SpikeDetector
 
@@ -40,7 +40,7 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.setup = build_training_setup(config, process_count=jax.process_count())
         self.mesh = self.setup.mesh
-        self.learning_rate = k2_learning_rate(config.optimizer)  # for the logs: the step's lr
+        self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
         # The run's order: its data_order.json (rollbacks) else the config's moved windows.
