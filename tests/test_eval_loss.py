@@ -102,6 +102,8 @@ def test_eval_loss_bf16_close(setup, capsys):
     (["--hf", "{hf}", "--data", "/nonexistent/d", "--steps", "0"], "/nonexistent/d"),
     (["--hf", "{hf}", "--data", "{data}", "--steps", "2"], "step 2"),  # past the 11 rows
     (["--checkpoint", "{data}", "--data", "{data}", "--steps", "0"], "not a k2jax weights"),
+    (["--hf", "{hf}", "--data", "{data}", "--steps", "0", "data.reset_attention_mask=true"],
+     "does not separate packed documents"),
 ])
 def test_eval_loss_bad_input_one_line_exit_2(setup, capsys, args, needle):
     args = [a.format(hf=setup["hf"], data=setup["data"]) for a in args]

@@ -14,6 +14,7 @@ import sys
 import time
 
 from k2jax import dtypes
+from k2jax.errors import UserError
 from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_config_args,
                                      add_progress_flags, add_rope_freq_dtype_arg, dtype_metavar,
                                      dtype_type, k2_data_config)
@@ -69,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     model_config = eval_model_config(base, args.dtype, scan_layers=True, attention=args.attention,
                                      rope_freq_dtype=args.rope_freq_dtype)
     config = k2_data_config(args, STEP_LOSS_ALIASES, model=model_config, computes_loss=True)
+    if config.data.uses_segments:  # the eval forward has no segment ids or positions
+        raise UserError("eval-loss does not separate packed documents: set "
+                        "data.reset_attention_mask=false and data.reset_position_ids=false "
+                        "(the loss would mix documents that training kept apart)")
     loader = StepLoader.from_config(config)
     for step in steps:
         loader.global_rows(step)  # a step past the data fails now, not after loading 65B
