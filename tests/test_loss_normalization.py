@@ -1,6 +1,8 @@
 """`train.loss_normalization`: K2's per-group mean of masked means vs. the global masked mean,
 whatever k2jax's micro-batch size."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,12 @@ def _batch(equal_counts: bool):
     return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-def _reference(config, params, tokens, mask, normalization):
-    """Plain jax, whole batch at once: the loss as Megatron defines it and its gradients."""
+@functools.lru_cache(maxsize=None)  # pure: the tests share its compiles (issue 16 point 8)
+def _reference(normalization, micro, equal_counts):
+    """Plain jax, whole batch at once: the loss as Megatron defines it and its gradients, for
+    the params of `_step_loss_and_grads("per_group", micro, equal_counts)`."""
+    config, params, *_ = _step_loss_and_grads("per_group", micro, equal_counts)
+    tokens, mask = _batch(equal_counts)
     model = K2Model(config.model)
 
     def loss_fn(p):
@@ -48,7 +54,9 @@ def _reference(config, params, tokens, mask, normalization):
     return jax.jit(jax.value_and_grad(loss_fn))(params)  # jit: eager op-by-op is 10x slower
 
 
-def _step_loss_and_grads(normalization, micro, tokens, mask):
+@functools.lru_cache(maxsize=None)  # pure: the tests share its compiles (issue 16 point 8)
+def _step_loss_and_grads(normalization, micro, equal_counts):
+    tokens, mask = _batch(equal_counts)
     config = small_config("unused", f"data.micro_batch_size={micro}", "model.compute_dtype=float32",
                           f"train.loss_normalization={normalization}",
                           f"train.loss_group_rows={GROUP}")
@@ -67,22 +75,21 @@ def _close(a, b):
 @pytest.mark.parametrize("micro", [8, pytest.param(2, marks=pytest.mark.slow)])
 def test_per_group_loss_and_gradients_equal_the_reference(micro):
     tokens, mask = _batch(equal_counts=False)
-    config, params, loss, grads, count = _step_loss_and_grads("per_group", micro, tokens, mask)
-    ref_loss, ref_grads = _reference(config, params, tokens, mask, "per_group")
+    config, params, loss, grads, count = _step_loss_and_grads("per_group", micro, False)
+    ref_loss, ref_grads = _reference("per_group", micro, False)
     assert loss == pytest.approx(float(ref_loss), rel=1e-6)
     _close(grads, ref_grads)
     assert count == float(jnp.sum(mask[:, :-1]))
-    global_loss, global_grads = _reference(config, params, tokens, mask, "global")
+    global_loss, global_grads = _reference("global", micro, False)
     assert abs(loss - float(global_loss)) > 1e-3  # unequal counts: the two really differ
-    _, _, loss_g, grads_g, _ = _step_loss_and_grads("global", micro, tokens, mask)
+    _, _, loss_g, grads_g, _ = _step_loss_and_grads("global", micro, False)
     assert loss_g == pytest.approx(float(global_loss), rel=1e-6)
     _close(grads_g, global_grads)
 
 
 def test_equal_group_counts_make_both_normalisations_agree():
-    tokens, mask = _batch(equal_counts=True)
-    _, _, loss_p, grads_p, _ = _step_loss_and_grads("per_group", 4, tokens, mask)
-    _, _, loss_g, grads_g, _ = _step_loss_and_grads("global", 4, tokens, mask)
+    _, _, loss_p, grads_p, _ = _step_loss_and_grads("per_group", 4, True)
+    _, _, loss_g, grads_g, _ = _step_loss_and_grads("global", 4, True)
     assert loss_p == pytest.approx(loss_g, rel=1e-6)
     _close(grads_p, grads_g)
 
@@ -111,7 +118,7 @@ def test_eval_loss_follows_the_normalisation(micro):
     from k2jax.sharding.padding import eval_plan
 
     tokens, mask = _batch(equal_counts=False)
-    config, params, step_loss, _, count = _step_loss_and_grads("per_group", 8, tokens, mask)
+    config, params, step_loss, _, count = _step_loss_and_grads("per_group", 8, False)
     mesh = build_mesh(MeshConfig())
     plan = eval_plan(8, micro, 1)
     batch = {"tokens": np.asarray(tokens), "loss_mask": np.asarray(mask)}  # 8 rows: no padding
@@ -119,7 +126,7 @@ def test_eval_loss_follows_the_normalisation(micro):
         evaluate = BatchLossEvaluator(params, config.model, mesh, MeshConfig().rules, plan,
                                       normalization, GROUP)
         result = evaluate(batch)
-        reference, _ = _reference(config, params, tokens, mask, normalization)
+        reference, _ = _reference(normalization, 8, False)
         assert result["loss"] == pytest.approx(float(reference), rel=1e-6), normalization
         assert result["tokens"] == count
     assert step_loss == pytest.approx(

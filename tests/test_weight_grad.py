@@ -1,6 +1,7 @@
 """`train.gradient_dtype`: weight gradients out of the matmuls in fp32 (K2's Megatron: fp32
 main_grad and fp32 all-reduce), and the dtype of every gradient reduction in the TPU HLO."""
 
+import functools
 import json
 import re
 import subprocess
@@ -21,11 +22,17 @@ def _bf16_representable(x) -> bool:
     return np.array_equal(x, np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)))
 
 
-def _weight_grads(gradient_dtype):
+@functools.lru_cache(maxsize=None)  # one init for both gradient dtypes (issue 16 point 8)
+def _model_tokens_params():
     config = small_config("unused", "model.compute_dtype=bfloat16")
     model = K2Model(config.model)
     tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, 128)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]  # eager: op by op
+    return model, tokens, params
+
+
+def _weight_grads(gradient_dtype):
+    model, tokens, params = _model_tokens_params()
 
     def loss(p):
         loss_sum, count = masked_next_token_loss(model.apply({"params": p}, tokens), tokens,
