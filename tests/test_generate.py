@@ -51,6 +51,7 @@ def hf_greedy(model, prompts, max_new_tokens):
     return rows
 
 
+@pytest.mark.slow  # two generation compiles and transformers' generate: ~12 s each idle
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_greedy_equals_transformers_generate(num_kv_heads):
     model = tiny_llama(num_kv_heads=num_kv_heads, max_positions=128)

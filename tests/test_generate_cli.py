@@ -80,6 +80,7 @@ def test_generate_bad_input(checkpoint, tmp_path, capsys):
                                                 "--prompt", "dog"])
 
 
+@pytest.mark.slow  # lm-eval indexes its whole task library: ~15 s idle
 def test_eval_tasks_unknown_task(checkpoint, capsys):
     pytest.importorskip("lm_eval")
     line = error_line(capsys, ["eval-tasks", "--model_args", f"hf={checkpoint}",

@@ -72,7 +72,8 @@ def _close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("micro", [8, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two train-step compiles and the references: ~35 s idle
+@pytest.mark.parametrize("micro", [8, 2])
 def test_per_group_loss_and_gradients_equal_the_reference(micro):
     tokens, mask = _batch(equal_counts=False)
     config, params, loss, grads, count = _step_loss_and_grads("per_group", micro, False)
@@ -87,6 +88,7 @@ def test_per_group_loss_and_gradients_equal_the_reference(micro):
     _close(grads_g, global_grads)
 
 
+@pytest.mark.slow  # two train-step compiles: ~18 s idle
 def test_equal_group_counts_make_both_normalisations_agree():
     _, _, loss_p, grads_p, _ = _step_loss_and_grads("per_group", 4, True)
     _, _, loss_g, grads_g, _ = _step_loss_and_grads("global", 4, True)

@@ -58,6 +58,7 @@ def test_storage_failures_are_recognised_through_library_errors(text, expected):
             assert storage_failure(outer) == expected
 
 
+@pytest.mark.slow  # k2jax subprocesses under a file-size limit: ~5 s idle
 def test_data_index_on_a_full_disk(tmp_path):
     write_chunk(tmp_path, 0, 3000)  # offsets: 8 bytes a line, past the 8 KiB limit
     result = limited(k2jax("data", "index", tmp_path, "--quiet"), 8192)
@@ -69,6 +70,7 @@ def test_data_index_on_a_full_disk(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+@pytest.mark.slow  # k2jax subprocesses under a file-size limit: ~6 s idle
 def test_convert_on_a_full_disk(tmp_path):
     from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
 
@@ -210,6 +212,7 @@ def orbax_weights(tmp_path_factory):
 # safetensors header; 40000 stops them mid-tensor.
 @pytest.mark.parametrize("direction, limit", [("hf-to-orbax", 2000), ("orbax-to-hf", 2000),
                                               ("orbax-to-hf", 40000)])
+@pytest.mark.slow  # k2jax subprocesses under a file-size limit: ~6 s each idle
 def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, limit):
     out = tmp_path / "out"
     source = (["--hf", orbax_weights / "hf"] if direction == "hf-to-orbax" else
@@ -223,6 +226,7 @@ def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, li
     assert out.is_dir()
 
 
+@pytest.mark.slow  # k2jax subprocesses under a file-size limit: ~9 s each idle
 @pytest.mark.parametrize("workers", [1, 2])
 def test_data_pack_on_a_full_disk(tmp_path, workers):
     """Before: '... writing ?' (a write to an open file names no path)."""
@@ -276,6 +280,7 @@ def test_metrics_on_a_full_disk_name_the_file_and_leave_no_half_line(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
+@pytest.mark.slow  # k2jax subprocesses under a file-size limit: ~6 s idle
 def test_data_prepare_on_a_full_disk(tmp_path):
     """Before: '... writing ?', and the spool directory `.prepare-spool` was left behind (the
     cleanup's own flush failed first and hid the error)."""

@@ -47,6 +47,7 @@ def _weight_grads(gradient_dtype):
             jax.tree_util.keystr(path)}
 
 
+@pytest.mark.slow  # two bf16/fp32 gradient compiles of a small model: ~30 s idle
 def test_fp32_weight_gradients_are_not_bf16_rounded():
     grads32, grads16 = _weight_grads("float32"), _weight_grads("bfloat16")
     assert len(grads32) == 11  # q k v o gate up down, 2 norm scales, final norm, lm_head

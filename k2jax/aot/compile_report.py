@@ -26,7 +26,7 @@ from etils import epath
 
 from k2jax.aot.topology import Slice
 from k2jax.config import Config
-from k2jax.data.chunk_files import write_bytes_atomic
+from k2jax.atomic_write import write_bytes_atomic
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.train.flops import flops_per_token
 from k2jax.train.setup import build_training_setup
