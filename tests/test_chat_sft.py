@@ -154,6 +154,7 @@ def alone(tok, messages):
     return one_document({"tokens": tokens, "loss_mask": mask})
 
 
+@pytest.mark.slow  # packed and per-conversation compiles: ~13 s idle
 def test_packed_loss_is_the_sum_of_per_conversation_losses(chat_dir):
     data_dir, tok = chat_dir
     config = sft_config(data_dir)

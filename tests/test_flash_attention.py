@@ -71,6 +71,7 @@ def test_matches_float64_reference(name):
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
+@pytest.mark.slow  # interpret-mode kernel at default blocks: ~6 s idle
 def test_custom_scale_and_default_blocks():
     q, k, v, do, _ = random_inputs(10, 1, 24, 2, 2, 64, jnp.float32, 0)
     got = kernel_outputs(q, k, v, do, causal=True, sm_scale=0.3)

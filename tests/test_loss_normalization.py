@@ -113,7 +113,8 @@ def test_group_rows_must_divide_the_global_batch():
     small_config("unused", "train.loss_normalization=global", "train.loss_group_rows=3")
 
 
-@pytest.mark.parametrize("micro", [8, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a train-step compile, the references and two evaluators: ~36 s idle
+@pytest.mark.parametrize("micro", [8, 4])
 def test_eval_loss_follows_the_normalisation(micro):
     from k2jax.config import MeshConfig
     from k2jax.eval.batch_loss import BatchLossEvaluator

@@ -76,6 +76,7 @@ def k2jax_loss(logits, tokens) -> float:
     return float(loss_sum / count)
 
 
+@pytest.mark.slow  # two stacks at bf16 RoPE: ~8 s idle
 def test_bf16_rope_frequencies_equal_transformers_with_rounded_inv_freq():
     """model.rope_freq_dtype=bfloat16 (K2 as trained) is transformers with its inv_freq buffer
     rounded to bf16 and cast back to fp32, and clearly not stock transformers: at rope_theta
