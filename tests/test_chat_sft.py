@@ -170,6 +170,7 @@ def test_packed_loss_is_the_sum_of_per_conversation_losses(chat_dir):
     assert abs(mixed_sum - sum(sums)) > 1e-4 * sum(sums)  # 20x the tolerance above
 
 
+@pytest.mark.slow  # two gradient compiles: ~12 s idle
 def test_prompt_change_leaves_masked_and_other_document_gradients_alone(chat_dir):
     data_dir, tok = chat_dir
     config = sft_config(data_dir)

@@ -59,6 +59,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
 def test_damaged_latest_checkpoint_is_set_aside(trained, tmp_path, damage):
     run_dir = copy_run(trained, tmp_path)
@@ -71,6 +72,7 @@ def test_damaged_latest_checkpoint_is_set_aside(trained, tmp_path, damage):
     assert (run_dir / "damaged_checkpoints" / "4" / "_CHECKPOINT_METADATA").exists()
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_after_setting_aside_training_goes_on_and_saves_that_step_again(trained, tmp_path):
     """The issue's case: before, every retry retrained 3-4 and died on StepAlreadyExistsError."""
     run_dir = copy_run(trained, tmp_path)
@@ -85,6 +87,7 @@ def test_after_setting_aside_training_goes_on_and_saves_that_step_again(trained,
     assert [losses[s] for s in (3, 4)] == [first[s] for s in (3, 4)]  # retrained from step 2
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_when_no_checkpoint_restores_nothing_is_moved(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     for step in (2, 4):
@@ -95,6 +98,7 @@ def test_when_no_checkpoint_restores_nothing_is_moved(trained, tmp_path):
     assert steps_on_disk(run_dir) == [2, 4] and not (run_dir / "damaged_checkpoints").exists()
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_resume_step_on_a_damaged_checkpoint_is_one_line(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     _truncate_every_state_file(run_dir / "checkpoints" / "2")
@@ -105,6 +109,7 @@ def test_resume_step_on_a_damaged_checkpoint_is_one_line(trained, tmp_path):
     assert steps_on_disk(run_dir) == [2, 4]  # asked for by name: refused, not moved
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_refused_resume_writes_nothing(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
@@ -230,6 +235,7 @@ def test_a_damaged_data_order_record_is_one_line(tmp_path, case):
         Trainer(small_config(tmp_path, "train.steps=2"))
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_init_from_with_other_shapes_names_the_tensor_in_one_line(trained, tmp_path):
     """Before: exit 2 but under ~10 'Event loop is closed' tracebacks, no tensor named."""
     result = run_train(tmp_path / "run", "train.steps=1", "model.hidden_size=64",
@@ -249,6 +255,7 @@ def test_process_id_out_of_range_is_one_line(tmp_path):
         "k2jax train: error: --process-id 5: expected 0 <= id < --num-processes (2)"]
 
 
+@pytest.mark.slow  # the module's trained run: ~18 s idle to build
 def test_a_resume_with_another_rope_theta_is_refused(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     trainer = Trainer(small_config(run_dir, "train.steps=6", "model.rope_theta=500000"))
