@@ -13,7 +13,7 @@ from k2jax.errors import ConfigError
 from k2jax.train.schedule import k2_learning_rate, learning_rate
 from k2jax.train.trainer import Trainer
 from data_fixtures import reference_rows, write_chunk
-from train_utils import REPO, TINY, read_metrics, small_config
+from train_utils import REPO, TINY, read_metrics, record_batches_read, small_config
 
 STAGE2 = REPO / "configs" / "k2-stage2.yaml"
 STAGE1_END = 338760
@@ -68,15 +68,7 @@ def test_stage2_step_338760_to_338761_continues_position_and_schedule(tmp_path, 
     for chunk in range(360, 380):  # chunk 360 ends inside step 338761
         write_chunk(data, chunk, 12 if chunk == 360 else 5)
     build_index(data, progress=False)
-    seen: dict[int, list[np.ndarray]] = {}
-    original = StepLoader.host_batch
-
-    def recording(self, step):
-        batch = original(self, step)
-        seen.setdefault(step, []).append(batch["tokens"][:self.data.global_batch_size].copy())
-        return batch
-
-    monkeypatch.setattr(StepLoader, "host_batch", recording)
+    seen = record_batches_read(monkeypatch)
     Trainer(small_config(tmp_path / "w", "model.vocab_size=1024", "train.steps=1",
                          "train.checkpoint_every=1")).run()
     stage2 = [  # K2's stage-2 settings as configured, on a tiny model and tiny chunk files

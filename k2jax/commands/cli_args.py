@@ -132,6 +132,15 @@ LOSS_GROUP_ROWS = Alias("--loss-group-rows", "train.loss_group_rows", {
 STEP_LOSS_ALIASES = STEP_DATA_ALIASES + (LOSS_NORMALIZATION, LOSS_GROUP_ROWS)
 
 
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--hf DIR | --checkpoint DIR, exactly one: the weights a command evaluates."""
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--hf", metavar="DIR", help="Hugging Face LlamaForCausalLM directory "
+                         "(safetensors or .bin shards), converted in memory")
+    weights.add_argument("--checkpoint", metavar="DIR", help="k2jax weights directory or "
+                         "training checkpoint step directory")
+
+
 def add_config_args(p: argparse.ArgumentParser, aliases: Sequence[Alias]) -> None:
     """--config (default: K2's preset), key=value overrides, and `aliases` as flags."""
     from k2jax.config import K2_PRESET

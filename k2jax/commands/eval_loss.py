@@ -16,8 +16,9 @@ import time
 from k2jax import dtypes
 from k2jax.errors import UserError
 from k2jax.commands.cli_args import (STEP_LOSS_ALIASES, add_command, add_config_args,
-                                     add_progress_flags, add_rope_freq_dtype_arg, dtype_metavar,
-                                     dtype_type, k2_data_config)
+                                     add_progress_flags, add_rope_freq_dtype_arg,
+                                     add_weights_args, dtype_metavar, dtype_type,
+                                     k2_data_config)
 from k2jax.data.loader import StepLoader
 
 EVAL_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
@@ -28,11 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "eval-loss", "K2's loss of given weights on the rows of given steps "
         "(no update)", "k2jax eval-loss --hf K2-ckpt_100 --data k2data --steps 94100,94101:94105 "
         "--json", description=__doc__)
-    weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--hf", metavar="DIR", help="Hugging Face LlamaForCausalLM directory "
-                         "(safetensors or .bin shards), converted in memory")
-    weights.add_argument("--checkpoint", metavar="DIR", help="k2jax weights directory or "
-                         "training checkpoint step directory")
+    add_weights_args(p)
     p.add_argument("--steps", required=True, metavar="SPEC",
                    help="steps, e.g. 94100,94101:94105 (A:B is half-open: A..B-1)")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",

@@ -14,7 +14,7 @@ import sys
 import time
 
 from k2jax import dtypes
-from k2jax.commands.cli_args import add_command, dtype_metavar, dtype_type
+from k2jax.commands.cli_args import add_command, add_weights_args, dtype_metavar, dtype_type
 from k2jax.errors import UserError
 
 GENERATE_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
@@ -24,11 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(subparsers, "generate", "continue text prompts with given weights",
                     "k2jax generate --hf K2-ckpt_360 --prompt 'The capital of France is' "
                     "--max-new-tokens 32 --dtype bf16 mesh.tensor=4", description=__doc__)
-    weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--hf", metavar="DIR", help="Hugging Face LlamaForCausalLM directory, "
-                         "converted in memory")
-    weights.add_argument("--checkpoint", metavar="DIR", help="k2jax weights directory or "
-                         "training checkpoint step directory")
+    add_weights_args(p)
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="SentencePiece .model file, or a directory with Hugging Face tokenizer "
                         "files (unset: the --hf directory)")
