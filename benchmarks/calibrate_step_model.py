@@ -145,6 +145,14 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
         text = f.read()
     pred = predict(text, chip, DeviceLayout.from_devices(list(mesh.devices.flat)), flops,
                    _chips(case), layer_trips=(layers, case.model["layers"]))
+    if layers < case.model["layers"] and pred["extrapolated_layer_loops"] < 2:
+        # The forward and the backward layer scan must both be costed per layer; XLA unrolls
+        # a short scan at times (the 2-layer multi-slice compiles), which would count its
+        # layers `layers` times only.
+        return {"case": case.name,
+                "error": f"XLA unrolled a layer scan of the {layers}-layer compile "
+                         f"({pred['extrapolated_layer_loops']} of 2 scans left to extrapolate): "
+                         f"rerun with --layers {case.model['layers']}"}
     return {"case": case.name, "topology": case.topology, "slices": case.slices,
             "compiled_layers": layers, "layers": case.model["layers"],
             "published_mfu": case.published_mfu, "predicted_mfu": pred["predicted_mfu"],

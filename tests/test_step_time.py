@@ -81,6 +81,26 @@ def test_known_trip_count_wins_over_the_condition():
     assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 80 * 2 * 128 * 512 * 256
 
 
+
+def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_count():
+    # A 2-layer compile costed at 32 layers: the loop of 2 trips runs 32 times, and predict
+    # says how many loops it extrapolated (the calibration needs the forward and backward scan:
+    # XLA unrolled the backward one in a 2-layer multi-slice compile).
+    two = MATMUL.replace("constant(7)", "constant(2)")
+    out = predict(two, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
+    assert out["hlo_flops_per_chip"] == 32 * 2 * 128 * 512 * 256
+    assert out["extrapolated_layer_loops"] == 1
+    assert "extrapolated_layer_loops" not in predict(two, V5P, LAYOUT, 1.0, chips=4)
+    # A second loop of the compiled trip count (the backward scan) is a second one.
+    both = two.replace(
+        "ROOT %out = bf16[256,512]{1,0} get-tuple-element(%loop), index=2",
+        "%loop2 = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%loop), "
+        "condition=%cond, body=%body\n"
+        "  ROOT %out = bf16[256,512]{1,0} get-tuple-element(%loop2), index=2")
+    out = predict(both, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
+    assert out["extrapolated_layer_loops"] == 2
+    assert out["hlo_flops_per_chip"] == 2 * 32 * 2 * 128 * 512 * 256
+
 SLICED = """
 HloModule m, is_scheduled=true
 

@@ -158,9 +158,12 @@ class StepTimeModel:
                  layer_trips: Optional[tuple[int, int]] = None):
         """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
         layer count) are costed at `full` trips, extrapolating per layer from a cheaper
-        compile."""
-        self.module, self.chip, self.layout = module, chip, layout
-        self.layer_trips = layer_trips
+        compile. `extrapolated_loops` names the loops so costed: a scanned step has two (the
+        forward and the backward scan); fewer means XLA unrolled one, whose layers then count
+        only `compiled` times."""
+        self.module, self.chip, self.layer_trips = module, chip, layer_trips
+        self.layout = layout
+        self.extrapolated_loops: set[str] = set()
         self._memo: dict[str, StepTime] = {}
         self._fusion_memo: dict[str, tuple[float, list[Optional[float]], Optional[float]]] = {}
 
@@ -365,6 +368,7 @@ class StepTimeModel:
                 trips = 1
             elif self.layer_trips and trips == self.layer_trips[0]:
                 trips = self.layer_trips[1]
+                self.extrapolated_loops.add(instr.name)
             return body, float(trips)
         if op in ("call", "async-start") and (instr.called("to_apply") or instr.called("calls")):
             return self.computation(instr.called("to_apply") or instr.called("calls")), 1.0
@@ -442,9 +446,13 @@ def predict(hlo_text: str, chip: Chip, layout: DeviceLayout, model_flops_per_ste
     """The step-time keys `k2jax aot --json` reports, from a compiled step's HLO text.
     Seconds are per step (every chip runs the same program); MFU uses `model_flops_per_step`
     (all chips) over `chips` x the chip's peak."""
-    step = StepTimeModel(parse_module(hlo_text), chip, layout, layer_trips).step()
+    model = StepTimeModel(parse_module(hlo_text), chip, layout, layer_trips)
+    step = model.step()
     seconds = step.seconds
+    extrapolated = ({"extrapolated_layer_loops": len(model.extrapolated_loops)}
+                    if layer_trips else {})
     return {
+        **extrapolated,
         "predicted_step_seconds": seconds,
         "predicted_mfu": model_flops_per_step / (seconds * chips * chip.peak_flops)
         if seconds > 0 else None,
