@@ -175,6 +175,54 @@ def test_async_collective_overlaps_the_compute_between_start_and_done():
     assert step.exposed_collective_seconds == pytest.approx(gather)
 
 
+# libtpu's multi-slice compile hands the slice-to-slice stage of a collective to the Megascale
+# runtime: a send (this chip's shard) and a recv of one rendezvous; the result is the recv-done's.
+MEGASCALE_ATTRS = ('is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+                   '"xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.7_0",'
+                   '_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",'
+                   '_xla_megascale_transfer_type="ALL_REDUCE"}')
+MEGASCALE = f"""
+HloModule m, is_scheduled=true
+
+%fused_dot (param_0: bf16[4096,4096], param_1: bf16[4096,4096]) -> bf16[4096,4096] {{
+  %param_0 = bf16[4096,4096]{{1,0}} parameter(0)
+  %param_1 = bf16[4096,4096]{{1,0}} parameter(1)
+  ROOT %dot.1 = bf16[4096,4096]{{1,0}} dot(%param_0, %param_1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+}}
+
+ENTRY %main (x: bf16[4096,4096], g: f32[1024,4096]) -> bf16[4096,4096] {{
+  %x = bf16[4096,4096]{{1,0}} parameter(0)
+  %g = f32[1024,4096]{{1,0}} parameter(1)
+  %tok = token[] after-all()
+  %send = (f32[1024,4096]{{1,0}}, u32[], token[]) send(%g, %tok), channel_id=2, {MEGASCALE_ATTRS}
+  %tok2 = token[] after-all()
+  %recv = (f32[1024,4096]{{1,0}}, u32[], token[]) recv(%tok2), channel_id=3, {MEGASCALE_ATTRS}
+  %f = bf16[4096,4096]{{1,0}} fusion(%x, %x), kind=kOutput, calls=%fused_dot
+  %rd = (f32[1024,4096]{{1,0}}, token[]) recv-done(%recv), channel_id=3, is_host_transfer=true
+  %sd = token[] send-done(%send), channel_id=2, is_host_transfer=true
+  ROOT %h = bf16[4096,4096]{{1,0}} fusion(%f, %f), kind=kOutput, calls=%fused_dot
+}}
+"""
+
+
+def test_megascale_send_is_a_dcn_collective_overlapping_until_its_recv_done():
+    two_slices = DeviceLayout.grid((2, 2, 1), num_slices=2)
+    step = StepTimeModel(parse_module(MEGASCALE), V5P, two_slices).step()
+    # all-reduce over 2 slices: 2 x (1/2) of this chip's 16 MiB shard over its DCN egress.
+    dcn = 1024 * 4096 * 4 / V5P.dcn_bandwidth
+    matmul = 2 * 4096 ** 3 / V5P.peak_flops
+    assert step.collective_seconds == pytest.approx(dcn)
+    assert step.collectives == 1
+    assert step.exposed_collective_seconds == pytest.approx(max(0.0, dcn - matmul))
+    assert step.seconds == pytest.approx(2 * matmul + max(0.0, dcn - matmul))
+    # Without compute between the send and the recv-done, all of it is exposed.
+    waiting = MEGASCALE.replace("calls=%fused_dot\n  %rd", "calls=%fused_dot\n  %rd0 = token[] "
+                                "after-all()\n  %rd")
+    waiting = waiting.replace("  %f = bf16[4096,4096]{1,0} fusion(%x, %x), kind=kOutput, "
+                              "calls=%fused_dot\n", "").replace("fusion(%f, %f)", "fusion(%x, %x)")
+    step = StepTimeModel(parse_module(waiting), V5P, two_slices).step()
+    assert step.exposed_collective_seconds == pytest.approx(dcn)
+
 def test_predict_reports_mfu_from_the_predicted_step():
     out = predict(ASYNC, V5P, LAYOUT, model_flops_per_step=4 * 2 * 4096 ** 3, chips=4)
     assert out["predicted_mfu"] == pytest.approx(
