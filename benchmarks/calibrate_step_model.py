@@ -8,7 +8,9 @@ TPU topology with libtpu (no TPU needed), and prints predicted against published
 Compile cost: each run is compiled with `--layers` (default 2) scanned layers and its
 layer loop is costed at the published layer count (the scan body is one layer, so the
 extrapolation is exact per layer: `StepTimeModel(layer_trips=...)`); `--check-extrapolation`
-also compiles a small model at both layer counts and compares.
+also compiles a small model at both layer counts and compares. A compile in which XLA unrolled
+the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
+it with more `--layers`.
 
 MFU is MaxText's: 6 x matmul weights + attention (12 L S H D per token, full attention, for
 results published before MaxText's PR #1988 of July 2025; 6 L S H D, causal, after).
