@@ -8,7 +8,9 @@ TPU topology with libtpu (no TPU needed), and prints predicted against published
 Compile cost: each run is compiled with `--layers` (default 2) scanned layers and its
 layer loop is costed at the published layer count (the scan body is one layer, so the
 extrapolation is exact per layer: `StepTimeModel(layer_trips=...)`); `--check-extrapolation`
-also compiles a small model at both layer counts and compares.
+also compiles a small model at both layer counts and compares. A compile in which XLA unrolled
+the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
+it with more `--layers`.
 
 MFU is MaxText's: 6 x matmul weights + attention (12 L S H D per token, full attention, for
 results published before MaxText's PR #1988 of July 2025; 6 L S H D, causal, after).
@@ -145,6 +147,14 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
         text = f.read()
     pred = predict(text, chip, DeviceLayout.from_devices(list(mesh.devices.flat)), flops,
                    _chips(case), layer_trips=(layers, case.model["layers"]))
+    if layers < case.model["layers"] and pred["extrapolated_layer_loops"] < 2:
+        # The forward and the backward layer scan must both be costed per layer; XLA unrolls
+        # a short scan at times (the 2-layer multi-slice compiles), which would count its
+        # layers `layers` times only.
+        return {"case": case.name,
+                "error": f"XLA unrolled a layer scan of the {layers}-layer compile "
+                         f"({pred['extrapolated_layer_loops']} of 2 scans left to extrapolate): "
+                         f"rerun with --layers {case.model['layers']}"}
     return {"case": case.name, "topology": case.topology, "slices": case.slices,
             "compiled_layers": layers, "layers": case.model["layers"],
             "published_mfu": case.published_mfu, "predicted_mfu": pred["predicted_mfu"],

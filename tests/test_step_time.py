@@ -81,6 +81,26 @@ def test_known_trip_count_wins_over_the_condition():
     assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 80 * 2 * 128 * 512 * 256
 
 
+
+def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_count():
+    # A 2-layer compile costed at 32 layers: the loop of 2 trips runs 32 times, and predict
+    # says how many loops it extrapolated (the calibration needs the forward and backward scan:
+    # XLA unrolled the backward one in a 2-layer multi-slice compile).
+    two = MATMUL.replace("constant(7)", "constant(2)")
+    out = predict(two, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
+    assert out["hlo_flops_per_chip"] == 32 * 2 * 128 * 512 * 256
+    assert out["extrapolated_layer_loops"] == 1
+    assert "extrapolated_layer_loops" not in predict(two, V5P, LAYOUT, 1.0, chips=4)
+    # A second loop of the compiled trip count (the backward scan) is a second one.
+    both = two.replace(
+        "ROOT %out = bf16[256,512]{1,0} get-tuple-element(%loop), index=2",
+        "%loop2 = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%loop), "
+        "condition=%cond, body=%body\n"
+        "  ROOT %out = bf16[256,512]{1,0} get-tuple-element(%loop2), index=2")
+    out = predict(both, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
+    assert out["extrapolated_layer_loops"] == 2
+    assert out["hlo_flops_per_chip"] == 2 * 32 * 2 * 128 * 512 * 256
+
 SLICED = """
 HloModule m, is_scheduled=true
 
@@ -154,6 +174,54 @@ def test_async_collective_overlaps_the_compute_between_start_and_done():
     step = StepTimeModel(parse_module(sync), V5P, LAYOUT).step()
     assert step.exposed_collective_seconds == pytest.approx(gather)
 
+
+# libtpu's multi-slice compile hands the slice-to-slice stage of a collective to the Megascale
+# runtime: a send (this chip's shard) and a recv of one rendezvous; the result is the recv-done's.
+MEGASCALE_ATTRS = ('is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+                   '"xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.7_0",'
+                   '_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",'
+                   '_xla_megascale_transfer_type="ALL_REDUCE"}')
+MEGASCALE = f"""
+HloModule m, is_scheduled=true
+
+%fused_dot (param_0: bf16[4096,4096], param_1: bf16[4096,4096]) -> bf16[4096,4096] {{
+  %param_0 = bf16[4096,4096]{{1,0}} parameter(0)
+  %param_1 = bf16[4096,4096]{{1,0}} parameter(1)
+  ROOT %dot.1 = bf16[4096,4096]{{1,0}} dot(%param_0, %param_1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+}}
+
+ENTRY %main (x: bf16[4096,4096], g: f32[1024,4096]) -> bf16[4096,4096] {{
+  %x = bf16[4096,4096]{{1,0}} parameter(0)
+  %g = f32[1024,4096]{{1,0}} parameter(1)
+  %tok = token[] after-all()
+  %send = (f32[1024,4096]{{1,0}}, u32[], token[]) send(%g, %tok), channel_id=2, {MEGASCALE_ATTRS}
+  %tok2 = token[] after-all()
+  %recv = (f32[1024,4096]{{1,0}}, u32[], token[]) recv(%tok2), channel_id=3, {MEGASCALE_ATTRS}
+  %f = bf16[4096,4096]{{1,0}} fusion(%x, %x), kind=kOutput, calls=%fused_dot
+  %rd = (f32[1024,4096]{{1,0}}, token[]) recv-done(%recv), channel_id=3, is_host_transfer=true
+  %sd = token[] send-done(%send), channel_id=2, is_host_transfer=true
+  ROOT %h = bf16[4096,4096]{{1,0}} fusion(%f, %f), kind=kOutput, calls=%fused_dot
+}}
+"""
+
+
+def test_megascale_send_is_a_dcn_collective_overlapping_until_its_recv_done():
+    two_slices = DeviceLayout.grid((2, 2, 1), num_slices=2)
+    step = StepTimeModel(parse_module(MEGASCALE), V5P, two_slices).step()
+    # all-reduce over 2 slices: 2 x (1/2) of this chip's 16 MiB shard over its DCN egress.
+    dcn = 1024 * 4096 * 4 / V5P.dcn_bandwidth
+    matmul = 2 * 4096 ** 3 / V5P.peak_flops
+    assert step.collective_seconds == pytest.approx(dcn)
+    assert step.collectives == 1
+    assert step.exposed_collective_seconds == pytest.approx(max(0.0, dcn - matmul))
+    assert step.seconds == pytest.approx(2 * matmul + max(0.0, dcn - matmul))
+    # Without compute between the send and the recv-done, all of it is exposed.
+    waiting = MEGASCALE.replace("calls=%fused_dot\n  %rd", "calls=%fused_dot\n  %rd0 = token[] "
+                                "after-all()\n  %rd")
+    waiting = waiting.replace("  %f = bf16[4096,4096]{1,0} fusion(%x, %x), kind=kOutput, "
+                              "calls=%fused_dot\n", "").replace("fusion(%f, %f)", "fusion(%x, %x)")
+    step = StepTimeModel(parse_module(waiting), V5P, two_slices).step()
+    assert step.exposed_collective_seconds == pytest.approx(dcn)
 
 def test_predict_reports_mfu_from_the_predicted_step():
     out = predict(ASYNC, V5P, LAYOUT, model_flops_per_step=4 * 2 * 4096 ** 3, chips=4)

@@ -105,6 +105,18 @@ def collective_seconds(kind: str, instr: Instruction, operand_bytes: float, out_
     return seconds
 
 
+def megascale_seconds(transfer_type: str, payload_bytes: float, chip: Chip,
+                      layout: DeviceLayout) -> float:
+    """Seconds one chip spends in the slice-to-slice stage of a collective that libtpu's
+    multi-slice compile hands to the Megascale runtime: a `send` of `payload_bytes` (this
+    chip's shard) with `_xla_megascale_transfer_type` ALL_REDUCE, ALL_GATHER, ... between all
+    the program's slices (k2jax's DCN axes span every slice), over the chip's DCN egress."""
+    n = len(set(layout.slices))
+    kind = transfer_type.lower().replace("_", "-")
+    out_bytes = payload_bytes * (n if kind == "all-gather" else 1)
+    return _ring_bytes(kind, n, payload_bytes, out_bytes) / chip.dcn_bandwidth
+
+
 def _pairs(text: str) -> list[str]:
     import re
 

@@ -34,7 +34,7 @@ import re
 from typing import Optional
 
 from k2jax.aot.chips import Chip
-from k2jax.aot.collectives import DeviceLayout, collective_seconds
+from k2jax.aot.collectives import DeviceLayout, collective_seconds, megascale_seconds
 from k2jax.aot.hlo_text import Computation, Instruction, Module, parse_module
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
@@ -158,9 +158,12 @@ class StepTimeModel:
                  layer_trips: Optional[tuple[int, int]] = None):
         """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
         layer count) are costed at `full` trips, extrapolating per layer from a cheaper
-        compile."""
-        self.module, self.chip, self.layout = module, chip, layout
-        self.layer_trips = layer_trips
+        compile. `extrapolated_loops` names the loops so costed: a scanned step has two (the
+        forward and the backward scan); fewer means XLA unrolled one, whose layers then count
+        only `compiled` times."""
+        self.module, self.chip, self.layer_trips = module, chip, layer_trips
+        self.layout = layout
+        self.extrapolated_loops: set[str] = set()
         self._memo: dict[str, StepTime] = {}
         self._fusion_memo: dict[str, tuple[float, list[Optional[float]], Optional[float]]] = {}
 
@@ -310,13 +313,29 @@ class StepTimeModel:
         pending: dict[str, float] = {}
         for instr in comp.instructions:
             op = instr.opcode
+            megascale = _MEGASCALE.search(instr.rest) if op in ("send", "recv") else None
+            if megascale and op == "send":
+                # Multi-slice: the DCN stage of a collective is a send/recv pair run by the
+                # Megascale runtime; it overlaps compute until the recv-done of its rendezvous.
+                seconds = megascale_seconds(megascale.group(1),
+                                            self._operand_bytes(instr, comp)[0],
+                                            self.chip, self.layout)
+                total.collective_seconds += seconds
+                total.collectives += 1
+                comm_free = max(clock, comm_free) + seconds
+                pending[_rendezvous(instr)] = comm_free
+                continue
+            if megascale:  # its recv: the transfer's time is on the send
+                continue
+            if op == "recv-done" and instr.operands and instr.operands[0] in comp.by_name:
+                key = _rendezvous(comp.by_name[instr.operands[0]])
+                clock = _wait(total, clock, pending.pop(key, clock))
+                continue
             if op in FREE:
                 continue
             if op.endswith("-done") and op != "copy-done":
                 finish = pending.pop(instr.operands[0] if instr.operands else "", clock)
-                if finish > clock:
-                    total.exposed_collective_seconds += finish - clock
-                    clock = finish
+                clock = _wait(total, clock, finish)
                 continue
             coll = self._collective(instr, comp)
             if coll is not None:
@@ -365,6 +384,7 @@ class StepTimeModel:
                 trips = 1
             elif self.layer_trips and trips == self.layer_trips[0]:
                 trips = self.layer_trips[1]
+                self.extrapolated_loops.add(instr.name)
             return body, float(trips)
         if op in ("call", "async-start") and (instr.called("to_apply") or instr.called("calls")):
             return self.computation(instr.called("to_apply") or instr.called("calls")), 1.0
@@ -379,6 +399,23 @@ class StepTimeModel:
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
+
+
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def _rendezvous(instr: Instruction) -> str:
+    """The key a Megascale send and its recv share (the collective they carry out)."""
+    found = re.search(r'_xla_host_transfer_rendezvous="([^"]+)"', instr.rest)
+    return "megascale:" + (found.group(1) if found else instr.name)
+
+
+def _wait(total: StepTime, clock: float, finish: float) -> float:
+    """The compute stream waits for a collective finishing at `finish`; returns the clock."""
+    if finish > clock:
+        total.exposed_collective_seconds += finish - clock
+        return finish
+    return clock
 
 
 def _is_int(text: str) -> bool:
@@ -442,9 +479,13 @@ def predict(hlo_text: str, chip: Chip, layout: DeviceLayout, model_flops_per_ste
     """The step-time keys `k2jax aot --json` reports, from a compiled step's HLO text.
     Seconds are per step (every chip runs the same program); MFU uses `model_flops_per_step`
     (all chips) over `chips` x the chip's peak."""
-    step = StepTimeModel(parse_module(hlo_text), chip, layout, layer_trips).step()
+    model = StepTimeModel(parse_module(hlo_text), chip, layout, layer_trips)
+    step = model.step()
     seconds = step.seconds
+    extrapolated = ({"extrapolated_layer_loops": len(model.extrapolated_loops)}
+                    if layer_trips else {})
     return {
+        **extrapolated,
         "predicted_step_seconds": seconds,
         "predicted_mfu": model_flops_per_step / (seconds * chips * chip.peak_flops)
         if seconds > 0 else None,
