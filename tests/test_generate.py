@@ -130,7 +130,7 @@ def test_stop_callback_and_bad_input():
 def _sharded_worker() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from k2jax.config import MeshConfig
-    from k2jax.eval.weights import abstract_params
+    from k2jax.eval.weights import sharded_abstract_params
     from k2jax.sharding.mesh import build_mesh
 
     results = {}
@@ -142,7 +142,7 @@ def _sharded_worker() -> None:
         single = Generator(params, config)
         mesh_config = MeshConfig(fsdp=4, tensor=2)
         mesh = build_mesh(mesh_config)
-        _, shardings = abstract_params(config, mesh, mesh_config.rules)
+        _, shardings = sharded_abstract_params(config, mesh, mesh_config.rules)
         placed = jax.device_put(params, shardings)
         sharded = Generator(placed, config, mesh=mesh, rules=mesh_config.rules)
         results[name] = {
