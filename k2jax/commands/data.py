@@ -21,7 +21,7 @@ from k2jax.errors import UserError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     commands = add_command_group(
-        subparsers, "data", "K2 data: index, pack, batch, locate, order, prepare",
+        subparsers, "data", "K2 data: index, pack, batch, locate, order, prepare, prepare-chat",
         "k2jax data locate --data /data/k2 --step 150000", __doc__, metavar="DATA_COMMAND")
 
     p = add_command(commands, "index", "write the line-offset index of chunk_*.jsonl files",
