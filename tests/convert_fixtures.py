@@ -78,3 +78,15 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
 
 def state_bits(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: _bits(v) for k, v in state.items()}
+
+
+def write_converted_tiny_model(root: Path) -> Path:
+    """`root/hf` (a tiny random LlamaForCausalLM) and `root/weights` (its hf-to-orbax
+    conversion); returns root."""
+    from k2jax.cli import main
+
+    model = tiny_hf_model()
+    write_hf_dir(root / "hf", hf_state(model), hf_config(model))
+    assert main(["convert", "hf-to-orbax", "--hf", str(root / "hf"), "--out",
+                 str(root / "weights"), "--no-progress"]) == 0
+    return root

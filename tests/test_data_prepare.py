@@ -27,10 +27,9 @@ def random_text(rng: random.Random, num_words: int) -> str:
     return text.replace(" dog ", " dog\n", 3).replace(" a ", "  a ", 2)
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory) -> Path:
-    """A tiny LLaMA-like SentencePiece model: BPE, byte fallback, identity normalisation."""
-    directory = tmp_path_factory.mktemp("spm")
+def train_tiny_spm(directory: Path) -> list[str]:
+    """Train `directory/tok.model`, a tiny LLaMA-like SentencePiece model (BPE, byte fallback,
+    identity normalisation); returns the sentences it was trained on."""
     rng = random.Random(0)
     sentences = [random_text(rng, 12).replace("\n", " ") for _ in range(400)]
     sentencepiece.SentencePieceTrainer.train(
@@ -38,6 +37,13 @@ def spm_model(tmp_path_factory) -> Path:
         model_type="bpe", character_coverage=1.0, byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return sentences
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("spm")
+    train_tiny_spm(directory)
     return directory / "tok.model"
 
 

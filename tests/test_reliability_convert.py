@@ -8,19 +8,14 @@ import shutil
 
 import pytest
 
-from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
+from convert_fixtures import write_converted_tiny_model
 from k2jax.cli import main
 from k2jax import atomic_write
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("converted")
-    model = tiny_hf_model()
-    write_hf_dir(root / "hf", hf_state(model), hf_config(model))
-    assert main(["convert", "hf-to-orbax", "--hf", str(root / "hf"), "--out",
-                 str(root / "weights"), "--no-progress"]) == 0
-    return root
+    return write_converted_tiny_model(tmp_path_factory.mktemp("converted"))
 
 
 def fails_in_one_line(capsys, argv, *expected):

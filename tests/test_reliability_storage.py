@@ -196,15 +196,9 @@ def test_a_storage_failure_a_library_only_logged_still_fails_the_command(monkeyp
 
 @pytest.fixture(scope="module")
 def orbax_weights(tmp_path_factory):
-    from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
-    from k2jax.cli import main
+    from convert_fixtures import write_converted_tiny_model
 
-    root = tmp_path_factory.mktemp("weights")
-    model = tiny_hf_model()
-    write_hf_dir(root / "hf", hf_state(model), hf_config(model))
-    assert main(["convert", "hf-to-orbax", "--hf", str(root / "hf"), "--out",
-                 str(root / "weights"), "--no-progress"]) == 0
-    return root
+    return write_converted_tiny_model(tmp_path_factory.mktemp("weights"))
 
 
 # (direction, file-size limit): 2000 bytes stops hf-to-orbax in Orbax's background metadata
@@ -284,18 +278,9 @@ def test_metrics_on_a_full_disk_name_the_file_and_leave_no_half_line(tmp_path):
 def test_data_prepare_on_a_full_disk(tmp_path):
     """Before: '... writing ?', and the spool directory `.prepare-spool` was left behind (the
     cleanup's own flush failed first and hid the error)."""
-    import random
+    from test_data_prepare import train_tiny_spm
 
-    import sentencepiece
-    from test_data_prepare import random_text
-
-    rng = random.Random(0)
-    sentences = [random_text(rng, 12).replace("\n", " ") for _ in range(400)]
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=str(tmp_path / "tok"), vocab_size=300,
-        model_type="bpe", character_coverage=1.0, byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    sentences = train_tiny_spm(tmp_path)
     (tmp_path / "docs.txt").write_text(" ".join(sentences) * 3)  # ~70 KB of rows into 3000 B
     out = tmp_path / "out"
     argv = k2jax("data", "prepare", "--tokenizer", tmp_path / "tok.model", "--input",
