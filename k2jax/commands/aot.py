@@ -17,7 +17,7 @@ TOPOLOGY_HELP = (
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "aot", help="compile the train step for a TPU slice ahead of time; per-chip memory, "
-                    "fit, FLOPs and estimated MFU",
+                    "fit, FLOPs, estimated MFU and predicted step time",
         description="Compile the complete train step (forward, backward, accumulation, AdamW) "
                     "for a TPU topology with libtpu, without a TPU, and report per chip the "
                     "bytes of parameters, optimizer state and temporaries against HBM (v4 32 "
