@@ -23,3 +23,26 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS protocol server on 127.0.0.1 (tests/gcs_server.py), with this process's
+    environment pointing gcsfs and TensorStore at it for the rest of the session; subprocesses
+    inherit it."""
+    from gcs_server import GCSServer, restore_environment, set_environment
+
+    server = GCSServer(tmp_path_factory.mktemp("gcs")).start()
+    previous = set_environment(server.environment())
+    yield server
+    restore_environment(previous)
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server) -> str:
+    """A fresh, empty bucket on the local server: `gs://NAME`."""
+    return gcs_server.bucket()
