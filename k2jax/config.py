@@ -1,7 +1,9 @@
 """Typed run configuration: YAML files in configs/ plus `section.key=value` overrides.
 
 Every field has a type; loading checks names, types and cross-field consistency and raises
-ConfigError naming the dotted key. The dataclasses are the single list of settings.
+ConfigError naming the dotted key. The dataclasses are the single list of settings. This module
+is the schema; typed construction lives in k2jax/config_build.py, and files, `base:` chains,
+presets and overrides in k2jax/config_files.py.
 
 The defaults are neutral, not K2's: K2's figures live once, in configs/k2-65b.yaml (shipped in
 the package as the preset `k2-65b`, see `resolve_config_path`), so a fact about K2 has one
@@ -16,16 +18,17 @@ run's length, batch and checkpoint cadence to round numbers. A config that means
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-
 from k2jax import dtypes
-from k2jax.errors import ConfigError, UserError
+from k2jax.config_build import build_section
+# The loading side, re-exported so `from k2jax.config import load_config, ...` stays the one
+# import of callers.
+from k2jax.config_files import (  # noqa: F401
+    K2_PRESET, PRESET_DIR, apply_overrides, load_config_dict, preset_names, read_config_file,
+    resolve_config_path)
+from k2jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
@@ -405,188 +408,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building a Config from plain data, with type checks that name the dotted key.
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(key, f"expected {_describe(hint)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return {k: _check_type(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if not math.isfinite(value):  # an inf learning rate trained NaN parameters, exit 0
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
-    return " or ".join(names) + (" or null" if type(None) in typing.get_args(hint) else "")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(dotted, f"unknown key (known: {', '.join(sorted(names))})")
-        kwargs[key] = _check_type(dotted, value, hints[key])
-    return cls(**kwargs)
-
-
-def _parse_override_value(text: str) -> Any:
-    # YAML scalars: 4 -> int, 1e-4 -> float, true -> bool, null -> None, [1, 2] -> list.
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and _looks_like_float(value):
-        return float(value)  # PyYAML reads "1e-4" as a string
-    return value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings to a nested dict (a copy)."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected section.key=value")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(dotted, f"'{part}' is not a section")
-        node[parts[-1]] = _parse_override_value(text)
-    return data
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "").validate()
+    """A validated Config from plain data (a loaded YAML file, a run's saved config)."""
+    return build_section(Config, data, "").validate()
 
 
-def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML config file as a dict, with its `base:` chain merged in.
-
-    `base: FILE` (relative to this file's directory) names the config this one extends: its
-    mappings are merged key by key, anything else (numbers, lists) is replaced. So K2-Chat's
-    file states only what differs from K2's."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config file {path}: is a directory, expected a YAML file")
-    if not path.is_file():
-        raise UserError(f"config file {path}: not found")
-    if path.resolve() in _seen:
-        raise UserError(f"config file {path}: 'base' chain loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path}: not valid YAML ({err.__class__.__name__})")
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path}: expected a mapping at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise UserError(f"config file {path}: 'base' must be a file name, got {base!r}")
-    return _merged(read_config_file(path.parent / base, _seen + (path.resolve(),)), data)
-
-
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both_maps else value
-    return out
-
-
-# configs/ of the repository, reached through the link k2jax/configs (package data in a wheel).
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
-K2_PRESET = "k2-65b"  # K2's figures: the default config of commands that read K2's data
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A config file: `path` itself when it exists, else a preset of the package named by it
-    (`k2-65b` or `k2-65b.yaml`), so an installed wheel reaches K2's config without a clone."""
-    path = Path(path)
-    if path.exists() or path.parent != Path("."):
-        return path
-    preset = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if not preset.is_file():
-        raise UserError(f"config file {path}: not found (nor a preset: "
-                        f"{', '.join(preset_names())})")
-    return preset
-
-
-def load_config_dict(path: str | Path | None, overrides: list[str] | None = None
-                     ) -> dict[str, Any]:
-    """The plain dict `load_config` builds from: the file (or preset) and the overrides."""
-    data = read_config_file(resolve_config_path(path)) if path is not None else {}
-    return apply_overrides(data, overrides or [])
+def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+    """A ModelConfig from plain data (a checkpoint's or config.json's fields), type-checked but
+    not validated; `prefix` is the key errors name."""
+    return build_section(ModelConfig, data, prefix)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
