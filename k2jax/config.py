@@ -271,18 +271,39 @@ class SpikeConfig:
 
     action: Literal["log", "skip", "rollback"] = "log"
     window: int = 100  # steps in the running median
-    threshold: float = 3.0  # a spike is loss > threshold * running median
+    threshold: float = 3.0  # a sharp spike is loss > threshold * running median
     min_history: int = 10  # steps observed before ratio spikes are detected
-    # What `rollback` moves to the end of the order: `chunk`, the rest of the chunk file holding
-    # the spiking step (K2's team moved whole chunk files, docs/k2.md), or `step`, the
-    # spiking step's rows alone.
-    rollback_unit: Literal["chunk", "step"] = "chunk"
+    # A slow rise (K2's malignant spikes rose over 8-34 checkpoints): the mean of the last
+    # trend_window losses above the mean of the trend_baseline losses before them by more than
+    # trend_margin (a fraction of that baseline) for trend_patience steps in a row. 0: off.
+    trend_window: int = 0
+    trend_baseline: int = 0
+    trend_margin: float = 0.01
+    trend_patience: int = 1
+    # What `rollback` moves to the end of the order: `file`, the whole chunk files not yet
+    # started at the restored checkpoint that hold the spike's first step (what K2's team did:
+    # docs/k2.md "Loss spikes"); `chunk`, the rest of the chunk file holding that step from the
+    # step on; `step`, that step's rows alone.
+    rollback_unit: Literal["file", "chunk", "step"] = "chunk"
 
     def validate(self) -> None:
         if self.window < 1:
             raise ConfigError("train.spikes.window", f"must be >= 1, got {self.window}")
         if self.threshold <= 1.0:
             raise ConfigError("train.spikes.threshold", f"must be > 1, got {self.threshold}")
+        if self.trend_window < 0:
+            raise ConfigError("train.spikes.trend_window", f"must be >= 0 (0: off), got "
+                              f"{self.trend_window}")
+        if self.trend_window and self.trend_baseline < 1:
+            raise ConfigError("train.spikes.trend_baseline", f"must be >= 1 with "
+                              f"train.spikes.trend_window={self.trend_window}, got "
+                              f"{self.trend_baseline}")
+        if self.trend_patience < 1:
+            raise ConfigError("train.spikes.trend_patience", f"must be >= 1, got "
+                              f"{self.trend_patience}")
+        if self.trend_margin <= 0:
+            raise ConfigError("train.spikes.trend_margin", f"must be > 0, got "
+                              f"{self.trend_margin}")
 
 
 @dataclasses.dataclass
