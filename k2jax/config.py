@@ -18,6 +18,7 @@ run's length, batch and checkpoint cadence to round numbers. A config that means
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -221,18 +222,26 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ChatConfig:
-    """How `k2jax data prepare-chat` renders a conversation (k2jax/data/chat.py).
+    """The chat template `k2jax data prepare-chat` renders conversations with
+    (k2jax/data/chat.py; docs/data.md "Chat SFT" cites what each K2-Chat choice rests on).
 
-    A turn is its role's marker then its content; an assistant turn also ends with
-    `assistant_end`. Loss is taken on assistant content and `assistant_end` only. Neutral
-    defaults; K2-Chat's markers (its model card's prompt) are in configs/k2-chat.yaml.
+    A system prompt (first message only) is `system_marker` (if any), its content, then
+    `system_end` (if any). A user turn is `user_marker` then its content; an assistant turn
+    `assistant_marker`, its content, then `assistant_end`. `end_of_chat` (if any) closes the
+    conversation. Loss goes to assistant content and `assistant_end` only: of every assistant
+    turn (`all-assistant-turns`), or of the last one, earlier replies being context (`final`).
+    Neutral defaults; K2-Chat's template is configs/k2-chat.yaml.
     """
 
     user_marker: str = "<|user|>"
     assistant_marker: str = "<|assistant|>"
     # None: a system message's content goes first as plain text, without a marker.
     system_marker: Optional[str] = None
+    # After the system prompt's content (K2-Chat: <|endofsystemprompt|>); None: nothing.
+    system_end: Optional[str] = None
     assistant_end: str = "</s>"
+    end_of_chat: Optional[str] = None  # K2-Chat: <|endofchat|>, loss 0
+    trained_turns: Literal["all-assistant-turns", "final"] = "all-assistant-turns"
     # A conversation longer than data.seq_len: drop (counted and reported) or truncate (keep
     # its first seq_len tokens; counted too).
     overlong: Literal["drop", "truncate"] = "drop"
@@ -244,13 +253,30 @@ class ChatConfig:
             found["system"] = self.system_marker
         return found
 
+    def special_texts(self) -> dict[str, str]:
+        """data.chat key -> text, for every marker the template renders (each must be one
+        token of the tokenizer)."""
+        texts = {f"{role}_marker": marker for role, marker in self.markers().items()}
+        texts["assistant_end"] = self.assistant_end
+        for key in ("system_end", "end_of_chat"):
+            if getattr(self, key) is not None:
+                texts[key] = getattr(self, key)
+        return texts
+
     def validate(self) -> None:
-        for role, marker in self.markers().items():
-            if not marker.strip():
-                raise ConfigError(f"data.chat.{role}_marker", "must not be empty")
-        if len(set(self.markers().values())) != len(self.markers()):
-            raise ConfigError("data.chat.user_marker", f"the role markers must differ, got "
-                              f"{self.markers()}")
+        for key, text in self.special_texts().items():
+            if not text.strip():
+                raise ConfigError(f"data.chat.{key}", "must not be empty")
+        if self.user_marker == self.assistant_marker:
+            raise ConfigError("data.chat.assistant_marker", f"equals data.chat.user_marker "
+                              f"({self.user_marker!r}): the turns could not be told apart")
+        if self.system_marker == self.user_marker or (
+                self.system_marker == self.assistant_marker and self.system_end is None):
+            # K2-Chat opens its system prompt with the assistant's marker: its system_end
+            # tells the two apart. Without one, or equal to the user's, nothing does.
+            raise ConfigError("data.chat.system_marker", f"{self.system_marker!r} equals "
+                              f"another role's marker (allowed only equal to "
+                              f"data.chat.assistant_marker, with data.chat.system_end set)")
 
 
 def parse_order(order: Union[str, list[int]], key: str) -> Union[str, list[int]]:
@@ -308,10 +334,16 @@ class SpikeConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 100000
+    # The step the run ends at (exclusive), or `auto`: where the data ends, data.first_step +
+    # (rows - data.start_row) // data.global_batch_size from the data's index (K2's stage 2:
+    # configs/k2-stage2.yaml). Either is checked against the data before any state is built.
+    steps: Union[int, Literal["auto"]] = 100000
     run_dir: str = "runs/default"
     seed: int = 0
     checkpoint_every: int = 1000
+    # Also checkpoint after each step that crosses into another chunk file (one checkpoint per
+    # file, as K2's stage-2 release has: configs/k2-stage2.yaml).
+    checkpoint_at_chunk_ends: bool = False
     keep_checkpoints: int = 3
     keep_period: Optional[int] = None  # also keep every Nth step permanently
     async_checkpoint: bool = True
@@ -334,12 +366,13 @@ class TrainConfig:
     loss_group_rows: int = 4  # K2: 4, one data-parallel rank's micro-batch
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ConfigError("train.steps", f"must be >= 0, got {self.steps}")
+        if self.steps != "auto" and self.steps < 0:
+            raise ConfigError("train.steps", f"must be >= 0 or auto, got {self.steps}")
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
             raise ConfigError("train.checkpoint_every", "checkpoint_every, keep_checkpoints "
                               "and log_every must be positive")
-        if self.start_step < 0 or self.start_step >= max(self.steps, 1):
+        last = math.inf if self.steps == "auto" else max(self.steps, 1)  # auto: checked later
+        if self.start_step < 0 or self.start_step >= last:
             raise ConfigError("train.start_step", f"must be in [0, train.steps={self.steps}), "
                               f"got {self.start_step}")
         if self.start_step and not self.init_from:

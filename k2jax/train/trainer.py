@@ -24,6 +24,7 @@ from k2jax.data.run_order import run_moved_row_ranges, write_moved_row_ranges
 from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
+from k2jax.train.data_span import ends_chunk, steps_from_data
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.preemption import StopRequested
@@ -38,18 +39,20 @@ class Trainer:
         self.run_dir = storage_path(config.train.run_dir)
         ensure_run_dir(self.run_dir)
         self.primary = jax.process_index() == 0
+        # The data first: train.steps is checked against it (or read from it: auto) before
+        # any state is built. The run's order: its data_order.json (rollbacks) else the
+        # config's moved windows.
+        loader = StepLoader.from_config(
+            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config))
+        self.config = config = steps_from_data(config, loader, self.log)
         self.setup = build_training_setup(config, process_count=jax.process_count())
         self.mesh = self.setup.mesh
         self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
-        # The run's order: its data_order.json (rollbacks) else the config's moved windows.
         # Device batches are padded with zero-mask rows (k2jax/sharding/padding.py); the loss
         # and MFU count only the real rows.
-        self.loader = StepLoader.from_config(
-            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config),
-            padding=self.setup.padding, process_index=jax.process_index(),
-            process_count=jax.process_count(), sharding=self.setup.batch_sharding)
+        self.loader = loader.on_devices(self.setup.padding, self.setup.batch_sharding)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -214,7 +217,9 @@ class Trainer:
                                      mfu=f"{record['mfu']:.1%}")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     self.writer.record(step, record)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                if (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+                        or (cfg.train.checkpoint_at_chunk_ends
+                            and ends_chunk(self.loader, step - 1))):
                     self.save(step, state, metrics)
                 if stop.agreed():  # every host stops at the same step
                     self.log(f"stop requested: checkpointing step {step} and exiting")
