@@ -358,7 +358,9 @@ class TrainConfig:
     # dtype of weight gradients out of the matmuls and of their data-parallel reductions.
     # float32 is K2's (Megatron's fp32 main_grad and fp32 all-reduce) and the safer default:
     # bf16 keeps 8 mantissa bits, so a small per-row contribution summed over thousands of
-    # rows is lost in rounding; float32 costs twice the reduce-scatter bytes.
+    # rows is lost in rounding; float32 costs twice the reduce-scatter bytes. (K2's embedding
+    # and norm-gain gradients were bf16 tensors, rounded once per 4-row micro-batch before
+    # Megatron added them to main_grad; only linear layers accumulate in fp32: docs/k2.md.)
     gradient_dtype: Literal["float32", "bfloat16"] = "float32"
     # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
     # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.

@@ -316,3 +316,13 @@ def test_marker_ids_come_from_the_tokenizers_added_tokens(tmp_path, spm_model, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "data.chat.system_end '<|endofsystemprompt|>' is not an added token of" in err
+
+
+def test_generate_chat_prompts_use_the_training_template(spm_model):
+    from k2jax.commands.generate import chat_prompt_ids
+
+    tok = chat_tokenizer(spm_model, K2_CHAT)
+    [prompt] = chat_prompt_ids(["fox dog"], "k2-chat", str(spm_model))
+    training = render(TALK[1:3], K2_CHAT, tok, "t").tokens
+    assert prompt == training[:len(prompt)]  # the reply follows the same prefix in training
+    assert prompt[-1] == tok.encode("<|beginofsystem|>")[0]
