@@ -70,3 +70,17 @@ def test_a_slow_rise_rolls_back_to_the_checkpoint_before_it_and_moves_its_file(t
     assert json.loads((tmp_path / "data_order.json").read_text()) == {
         "moved_row_ranges": [[180, 90]]}
     assert max(losses_by_step(tmp_path)) == 40
+
+
+@pytest.mark.slow  # a tiny training run of 30 steps
+def test_a_logged_trend_keeps_every_step_in_the_metrics(tmp_path):
+    config = small_config(
+        tmp_path, "train.steps=30", "train.checkpoint_every=10", "train.spikes.action=skip",
+        "train.spikes.threshold=100", "train.spikes.trend_window=2",
+        "train.spikes.trend_baseline=6", "train.spikes.trend_margin=0.05",
+        "train.spikes.trend_patience=2", "data.synthetic_poison_rows=[[200, 32]]")
+    Trainer(config).run()
+    events = [json.loads(line) for line in (tmp_path / "spikes.jsonl").read_text().splitlines()]
+    assert events and {e["kind"] for e in events} == {"trend"}
+    assert {e["action"] for e in events} == {"log"}  # skip cannot undo applied updates
+    assert sorted(losses_by_step(tmp_path)) == list(range(1, 31))  # no step left out

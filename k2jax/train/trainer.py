@@ -200,9 +200,10 @@ class Trainer:
                     next_step, state = self.handle_spike(step, spike, metrics, state)
                     if next_step != step + 1:  # rolled back: the order and position changed
                         batches = self.loader.iter_from_step(next_step, cfg.train.steps)
-                    step = progress.n = next_step
-                    progress.refresh()
-                    continue
+                    if spike != "trend" or next_step != step + 1:  # a trend's update counts
+                        step = progress.n = next_step
+                        progress.refresh()
+                        continue
                 step += 1
                 progress.update(1)
                 record = {
@@ -267,7 +268,8 @@ class Trainer:
                  + f", loss {metrics['loss']:.4g}): {action}"
                  + (f", rows {event['moved_rows']} moved to the end, resuming at step "
                     f"{next_step}" if action == "rollback" else ""))
-        if action != "rollback" and next_step % self.config.train.checkpoint_every == 0:
+        if (action != "rollback" and kind != "trend"  # a trend's step is then logged as any
+                and next_step % self.config.train.checkpoint_every == 0):
             # log/skip: the step counts as done (its update applied or refused in the step).
             self.save(next_step, state, metrics)
         return next_step, state
