@@ -238,7 +238,7 @@ class Trainer:
 
     def handle_spike(self, step: int, kind: str, metrics: dict, state) -> tuple[int, Any]:
         action = self.config.train.spikes.action
-        onset = self.detector.onset(step, kind)
+        onset = max(self.detector.onset(step, kind), self.config.data.first_step)
         event: dict[str, Any] = {"step": step, "kind": kind, "loss": metrics["loss"],
                                  "grad_norm": metrics["grad_norm"],
                                  "median": self.detector.median(), "action": action,
