@@ -106,7 +106,9 @@ def test_overlong_policy_is_reported(tmp_path, spm_model, capsys):
                      str(path), "--out", str(out), "model.vocab_size=336", "data.seq_len=32",
                      *overrides])
     assert prepare(tmp_path / "a") == 0
-    assert "1 dropped and 0 truncated as longer than 32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 dropped and 0 truncated as longer than 32" in out
+    assert "appended after K2's added tokens by k2jax (no added_tokens.json" in out
     assert prepare(tmp_path / "b", "data.chat.overlong=truncate") == 0
     # Truncation keeps the prompt only: no target left, so it is dropped and counted.
     assert "1 dropped and 0 truncated" in capsys.readouterr().out

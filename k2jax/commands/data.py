@@ -319,5 +319,6 @@ def cmd_prepare_chat(args) -> int:
     print(f"wrote {summary['conversations']} conversations as {summary['rows']} rows of "
           f"{seq_len} tokens into {args.num_chunks} chunk files in {args.out} "
           f"({summary['target_tokens']} target tokens; {summary['dropped_overlong']} dropped "
-          f"and {summary['truncated_overlong']} truncated as longer than {seq_len})")
+          f"and {summary['truncated_overlong']} truncated as longer than {seq_len}); "
+          f"marker ids {summary['marker_ids']} {summary['marker_ids_from']}")
     return 0

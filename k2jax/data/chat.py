@@ -93,7 +93,8 @@ def chat_tokenizer(model_path: str | os.PathLike, chat: ChatConfig,
                  if t not in K2_SPECIAL_TOKENS and t not in CONTROL_TEXTS]
         tokenizer = K2Tokenizer(model_path, special_base_id,
                                 tuple(K2_SPECIAL_TOKENS) + tuple(extra))
-        tokenizer.marker_source = f"appended after K2's added tokens (no {ADDED_TOKENS_FILE})"
+        tokenizer.marker_source = (f"appended after K2's added tokens by k2jax (no "
+                                   f"{ADDED_TOKENS_FILE} beside the tokenizer)")
         return tokenizer
     table = read_added_tokens(path)
     for key, text in texts.items():
@@ -105,7 +106,7 @@ def chat_tokenizer(model_path: str | os.PathLike, chat: ChatConfig,
     if [table[t] for t in ordered] != list(range(base, base + len(ordered))):
         raise UserError(f"{path}: added token ids are not consecutive from {base}")
     tokenizer = K2Tokenizer(model_path, base, tuple(ordered))
-    tokenizer.marker_source = os.fspath(path)
+    tokenizer.marker_source = f"from {os.fspath(path)}"
     return tokenizer
 
 
