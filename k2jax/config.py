@@ -1,7 +1,9 @@
 """Typed run configuration: YAML files in configs/ plus `section.key=value` overrides.
 
 Every field has a type; loading checks names, types and cross-field consistency and raises
-ConfigError naming the dotted key. The dataclasses are the single list of settings.
+ConfigError naming the dotted key. The dataclasses are the single list of settings. This module
+is the schema; typed construction lives in k2jax/config_build.py, and files, `base:` chains,
+presets and overrides in k2jax/config_files.py.
 
 The defaults are neutral, not K2's: K2's figures live once, in configs/k2-65b.yaml (shipped in
 the package as the preset `k2-65b`, see `resolve_config_path`), so a fact about K2 has one
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-
 from k2jax import dtypes
-from k2jax.errors import ConfigError, UserError
+from k2jax.config_build import build_section
+# The loading side, re-exported so `from k2jax.config import load_config, ...` stays the one
+# import of callers.
+from k2jax.config_files import (  # noqa: F401
+    K2_PRESET, PRESET_DIR, apply_overrides, load_config_dict, preset_names, read_config_file,
+    resolve_config_path)
+from k2jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
@@ -218,18 +222,26 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ChatConfig:
-    """How `k2jax data prepare-chat` renders a conversation (k2jax/data/chat.py).
+    """The chat template `k2jax data prepare-chat` renders conversations with
+    (k2jax/data/chat.py; docs/data.md "Chat SFT" cites what each K2-Chat choice rests on).
 
-    A turn is its role's marker then its content; an assistant turn also ends with
-    `assistant_end`. Loss is taken on assistant content and `assistant_end` only. Neutral
-    defaults; K2-Chat's markers (its model card's prompt) are in configs/k2-chat.yaml.
+    A system prompt (first message only) is `system_marker` (if any), its content, then
+    `system_end` (if any). A user turn is `user_marker` then its content; an assistant turn
+    `assistant_marker`, its content, then `assistant_end`. `end_of_chat` (if any) closes the
+    conversation. Loss goes to assistant content and `assistant_end` only: of every assistant
+    turn (`all-assistant-turns`), or of the last one, earlier replies being context (`final`).
+    Neutral defaults; K2-Chat's template is configs/k2-chat.yaml.
     """
 
     user_marker: str = "<|user|>"
     assistant_marker: str = "<|assistant|>"
     # None: a system message's content goes first as plain text, without a marker.
     system_marker: Optional[str] = None
+    # After the system prompt's content (K2-Chat: <|endofsystemprompt|>); None: nothing.
+    system_end: Optional[str] = None
     assistant_end: str = "</s>"
+    end_of_chat: Optional[str] = None  # K2-Chat: <|endofchat|>, loss 0
+    trained_turns: Literal["all-assistant-turns", "final"] = "all-assistant-turns"
     # A conversation longer than data.seq_len: drop (counted and reported) or truncate (keep
     # its first seq_len tokens; counted too).
     overlong: Literal["drop", "truncate"] = "drop"
@@ -241,13 +253,30 @@ class ChatConfig:
             found["system"] = self.system_marker
         return found
 
+    def special_texts(self) -> dict[str, str]:
+        """data.chat key -> text, for every marker the template renders (each must be one
+        token of the tokenizer)."""
+        texts = {f"{role}_marker": marker for role, marker in self.markers().items()}
+        texts["assistant_end"] = self.assistant_end
+        for key in ("system_end", "end_of_chat"):
+            if getattr(self, key) is not None:
+                texts[key] = getattr(self, key)
+        return texts
+
     def validate(self) -> None:
-        for role, marker in self.markers().items():
-            if not marker.strip():
-                raise ConfigError(f"data.chat.{role}_marker", "must not be empty")
-        if len(set(self.markers().values())) != len(self.markers()):
-            raise ConfigError("data.chat.user_marker", f"the role markers must differ, got "
-                              f"{self.markers()}")
+        for key, text in self.special_texts().items():
+            if not text.strip():
+                raise ConfigError(f"data.chat.{key}", "must not be empty")
+        if self.user_marker == self.assistant_marker:
+            raise ConfigError("data.chat.assistant_marker", f"equals data.chat.user_marker "
+                              f"({self.user_marker!r}): the turns could not be told apart")
+        if self.system_marker == self.user_marker or (
+                self.system_marker == self.assistant_marker and self.system_end is None):
+            # K2-Chat opens its system prompt with the assistant's marker: its system_end
+            # tells the two apart. Without one, or equal to the user's, nothing does.
+            raise ConfigError("data.chat.system_marker", f"{self.system_marker!r} equals "
+                              f"another role's marker (allowed only equal to "
+                              f"data.chat.assistant_marker, with data.chat.system_end set)")
 
 
 def parse_order(order: Union[str, list[int]], key: str) -> Union[str, list[int]]:
@@ -268,26 +297,53 @@ class SpikeConfig:
 
     action: Literal["log", "skip", "rollback"] = "log"
     window: int = 100  # steps in the running median
-    threshold: float = 3.0  # a spike is loss > threshold * running median
+    threshold: float = 3.0  # a sharp spike is loss > threshold * running median
     min_history: int = 10  # steps observed before ratio spikes are detected
-    # What `rollback` moves to the end of the order: `chunk`, the rest of the chunk file holding
-    # the spiking step (K2's team moved whole chunk files, docs/k2.md), or `step`, the
-    # spiking step's rows alone.
-    rollback_unit: Literal["chunk", "step"] = "chunk"
+    # A slow rise (K2's malignant spikes rose over 8-34 checkpoints): the mean of the last
+    # trend_window losses above the mean of the trend_baseline losses before them by more than
+    # trend_margin (a fraction of that baseline) for trend_patience steps in a row. 0: off.
+    trend_window: int = 0
+    trend_baseline: int = 0
+    trend_margin: float = 0.01
+    trend_patience: int = 1
+    # What `rollback` moves to the end of the order: `file`, the whole chunk files not yet
+    # started at the restored checkpoint that hold the spike's first step (what K2's team did:
+    # docs/k2.md "Loss spikes"); `chunk`, the rest of the chunk file holding that step from the
+    # step on; `step`, that step's rows alone.
+    rollback_unit: Literal["file", "chunk", "step"] = "chunk"
 
     def validate(self) -> None:
         if self.window < 1:
             raise ConfigError("train.spikes.window", f"must be >= 1, got {self.window}")
         if self.threshold <= 1.0:
             raise ConfigError("train.spikes.threshold", f"must be > 1, got {self.threshold}")
+        if self.trend_window < 0:
+            raise ConfigError("train.spikes.trend_window", f"must be >= 0 (0: off), got "
+                              f"{self.trend_window}")
+        if self.trend_window and self.trend_baseline < 1:
+            raise ConfigError("train.spikes.trend_baseline", f"must be >= 1 with "
+                              f"train.spikes.trend_window={self.trend_window}, got "
+                              f"{self.trend_baseline}")
+        if self.trend_patience < 1:
+            raise ConfigError("train.spikes.trend_patience", f"must be >= 1, got "
+                              f"{self.trend_patience}")
+        if self.trend_margin <= 0:
+            raise ConfigError("train.spikes.trend_margin", f"must be > 0, got "
+                              f"{self.trend_margin}")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 100000
+    # The step the run ends at (exclusive), or `auto`: where the data ends, data.first_step +
+    # (rows - data.start_row) // data.global_batch_size from the data's index (K2's stage 2:
+    # configs/k2-stage2.yaml). Either is checked against the data before any state is built.
+    steps: Union[int, Literal["auto"]] = 100000
     run_dir: str = "runs/default"
     seed: int = 0
     checkpoint_every: int = 1000
+    # Also checkpoint after each step that crosses into another chunk file (one checkpoint per
+    # file, as K2's stage-2 release has: configs/k2-stage2.yaml).
+    checkpoint_at_chunk_ends: bool = False
     keep_checkpoints: int = 3
     keep_period: Optional[int] = None  # also keep every Nth step permanently
     async_checkpoint: bool = True
@@ -302,7 +358,9 @@ class TrainConfig:
     # dtype of weight gradients out of the matmuls and of their data-parallel reductions.
     # float32 is K2's (Megatron's fp32 main_grad and fp32 all-reduce) and the safer default:
     # bf16 keeps 8 mantissa bits, so a small per-row contribution summed over thousands of
-    # rows is lost in rounding; float32 costs twice the reduce-scatter bytes.
+    # rows is lost in rounding; float32 costs twice the reduce-scatter bytes. (K2's embedding
+    # and norm-gain gradients were bf16 tensors, rounded once per 4-row micro-batch before
+    # Megatron added them to main_grad; only linear layers accumulate in fp32: docs/k2.md.)
     gradient_dtype: Literal["float32", "bfloat16"] = "float32"
     # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
     # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.
@@ -310,12 +368,13 @@ class TrainConfig:
     loss_group_rows: int = 4  # K2: 4, one data-parallel rank's micro-batch
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ConfigError("train.steps", f"must be >= 0, got {self.steps}")
+        if self.steps != "auto" and self.steps < 0:
+            raise ConfigError("train.steps", f"must be >= 0 or auto, got {self.steps}")
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:
             raise ConfigError("train.checkpoint_every", "checkpoint_every, keep_checkpoints "
                               "and log_every must be positive")
-        if self.start_step < 0 or self.start_step >= max(self.steps, 1):
+        last = math.inf if self.steps == "auto" else max(self.steps, 1)  # auto: checked later
+        if self.start_step < 0 or self.start_step >= last:
             raise ConfigError("train.start_step", f"must be in [0, train.steps={self.steps}), "
                               f"got {self.start_step}")
         if self.start_step and not self.init_from:
@@ -405,188 +464,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building a Config from plain data, with type checks that name the dotted key.
-
-
-def _check_type(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(key, value, arg)
-            except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(key, f"expected {_describe(hint)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return {k: _check_type(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if not math.isfinite(value):  # an inf learning rate trained NaN parameters, exit 0
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
-    return " or ".join(names) + (" or null" if type(None) in typing.get_args(hint) else "")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(dotted, f"unknown key (known: {', '.join(sorted(names))})")
-        kwargs[key] = _check_type(dotted, value, hints[key])
-    return cls(**kwargs)
-
-
-def _parse_override_value(text: str) -> Any:
-    # YAML scalars: 4 -> int, 1e-4 -> float, true -> bool, null -> None, [1, 2] -> list.
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and _looks_like_float(value):
-        return float(value)  # PyYAML reads "1e-4" as a string
-    return value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings to a nested dict (a copy)."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected section.key=value")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(dotted, f"'{part}' is not a section")
-        node[parts[-1]] = _parse_override_value(text)
-    return data
-
-
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, data, "").validate()
+    """A validated Config from plain data (a loaded YAML file, a run's saved config)."""
+    return build_section(Config, data, "").validate()
 
 
-def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML config file as a dict, with its `base:` chain merged in.
-
-    `base: FILE` (relative to this file's directory) names the config this one extends: its
-    mappings are merged key by key, anything else (numbers, lists) is replaced. So K2-Chat's
-    file states only what differs from K2's."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"config file {path}: is a directory, expected a YAML file")
-    if not path.is_file():
-        raise UserError(f"config file {path}: not found")
-    if path.resolve() in _seen:
-        raise UserError(f"config file {path}: 'base' chain loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config file {path}: not valid YAML ({err.__class__.__name__})")
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path}: expected a mapping at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise UserError(f"config file {path}: 'base' must be a file name, got {base!r}")
-    return _merged(read_config_file(path.parent / base, _seen + (path.resolve(),)), data)
-
-
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both_maps else value
-    return out
-
-
-# configs/ of the repository, reached through the link k2jax/configs (package data in a wheel).
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
-K2_PRESET = "k2-65b"  # K2's figures: the default config of commands that read K2's data
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A config file: `path` itself when it exists, else a preset of the package named by it
-    (`k2-65b` or `k2-65b.yaml`), so an installed wheel reaches K2's config without a clone."""
-    path = Path(path)
-    if path.exists() or path.parent != Path("."):
-        return path
-    preset = PRESET_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if not preset.is_file():
-        raise UserError(f"config file {path}: not found (nor a preset: "
-                        f"{', '.join(preset_names())})")
-    return preset
-
-
-def load_config_dict(path: str | Path | None, overrides: list[str] | None = None
-                     ) -> dict[str, Any]:
-    """The plain dict `load_config` builds from: the file (or preset) and the overrides."""
-    data = read_config_file(resolve_config_path(path)) if path is not None else {}
-    return apply_overrides(data, overrides or [])
+def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+    """A ModelConfig from plain data (a checkpoint's or config.json's fields), type-checked but
+    not validated; `prefix` is the key errors name."""
+    return build_section(ModelConfig, data, prefix)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from k2jax.errors import UserError
 
-# In id order from the base id (32000 in K2): docs/k2.md (order presumed).
+# In id order from the base id (32000 in K2): docs/k2.md (order confirmed by K2's tokenizer files).
 K2_SPECIAL_TOKENS = (
     "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<filename>", "<gh_stars>",
     "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>",

@@ -3,6 +3,7 @@ that do not see each other, read back through the training loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -12,13 +13,14 @@ import pytest
 
 from k2jax.cli import main
 from k2jax.config import ChatConfig, load_config
-from k2jax.data.chat import chat_tokenizer, pack, prepare_chat, render
+from k2jax.data.chat import chat_tokenizer, pack, prepare_chat, render, render_prompt
 from k2jax.data.chunk_index import build_index
 from k2jax.data.loader import StepLoader
 from k2jax.data.segments import positions_within_documents
 from k2jax.errors import ConfigError
 from k2jax.model import K2Model
 from k2jax.sharding.mesh import build_mesh
+from k2jax.tokenizer import K2_SPECIAL_TOKENS
 from k2jax.train.step import make_loss_and_gradients
 from test_data_prepare import spm_model  # noqa: F401  (a tiny SentencePiece model fixture)
 from train_utils import TINY
@@ -104,7 +106,9 @@ def test_overlong_policy_is_reported(tmp_path, spm_model, capsys):
                      str(path), "--out", str(out), "model.vocab_size=336", "data.seq_len=32",
                      *overrides])
     assert prepare(tmp_path / "a") == 0
-    assert "1 dropped and 0 truncated as longer than 32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 dropped and 0 truncated as longer than 32" in out
+    assert "appended after K2's added tokens by k2jax (no added_tokens.json" in out
     assert prepare(tmp_path / "b", "data.chat.overlong=truncate") == 0
     # Truncation keeps the prompt only: no target left, so it is dropped and counted.
     assert "1 dropped and 0 truncated" in capsys.readouterr().out
@@ -229,3 +233,98 @@ def test_trainer_reads_chat_rows_with_documents(chat_dir, tmp_path):
     summary = json.loads((data_dir / "prepare-chat.json").read_text())
     assert record["step"] == 1 and np.isfinite(record["loss"])
     assert record["tokens"] == summary["target_tokens"]  # the assistant tokens, nothing else
+
+
+# -- issue 26.3: K2-Chat's own format ---------------------------------------------------------
+
+K2_CHAT = load_config("k2-chat").data.chat
+TALK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "fox dog"},
+        {"role": "assistant", "content": "the fox"}, {"role": "user", "content": "and"},
+        {"role": "assistant", "content": "a quick dog"}]
+
+
+def test_k2_chat_template_follows_llm360s_script(spm_model):
+    tok = chat_tokenizer(spm_model, K2_CHAT)
+    ids = {text: tok.encode(text)[0] for text in K2_CHAT.special_texts().values()}
+    reply, user = ids["<|beginofsystem|>"], ids["<|beginofuser|>"]
+    eos, end_sys, end_chat = tok.eos_id, ids["<|endofsystemprompt|>"], ids["<|endofchat|>"]
+    text = tok.sp.EncodeAsIds
+    out = render(TALK, K2_CHAT, tok, "t")
+    context = ([reply] + text("be brief") + [end_sys] + [user] + text("fox dog") + [reply]
+               + text("the fox") + [eos] + [user] + text("and"))
+    final = text("a quick dog") + [eos]
+    assert out.tokens == context + [reply] + final + [end_chat]
+    # Only the final reply and its </s> are trained (the script's seed/response split).
+    assert out.targets == [0] * (len(context) + 1) + [1] * len(final) + [0]
+    every = render(TALK, dataclasses.replace(K2_CHAT, trained_turns="all-assistant-turns"),
+                   tok, "t")
+    first_reply = text("the fox") + [eos]
+    assert sum(every.targets) == len(first_reply) + len(final)
+    # generate --chat's prompt: the model card's form, the same ids as training.
+    prompt = render_prompt(TALK[:2], K2_CHAT, tok)
+    assert prompt == [reply] + text("be brief") + [end_sys, user] + text("fox dog") + [reply]
+    assert render_prompt(TALK[1:2], K2_CHAT, tok) == [user] + text("fox dog") + [reply]
+
+
+def test_control_text_in_content_is_data_never_structure(spm_model):
+    tok = chat_tokenizer(spm_model, K2_CHAT)
+    messages = [{"role": "user", "content": "fix <fim_prefix> it"},
+                {"role": "assistant", "content": "<s>old</s> new"}]
+    out = render(messages, K2_CHAT, tok, "t")
+    fim_prefix = tok.encode("<fim_prefix>")[0]
+    assert fim_prefix not in out.tokens and tok.bos_id not in out.tokens
+    assert out.tokens.count(tok.eos_id) == 1  # the turn's own end, not the reply's text
+    assert tok.decode(out.tokens).count("<s>old</s> new") == 1
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}],
+     "message 1 is an empty assistant turn"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+      {"role": "system", "content": "now be rude"}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo"}], "message 2 is a system message after the first"),
+])
+def test_empty_replies_and_late_system_messages_are_refused(tmp_path, spm_model, capsys,
+                                                            messages, message):
+    path = write_jsonl(tmp_path / "chats.jsonl", [CONVERSATIONS[0], messages])
+    code = main(["data", "prepare-chat", "--tokenizer", str(spm_model), "--input", str(path),
+                 "--out", str(tmp_path / "out"), "model.vocab_size=336"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{path}:2: {message}" in err
+
+
+def test_a_system_marker_equal_to_the_replys_needs_a_system_end():
+    load_config("k2-chat")  # <|beginofsystem|> opens both, <|endofsystemprompt|> closes one
+    with pytest.raises(ConfigError, match="^config key 'data.chat.system_marker'"):
+        load_config("k2-chat", ["data.chat.system_end=null"])
+    with pytest.raises(ConfigError, match="^config key 'data.chat.assistant_marker'"):
+        load_config("k2-chat", ["data.chat.assistant_marker=<|beginofuser|>"])
+
+
+def test_marker_ids_come_from_the_tokenizers_added_tokens(tmp_path, spm_model, capsys):
+    model = tmp_path / "tok.model"
+    model.write_bytes(spm_model.read_bytes())
+    added = {text: 300 + i for i, text in enumerate(K2_SPECIAL_TOKENS)}
+    added.update({"<|endofchat|>": 318, "<|beginofuser|>": 319, "<|beginofsystem|>": 320,
+                  "<|endofsystemprompt|>": 321})
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    tok = chat_tokenizer(model, K2_CHAT)
+    assert [tok.encode(t)[0] for t in ("<|beginofuser|>", "<|endofchat|>")] == [319, 318]
+    del added["<|endofchat|>"], added["<|endofsystemprompt|>"]
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    path = write_jsonl(tmp_path / "chats.jsonl", [TALK])
+    code = main(["data", "prepare-chat", "--tokenizer", str(model), "--input", str(path),
+                 "--out", str(tmp_path / "out"), "model.vocab_size=336"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "data.chat.system_end '<|endofsystemprompt|>' is not an added token of" in err
+
+
+def test_generate_chat_prompts_use_the_training_template(spm_model):
+    from k2jax.commands.generate import chat_prompt_ids
+
+    tok = chat_tokenizer(spm_model, K2_CHAT)
+    [prompt] = chat_prompt_ids(["fox dog"], "k2-chat", str(spm_model))
+    training = render(TALK[1:3], K2_CHAT, tok, "t").tokens
+    assert prompt == training[:len(prompt)]  # the reply follows the same prefix in training
+    assert prompt[-1] == tok.encode("<|beginofsystem|>")[0]

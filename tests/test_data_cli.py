@@ -148,3 +148,25 @@ def test_batch_and_locate_follow_a_runs_moved_rows(k2_dir, tmp_path, capsys):
         batch = got[piece["first_batch_row"]:piece["first_batch_row"] + piece["num_rows"]]
         assert batch[:, 0].tolist() == [piece["chunk_id"]] * len(lines)
         assert batch[:, 1].tolist() == list(lines)
+
+
+@pytest.mark.parametrize("form", ["jsonl", "packed"])
+def test_batch_says_how_many_rows_carry_a_target_mask(tmp_path, capsys, form):
+    # Issue 26.2: stage-2 rows may carry tgt_mask; whether K2 applied it is unknown, so the
+    # data commands say how many of a step's rows carry one, applied or not.
+    data = tmp_path / "k2"
+    data.mkdir()
+    write_chunk(data, 0, 5, masked_lines=(1, 3))
+    write_chunk(data, 1, 5, masked_lines=(0,))
+    assert run(capsys, "index", data, "--quiet")[0] == 0
+    if form == "packed":
+        assert run(capsys, "pack", "--data", data, "--out", data, "--seq-len", SEQ_LEN,
+                   "--quiet")[0] == 0
+    common = ["--data", data, "--global-batch", 4, "--seq-len", SEQ_LEN, "--order", "0,1",
+              "--format", form]
+    code, out, _ = run(capsys, "batch", "--step", 0, *common, "--out", tmp_path / "b0.npy")
+    assert code == 0 and "2 of 4 rows carry a tgt_mask" in out
+    assert "ignored: data.use_tgt_mask false" in out
+    code, out, _ = run(capsys, "batch", "--step", 1, *common, "--out", tmp_path / "b1.npy",
+                       "data.use_tgt_mask=true")
+    assert code == 0 and "1 of 4 rows carry a tgt_mask that leaves targets out (applied)" in out

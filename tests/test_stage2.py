@@ -54,7 +54,8 @@ def test_schedule_settings_are_checked():
 def test_k2_stage2_config_continues_stage_1():
     config = load_config(STAGE2)
     assert config.data.order == "k2-stage2" and config.data.first_step == STAGE1_END
-    assert config.train.start_step == STAGE1_END and config.train.steps == STAGE1_END + 20 * 941
+    assert config.train.start_step == STAGE1_END and config.train.steps == "auto"
+    assert config.train.checkpoint_at_chunk_ends and not config.data.use_tgt_mask
     assert config.model.num_layers == 80  # K2's architecture from k2-65b.yaml
     assert config.optimizer.schedule == "constant"
     assert lrs(config, [STAGE1_END, STAGE1_END + 1, STAGE1_END + 100]) == pytest.approx(
@@ -93,3 +94,66 @@ def test_stage2_step_338760_to_338761_continues_position_and_schedule(tmp_path, 
     peak = config.optimizer.peak_lr
     assert [r["lr"] for r in records] == pytest.approx([0.0, peak / 2])  # its own warm-up
     assert StepLoader.from_config(config).logical_rows(STAGE1_END + 1) == (8, 16)
+
+
+# -- issue 26.2: stage 2 sized by its data ----------------------------------------------------
+
+TINY_STAGE2 = ["model.vocab_size=1024", "model.hidden_size=32", "model.intermediate_size=64",
+               "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+               "data.seq_len=8", "data.global_batch_size=8", "data.micro_batch_size=4",
+               "train.peak_flops_per_device=1e11"]
+
+
+def stage2_data(tmp_path, rows_after_360=5):
+    data = tmp_path / "k2data"
+    data.mkdir()
+    for chunk in range(360, 380):  # 12 + 19 x 5 = 107 rows: 13 whole steps of 8
+        write_chunk(data, chunk, 12 if chunk == 360 else rows_after_360)
+    build_index(data, progress=False)
+    return data
+
+
+def test_auto_steps_end_with_the_data_and_too_many_are_refused_before_any_state(
+        tmp_path, monkeypatch):
+    data = stage2_data(tmp_path)
+    given = TINY_STAGE2 + [f"data.path={data}", f"train.run_dir={tmp_path / 'run'}",
+                           f"train.init_from={tmp_path / 'weights'}"]
+    logged = []
+    monkeypatch.setattr(Trainer, "log", lambda self, message: logged.append(message))
+    trainer = Trainer(load_config(STAGE2, given))
+    assert trainer.config.train.steps == STAGE1_END + 107 // 8
+    assert any("train.steps auto: 338773" in m and "107 rows" in m for m in logged)
+
+    def no_state(*args, **kwargs):
+        raise AssertionError("the training state was set up before the data check")
+
+    monkeypatch.setattr("k2jax.train.trainer.build_training_setup", no_state)
+    too_many = load_config(STAGE2, given + [f"train.steps={STAGE1_END + 20 * 941}"])
+    with pytest.raises(ConfigError, match=r"^config key 'train.steps': 357580 is past the "
+                                          r"data: the data holds 107 rows = steps up to 338773"):
+        Trainer(too_many)
+    synthetic = small_config(tmp_path / "s", "train.steps=auto")
+    with pytest.raises(ConfigError, match="train.steps.*auto needs data with an end"):
+        Trainer(synthetic)
+
+
+def test_a_step_ends_a_chunk_when_the_next_step_starts_in_another_file(tmp_path):
+    from k2jax.train.data_span import ends_chunk
+
+    loader = StepLoader.from_config(load_config(STAGE2, TINY_STAGE2 + [
+        f"data.path={stage2_data(tmp_path, rows_after_360=20)}"]))
+    # Chunk 360 holds rows 0..11, 361 rows 12..31, 362 rows 32..51, ...: step 338760 + u reads
+    # rows 8u..8u+7, and ends a file when row 8u+8 lies in another file than row 8u.
+    ends = [u for u in range(12) if ends_chunk(loader, STAGE1_END + u)]
+    assert ends == [1, 3, 6, 8, 11]
+
+
+@pytest.mark.slow  # a tiny training run of 10 steps
+def test_checkpoints_at_chunk_ends(tmp_path):
+    config = small_config(tmp_path, "train.steps=10", "train.checkpoint_every=100",
+                          "train.keep_checkpoints=10", "train.checkpoint_at_chunk_ends=true",
+                          "data.synthetic_chunk_rows=20")
+    Trainer(config).run()
+    # Files of 20 rows, 8 rows a step: steps 2, 4, 7 and 9 end in the next file.
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [3, 5, 8, 10]

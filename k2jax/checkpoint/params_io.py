@@ -18,7 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from k2jax.config import ModelConfig, _build
+from k2jax.config import ModelConfig, model_config_from_dict
 from k2jax.errors import UserError, one_line
 from k2jax.paths import storage_path
 
@@ -47,14 +47,14 @@ def read_model_config(directory: str) -> ModelConfig | None:
     """The ModelConfig stored with the weights (None if absent)."""
     path = storage_path(directory)
     if (path / MODEL_CONFIG_FILE).exists():
-        return _build(ModelConfig, _json_mapping(path / MODEL_CONFIG_FILE), "model")
+        return model_config_from_dict(_json_mapping(path / MODEL_CONFIG_FILE))
     config_item = path / "config"
     for candidate in (config_item / "metadata", config_item):
         if candidate.is_file():
             model = _json_mapping(candidate).get("model")
             if not isinstance(model, dict):
                 raise UserError(f"{candidate}: no 'model' section (a damaged checkpoint?)")
-            return _build(ModelConfig, model, "model")
+            return model_config_from_dict(model)
     return None
 
 

@@ -210,10 +210,32 @@ def cmd_batch(args) -> int:
     out = epath.Path(args.out)
     write_npy_atomic(out, tokens)
     moved = len(loader.moved_row_ranges)
+    masked = tgt_mask_rows(loader, args.step)
+    applied = "applied" if loader.data.use_tgt_mask else "ignored: data.use_tgt_mask false"
     print(f"wrote step {args.step}: tokens int32 {list(tokens.shape)} (global rows "
           f"[{start}, {stop}) of the order{f' after {moved} moves' if moved else ''}, "
-          f"{getattr(loader.source, 'form', loader.data.source)}) to {out}")
+          f"{getattr(loader.source, 'form', loader.data.source)}) to {out}"
+          + (f"; {masked} of {len(tokens)} rows carry a tgt_mask that leaves targets out "
+             f"({applied})" if masked is not None else ""))
     return 0
+
+
+def tgt_mask_rows(loader, step: int):
+    """How many of `step`'s rows carry a tgt_mask with a 0 among its targets (whether or not
+    the run applies it: K2's stage-2 rows may carry one, docs/data.md); None for rows that
+    come from no file (synthetic)."""
+    import copy
+
+    from k2jax.data.chunked_source import ChunkedRowSource
+
+    source = loader.source
+    if not isinstance(source, ChunkedRowSource):
+        return None
+    reader = copy.copy(source.reader)
+    reader.read_mask = True  # masks read even where the run ignores them
+    _, loss_mask = ChunkedRowSource(source.row_map, reader, source.seq_len).read_rows(
+        loader.global_rows(step))
+    return int((loss_mask[:, :-1] == 0).any(axis=1).sum())
 
 
 def cmd_locate(args) -> int:
@@ -297,5 +319,6 @@ def cmd_prepare_chat(args) -> int:
     print(f"wrote {summary['conversations']} conversations as {summary['rows']} rows of "
           f"{seq_len} tokens into {args.num_chunks} chunk files in {args.out} "
           f"({summary['target_tokens']} target tokens; {summary['dropped_overlong']} dropped "
-          f"and {summary['truncated_overlong']} truncated as longer than {seq_len})")
+          f"and {summary['truncated_overlong']} truncated as longer than {seq_len}); "
+          f"marker ids {summary['marker_ids']} {summary['marker_ids_from']}")
     return 0

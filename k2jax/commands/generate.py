@@ -33,6 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          "for a batch)")
     prompts.add_argument("--prompts", metavar="FILE.jsonl", help="one JSON object a line with "
                          "a \"prompt\" string")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered with the chat template of "
+                        "--config (data.chat; unset: k2-chat) exactly as `data prepare-chat` "
+                        "renders training data")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: every token")
@@ -78,6 +82,24 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def chat_prompt_ids(texts: list[str], config: str | None, tokenizer_path: str
+                    ) -> list[list[int]]:
+    """Each text as a one-turn conversation's prompt in the training template (the model
+    replies after the assistant marker); marker ids as `data prepare-chat` takes them."""
+    from pathlib import Path
+
+    from k2jax.config import load_config
+    from k2jax.data.chat import chat_tokenizer, render_prompt
+
+    chat = load_config(config or "k2-chat").data.chat
+    model = Path(tokenizer_path)
+    if model.is_dir():
+        model = model / "tokenizer.model"
+    tokenizer = chat_tokenizer(model, chat)
+    return [render_prompt([{"role": "user", "content": text}], chat, tokenizer)
+            for text in texts]
+
+
 def mesh_config(args: argparse.Namespace):
     from k2jax.config import config_from_dict, load_config_dict
 
@@ -108,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     config, _ = model_config_of(args.checkpoint, args.hf, args.dtype)
     tokenizer = TextTokenizer(tokenizer_path)
     tokenizer.check_fits(config.vocab_size)
-    prompts = [tokenizer.encode(text) for text in texts]
+    prompts = (chat_prompt_ids(texts, args.config, tokenizer_path) if args.chat
+               else [tokenizer.encode(text) for text in texts])
     context = config.max_position_embeddings
     for i, prompt in enumerate(prompts):
         if not prompt:

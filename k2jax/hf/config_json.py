@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from k2jax import dtypes
-from k2jax.config import ModelConfig, _build
+from k2jax.config import ModelConfig, model_config_from_dict
 from k2jax.errors import UserError
 
 REQUIRED = object()  # a default meaning: config.json must have the key
@@ -75,7 +75,7 @@ def model_config_from_hf(hf_config: dict[str, Any], where: str = "config.json",
         fields["num_kv_heads"] = fields["num_heads"]
     fields.update(overrides)
     try:
-        config = _build(ModelConfig, fields, "model")
+        config = model_config_from_dict(fields)
         config.validate()
     except UserError as err:
         raise UserError(f"{where}: {err}")

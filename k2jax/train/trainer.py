@@ -19,11 +19,12 @@ from k2jax.checkpoint.set_aside import SUPERSEDED_DIR, restore_newest_intact
 from k2jax.config import Config
 from k2jax.atomic_write import write_bytes_atomic
 from k2jax.data.loader import StepLoader
-from k2jax.data.rollback import rollback_window
+from k2jax.data.rollback import rollback_files, rollback_window
 from k2jax.data.run_order import run_moved_row_ranges, write_moved_row_ranges
 from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
 from k2jax.paths import storage_path
+from k2jax.train.data_span import ends_chunk, steps_from_data
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.preemption import StopRequested
@@ -38,18 +39,20 @@ class Trainer:
         self.run_dir = storage_path(config.train.run_dir)
         ensure_run_dir(self.run_dir)
         self.primary = jax.process_index() == 0
+        # The data first: train.steps is checked against it (or read from it: auto) before
+        # any state is built. The run's order: its data_order.json (rollbacks) else the
+        # config's moved windows.
+        loader = StepLoader.from_config(
+            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config))
+        self.config = config = steps_from_data(config, loader, self.log)
         self.setup = build_training_setup(config, process_count=jax.process_count())
         self.mesh = self.setup.mesh
         self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
         self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
         self.detector = SpikeDetector(config.train.spikes)
-        # The run's order: its data_order.json (rollbacks) else the config's moved windows.
         # Device batches are padded with zero-mask rows (k2jax/sharding/padding.py); the loss
         # and MFU count only the real rows.
-        self.loader = StepLoader.from_config(
-            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config),
-            padding=self.setup.padding, process_index=jax.process_index(),
-            process_count=jax.process_count(), sharding=self.setup.batch_sharding)
+        self.loader = loader.on_devices(self.setup.padding, self.setup.batch_sharding)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -123,17 +126,27 @@ class Trainer:
                  "train.peak_flops_per_device to skip)")
         return measure_matmul_peak()
 
-    def rollback(self, step: int):
-        """Move the rest of the spiking step's chunk (or its rows: train.spikes.rollback_unit)
-        to the end of the order and restore the last good checkpoint at or before `step` (what
-        K2's team did by hand, automated)."""
-        window = rollback_window(self.loader, step, self.config.train.spikes.rollback_unit)
+    def rollback(self, step: int, onset: int, good: Optional[int]):
+        """Restore `good`, the last checkpoint at or before `onset` (where the trouble began),
+        and move data to the end of the order (train.spikes.rollback_unit): what K2's team
+        did by hand, automated. Checkpoints after `good` are set aside (the run writes them
+        anew); with no checkpoint the run stays at `step` (its update was refused)."""
+        resume = step if good is None else good
+        unit = self.config.train.spikes.rollback_unit
+        window = (rollback_files(self.loader, resume, onset) if unit == "file"
+                  else rollback_window(self.loader, onset, unit))
         self.loader = self.loader.with_moved_window(window)
         if self.primary:
             write_moved_row_ranges(self.run_dir, self.loader.moved_row_ranges)
+        for later in (s for s in self.checkpoints.all_steps() if s > resume):
+            self.log(f"checkpoint {later} is after the rollback's step {resume}: set aside as "
+                     f"{self.checkpoints.set_aside(later, SUPERSEDED_DIR)}")
+        return window
+
+    def last_good_checkpoint(self, onset: int) -> Optional[int]:
         self.checkpoints.wait()
-        good = [s for s in self.checkpoints.all_steps() if s <= step]
-        return window, (good[-1] if good else None)
+        good = [s for s in self.checkpoints.all_steps() if s <= onset]
+        return good[-1] if good else None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -187,9 +200,10 @@ class Trainer:
                     next_step, state = self.handle_spike(step, spike, metrics, state)
                     if next_step != step + 1:  # rolled back: the order and position changed
                         batches = self.loader.iter_from_step(next_step, cfg.train.steps)
-                    step = progress.n = next_step
-                    progress.refresh()
-                    continue
+                    if spike != "trend" or next_step != step + 1:  # a trend's update counts
+                        step = progress.n = next_step
+                        progress.refresh()
+                        continue
                 step += 1
                 progress.update(1)
                 record = {
@@ -204,7 +218,9 @@ class Trainer:
                                      mfu=f"{record['mfu']:.1%}")
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     self.writer.record(step, record)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                if (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+                        or (cfg.train.checkpoint_at_chunk_ends
+                            and ends_chunk(self.loader, step - 1))):
                     self.save(step, state, metrics)
                 if stop.agreed():  # every host stops at the same step
                     self.log(f"stop requested: checkpointing step {step} and exiting")
@@ -222,14 +238,21 @@ class Trainer:
 
     def handle_spike(self, step: int, kind: str, metrics: dict, state) -> tuple[int, Any]:
         action = self.config.train.spikes.action
+        onset = max(self.detector.onset(step, kind), self.config.data.first_step)
         event: dict[str, Any] = {"step": step, "kind": kind, "loss": metrics["loss"],
                                  "grad_norm": metrics["grad_norm"],
                                  "median": self.detector.median(), "action": action,
-                                 "update_applied": bool(metrics["applied"])}
+                                 "update_applied": bool(metrics["applied"]), "onset_step": onset}
         next_step = step + 1
+        good = self.last_good_checkpoint(onset) if action == "rollback" else None
+        if action == "rollback" and kind == "trend" and good is None:
+            # A trend's updates were applied: only a checkpoint from before the rise undoes them.
+            action = event["action"] = "log"
+            event["note"] = f"no checkpoint at or before step {onset}, where the rise began"
+        elif action == "skip" and kind == "trend":
+            action = event["action"] = "log"  # its updates were applied; nothing to skip
         if action == "rollback":
-            window, good = self.rollback(step)
-            event["moved_rows"] = window
+            event["moved_rows"] = self.rollback(step, onset, good)
             if good is not None:
                 state = self._restore(good)
                 next_step = good
@@ -240,10 +263,13 @@ class Trainer:
         self.writer.append_jsonl("spikes.jsonl", event)
         self.writer.scalars(step, {"spike": 1.0, "spike_loss": metrics["loss"]
                                    if math.isfinite(metrics["loss"]) else -1.0})
-        self.log(f"loss spike at step {step} ({kind}, loss {metrics['loss']:.4g}): {action}"
+        self.log(f"loss spike at step {step} ({kind}"
+                 + (f" since step {onset}" if onset != step else "")
+                 + f", loss {metrics['loss']:.4g}): {action}"
                  + (f", rows {event['moved_rows']} moved to the end, resuming at step "
                     f"{next_step}" if action == "rollback" else ""))
-        if action != "rollback" and next_step % self.config.train.checkpoint_every == 0:
+        if (action != "rollback" and kind != "trend"  # a trend's step is then logged as any
+                and next_step % self.config.train.checkpoint_every == 0):
             # log/skip: the step counts as done (its update applied or refused in the step).
             self.save(next_step, state, metrics)
         return next_step, state
