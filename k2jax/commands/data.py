@@ -147,8 +147,7 @@ def _step_loader(args):
     """The StepLoader over the order the args name: the run's (its config.yaml and moved
     windows), or --config's with the overrides and flags."""
     from k2jax.data.loader import StepLoader
-    from k2jax.data.run_order import load_run_config, run_moved_row_ranges
-    from k2jax.paths import storage_path
+    from k2jax.run_dir import RunDir
 
     if args.run_dir is None:
         return StepLoader.from_config(k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE)))
@@ -158,15 +157,15 @@ def _step_loader(args):
     if fixed:
         raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
                         f"{args.run_dir}; give only --data, --format, --index-dir")
-    run_dir = storage_path(args.run_dir)
-    config = load_run_config(run_dir)
+    run_dir = RunDir(args.run_dir)
+    config = run_dir.load_config()
     path = getattr(args, DATA_PATH.dest, None)
     if path is not None:  # where the same chunk files live on this machine
         config.data.path = path
     form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
     if form is not None or index_dir is not None:
         config.data.format, config.data.index_dir = form or "auto", index_dir
-    return StepLoader.from_config(config, moved_row_ranges=run_moved_row_ranges(run_dir, config))
+    return StepLoader.for_run(run_dir, config)
 
 
 def cmd_index(args) -> int:

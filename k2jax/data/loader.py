@@ -4,7 +4,7 @@ batch (Levanter's `DataLoader.iter_from_step`, for K2's order).
 Step t reads global rows [start_row + u * B, start_row + (u + 1) * B) of the current order,
 u = t - data.first_step (B = data.global_batch_size; first_step is 0 unless a run continues
 another's step numbering, e.g. K2's stage 2 from step 338760): the original order after the run's moved windows
-(`moved_row_ranges`: the config's, or the run's data_order.json, k2jax/data/run_order.py). The
+(`moved_row_ranges`: the config's, or the run's data_order.json, k2jax/run_dir.py). The
 device batch is the padding plan's `padded_rows` rows (k2jax/sharding/padding.py): the B rows
 in order, then padding (token 0, loss mask 0). Packed documents (data.reset_attention_mask /
 reset_position_ids) add segment_ids / positions int32 [rows, S] (k2jax/data/segments.py). Process p of P feeds the contiguous slice
@@ -18,7 +18,7 @@ class; nothing else maps a step to rows.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import grain
 import jax
@@ -32,6 +32,9 @@ from k2jax.data.source import RowSource, apply_moved_ranges
 from k2jax.data.synthetic import SyntheticSource
 from k2jax.errors import UserError
 from k2jax.sharding.padding import PaddingPlan, unpadded
+
+if TYPE_CHECKING:
+    from k2jax.run_dir import RunDir
 
 UNBOUNDED_STEPS = 2**62  # for sources without an end (synthetic)
 # Batch entries besides tokens and loss_mask, under data.reset_attention_mask /
@@ -106,6 +109,13 @@ class StepLoader:
     @classmethod
     def from_config(cls, config: Config, **kwargs) -> "StepLoader":
         return cls(open_row_source(config), config.data, **kwargs)
+
+    @classmethod
+    def for_run(cls, run_dir: "RunDir", config: Config, **kwargs) -> "StepLoader":
+        """The loader of a training run: `config`'s data in the order the run has read, i.e.
+        after the windows of its data_order.json (else the config's data.moved_row_ranges)."""
+        return cls.from_config(config, moved_row_ranges=run_dir.moved_row_ranges(config),
+                               **kwargs)
 
     def _replace(self, **changes) -> "StepLoader":
         """A loader over the same open source with some constructor arguments changed."""
