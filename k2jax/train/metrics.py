@@ -2,12 +2,13 @@
 
 All three are append-only logs (k2jax/append_log.py), local or on gs://. TensorBoard events are
 framed with the `tensorboard` package's own record writer and protos (no TensorFlow needed) into
-an event file of this writer's own (`events.out.tfevents.<time>.<host>.<pid>`), so on gs:// the
+an event file of this writer's own (`events.out.tfevents.<time>.<host>.<pid>.<n>`), so on gs:// the
 events are appended to an object like the JSON logs rather than rewritten.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -22,6 +23,9 @@ from k2jax.run_dir import RunDir
 from k2jax.storage_errors import writing
 
 
+_WRITER_IDS = itertools.count()  # two writers of one process never share an event file
+
+
 class MetricsWriter:
     def __init__(self, run_dir: RunDir | str, enabled: bool = True):
         self.enabled = enabled
@@ -34,7 +38,8 @@ class MetricsWriter:
             self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
             _drop_partial_last_line(self.jsonl_path)
         events = self.tensorboard_dir / (f"events.out.tfevents.{int(time.time()):010d}."
-                                         f"{socket.gethostname()}.{os.getpid()}")
+                                         f"{socket.gethostname()}.{os.getpid()}."
+                                         f"{next(_WRITER_IDS)}")
         self._events = RecordWriter(AppendLog(events))
         self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         self._jsonl = AppendLog(self.jsonl_path)
