@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-import numpy as np
 from etils import epath
 
 from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
@@ -221,35 +219,17 @@ def cmd_locate(args) -> int:
 
 
 def locate_step(args) -> dict:
-    """Files and 0-based line ranges that feed step `args.step`, in batch order: one piece per
-    run of consecutive original rows (a rollback's move can split a step into several)."""
-    from k2jax.data import chunk_files
-
+    """Files and 0-based line ranges that feed step `args.step`, in batch order
+    (StepLoader.locate)."""
     loader = _step_loader(args)
     data = loader.data
     start, stop = loader.logical_rows(args.step)
-    rows = loader.global_rows(args.step)
-    row_map = getattr(loader.source, "row_map", None)  # None: synthetic rows, no files
-    positions = row_map.locate(rows)[0] if row_map is not None else np.zeros_like(rows)
-    cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 0)) + 1
-    bounds = [0, *cuts.tolist(), len(rows)]
-    pieces = []
-    for first, end in zip(bounds[:-1], bounds[1:]):
-        row, position = int(rows[first]), int(positions[first])
-        piece = {"first_original_row": row, "num_rows": end - first, "first_batch_row": first}
-        if row_map is not None:
-            chunk_id = int(row_map.chunk_ids[position])
-            line = row - int(row_map.starts[position])
-            piece = {"order_position": position, "chunk_id": chunk_id,
-                     "file": os.fspath(chunk_files.jsonl_path(epath.Path(data.path), chunk_id)),
-                     "first_line_0based": line, "end_line_0based_exclusive": line + end - first,
-                     **piece}
-        pieces.append(piece)
     return {"step": args.step, "global_batch_size": data.global_batch_size,
             "global_rows_start": start, "global_rows_end_exclusive": stop,
             "moved_row_ranges": loader.moved_row_ranges,
             "order": data.order if isinstance(data.order, str) else "explicit",
-            "format": getattr(loader.source, "form", data.source), "pieces": pieces}
+            "format": getattr(loader.source, "form", data.source),
+            "pieces": loader.locate(args.step)}
 
 
 def cmd_order(args) -> int:

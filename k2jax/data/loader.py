@@ -69,7 +69,8 @@ def open_row_source(config: Config) -> RowSource:
     if data.source == "synthetic":
         return SyntheticSource(config.model.vocab_size, data.seq_len, config.train.seed,
                                poison_rows=data.synthetic_poison_rows,
-                               poison_kind=data.synthetic_poison_kind)
+                               poison_kind=data.synthetic_poison_kind,
+                               chunk_rows=data.synthetic_chunk_rows)
     if data.source == "k2":
         from k2jax.data.chunked_source import open_chunk_source  # keeps synthetic runs light
 
@@ -176,6 +177,25 @@ class StepLoader:
         """Original-order row indices int64 [B] consumed by `step`."""
         start, stop = self.logical_rows(step)
         return self.original_rows(np.arange(start, stop, dtype=np.int64))
+
+    def locate(self, step: int) -> list[dict]:
+        """Where the rows of `step` live, in batch order: one piece per run of consecutive
+        original rows in one chunk (a rollback's move can split a step into several), with the
+        chunk's position in the order, id, file (None: synthetic) and 0-based line range."""
+        rows = self.global_rows(step)
+        places = self.source.locate(rows)
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(places.position) != 0)) + 1
+        bounds = [0, *cuts.tolist(), len(rows)]
+        pieces = []
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            chunk_id, line = int(places.chunk_id[first]), int(places.line[first])
+            pieces.append({
+                "order_position": int(places.position[first]), "chunk_id": chunk_id,
+                "file": self.source.chunk_file(chunk_id), "first_line_0based": line,
+                "end_line_0based_exclusive": line + end - first,
+                "first_original_row": int(rows[first]), "num_rows": end - first,
+                "first_batch_row": first})
+        return pieces
 
     def host_rows(self, step: int) -> np.ndarray:
         """The real (unpadded) original-order rows of this process's slice of `step`."""
