@@ -30,13 +30,15 @@ def is_gcs(path: str | os.PathLike) -> bool:
 
 
 def filesystem():
-    """The gcsfs file system; a missing backend is one line."""
+    """The gcsfs file system, the same instance (and listing cache) etils.epath uses for gs://
+    paths, so what k2jax writes here is seen there; a missing backend is one line."""
     try:
-        import gcsfs
+        import gcsfs  # noqa: F401 - the backend fsspec's "gcs" protocol needs
+        from etils.epath import backend
     except ImportError as err:
         raise UserError("gs:// paths need the gcsfs package (pip install gcsfs; "
                         "`pip install k2jax` installs it)") from err
-    return gcsfs.GCSFileSystem()
+    return backend.fsspec_backend.fs("gs://")
 
 
 def split(path: str | os.PathLike) -> tuple[str, str]:

@@ -147,12 +147,28 @@ def test_a_missing_bucket_is_one_line_naming_the_path(gcs_server, capsys):
                                  " bucket gs://no-such-bucket-k2jax does not exist"), err
 
 
+def test_a_missing_gcs_backend_is_one_line(monkeypatch):
+    import sys
+
+    from k2jax.run_dir import RunDir
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed: import fails
+    with pytest.raises(UserError, match=r"^gs:// paths need the gcsfs package"):
+        RunDir("gs://bucket/run").ensure()
+
+
 # -- training on gs:// (subprocesses) ----------------------------------------------------------
 
 def _env(**extra):
     from train_utils import subprocess_env
 
     return {**subprocess_env(), "K2JAX_RUN_LOCK_LEASE_S": LEASE, **extra}
+
+
+def _k2jax() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "k2jax.cli"]
 
 
 def _start(run_url, *extra):
@@ -287,3 +303,47 @@ def test_a_save_killed_mid_way_on_gcs_is_never_taken_as_complete(gcs_server, gcs
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from step {max(complete)}" in result.stderr, result.stderr[-3000:]
     assert min(partial) + 1 in committed(gcs_server, run)
+
+
+@pytest.mark.slow  # index on gs://, three tiny trainings in subprocesses: ~2 min
+def test_run_dir_and_data_on_gcs_kill_9_and_resume_equal_a_local_run(gcs_server, gcs_bucket,
+                                                                     tmp_path):
+    """The pod path: K2 chunk files and the run directory both on gs://."""
+    from data_fixtures import write_chunk
+    from k2jax.data.chunk_index import build_index
+    from train_utils import assert_trees_equal, losses_by_step, restore_params_numpy, run_train
+
+    local = tmp_path / "data"
+    local.mkdir()
+    for chunk in range(3):
+        write_chunk(local, chunk, 200, seq_len=16)
+    for path in local.iterdir():
+        gcs.filesystem().put_file(str(path), f"{gcs_bucket[5:]}/data/{path.name}")
+    index = subprocess.run([*_k2jax(), "data", "index", "--data", f"{gcs_bucket}/data",
+                            "--quiet"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert index.returncode == 0, index.stderr[-2000:]
+    build_index(str(local), progress=False)
+
+    data = ["data.source=k2", "data.order=sequential", "model.vocab_size=1024"]
+    run = gcs_bucket + "/run"
+    process = _start(run, *data, f"data.path={gcs_bucket}/data", "train.steps=70",
+                     "train.checkpoint_every=2")
+    try:
+        _wait_for(lambda: len(committed(gcs_server, run)) >= 2, process, poll=0.2)
+    finally:
+        _kill(process)
+    resume_from = committed(gcs_server, run)[-1]
+    final = resume_from + 4
+    result = _run(run, *data, f"data.path={gcs_bucket}/data", f"train.steps={final}",
+                  "train.checkpoint_every=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {resume_from}" in result.stderr
+
+    reference = tmp_path / "reference"
+    local_run = run_train(reference, *data, f"data.path={local}", f"train.steps={final}",
+                          "train.checkpoint_every=2")
+    assert local_run.returncode == 0, local_run.stderr[-2000:]
+    expected, got = losses_by_step(reference), _losses(gcs_server, run)
+    assert [got[s] for s in range(1, final + 1)] == [expected[s] for s in range(1, final + 1)]
+    assert_trees_equal(_params(f"{run}/checkpoints/{final}"),
+                       restore_params_numpy(reference, final))
