@@ -88,12 +88,6 @@ class RunDir:
         if not self.path.is_dir():
             raise UserError(f"train.run_dir {self.path}: exists and is not a directory")
 
-    def lock(self, enabled: bool = True):
-        """The run's lock (a context manager); `enabled=False` for processes other than 0."""
-        from k2jax.checkpoint.run_lock import run_dir_lock
-
-        return run_dir_lock(self, enabled)
-
     # -- config.yaml ---------------------------------------------------------------------------
 
     def write_config(self, config: Config) -> None:

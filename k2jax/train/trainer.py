@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
+from k2jax.checkpoint.run_lock import run_dir_lock
 from k2jax.checkpoint.set_aside import restore_newest_intact
 from k2jax.config import Config
 from k2jax.data.loader import StepLoader
@@ -38,7 +39,7 @@ class Trainer:
         self.mesh = self.setup.mesh
         self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
         self.checkpoints = RunCheckpoints(self.run_dir, config.train)
-        self.lock = self.run_dir.lock(enabled=False)  # held (process 0) while run() runs
+        self.lock = run_dir_lock(self.run_dir, enabled=False)  # held (process 0) while run() runs
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # opened by run()
         self.detector = SpikeDetector(config.train.spikes)
         # The run's order: its data_order.json (rollbacks) else the config's moved windows.
@@ -137,7 +138,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        with self.run_dir.lock(enabled=self.primary) as self.lock:  # one run per run_dir
+        with run_dir_lock(self.run_dir, enabled=self.primary) as self.lock:  # one run per run_dir
             return self._run()
 
     def _run(self) -> int:
