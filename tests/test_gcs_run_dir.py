@@ -347,3 +347,10 @@ def test_run_dir_and_data_on_gcs_kill_9_and_resume_equal_a_local_run(gcs_server,
     assert [got[s] for s in range(1, final + 1)] == [expected[s] for s in range(1, final + 1)]
     assert_trees_equal(_params(f"{run}/checkpoints/{final}"),
                        restore_params_numpy(reference, final))
+
+    # The data commands follow the gs:// run: its config.yaml names the gs:// data.
+    located = subprocess.run([*_k2jax(), "data", "locate", "--run-dir", run, "--step", "2"],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert located.returncode == 0, located.stderr[-2000:]
+    assert [p["file"] for p in json.loads(located.stdout)["pieces"]] == [
+        f"{gcs_bucket}/data/chunk_0.jsonl"]
