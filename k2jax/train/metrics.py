@@ -2,8 +2,9 @@
 
 All three are append-only logs (k2jax/append_log.py), local or on gs://. TensorBoard events are
 framed with the `tensorboard` package's own record writer and protos (no TensorFlow needed) into
-an event file of this writer's own (`events.out.tfevents.<time>.<host>.<pid>.<n>`), so on gs:// the
-events are appended to an object like the JSON logs rather than rewritten.
+an event file of this writer's own (`events.out.tfevents.<time>.<host>.<pid>.<n>`), so on gs://
+the events are appended to an object like the JSON logs (tensorboard's own writer would
+rewrite the whole file at every flush there).
 """
 
 from __future__ import annotations
