@@ -354,3 +354,22 @@ def test_run_dir_and_data_on_gcs_kill_9_and_resume_equal_a_local_run(gcs_server,
     assert located.returncode == 0, located.stderr[-2000:]
     assert [p["file"] for p in json.loads(located.stdout)["pieces"]] == [
         f"{gcs_bucket}/data/chunk_0.jsonl"]
+
+
+@pytest.mark.slow  # two tiny trainings in subprocesses: ~1 min
+def test_a_damaged_gcs_checkpoint_is_set_aside_and_the_run_resumes(gcs_server, gcs_bucket):
+    run = gcs_bucket + "/run"
+    first = _run(run, "train.steps=4", "train.checkpoint_every=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    bucket, prefix = run[5:].split("/", 1)
+    shards = [n for n in gcs_server.list_objects(run + "/checkpoints/4/state/")
+              if "/ocdbt.process_0/d/" in n]
+    for name in shards:  # the step keeps its commit marker but lost its data
+        assert gcs.delete(f"gs://{bucket}/{name}")
+    resumed = _run(run, "train.steps=6", "train.checkpoint_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint 4 set aside as {run}/damaged_checkpoints/4" in resumed.stderr
+    assert "resumed from step 2" in resumed.stderr
+    names = gcs_server.list_objects(run)
+    assert f"{prefix}/damaged_checkpoints/4/commit_success.txt" in names
+    assert committed(gcs_server, run) == [4, 6]  # step 4 written anew
