@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+
 from k2jax import gcs
 from k2jax.storage_errors import writing
 
