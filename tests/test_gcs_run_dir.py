@@ -117,6 +117,17 @@ def test_logs_on_gcs_hold_whole_flushes_and_keep_their_past(gcs_server, gcs_buck
     assert (2, "loss", pytest.approx(2.4)) in scalars
 
 
+def test_append_past_the_compose_limit_rewrites_the_log_whole(gcs_server, gcs_bucket,
+                                                              monkeypatch):
+    log = gcs_bucket + "/run/metrics.jsonl"
+    gcs.append_object(log, b"1\n", ".part")
+    gcs.append_object(log, b"2\n", ".part")  # composed
+    monkeypatch.setattr(gcs, "_MAX_COMPONENTS", 1)  # this server reports no componentCount
+    gcs.append_object(log, b"3\n", ".part")  # rewritten as one object
+    assert gcs_server.read_object(log) == b"1\n2\n3\n"
+    assert gcs_server.list_objects(gcs_bucket + "/run") == ["run/metrics.jsonl"]
+
+
 def test_set_aside_on_gcs_copies_then_deletes_the_commit_marker_first(gcs_server, gcs_bucket):
     from k2jax.checkpoint.set_aside import set_aside_step
     from k2jax.run_dir import DAMAGED_DIR, RunDir
