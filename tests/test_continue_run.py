@@ -120,7 +120,7 @@ def test_rollback_window_is_the_rest_of_the_chunk_in_the_current_order():
                                         micro_batch_size=4, moved_row_ranges=[[14, 3]]))
     assert rollback_window(cut, 3, "chunk") == [12, 7]
     # Synthetic rows: a chunk is data.synthetic_chunk_rows consecutive rows.
-    synthetic = StepLoader(SyntheticSource(128, 8, 0),
+    synthetic = StepLoader(SyntheticSource(128, 8, 0, chunk_rows=90),
                            DataConfig(global_batch_size=8, micro_batch_size=8,
                                       synthetic_chunk_rows=90))
     assert rollback_window(synthetic, 25, "chunk") == [200, 70]  # chunk [180, 270)
@@ -153,8 +153,10 @@ def test_rollback_by_chunk_and_data_batch_follow_the_run(tmp_path, batches_read,
     capsys.readouterr()
     assert main(["data", "locate", "--run-dir", str(tmp_path), "--step", str(POISON_STEP)]) == 0
     located = json.loads(capsys.readouterr().out)
-    assert located["pieces"] == [{"first_original_row": 270, "num_rows": 8,
-                                  "first_batch_row": 0}]
+    assert located["pieces"] == [{  # synthetic chunks: CHUNK_ROWS rows each, no file
+        "order_position": 3, "chunk_id": 3, "file": None, "first_line_0based": 0,
+        "end_line_0based_exclusive": 8, "first_original_row": 270, "num_rows": 8,
+        "first_batch_row": 0}]
     assert located["moved_row_ranges"] == [[200, 70]]
     # The run's config fixes the order: flags that would change it are refused, one line.
     assert main(["data", "batch", "--run-dir", str(tmp_path), "--step", "1",

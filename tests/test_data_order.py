@@ -101,3 +101,33 @@ def test_moved_row_ranges_compose_with_the_chunk_order():
                       moved_row_ranges=[[8, 4]])  # rows 8..11 go to the end
     batch = StepLoader(source, data).global_batch(2)  # logical rows 8..11 -> original 12..15
     assert batch["tokens"][:, :2].tolist() == [[1, 2], [1, 3], [1, 4], [1, 5]]
+
+
+def test_every_source_locates_its_rows_and_the_loader_locates_a_step():
+    """RowSource.locate: chunk position, id, line and the chunk's row span, for K2 files and
+    for synthetic rows alike; StepLoader.locate cuts a step at chunk and move boundaries."""
+    from etils import epath
+
+    from k2jax.data.synthetic import SyntheticSource
+
+    files = ChunkedRowSource(RowMap([7, 3, 9], [4, 0, 5]), reader=None, seq_len=4,
+                             data_dir=epath.Path("/data/k2"))
+    places = files.locate(np.array([0, 3, 4, 8]))
+    assert places.position.tolist() == [0, 0, 2, 2]
+    assert places.chunk_id.tolist() == [7, 7, 9, 9]
+    assert places.line.tolist() == [0, 3, 0, 4]
+    assert places.chunk_start.tolist() == [0, 0, 4, 4]
+    assert places.chunk_end.tolist() == [4, 4, 9, 9]
+    assert files.chunk_file(9) == "/data/k2/chunk_9.jsonl"
+
+    synthetic = SyntheticSource(64, 4, 0, chunk_rows=10)
+    places = synthetic.locate(np.array([9, 10, 25]))
+    assert places.chunk_id.tolist() == [0, 1, 2] and places.line.tolist() == [9, 0, 5]
+    assert places.chunk_start.tolist() == [0, 10, 20] and synthetic.chunk_file(1) is None
+
+    # Step 1 reads rows 3..5 of the current order: after moving row 4 to the end, original
+    # rows 3 (chunk 7, line 3), 5 and 6 (chunk 9, lines 1-2).
+    loader = StepLoader(files, DataConfig(source="k2", path="x", global_batch_size=3,
+                                          micro_batch_size=3, moved_row_ranges=[[4, 1]]))
+    assert [(p["chunk_id"], p["first_line_0based"], p["end_line_0based_exclusive"],
+             p["first_batch_row"]) for p in loader.locate(1)] == [(7, 3, 4, 0), (9, 1, 3, 1)]

@@ -42,7 +42,7 @@ def test_file_runs_follow_earlier_moves():
     cut = three_files(moved_row_ranges=[[14, 3]])  # file 7 now stands as rows 10..13, 17..21
     assert file_run(cut, 12) == (10, 19)  # original 10..13 and 17..21 are contiguous now
     assert file_run(cut, 31) == (30, 33)  # the moved piece at the end of the order
-    synthetic = StepLoader(SyntheticSource(128, 8, 0),
+    synthetic = StepLoader(SyntheticSource(128, 8, 0, chunk_rows=90),
                            DataConfig(global_batch_size=8, micro_batch_size=8,
                                       synthetic_chunk_rows=90))
     assert file_run(synthetic, 200) == (180, 270)

@@ -1,10 +1,14 @@
 """Training checkpoints under `run_dir/checkpoints/<step>/` with three items:
   state   the TrainState (step, params, optimizer state), each host writing its own shards
   config  the resolved config, so a resume can refuse an incompatible one
-  data    the data position (step, moved row windows) and the spike detector's history
+  data    the data position (the step) and the spike detector's history; the windows that
+          rollbacks moved live in run_dir/data_order.json only (k2jax/run_dir.py)
 
-Orbax commits a step only when every item is written (a temporary directory renamed at the
-end), so a run killed mid-save leaves the previous step as the latest complete one.
+Orbax commits a step only when every item is written, so a run killed mid-save leaves the
+previous step as the latest complete one: on a local disk the step is written under a temporary
+name and renamed at the end; on gs:// (no rename) it is written in place and the object
+`<step>/commit_success.txt` is written last, and a step without it is not listed
+(tests/test_gcs_run_dir.py kills a save mid-way to check).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from k2jax.checkpoint.set_aside import DAMAGED_DIR, set_aside_step
+from k2jax.checkpoint.set_aside import set_aside_step
 from k2jax.config import TrainConfig
 from k2jax.errors import UserError
-from k2jax.paths import storage_path
+from k2jax.run_dir import DAMAGED_DIR, RunDir
 
 # Keys that must match to resume: they fix parameter shapes or the meaning of a data position.
 RESUME_KEYS = {
@@ -39,11 +43,13 @@ def incompatible_keys(saved: dict, current: dict) -> list[str]:
 
 
 class RunCheckpoints:
-    def __init__(self, run_dir: str, train: TrainConfig):
+    def __init__(self, run_dir: RunDir | str, train: TrainConfig):
+        run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=train.keep_checkpoints, keep_period=train.keep_period,
             enable_async_checkpointing=train.async_checkpoint, create=True)
-        self.directory = storage_path(run_dir) / "checkpoints"
+        self.run_dir = run_dir
+        self.directory = run_dir.checkpoints_dir
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "config", "data"))
 
@@ -80,11 +86,12 @@ class RunCheckpoints:
 
         target = ""
         if jax.process_index() == 0:
-            target = str(set_aside_step(self.directory, step, folder))
+            target = str(set_aside_step(self.directory, step,
+                                        self.run_dir.set_aside_dir(folder)))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"k2jax set aside checkpoint {step}")
         self.manager.reload()
-        return target or str(self.directory.parent / folder)
+        return target or str(self.run_dir.set_aside_dir(folder))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from k2jax.config import ModelConfig, model_config_from_dict
 from k2jax.errors import UserError, one_line
+from k2jax.files import read_json_object
 from k2jax.paths import storage_path
 
 PARAMS_ITEM = "params"
@@ -60,11 +61,10 @@ def read_model_config(directory: str) -> ModelConfig | None:
 
 def _json_mapping(path) -> dict:
     """A JSON object from a weights directory; damage (truncation, garbage) is one line."""
-    from k2jax.data.chunk_files import read_json
-
-    data = read_json(path, remedy="write the weights again (convert, or a training save)")
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    data = read_json_object(path, "delete it and write the weights again (convert, or a "
+                                  "training save)")
+    if data is None:
+        raise UserError(f"{path}: not found")
     return data
 
 

@@ -7,8 +7,8 @@ flock when its process dies (even by SIGKILL), so a lock file left by a dead pro
 over with no check of PIDs, and PID reuse cannot keep a run_dir locked. On NFS, Linux maps
 flock onto NFS byte-range locks, so hosts sharing the file system exclude each other too.
 
-Object stores (`gs://`) have no lock that dies with its holder; there the run_dir is not
-locked and one launcher per run_dir (gcp/launch.sh or gcp/babysit.sh) is the rule.
+GCS has no lock that dies with its holder: a run_dir on gs:// gets a leased lock object instead
+(k2jax/checkpoint/gcs_lock.py). `run_dir_lock` picks the kind.
 """
 
 from __future__ import annotations
@@ -24,20 +24,18 @@ from typing import Optional
 from etils import epath
 
 from k2jax.errors import UserError, one_line
+from k2jax.run_dir import LOCK_FILE, RunDir
 
-LOCK_NAME = "k2jax.lock"
+LOCK_NAME = LOCK_FILE
 
 
-def ensure_run_dir(run_dir: epath.Path) -> None:
-    """Creates run_dir (and parents); a path that cannot be a directory is one line."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:
-        raise UserError(f"train.run_dir {run_dir}: not a directory ({one_line(err)})") from err
-    except OSError as err:
-        raise UserError(f"train.run_dir {run_dir}: cannot be created ({one_line(err)})") from err
-    if not run_dir.is_dir():
-        raise UserError(f"train.run_dir {run_dir}: exists and is not a directory")
+def run_dir_lock(run_dir: RunDir, enabled: bool = True):
+    """The lock of `run_dir`: flock(2) on a local (or NFS) path, a leased object on gs://."""
+    if run_dir.remote:
+        from k2jax.checkpoint.gcs_lock import GcsRunLock
+
+        return GcsRunLock(run_dir, enabled=enabled)
+    return RunDirLock(run_dir.path, enabled=enabled)
 
 
 def _describe_holder(text: str) -> str:
@@ -50,18 +48,18 @@ def _describe_holder(text: str) -> str:
 
 class RunDirLock:
     """`with RunDirLock(run_dir):` holds the lock; a held lock raises UserError naming the
-    holder. `enabled=False` (processes other than 0) and remote paths do nothing."""
+    holder. `enabled=False` (processes other than 0) does nothing."""
 
     def __init__(self, run_dir: epath.Path, enabled: bool = True):
-        self.run_dir = run_dir
-        self.path = run_dir / LOCK_NAME
-        self.enabled = enabled and "://" not in str(run_dir)
+        self.run_dir = epath.Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.enabled = enabled
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
         if not self.enabled:
             return
-        ensure_run_dir(self.run_dir)
+        RunDir(self.run_dir).ensure()
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,6 +91,9 @@ class RunDirLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
         self._fd = fd
+
+    def check(self) -> None:
+        """flock cannot be lost while held: nothing to check (see GcsRunLock.check)."""
 
     def release(self) -> None:
         if self._fd is None:

@@ -5,6 +5,12 @@ deleted `state/`) is renamed to `run_dir/damaged_checkpoints/<step>[-N]`: out of
 so the run falls back to the previous step and can save that step number again later, and still
 on disk for a human to inspect. Left in place, it made every retry retrain up to it and then die
 on Orbax's "step already exists".
+
+On gs:// there is no rename of a directory: the step's objects are copied to the new name, then
+deleted, Orbax's commit marker (`commit_success.txt`, what makes a step complete on GCS) first.
+Killed part-way, the step either is still whole under checkpoints/ or has lost its marker there,
+and Orbax takes neither a step without a marker nor anything under <folder>/ for a checkpoint;
+the copy may then be incomplete (it is only kept for inspection).
 """
 
 from __future__ import annotations
@@ -13,26 +19,30 @@ from typing import Any, Callable, Optional
 
 from etils import epath
 
+from k2jax import gcs
 from k2jax.errors import UserError, one_line
 
-DAMAGED_DIR = "damaged_checkpoints"
-# Steps newer than an explicit train.resume_step: the resumed run will write those step numbers
-# again, so the old ones move here (kept, out of Orbax's way).
-SUPERSEDED_DIR = "superseded_checkpoints"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's CommitFileTemporaryPath, used on GCS
 
 
-def set_aside_step(checkpoints_dir: epath.Path, step: int,
-                   folder: str = DAMAGED_DIR) -> epath.Path:
-    """Renames `checkpoints_dir/<step>` to a free name under `../<folder>/`; returns the new
-    path. Earlier copies of the same step there keep their names."""
-    target_dir = checkpoints_dir.parent / folder
-    target_dir.mkdir(parents=True, exist_ok=True)
+def set_aside_step(checkpoints_dir: epath.Path, step: int, target_dir: epath.Path
+                   ) -> epath.Path:
+    """Moves `checkpoints_dir/<step>` to a free name under `target_dir` (<step>, <step>-1, ...;
+    earlier copies of the same step there keep their names); returns the new path."""
+    remote = gcs.is_gcs(checkpoints_dir)
+    if not remote:
+        target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / str(step)
     copy = 1
     while target.exists():
         target = target_dir / f"{step}-{copy}"
         copy += 1
-    (checkpoints_dir / str(step)).rename(target)
+    source = checkpoints_dir / str(step)
+    if remote:
+        gcs.copy_tree(str(source), str(target))
+        gcs.remove_tree(str(source), first=COMMIT_MARKER)
+    else:
+        source.rename(target)
     return target
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-import numpy as np
 from etils import epath
 
 from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
@@ -147,8 +145,7 @@ def _step_loader(args):
     """The StepLoader over the order the args name: the run's (its config.yaml and moved
     windows), or --config's with the overrides and flags."""
     from k2jax.data.loader import StepLoader
-    from k2jax.data.run_order import load_run_config, run_moved_row_ranges
-    from k2jax.paths import storage_path
+    from k2jax.run_dir import RunDir
 
     if args.run_dir is None:
         return StepLoader.from_config(k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE)))
@@ -158,15 +155,15 @@ def _step_loader(args):
     if fixed:
         raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
                         f"{args.run_dir}; give only --data, --format, --index-dir")
-    run_dir = storage_path(args.run_dir)
-    config = load_run_config(run_dir)
+    run_dir = RunDir(args.run_dir)
+    config = run_dir.load_config()
     path = getattr(args, DATA_PATH.dest, None)
     if path is not None:  # where the same chunk files live on this machine
         config.data.path = path
     form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
     if form is not None or index_dir is not None:
         config.data.format, config.data.index_dir = form or "auto", index_dir
-    return StepLoader.from_config(config, moved_row_ranges=run_moved_row_ranges(run_dir, config))
+    return StepLoader.for_run(run_dir, config)
 
 
 def cmd_index(args) -> int:
@@ -244,35 +241,17 @@ def cmd_locate(args) -> int:
 
 
 def locate_step(args) -> dict:
-    """Files and 0-based line ranges that feed step `args.step`, in batch order: one piece per
-    run of consecutive original rows (a rollback's move can split a step into several)."""
-    from k2jax.data import chunk_files
-
+    """Files and 0-based line ranges that feed step `args.step`, in batch order
+    (StepLoader.locate)."""
     loader = _step_loader(args)
     data = loader.data
     start, stop = loader.logical_rows(args.step)
-    rows = loader.global_rows(args.step)
-    row_map = getattr(loader.source, "row_map", None)  # None: synthetic rows, no files
-    positions = row_map.locate(rows)[0] if row_map is not None else np.zeros_like(rows)
-    cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(positions) != 0)) + 1
-    bounds = [0, *cuts.tolist(), len(rows)]
-    pieces = []
-    for first, end in zip(bounds[:-1], bounds[1:]):
-        row, position = int(rows[first]), int(positions[first])
-        piece = {"first_original_row": row, "num_rows": end - first, "first_batch_row": first}
-        if row_map is not None:
-            chunk_id = int(row_map.chunk_ids[position])
-            line = row - int(row_map.starts[position])
-            piece = {"order_position": position, "chunk_id": chunk_id,
-                     "file": os.fspath(chunk_files.jsonl_path(epath.Path(data.path), chunk_id)),
-                     "first_line_0based": line, "end_line_0based_exclusive": line + end - first,
-                     **piece}
-        pieces.append(piece)
     return {"step": args.step, "global_batch_size": data.global_batch_size,
             "global_rows_start": start, "global_rows_end_exclusive": stop,
             "moved_row_ranges": loader.moved_row_ranges,
             "order": data.order if isinstance(data.order, str) else "explicit",
-            "format": getattr(loader.source, "form", data.source), "pieces": pieces}
+            "format": getattr(loader.source, "form", data.source),
+            "pieces": loader.locate(args.step)}
 
 
 def cmd_order(args) -> int:

@@ -11,8 +11,6 @@ Layout of a data directory (all optional except the chunks of the form in use):
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
 from typing import Optional
@@ -20,8 +18,7 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
-# Re-exported until train/trainer.py, data/run_order.py and aot/compile_report.py import them
-# from k2jax.atomic_write (another change is rewriting those files).
+from k2jax import files
 from k2jax.errors import UserError
 
 INDEX_DIRNAME = ".k2index"
@@ -69,41 +66,14 @@ REWRITE = "re-run the command that wrote it"
 
 
 def read_json(path: epath.Path, remedy: str = REWRITE) -> Optional[dict]:
-    """Parsed JSON, or None when the file does not exist. `remedy` ends the message when it is
-    not a readable JSON file (e.g. "re-run `k2jax data index DIR`")."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a JSON file; remove it and "
-                        f"{remedy}") from None
-    except NotADirectoryError:
-        raise UserError(f"{path.parent}: is a file, expected a directory holding "
-                        f"{path.name}; move it away and {remedy}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); delete it "
-                        f"and {remedy}")
+    """Parsed JSON, or None when the file does not exist (k2jax/files.py); `remedy` ends the
+    message when it is not a readable JSON file (e.g. "re-run `k2jax data index DIR`")."""
+    return files.read_json(path, f"delete it and {remedy}")
 
 
 def read_npy(path: epath.Path, mmap: bool = True, remedy: str = REWRITE) -> np.ndarray:
-    """A .npy array; memory-mapped when the file is local (GCS files are read whole). A file
-    that is not a whole .npy array (truncated, a directory) is a UserError naming it and
-    ending in `remedy`."""
-    try:
-        if mmap and is_local(path):
-            return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
-        with path.open("rb") as f:
-            return np.load(io.BytesIO(f.read()), allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (ValueError, EOFError, OSError) as err:  # numpy reports a short file as ValueError
-        problem = err.strerror if isinstance(err, OSError) and err.strerror else err
-        raise UserError(f"{path}: not a complete .npy array ({problem}); delete it and "
-                        f"{remedy}") from None
+    """A .npy array (k2jax/files.py): memory-mapped when local, one line when damaged."""
+    return files.read_npy(path, mmap, f"delete it and {remedy}")
 
 
-def is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
+is_local = files.is_local

@@ -17,7 +17,7 @@ from k2jax.data import chunk_files, packed
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import JsonlChunkReader
 from k2jax.data.order import RowMap, resolve_chunk_order
-from k2jax.data.source import shifted_loss_mask
+from k2jax.data.source import RowPlaces, shifted_loss_mask
 from k2jax.errors import UserError
 
 
@@ -33,11 +33,13 @@ class ChunkReader(Protocol):
 class ChunkedRowSource:
     """Rows of the chunk files in order. read_rows -> tokens int32 [n, S], loss_mask f32 [n, S]."""
 
-    def __init__(self, row_map: RowMap, reader: ChunkReader, seq_len: int, form: str = ""):
+    def __init__(self, row_map: RowMap, reader: ChunkReader, seq_len: int, form: str = "",
+                 data_dir: Optional[epath.Path] = None):
         self.row_map = row_map
         self.reader = reader
         self.seq_len = seq_len
         self.form = form
+        self.data_dir = data_dir
 
     @property
     def num_rows(self) -> int:
@@ -58,6 +60,18 @@ class ChunkedRowSource:
                     tgt_mask = np.ones((len(rows), self.seq_len), np.uint8)
                 tgt_mask[selected] = chunk_mask
         return tokens, shifted_loss_mask(len(rows), self.seq_len, tgt_mask)
+
+    def locate(self, rows: np.ndarray) -> RowPlaces:
+        positions, lines = self.row_map.locate(np.asarray(rows, np.int64))
+        return RowPlaces(position=positions, chunk_id=self.row_map.chunk_ids[positions],
+                         line=lines, chunk_start=self.row_map.starts[positions],
+                         chunk_end=self.row_map.ends[positions])
+
+    def chunk_file(self, chunk_id: int) -> Optional[str]:
+        """K2's file of the chunk (chunk_{i}.jsonl, also for the packed form made from it)."""
+        if self.data_dir is None:
+            return None
+        return os.fspath(chunk_files.jsonl_path(self.data_dir, chunk_id))
 
 
 def detect_format(data_dir: epath.Path, chunk_ids: Sequence[int]) -> str:
@@ -102,4 +116,4 @@ def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]],
     else:
         raise UserError(f"config key 'data.format': expected auto, jsonl or packed, got {form!r}")
     row_map = RowMap(chunk_ids, [reader.line_counts[c] for c in chunk_ids])
-    return ChunkedRowSource(row_map, reader, seq_len, form)
+    return ChunkedRowSource(row_map, reader, seq_len, form, data_dir)

@@ -4,7 +4,7 @@ batch (Levanter's `DataLoader.iter_from_step`, for K2's order).
 Step t reads global rows [start_row + u * B, start_row + (u + 1) * B) of the current order,
 u = t - data.first_step (B = data.global_batch_size; first_step is 0 unless a run continues
 another's step numbering, e.g. K2's stage 2 from step 338760): the original order after the run's moved windows
-(`moved_row_ranges`: the config's, or the run's data_order.json, k2jax/data/run_order.py). The
+(`moved_row_ranges`: the config's, or the run's data_order.json, k2jax/run_dir.py). The
 device batch is the padding plan's `padded_rows` rows (k2jax/sharding/padding.py): the B rows
 in order, then padding (token 0, loss mask 0). Packed documents (data.reset_attention_mask /
 reset_position_ids) add segment_ids / positions int32 [rows, S] (k2jax/data/segments.py). Process p of P feeds the contiguous slice
@@ -18,7 +18,7 @@ class; nothing else maps a step to rows.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import grain
 import jax
@@ -32,6 +32,9 @@ from k2jax.data.source import RowSource, apply_moved_ranges
 from k2jax.data.synthetic import SyntheticSource
 from k2jax.errors import UserError
 from k2jax.sharding.padding import PaddingPlan, unpadded
+
+if TYPE_CHECKING:
+    from k2jax.run_dir import RunDir
 
 UNBOUNDED_STEPS = 2**62  # for sources without an end (synthetic)
 # Batch entries besides tokens and loss_mask, under data.reset_attention_mask /
@@ -66,7 +69,8 @@ def open_row_source(config: Config) -> RowSource:
     if data.source == "synthetic":
         return SyntheticSource(config.model.vocab_size, data.seq_len, config.train.seed,
                                poison_rows=data.synthetic_poison_rows,
-                               poison_kind=data.synthetic_poison_kind)
+                               poison_kind=data.synthetic_poison_kind,
+                               chunk_rows=data.synthetic_chunk_rows)
     if data.source == "k2":
         from k2jax.data.chunked_source import open_chunk_source  # keeps synthetic runs light
 
@@ -106,6 +110,13 @@ class StepLoader:
     @classmethod
     def from_config(cls, config: Config, **kwargs) -> "StepLoader":
         return cls(open_row_source(config), config.data, **kwargs)
+
+    @classmethod
+    def for_run(cls, run_dir: "RunDir", config: Config, **kwargs) -> "StepLoader":
+        """The loader of a training run: `config`'s data in the order the run has read, i.e.
+        after the windows of its data_order.json (else the config's data.moved_row_ranges)."""
+        return cls.from_config(config, moved_row_ranges=run_dir.moved_row_ranges(config),
+                               **kwargs)
 
     def _replace(self, **changes) -> "StepLoader":
         """A loader over the same open source with some constructor arguments changed."""
@@ -166,6 +177,25 @@ class StepLoader:
         """Original-order row indices int64 [B] consumed by `step`."""
         start, stop = self.logical_rows(step)
         return self.original_rows(np.arange(start, stop, dtype=np.int64))
+
+    def locate(self, step: int) -> list[dict]:
+        """Where the rows of `step` live, in batch order: one piece per run of consecutive
+        original rows in one chunk (a rollback's move can split a step into several), with the
+        chunk's position in the order, id, file (None: synthetic) and 0-based line range."""
+        rows = self.global_rows(step)
+        places = self.source.locate(rows)
+        cuts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(places.position) != 0)) + 1
+        bounds = [0, *cuts.tolist(), len(rows)]
+        pieces = []
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            chunk_id, line = int(places.chunk_id[first]), int(places.line[first])
+            pieces.append({
+                "order_position": int(places.position[first]), "chunk_id": chunk_id,
+                "file": self.source.chunk_file(chunk_id), "first_line_0based": line,
+                "end_line_0based_exclusive": line + end - first,
+                "first_original_row": int(rows[first]), "num_rows": end - first,
+                "first_batch_row": first})
+        return pieces
 
     def host_rows(self, step: int) -> np.ndarray:
         """The real (unpadded) original-order rows of this process's slice of `step`."""

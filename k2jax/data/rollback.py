@@ -14,17 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from k2jax.data.loader import StepLoader
-from k2jax.data.synthetic import SyntheticSource
 
 
 def chunk_bounds(loader: StepLoader, row: int) -> tuple[int, int]:
     """[start, end) in the original order of the chunk file holding original row `row`."""
-    if isinstance(loader.source, SyntheticSource):
-        size = loader.data.synthetic_chunk_rows
-        return row // size * size, row // size * size + size
-    row_map = loader.source.row_map  # ChunkedRowSource: the files' line counts in order
-    position = int(row_map.locate(np.asarray([row], np.int64))[0][0])
-    return int(row_map.starts[position]), int(row_map.ends[position])
+    places = loader.source.locate(np.asarray([row], np.int64))
+    return int(places.chunk_start[0]), int(places.chunk_end[0])
 
 
 def rollback_window(loader: StepLoader, step: int, unit: str) -> list[int]:

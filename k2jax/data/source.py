@@ -1,17 +1,37 @@
 """The contract between row sources and the trainer.
 
-A row source holds `num_rows` rows of `seq_len` tokens in training order (None rows: unbounded).
+A row source holds `num_rows` rows of `seq_len` tokens in training order (None rows: unbounded),
+cut into chunks (K2: the chunk files, in the order's sequence).
 `read_rows(rows)` returns, for int64 global row indices `rows` [n]:
   tokens    int32   [n, seq_len]
   loss_mask float32 [n, seq_len]  weight of predicting token i+1 from position i; the last
                                   position is always 0 (K2: 2047 predictions per 2048-token row).
+`locate(rows)` says where those rows live (`RowPlaces`), and `chunk_file(chunk_id)` names the
+file of a chunk (None: the rows are computed, not read).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class RowPlaces:
+    """Where rows of the original order live; every field int64 [n]:
+    position      index, in the source's sequence of chunks, of the chunk holding the row
+    chunk_id      that chunk's id (K2: the i of chunk_{i}.jsonl)
+    line          the row's 0-based line in its chunk
+    chunk_start   the chunk's first row in the original order
+    chunk_end     the row after its last (exclusive)
+    """
+    position: np.ndarray
+    chunk_id: np.ndarray
+    line: np.ndarray
+    chunk_start: np.ndarray
+    chunk_end: np.ndarray
 
 
 class RowSource(Protocol):
@@ -19,6 +39,10 @@ class RowSource(Protocol):
     num_rows: Optional[int]
 
     def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def locate(self, rows: np.ndarray) -> RowPlaces: ...
+
+    def chunk_file(self, chunk_id: int) -> Optional[str]: ...
 
 
 def shifted_loss_mask(num_rows: int, seq_len: int, tgt_mask: Optional[np.ndarray] = None

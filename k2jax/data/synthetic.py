@@ -2,14 +2,16 @@
 
 Each row is an arithmetic progression modulo a small alphabet, with a row-specific start and
 stride: a model that reads the context can predict every token after the second, so the loss
-falls visibly within a few hundred steps of the tiny config.
+falls visibly within a few hundred steps of the tiny config. Its chunks (what a rollback by
+chunk moves) are consecutive windows of `chunk_rows` rows (data.synthetic_chunk_rows), with no
+file behind them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from k2jax.data.source import shifted_loss_mask
+from k2jax.data.source import RowPlaces, shifted_loss_mask
 
 ALPHABET_OFFSET = 3  # keep clear of pad/bos/eos ids 0..2
 
@@ -18,8 +20,10 @@ class SyntheticSource:
     num_rows = None
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int, alphabet: int = 64,
-                 poison_rows: list[list[int]] = (), poison_kind: str = "random"):
+                 poison_rows: list[list[int]] = (), poison_kind: str = "random",
+                 chunk_rows: int = 1_000_000):
         self.seq_len = seq_len
+        self.chunk_rows = chunk_rows
         self.seed = seed
         self.vocab_size = vocab_size
         self.alphabet = max(2, min(alphabet, vocab_size - ALPHABET_OFFSET))
@@ -47,3 +51,13 @@ class SyntheticSource:
                 else:
                     mask[i, 0] = np.nan
         return tokens, mask
+
+    def locate(self, rows: np.ndarray) -> RowPlaces:
+        rows = np.asarray(rows, np.int64)
+        chunk = rows // self.chunk_rows
+        start = chunk * self.chunk_rows
+        return RowPlaces(position=chunk, chunk_id=chunk, line=rows - start, chunk_start=start,
+                         chunk_end=start + self.chunk_rows)
+
+    def chunk_file(self, chunk_id: int) -> None:
+        return None

@@ -21,6 +21,7 @@ import numpy as np
 from k2jax.atomic_write import atomic_file
 from k2jax.errors import UserError
 from k2jax.optional import require
+from k2jax.run_dir import METRICS_FILE
 
 STEP_COLUMNS = ("Step", "_step", "iteration", "step", "trainer/global_step")
 LOSS_COLUMNS = ("lm loss", "train/lm_loss", "lm_loss", "loss", "train/loss")
@@ -45,7 +46,7 @@ def read_run(path: str) -> Curve:
     or rolled-back run logs some steps again)."""
     file = Path(path)
     if file.is_dir():
-        file = file / "metrics.jsonl"
+        file = file / METRICS_FILE
     if not file.is_file():
         raise UserError(f"--run {path}: no such run directory with metrics.jsonl, nor .jsonl file")
     points: dict[int, float] = {}

@@ -9,21 +9,18 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
-from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
-from k2jax.checkpoint.set_aside import SUPERSEDED_DIR, restore_newest_intact
+from k2jax.checkpoint.run_lock import run_dir_lock
+from k2jax.checkpoint.set_aside import restore_newest_intact
 from k2jax.config import Config
-from k2jax.atomic_write import write_bytes_atomic
 from k2jax.data.loader import StepLoader
 from k2jax.data.rollback import rollback_files, rollback_window
-from k2jax.data.run_order import run_moved_row_ranges, write_moved_row_ranges
 from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
-from k2jax.paths import storage_path
+from k2jax.run_dir import SUPERSEDED_DIR, RunDir
 from k2jax.train.data_span import ends_chunk, steps_from_data
 from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
 from k2jax.train.metrics import MetricsWriter
@@ -36,19 +33,20 @@ from k2jax.train.spikes import SpikeDetector
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
-        self.run_dir = storage_path(config.train.run_dir)
-        ensure_run_dir(self.run_dir)
+        self.run_dir = RunDir(config.train.run_dir)
+        self.run_dir.ensure()
         self.primary = jax.process_index() == 0
         # The data first: train.steps is checked against it (or read from it: auto) before
         # any state is built. The run's order: its data_order.json (rollbacks) else the
         # config's moved windows.
-        loader = StepLoader.from_config(
-            config, moved_row_ranges=run_moved_row_ranges(self.run_dir, config))
+        loader = StepLoader.for_run(self.run_dir, config)
         self.config = config = steps_from_data(config, loader, self.log)
         self.setup = build_training_setup(config, process_count=jax.process_count())
         self.mesh = self.setup.mesh
         self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
-        self.checkpoints = RunCheckpoints(str(self.run_dir), config.train)
+        self.checkpoints = RunCheckpoints(self.run_dir, config.train)
+        self.lock = run_dir_lock(self.run_dir, enabled=False)  # held (process 0) while run() runs
+        self.writer = MetricsWriter(self.run_dir, enabled=False)  # opened by run()
         self.detector = SpikeDetector(config.train.spikes)
         # Device batches are padded with zero-mask rows (k2jax/sharding/padding.py); the loss
         # and MFU count only the real rows.
@@ -103,7 +101,9 @@ class Trainer:
             return
         # The data position is the step; the moved windows live in data_order.json only.
         data = {"step": step, "spike_history": self.detector.state()}
+        self.lock.check()  # a run that lost its gs:// lock must not write the run's files
         self.checkpoints.save(step, state, self.config.to_dict(), data)
+        self.writer.flush()  # on gs:// the logs are otherwise flushed every few seconds
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class Trainer:
                   else rollback_window(self.loader, onset, unit))
         self.loader = self.loader.with_moved_window(window)
         if self.primary:
-            write_moved_row_ranges(self.run_dir, self.loader.moved_row_ranges)
+            self.run_dir.write_moved_row_ranges(self.loader.moved_row_ranges)
         for later in (s for s in self.checkpoints.all_steps() if s > resume):
             self.log(f"checkpoint {later} is after the rollback's step {resume}: set aside as "
                      f"{self.checkpoints.set_aside(later, SUPERSEDED_DIR)}")
@@ -151,20 +151,19 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        with RunDirLock(self.run_dir, enabled=self.primary):  # one run per run_dir
+        with run_dir_lock(self.run_dir, enabled=self.primary) as self.lock:  # one run per run_dir
             return self._run()
 
     def _run(self) -> int:
         cfg = self.config
         state, step = self.initial_state()
         if self.primary:  # only now: a refused resume must leave the run's config.yaml alone
-            write_bytes_atomic(self.run_dir / "config.yaml",
-                               yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        self.writer = MetricsWriter(str(self.run_dir), enabled=self.primary)
+            self.run_dir.write_config(cfg)
+        self.writer = MetricsWriter(self.run_dir, enabled=self.primary)
         self.log(f"run dir {self.run_dir} | {count_params(cfg.model):,} parameters | mesh "
                  f"{dict(self.mesh.shape)} | {jax.device_count()} devices, "
                  f"{jax.process_count()} processes")
-        self.log(f"TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+        self.log(f"TensorBoard: tensorboard --logdir {self.run_dir.tensorboard_dir}")
         if step >= cfg.train.steps:
             self.log(f"nothing to do: checkpoint at step {step} >= train.steps={cfg.train.steps}")
             return 0
@@ -260,7 +259,7 @@ class Trainer:
                 next_step = step  # the update was refused, so the state is still the good one
                 state = state.replace(step=state.step - 1)
             event["resumed_from_step"] = next_step
-        self.writer.append_jsonl("spikes.jsonl", event)
+        self.writer.spike(event)
         self.writer.scalars(step, {"spike": 1.0, "spike_loss": metrics["loss"]
                                    if math.isfinite(metrics["loss"]) else -1.0})
         self.log(f"loss spike at step {step} ({kind}"
