@@ -30,7 +30,7 @@ class OrbaxParamsReader:
     """`start_read_hf(mapping, layer, buffer)` -> one parameter (unstacked) in the HF layout."""
 
     def __init__(self, directory: str):
-        self.directory = Path(directory)
+        self.directory = storage_path(directory) if "://" in str(directory) else Path(directory)
         self.kind = weights_kind(directory)
         config = read_model_config(directory)
         if config is None:

@@ -1,0 +1,117 @@
+"""`k2jax convert` through gs:// (the local GCS protocol server): the same bytes as a local
+conversion both ways, a completion marker written last, and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pytest
+
+from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
+from k2jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    model = tiny_hf_model()
+    return write_hf_dir(tmp_path_factory.mktemp("hf") / "hf", hf_state(model), hf_config(model),
+                        shards=2)
+
+
+def convert(capsys, *argv):
+    code = main(["convert", *map(str, argv), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def remote_files_of(gcs_server, url):
+    prefix = url.removeprefix("gs://").partition("/")[2] + "/"
+    return {name[len(prefix):]: gcs_server.read_object(f"{url.split('/')[0]}//"
+                                                       f"{url.split('/')[2]}/{name}")
+            for name in gcs_server.list_objects(url + "/")}
+
+
+def local_files_of(directory):
+    return {os.path.relpath(os.path.join(root, name), directory):
+            open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_both_directions_through_gs_equal_local(gcs_server, gcs_bucket, hf_dir, tmp_path,
+                                               capsys):
+    # HF (local) -> weights on gs:// ; HF on gs:// -> weights (local)
+    assert convert(capsys, "hf-to-orbax", "--hf", hf_dir, "--out", tmp_path / "w")[0] == 0
+    code, _, err = convert(capsys, "hf-to-orbax", "--hf", hf_dir, "--out", f"{gcs_bucket}/w")
+    assert code == 0, err
+    fsspec.filesystem("gs").put(str(hf_dir) + "/", f"{gcs_bucket}/hf/", recursive=True)
+    code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/hf", "--out",
+                           tmp_path / "w2")
+    assert code == 0, err
+
+    # weights -> HF, each of the three weights directories, out local and on gs://
+    assert convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
+                   tmp_path / "hf_local")[0] == 0
+    expected = local_files_of(tmp_path / "hf_local")
+    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", f"{gcs_bucket}/w", "--out",
+                           f"{gcs_bucket}/hf_out")
+    assert code == 0, err
+    assert remote_files_of(gcs_server, f"{gcs_bucket}/hf_out") == expected
+    assert convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w2", "--out",
+                   tmp_path / "hf_from_w2")[0] == 0
+    assert local_files_of(tmp_path / "hf_from_w2") == expected
+
+    # the weights written to gs:// read back as the local ones do, tensor for tensor
+    from k2jax.convert.orbax_reader import OrbaxParamsReader
+    from k2jax.hf import name_map
+
+    local, remote = OrbaxParamsReader(str(tmp_path / "w")), OrbaxParamsReader(f"{gcs_bucket}/w")
+    local.check(), remote.check()
+    for name, mapping, layer in name_map.hf_names(local.config):
+        a_future, a = local.start_read_hf(mapping, layer, np.empty(0, np.uint8))
+        b_future, b = remote.start_read_hf(mapping, layer, np.empty(0, np.uint8))
+        a_future.result(), b_future.result()
+        assert a.tobytes() == b.tobytes(), name
+
+    # an existing output needs --force, which replaces it
+    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
+                           f"{gcs_bucket}/hf_out")
+    assert code == 2 and "exists; pass --force" in err and err.count("\n") == 1
+    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
+                           f"{gcs_bucket}/hf_out", "--force", "--dtype", "fp32")
+    assert code == 0, err
+    assert b'"torch_dtype": "float32"' in gcs_server.read_object(f"{gcs_bucket}/hf_out/config.json")
+
+
+def test_a_killed_conversion_leaves_no_marker(gcs_server, gcs_bucket, hf_dir, tmp_path):
+    """SIGKILL in the middle of writing shards: no config.json, so nothing reads it as done."""
+    out = f"{gcs_bucket}/killed"
+    subprocess.run([sys.executable, "-m", "k2jax.cli", "convert", "hf-to-orbax", "--hf", hf_dir,
+                    "--out", tmp_path / "w", "--no-progress"], check=True, timeout=300)
+    script = ("import os, signal, k2jax.convert.hf_writer as w\n"
+              "real = w.safetensors_header\n"
+              "def header(shard):\n"
+              "    if getattr(header, 'seen', False): os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    header.seen = True\n"
+              "    return real(shard)\n"
+              "w.safetensors_header = header\n"
+              "from k2jax.cli import main\n"
+              f"main(['convert', 'orbax-to-hf', '--checkpoint', {str(tmp_path / 'w')!r}, "
+              f"'--out', {out!r}, '--shard-size', '20KB', '--no-progress'])\n")
+    result = subprocess.run([sys.executable, "-c", script], timeout=300)
+    assert result.returncode == -9
+    names = gcs_server.list_objects(out + "/")
+    assert "killed/config.json" not in names
+    code = main(["convert", "hf-to-orbax", "--hf", out, "--out", str(tmp_path / "again"),
+                 "--no-progress"])
+    assert code == 2 and not (tmp_path / "again").exists()
+
+
+def test_missing_bucket_and_object_are_one_line(gcs_server, gcs_bucket, tmp_path, capsys):
+    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", "gs://no-such-bucket-k2/w",
+                           "--out", tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and "gs://no-such-bucket-k2/w" in err
+    code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/nothing", "--out",
+                           tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and f"{gcs_bucket}/nothing" in err
