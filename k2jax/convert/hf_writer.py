@@ -135,7 +135,8 @@ def generation_config(hf_config: dict) -> dict:
 
 def tokenizer_files(tokenizer_dir: str) -> list[Path]:
     """The tokenizer files in a directory (UserError if it has none)."""
-    root = epath.Path(tokenizer_dir) if remote_files.is_remote(tokenizer_dir) else Path(tokenizer_dir)
+    root = (epath.Path(tokenizer_dir) if remote_files.is_remote(tokenizer_dir)
+            else Path(tokenizer_dir))
     if not root.is_dir():
         raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
     found = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
