@@ -74,6 +74,16 @@ def test_both_directions_through_gs_equal_local(gcs_server, gcs_bucket, hf_dir, 
         a_future.result(), b_future.result()
         assert a.tobytes() == b.tobytes(), name
 
+    # what train.init_from, eval-loss and generate restore (params_io.restore_params)
+    import jax
+    from test_convert import restore
+
+    local_config, local_params = restore(tmp_path / "w")
+    remote_config, remote_params = restore(f"{gcs_bucket}/w")
+    assert remote_config == local_config
+    for a, b in zip(jax.tree.leaves(local_params), jax.tree.leaves(remote_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
     # an existing output needs --force, which replaces it
     code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
                            f"{gcs_bucket}/hf_out")
@@ -84,6 +94,7 @@ def test_both_directions_through_gs_equal_local(gcs_server, gcs_bucket, hf_dir, 
     assert b'"torch_dtype": "float32"' in gcs_server.read_object(f"{gcs_bucket}/hf_out/config.json")
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_leaves_no_marker(gcs_server, gcs_bucket, hf_dir, tmp_path):
     """SIGKILL in the middle of writing shards: no config.json, so nothing reads it as done."""
     out = f"{gcs_bucket}/killed"
