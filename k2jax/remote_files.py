@@ -1,10 +1,12 @@
 """gs:// (any fsspec URL) file I/O for data and weights: exact ranged reads, object versions,
 and whole-or-nothing uploads. Local paths go to the OS (and k2jax.atomic_write) as before.
 
-Why not just `epath.Path.open`: gcsfs's default read cache fetches the requested bytes plus a
-5 MiB read-ahead block, so a batch of a few ~12 KB rows would cost megabytes; `read_range` is
-one HTTP GET with a Range header for exactly the bytes asked. And a temp-name-then-rename
-write (atomic_write's local recipe) is a copy plus a delete on GCS, whereas a GCS upload is
+Why not just `epath.Path.open`: opening a gcsfs file is a metadata request before the first
+byte (two round trips per run of lines, and the data loader makes one run per batch piece), and
+how much a read fetches is the policy of gcsfs's cache, which changes between versions;
+`read_range` is one HTTP GET with a Range header for exactly the bytes asked. And a
+temp-name-then-rename write (atomic_write's local recipe) is a copy plus a delete on GCS
+(gcsfs tries a moveTo API first and logs a traceback where it is missing), whereas a GCS upload is
 already atomic: the object appears only when the upload is finalized, so `upload` writes the
 final name directly and cancels the upload on any error (nothing appears then).
 """
