@@ -79,7 +79,8 @@ def test_index_batch_locate_pack_on_gs_equal_local(gcs_server, gcs_bucket, local
 
     pack = ("--seq-len", SEQ_LEN, "--quiet")
     assert run(capsys, "pack", "--data", local_chunks, "--out", tmp_path / "packed", *pack)[0] == 0
-    code, _, err = run(capsys, "pack", "--data", data, "--out", f"{gcs_bucket}/packed", *pack)
+    code, _, err = run(capsys, "pack", "--data", data, "--out", f"{gcs_bucket}/packed", *pack,
+                       "--workers", 2)  # worker processes spawned: gcsfs is not fork-safe
     assert code == 0, err
     for name in ("chunk_3.tokens.u16", "chunk_3.mask.u8"):
         assert gcs_server.read_object(f"{gcs_bucket}/packed/{name}") == \

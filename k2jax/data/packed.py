@@ -167,9 +167,12 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 done.append(pack_chunk(*job, counter=counter))
                 bar.update(counter.value - bar.n)
         else:
-            counter = multiprocessing.get_context("fork").Value("q", 0, lock=True)
+            # gcsfs is not fork-safe (its event loop thread): gs:// packs spawn their workers.
+            remote = not (chunk_files.is_local(data_dir) and chunk_files.is_local(out_path))
+            context = multiprocessing.get_context("spawn" if remote else "fork")
+            counter = context.Value("q", 0, lock=True)
             with concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("fork"),
+                    workers, mp_context=context,
                     initializer=_init_worker, initargs=(counter,)) as pool:
                 futures = [pool.submit(_pack_in_worker, job) for job in jobs]
                 while not all(f.done() for f in futures):
