@@ -177,6 +177,21 @@ def list_names(path: object) -> list[str]:
     return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
 
 
+def check_listable(path: object, what: str = "directory") -> None:
+    """For a remote directory a reader is about to open: a missing prefix or bucket is a
+    UserError naming it, no permission a PermissionError naming it (one line at the CLI);
+    local paths are left to the reader's own checks."""
+    if not is_remote(path):
+        return
+    from k2jax.errors import UserError
+
+    try:
+        list_names(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (no object under this prefix, or no such bucket; "
+                        f"expected a {what})") from None
+
+
 def remove_tree(path: object) -> None:
     """Delete every object under a remote prefix (a no-op when there is none)."""
     fs, key = _fs(path)

@@ -4,6 +4,8 @@ conversion both ways, a completion marker written last, and one-line errors."""
 import os
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 
 import fsspec
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from convert_fixtures import hf_config, hf_state, tiny_hf_model, write_hf_dir
 from k2jax.cli import main
+from test_data_gcs import Forbidden, clients_pointed_at
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +122,29 @@ def test_a_killed_conversion_leaves_no_marker(gcs_server, gcs_bucket, hf_dir, tm
     assert code == 2 and not (tmp_path / "again").exists()
 
 
-def test_missing_bucket_and_object_are_one_line(gcs_server, gcs_bucket, tmp_path, capsys):
+def test_missing_bucket_object_and_permission_are_one_line(gcs_server, gcs_bucket, hf_dir,
+                                                           tmp_path, capsys):
     code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", "gs://no-such-bucket-k2/w",
                            "--out", tmp_path / "o")
-    assert code == 2 and err.count("\n") == 1 and "gs://no-such-bucket-k2/w" in err
+    assert code == 2 and err.count("\n") == 1 and "gs://no-such-bucket-k2/w: not found" in err
     code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/nothing", "--out",
                            tmp_path / "o")
-    assert code == 2 and err.count("\n") == 1 and f"{gcs_bucket}/nothing" in err
+    assert code == 2 and err.count("\n") == 1 and f"{gcs_bucket}/nothing: not found" in err
+    fsspec.filesystem("gs").put(str(hf_dir) + "/", f"{gcs_bucket}/hf/", recursive=True)
+    fsspec.filesystem("gs").rm_file(f"{gcs_bucket}/hf/model-00002-of-00002.safetensors")
+    with clients_pointed_at(gcs_server.endpoint):  # a fresh listing cache
+        code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/hf", "--out",
+                               tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and "model-00002-of-00002.safetensors" in err
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with clients_pointed_at(f"http://127.0.0.1:{server.server_address[1]}"):
+            code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/hf", "--out",
+                                   tmp_path / "o")
+    finally:
+        server.shutdown()
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{gcs_bucket}/hf" in err and "permission denied" in err
+    assert not (tmp_path / "o").exists()

@@ -185,7 +185,7 @@ def test_rows_come_from_ranged_reads(gcs_server, gcs_bucket, tmp_path):
     assert 3 * row_bytes < downloaded_far < 3 * row_bytes + 8192, (downloaded_far, row_bytes)
 
 
-class _Forbidden(BaseHTTPRequestHandler):
+class Forbidden(BaseHTTPRequestHandler):
     """A GCS endpoint that refuses everything, as GCS does a caller without access."""
 
     def _deny(self):
@@ -219,7 +219,7 @@ def test_missing_bucket_object_and_permission_are_one_line(gcs_server, gcs_bucke
     assert code == 2 and err.count("\n") == 1, err
     assert f"{data}/chunk_2.jsonl" in err and not (tmp_path / "x.npy").exists()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Forbidden)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with clients_pointed_at(f"http://127.0.0.1:{server.server_address[1]}"):

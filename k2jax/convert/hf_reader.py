@@ -86,6 +86,7 @@ def open_hf_checkpoint(directory: str) -> HFCheckpoint:
     """Find the weight files and read every tensor's name, shape and dtype (no tensor data).
     `directory` may be on gs:// (safetensors only: headers and tensors come by ranged GETs)."""
     root = hf_path(directory)
+    remote_files.check_listable(directory, "Hugging Face model directory")
     if not root.is_dir():
         raise UserError(f"{directory}: not a directory")
     config = read_config(root)
