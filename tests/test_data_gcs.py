@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import SEQ_LEN, write_chunk
+from test_data_prepare import spm_model  # noqa: F401  (a tiny SentencePiece model fixture)
 from k2jax.cli import main
 
 NUM_CHUNKS = 5
@@ -254,3 +255,21 @@ def test_training_reads_its_rows_from_gs(gcs_server, gcs_bucket, tmp_path):
         results[name] = losses_by_step(tmp_path / f"run_{name}")
     assert len(results["gs"]) == 3  # train.log_every=1
     assert results["gs"] == results["local"]
+
+
+def test_prepare_chat_writes_the_same_chunks_to_gs(gcs_server, gcs_bucket, tmp_path, spm_model):
+    from test_chat_sft import CHAT, CONVERSATIONS, SEQ, write_jsonl
+    from k2jax.data.chat import chat_tokenizer, prepare_chat
+
+    tok = chat_tokenizer(spm_model, CHAT)
+    path = write_jsonl(tmp_path / "chats.jsonl", CONVERSATIONS)
+    prepare_chat(tok, [path], tmp_path / "local", CHAT, SEQ, vocab_size=336)
+    prepare_chat(tok, [path], f"{gcs_bucket}/chat", CHAT, SEQ, vocab_size=336)
+    local = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert sorted(n.split("/", 1)[1] for n in gcs_server.list_objects(f"{gcs_bucket}/chat/")) \
+        == local
+    for name in local:
+        if name.endswith(".json"):  # the summary names its output directory
+            continue
+        assert gcs_server.read_object(f"{gcs_bucket}/chat/{name}") == \
+            (tmp_path / "local" / name).read_bytes(), name
