@@ -39,6 +39,7 @@ from k2jax.data.packed import pack_chunks  # noqa: E402
 from k2jax.data.loader import StepLoader  # noqa: E402
 
 K2_VOCAB = load_config(K2_PRESET).model.vocab_size
+K2_ROWS = load_config(K2_PRESET).data.global_batch_size
 
 
 def write_chunks(directory: Path, num_files: int, mb_per_file: float, seq_len: int) -> None:
@@ -117,7 +118,8 @@ def gcs_comparison(data: Path, packed: Path, args) -> list[tuple[str, str, str, 
             own = row_bytes["jsonl_row"] if form == "jsonl" else row_bytes["packed"]
             out.append((f"loader {form} via Grain (2 threads), host batch {args.host_batch}: "
                         "rows/s", f"{measured['local'][0]:,.0f}", f"{measured['gs'][0]:,.0f}",
-                        f"K2 needs 102 rows/s in all (2040 per ~20 s step), per host its share"))
+                        f"K2 needs {K2_ROWS / 20:,.0f} rows/s in all ({K2_ROWS} per ~20 s "
+                        "step), per host its share"))
             out.append((f"loader {form}: bytes downloaded per row", "-",
                         f"{measured['gs'][1]:,.0f}", f"a row is {own:,.0f} bytes"))
         return out
