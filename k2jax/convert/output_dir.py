@@ -28,6 +28,8 @@ def check(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, 
     if not remote_files.is_remote(out):
         return check_output(out, force, inputs)
     text = str(out).rstrip("/")
+    if "/" not in text.split("://", 1)[1]:  # --force would empty the whole bucket
+        raise UserError(f"{out}: expected a directory inside a bucket (gs://BUCKET/NAME)")
     for source in inputs:
         source_text = str(source).rstrip("/")
         if text == source_text or source_text.startswith(text + "/"):
