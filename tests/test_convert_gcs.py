@@ -151,3 +151,33 @@ def test_missing_bucket_object_and_permission_are_one_line(gcs_server, gcs_bucke
     assert code == 2 and err.count("\n") == 1, err
     assert f"{gcs_bucket}/hf" in err and "permission denied" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_training_checkpoint_on_gs_exports_like_a_local_one(gcs_server, gcs_bucket, hf_dir,
+                                                            tmp_path, capsys):
+    """A training checkpoint step directory (Orbax's OCDBT layout, `state` item) saved to gs://
+    by k2jax's own RunCheckpoints exports the same files as the same checkpoint saved locally."""
+    import dataclasses
+
+    import jax
+
+    from k2jax.checkpoint.manager import RunCheckpoints
+    from k2jax.config import TrainConfig
+    from test_convert import restore
+
+    assert convert(capsys, "hf-to-orbax", "--hf", hf_dir, "--out", tmp_path / "w")[0] == 0
+    config, params = restore(tmp_path / "w")
+    state = {"step": np.int32(7), "params": params,
+             "opt_state": {"mu": jax.tree.map(lambda p: p + 1.0, params)}}
+    for run_dir in (str(tmp_path / "run"), f"{gcs_bucket}/run"):
+        run = RunCheckpoints(run_dir, TrainConfig())
+        run.save(7, state, {"model": dataclasses.asdict(config)}, {"step": 7})
+        run.wait()
+        run.close()
+    assert convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "run/checkpoints/7",
+                   "--out", tmp_path / "export")[0] == 0
+    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint",
+                           f"{gcs_bucket}/run/checkpoints/7", "--out", f"{gcs_bucket}/export")
+    assert code == 0, err
+    assert remote_files_of(gcs_server, f"{gcs_bucket}/export") == \
+        local_files_of(tmp_path / "export")

@@ -273,3 +273,17 @@ def test_prepare_chat_writes_the_same_chunks_to_gs(gcs_server, gcs_bucket, tmp_p
             continue
         assert gcs_server.read_object(f"{gcs_bucket}/chat/{name}") == \
             (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_ranged_reader_reads_in_pieces(gcs_server, gcs_bucket):
+    from k2jax.remote_files import RangedReader
+
+    data = bytes(range(256)) * 1000
+    fsspec.filesystem("gs").pipe_file(f"{gcs_bucket}/blob", data)
+    with RangedReader(f"{gcs_bucket}/blob", piece_bytes=1000) as f:  # 200 GETs for one read
+        f.seek(300)
+        buffer = bytearray(200_000)
+        assert f.readinto(buffer) == 200_000 and bytes(buffer) == data[300:200_300]
+        assert f.read(10) == data[200_300:200_310]
+        f.seek(-5, 2)
+        assert f.read() == data[-5:] and f.read(3) == b""
