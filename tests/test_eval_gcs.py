@@ -26,6 +26,7 @@ def losses(capsys, *args):
             for line in out.splitlines()]
 
 
+@pytest.mark.slow  # ~25 s: two eval-loss runs of two weights forms
 def test_eval_loss_from_gs_equals_local(gcs_server, gcs_bucket, setup, capsys):
     fs = fsspec.filesystem("gs")
     for name in ("hf", "orbax"):
