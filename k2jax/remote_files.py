@@ -31,10 +31,17 @@ def _fs(path: object):
     """(filesystem, key): etils.epath's own fsspec instance, so that what is written here
     invalidates the listing cache epath reads through (a separate instance would keep serving
     "not found" for a file written since)."""
+    import fsspec
     from etils.epath import backend
 
     text = str(path)
-    fs = backend.fsspec_backend.fs(text)
+    epath_backend = getattr(backend, "fsspec_backend", None)
+    if epath_backend is not None:
+        fs = epath_backend.fs(text)
+    else:  # an etils without it: the instance its gs:// backend would make
+        protocol = text.split("://", 1)[0]
+        options = {"finalize_on_close": True} if protocol in ("gs", "gcs") else {}
+        fs = fsspec.filesystem(protocol, **options)
     return fs, fs._strip_protocol(text)
 
 
