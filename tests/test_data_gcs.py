@@ -287,3 +287,17 @@ def test_ranged_reader_reads_in_pieces(gcs_server, gcs_bucket):
         assert f.read(10) == data[200_300:200_310]
         f.seek(-5, 2)
         assert f.read() == data[-5:] and f.read(3) == b""
+
+
+def test_gcsfs_errors_name_the_gs_path(gcs_server, gcs_bucket):
+    """gcsfs's own errors name API requests; the CLI's mapping turns them back into the path."""
+    from k2jax.storage_errors import path_failure
+
+    fs = fsspec.filesystem("gs")
+    with pytest.raises(FileNotFoundError) as missing:
+        fs.cat_file(f"{gcs_bucket}/dir/no such.jsonl", start=0, end=10)
+    assert path_failure(missing.value) == \
+        f"{gcs_bucket}/dir/no such.jsonl: not found (no such object or bucket)"
+    with pytest.raises(FileNotFoundError) as no_bucket:
+        fs.info("gs://no-such-bucket-k2jax/x")
+    assert path_failure(no_bucket.value).startswith("gs://no-such-bucket-k2jax")
