@@ -13,6 +13,8 @@ import errno
 import logging
 import re
 import sys
+import traceback
+import urllib.parse
 from typing import Iterator, Optional
 
 from k2jax.errors import UserError
@@ -69,11 +71,57 @@ _PATH_PROBLEMS = {
 
 def path_failure(err: BaseException) -> Optional[str]:
     """'PATH: PROBLEM' when `err` (or an exception it came from) is an OSError about a named
-    path of the wrong kind, without permission or missing; None otherwise."""
+    path of the wrong kind, without permission or missing, or gcsfs's word for the same about
+    a gs:// object or bucket; None otherwise."""
     for cause in _causes(err):
         if isinstance(cause, OSError) and cause.errno in _PATH_PROBLEMS and cause.filename:
             return f"{cause.filename}: {_PATH_PROBLEMS[cause.errno]}"
+        problem = gcs_failure(cause)
+        if problem is not None:
+            return problem
     return None
+
+
+# gcsfs names the request, not the user's path: `b/BUCKET/o/KEY` or an API URL ending so.
+_GCS_REQUEST = re.compile(r"(?:^|[/\s])b/([^/?\s]+)(?:/o/?([^?\s]*))?")
+
+
+def _raised_by(err: BaseException, package: str) -> bool:
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ else []
+    return bool(frames) and f"/{package}/" in frames[-1].filename
+
+
+def _gcs_path(text: str) -> str:
+    match = _GCS_REQUEST.search(text)
+    if match is None:
+        return text
+    bucket, key = match.group(1), urllib.parse.unquote(match.group(2) or "")
+    return f"gs://{bucket}/{key}" if key else f"gs://{bucket}"
+
+
+def gcs_failure(err: BaseException) -> Optional[str]:
+    """'gs://PATH: PROBLEM' for gcsfs's missing-object/bucket and permission errors, and one
+    line for Google credentials problems; None for anything else."""
+    name = type(err).__name__
+    if name in ("DefaultCredentialsError", "RefreshError", "TransportError") and \
+            type(err).__module__.startswith("google.auth"):
+        return f"Google Cloud credentials: {one_line_text(err)}"
+    if not _raised_by(err, "gcsfs"):
+        return None
+    text = str(err.args[0]) if err.args else str(err)
+    first, _, detail = text.partition("\n")
+    if isinstance(err, FileNotFoundError):
+        return f"{_gcs_path(first)}: not found (no such object or bucket)"
+    if isinstance(err, OSError) and first.startswith("Forbidden"):
+        reason = f" ({one_line_text(detail)})" if detail.strip() else ""
+        return f"{_gcs_path(first)}: permission denied{reason}"
+    if name == "HttpError" and getattr(err, "code", None) in (401, 403):
+        return f"Google Cloud Storage refused the request: {one_line_text(err)}"
+    return None
+
+
+def one_line_text(err: object) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 @contextlib.contextmanager

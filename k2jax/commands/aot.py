@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hlo_out is not None:
         from etils import epath
 
-        if not epath.Path(args.hlo_out).parent.is_dir():
+        if "://" not in args.hlo_out and not epath.Path(args.hlo_out).parent.is_dir():  # gs://
             raise UserError(f"--hlo-out {args.hlo_out}: its directory does not exist")
     try:
         import libtpu  # noqa: F401

@@ -11,13 +11,13 @@ only when the stored dtype differs from the source's, whatever the model size.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from k2jax import dtypes
-from k2jax.atomic_write import atomic_output_dir, check_output
+from k2jax.checkpoint.params_io import MODEL_CONFIG_FILE
+from k2jax.convert import output_dir
 from k2jax.convert.buffers import ReusableBuffer, copy_into
 from k2jax.convert.expected import check_tensors, expected_tensors
 from k2jax.convert.hf_reader import HFCheckpoint, iter_tensors, open_hf_checkpoint
@@ -33,15 +33,15 @@ def default_dtype(checkpoint: HFCheckpoint, names) -> str:
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
-                        force: bool = False, progress: bool = True) -> Path:
+                        force: bool = False, progress: bool = True):
     """Check everything, then write `out_dir` (atomically). Returns the output path.
 
     dtype: the stored weights' dtype, either spelling ("bf16" or "bfloat16"); None keeps bf16
     sources in bf16 and stores anything else in fp32.
     """
-    out_path = check_output(out_dir, force, inputs=(hf_dir,))
+    out_path = output_dir.check(out_dir, force, inputs=(hf_dir,))
     checkpoint = open_hf_checkpoint(hf_dir)
-    where = str(Path(hf_dir) / "config.json")
+    where = f"{str(hf_dir).rstrip('/')}/config.json"
     config = model_config_from_hf(checkpoint.config, where)
     check_tensors(checkpoint.tensors.values(), config, where)
 
@@ -53,7 +53,8 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
     read_buffers = [np.empty(largest, np.uint8) for _ in range(2)]
     cast_buffers = [ReusableBuffer(), ReusableBuffer()]  # allocated only if a cast is needed
 
-    with atomic_output_dir(out_path, force) as staging, Progress(
+    # writer.close() writes k2jax_model.json last: on gs:// it marks the directory complete
+    with output_dir.output_dir(out_dir, force, MODEL_CONFIG_FILE) as staging, Progress(
             "hf-to-orbax", sum(i.nbytes for i in infos), len(infos), progress) as bar:
         writer = StreamingParamsWriter(staging, config, out_dtype)
         in_flight = InFlight(bar.update)

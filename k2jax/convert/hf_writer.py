@@ -20,7 +20,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from k2jax import dtypes
+from etils import epath
+
+from k2jax import dtypes, remote_files
 from k2jax.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,7 +101,7 @@ def write_safetensors_shards(directory: Path, entries: list[ShardEntry], shard_b
     names = shard_names(len(shards))
     weight_map = {}
     for shard, file_name in zip(shards, names):
-        with open(directory / file_name, "wb") as f:
+        with _open_output(directory / file_name) as f:
             f.write(safetensors_header(shard))
             for entry in shard:
                 name, array = next(arrays)
@@ -111,11 +113,18 @@ def write_safetensors_shards(directory: Path, entries: list[ShardEntry], shard_b
                 on_tensor(entry.nbytes)
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
              "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(directory / INDEX_FILE, index)
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def _open_output(path):
+    """A new file in the output directory: plain open() in the local staging directory (its
+    rename publishes it); on gs:// an upload committed only when the block succeeds."""
+    return remote_files.upload(path) if remote_files.is_remote(path) else open(path, "wb")
+
+
+def write_json(path, data: dict) -> None:
+    with _open_output(path) as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode())
 
 
 def generation_config(hf_config: dict) -> dict:
@@ -126,7 +135,8 @@ def generation_config(hf_config: dict) -> dict:
 
 def tokenizer_files(tokenizer_dir: str) -> list[Path]:
     """The tokenizer files in a directory (UserError if it has none)."""
-    root = Path(tokenizer_dir)
+    root = (epath.Path(tokenizer_dir) if remote_files.is_remote(tokenizer_dir)
+            else Path(tokenizer_dir))
     if not root.is_dir():
         raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
     found = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
@@ -136,6 +146,10 @@ def tokenizer_files(tokenizer_dir: str) -> list[Path]:
     return found
 
 
-def copy_files(files: Iterable[Path], directory: Path) -> None:
+def copy_files(files: Iterable[Path], directory) -> None:
     for file in files:
-        shutil.copyfile(file, directory / file.name)
+        if remote_files.is_remote(directory) or remote_files.is_remote(file):
+            with _open_output(directory / file.name) as f:
+                f.write(file.read_bytes())
+        else:
+            shutil.copyfile(file, directory / file.name)

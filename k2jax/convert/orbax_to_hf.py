@@ -11,13 +11,12 @@ export dtype differs from the stored one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from k2jax import dtypes
-from k2jax.atomic_write import atomic_output_dir, check_output
+from k2jax.convert import output_dir
 from k2jax.convert.buffers import ReusableBuffer, copy_into
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, parse_size,
@@ -31,9 +30,9 @@ from k2jax.storage_errors import storage_failure
 
 def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
                         shard_size: str = "5GB", tokenizer: Optional[str] = None,
-                        force: bool = False, progress: bool = True) -> Path:
+                        force: bool = False, progress: bool = True):
     """Check everything, then write `out_dir` (atomically). Returns the output path."""
-    out_path = check_output(out_dir, force, inputs=(checkpoint_dir,))
+    out_path = output_dir.check(out_dir, force, inputs=(checkpoint_dir,))
     shard_bytes = parse_size(shard_size)
     tokenizer_paths = tokenizer_files(tokenizer) if tokenizer else []
     reader = OrbaxParamsReader(checkpoint_dir)
@@ -74,10 +73,11 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
             yield name, view
 
     hf_config = hf_config_dict(config, torch_dtype=dtypes.from_numpy(out_dtype).name)
-    with atomic_output_dir(out_path, force) as staging, Progress(
+    # config.json last: on gs:// it marks the directory complete (convert/output_dir.py)
+    with output_dir.output_dir(out_dir, force, "config.json") as staging, Progress(
             "orbax-to-hf", sum(e.nbytes for e in entries), len(entries), progress) as bar:
         write_safetensors_shards(staging, entries, shard_bytes, arrays(), bar.update)
-        write_json(staging / "config.json", hf_config)
         write_json(staging / "generation_config.json", generation_config(hf_config))
         copy_files(tokenizer_paths, staging)
+        write_json(staging / "config.json", hf_config)
     return out_path

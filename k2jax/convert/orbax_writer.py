@@ -33,6 +33,7 @@ from k2jax import dtypes
 from k2jax.checkpoint.params_io import PARAMS_ITEM, write_model_config
 from k2jax.config import ModelConfig
 from k2jax.hf import name_map
+from k2jax.paths import storage_path
 from k2jax.tree_paths import set_path
 
 CHUNK_BYTES = 64 * 2**20  # upper bound per chunk file: small enough for sharded reads
@@ -75,11 +76,20 @@ def hf_view(store: ts.TensorStore, order: tuple[int, ...], layer: int | None) ->
     return store[ts.d[order].transpose[:]] if order != tuple(range(len(order))) else store
 
 
+def kvstore_spec(directory) -> dict:
+    """TensorStore's key-value store for a local or gs:// directory."""
+    text = str(directory)
+    if text.startswith("gs://"):
+        bucket, _, path = text.removeprefix("gs://").partition("/")
+        return {"driver": "gcs", "bucket": bucket, "path": path.rstrip("/") + "/"}
+    return {"driver": "file", "path": text}
+
+
 class StreamingParamsWriter:
     """`write(mapping, layer, hf_array)` for every table entry and layer, then `close()`."""
 
     def __init__(self, directory: Path, config: ModelConfig, dtype: np.dtype):
-        self._directory = Path(directory)
+        self._directory = storage_path(directory)  # epath: local or gs://
         self._dtype = np.dtype(dtype)
         self._config = dataclasses.replace(config, scan_layers=True,
                                            param_dtype=dtypes.from_numpy(self._dtype).name)
@@ -107,7 +117,7 @@ class StreamingParamsWriter:
                 codecs.insert(0, {"name": "transpose", "configuration": {"order": list(order)}})
             spec = {
                 "driver": "zarr3",
-                "kvstore": {"driver": "file", "path": str(leaf_dir)},
+                "kvstore": kvstore_spec(leaf_dir),
                 "metadata": {
                     "shape": list(shape), "data_type": dtypes.from_numpy(self._dtype).name,
                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
-from k2jax import files
+from k2jax import files, remote_files
 from k2jax.errors import UserError
 
 INDEX_DIRNAME = ".k2index"
@@ -40,19 +40,35 @@ def resolve_index_dir(data_dir: epath.Path, index_dir: Optional[str | os.PathLik
 
 def find_chunk_ids(data_dir: epath.Path, kind: str = "jsonl") -> list[int]:
     """Sorted ids of `chunk_{i}.jsonl` (kind 'jsonl') or packed chunks (kind 'packed')."""
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: not a directory")
+    if is_local(data_dir):
+        if not data_dir.is_dir():
+            raise UserError(f"{data_dir}: not a directory")
+        names = [child.name for child in data_dir.iterdir()]
+    else:  # listed directly: epath's is_dir() would turn "permission denied" into False
+        try:
+            names = remote_files.list_names(data_dir)
+        except FileNotFoundError:  # GCS has no directories: no object under the prefix
+            raise UserError(f"{data_dir}: not found (no object under this prefix, or no such "
+                            "bucket)") from None
     wanted = "jsonl" if kind == "jsonl" else "packed.json"
     ids = []
-    for child in data_dir.iterdir():
-        match = _CHUNK_RE.match(child.name)
+    for name in names:
+        match = _CHUNK_RE.match(name)
         if match and match.group(2) == wanted:
             ids.append(int(match.group(1)))
     return sorted(ids)
 
 
 def file_signature(path: epath.Path) -> dict[str, int]:
-    """What identifies a file's version: size in bytes and modification time (seconds)."""
+    """What identifies a file's version: size in bytes and modification time (seconds); on
+    gs:// also the object's generation (GCS has no inode; mtime has one-second resolution)."""
+    if not is_local(path):
+        try:
+            return remote_files.signature(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a directory, expected a file") from None
     try:
         stat = path.stat()
     except (FileNotFoundError, OSError):

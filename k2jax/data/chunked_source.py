@@ -93,7 +93,7 @@ def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]],
     Missing files, missing or stale indexes raise UserError naming the file.
     """
     data_dir = epath.Path(path)
-    if not data_dir.is_dir():
+    if chunk_files.is_local(data_dir) and not data_dir.is_dir():  # gs://: find_chunk_ids says
         raise UserError(f"data.path {data_dir}: not a directory")
     available = sorted(set(chunk_files.find_chunk_ids(data_dir, "jsonl"))
                        | set(chunk_files.find_chunk_ids(data_dir, "packed")))

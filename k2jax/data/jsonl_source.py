@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
+from k2jax import remote_files
 from k2jax.data import chunk_files
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.process_local import ProcessLocalHandles
@@ -149,7 +150,7 @@ class JsonlChunkReader(ProcessLocalHandles):
     """Reads given lines of indexed chunk files: tokens int32 [n, S], tgt_mask or None.
 
     Local files use os.pread on a cached descriptor (thread-safe: Grain reads batches from
-    several threads); GCS files are opened per read run.
+    several threads); on GCS each run of consecutive lines is one ranged GET of its bytes.
     """
 
     _handles_attr = "_fds"
@@ -175,10 +176,8 @@ class JsonlChunkReader(ProcessLocalHandles):
                 if fd is None:
                     fd = self._fds[chunk_id] = os.open(os.fspath(path), os.O_RDONLY)
             data = os.pread(fd, size, start)
-        else:
-            with path.open("rb") as f:
-                f.seek(start)
-                data = f.read(size)
+        else:  # one ranged GET of exactly these bytes (the index gives the offsets)
+            data = remote_files.read_range(path, start, size)
         if len(data) != size:
             raise UserError(f"{path}: shorter than its index says; re-run `k2jax data index`")
         return data

@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax.atomic_write import atomic_file, write_json_atomic
+from k2jax import remote_files
 from k2jax.data import chunk_files, stale_temps
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
@@ -54,7 +54,7 @@ def source_digest(path: epath.Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with remote_files.open_uncached(path) as f:  # on gs:// two ranged GETs, no read-ahead
         digest.update(f.read(_DIGEST_SPAN))
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - _DIGEST_SPAN, 0))
@@ -67,7 +67,8 @@ def _source_matches(manifest: dict, source: epath.Path) -> bool:
     recorded = manifest.get("source", {})
     signature = chunk_files.file_signature(source)
     return (recorded.get("size") == signature["size"] and recorded.get("mtime") ==
-            signature["mtime"] and recorded.get("digest") == source_digest(source))
+            signature["mtime"] and recorded.get("generation") == signature.get("generation")
+            and recorded.get("digest") == source_digest(source))
 
 
 def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signature: dict,
@@ -78,8 +79,9 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
     any_mask = False
     max_token = -1
     rows = 0
-    with source.open("rb") as src, atomic_file(tokens_path(out_dir, chunk_id)) as tok_out, \
-            atomic_file(mask_path(out_dir, chunk_id)) as mask_out:
+    # Outputs appear whole or not at all: renamed into place locally, committed uploads on GCS.
+    with source.open("rb") as src, remote_files.upload(tokens_path(out_dir, chunk_id)) as tok_out, \
+            remote_files.upload(mask_path(out_dir, chunk_id)) as mask_out:
         tok_buf = np.empty((_ROWS_PER_WRITE, seq_len), TOKEN_DTYPE)
         mask_buf = np.ones((_ROWS_PER_WRITE, seq_len), np.uint8)
         filled = 0
@@ -111,7 +113,7 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
                 "dtype": "uint16", "has_mask": any_mask, "max_token_id": max_token,
                 "source": {"file": source.name, **signature, "digest": source_digest(source)},
                 "version": PACKED_VERSION}
-    write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
+    remote_files.write_json(packed_manifest_path(out_dir, chunk_id), manifest)
     return manifest
 
 
@@ -165,9 +167,12 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 done.append(pack_chunk(*job, counter=counter))
                 bar.update(counter.value - bar.n)
         else:
-            counter = multiprocessing.get_context("fork").Value("q", 0, lock=True)
+            # gcsfs is not fork-safe (its event loop thread): gs:// packs spawn their workers.
+            remote = not (chunk_files.is_local(data_dir) and chunk_files.is_local(out_path))
+            context = multiprocessing.get_context("spawn" if remote else "fork")
+            counter = context.Value("q", 0, lock=True)
             with concurrent.futures.ProcessPoolExecutor(
-                    workers, mp_context=multiprocessing.get_context("fork"),
+                    workers, mp_context=context,
                     initializer=_init_worker, initargs=(counter,)) as pool:
                 futures = [pool.submit(_pack_in_worker, job) for job in jobs]
                 while not all(f.done() for f in futures):
@@ -242,12 +247,12 @@ class PackedChunkReader(ProcessLocalHandles):
     def _read_remote(self, path: epath.Path, lines: np.ndarray, dtype) -> np.ndarray:
         out = np.empty((len(lines), self.seq_len), dtype)
         row_bytes = self.seq_len * np.dtype(dtype).itemsize
-        with path.open("rb") as f:
-            for first_index, first_line, count in consecutive_runs(lines):
-                f.seek(first_line * row_bytes)
-                data = f.read(count * row_bytes)
-                out[first_index:first_index + count] = np.frombuffer(data, dtype).reshape(
-                    count, self.seq_len)
+        for first_index, first_line, count in consecutive_runs(lines):  # one ranged GET a run
+            data = remote_files.read_range(path, first_line * row_bytes, count * row_bytes)
+            if len(data) != count * row_bytes:
+                raise UserError(f"{path}: shorter than its manifest says; {_REPACK}")
+            out[first_index:first_index + count] = np.frombuffer(data, dtype).reshape(
+                count, self.seq_len)
         return out
 
     def read_lines(self, chunk_id: int, lines: np.ndarray

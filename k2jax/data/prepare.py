@@ -30,13 +30,14 @@ import fnmatch
 import json
 import os
 import random
+import tempfile
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax.atomic_write import atomic_file, write_json_atomic
+from k2jax import remote_files
 from k2jax.data import chunk_files, fim
 from k2jax.data.chunk_assignment import K2_REPEATS, ChunkAssigner, cycle_length, repeat_for
 from k2jax.errors import UserError
@@ -208,7 +209,9 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
               for s in sources if repeat_for(s.subset, repeats) > 0}
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spool_dir = out / ".prepare-spool"
+    # Spools are scratch: local beside a local output, a local temporary for gs:// outputs.
+    spool_dir = (out / ".prepare-spool" if chunk_files.is_local(out)
+                 else epath.Path(tempfile.mkdtemp(prefix="k2jax-prepare-spool-")))
     if spool_dir.exists():
         spool_dir.rmtree()
     spool_dir.mkdir()
@@ -248,7 +251,7 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                "subsets": sorted({s.subset for s in sources}),
                "repeats": [list(r) for r in repeats], "fim": dataclasses.asdict(fim_options),
                "shuffle_seed_base": SHUFFLE_SEED_BASE, "words_per_piece": WORDS_PER_PIECE}
-    write_json_atomic(out / "prepare.json", summary)
+    remote_files.write_json(out / "prepare.json", summary)
     return summary
 
 
@@ -288,7 +291,7 @@ def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
     order = list(range(len(records)))
     random.Random(SHUFFLE_SEED_BASE + chunk).shuffle(order)  # shuffle.py: same permutation
     target = chunk_files.jsonl_path(out, chunk)
-    with atomic_file(target, "w") as f:
+    with remote_files.upload(target) as f:  # appears whole or not at all, local or gs://
         for i in order:
             position, variant, line = (int(x) for x in records[i, seq_len:])
             source = sources[position]
@@ -297,5 +300,5 @@ def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
                 "subset_name": source.subset,
                 "src_filename": f"{source.subset}{fim.variant_suffix(variant)}/"
                                 f"{source.path.name}",
-                "line_idx_in_src": line}) + "\n")
+                "line_idx_in_src": line}).encode() + b"\n")
     return len(records)
