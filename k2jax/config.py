@@ -150,6 +150,9 @@ class DataConfig:
     # K2's stage 2 (configs/k2-stage2.yaml) numbers its steps on after stage 1 (338760) while its
     # order, chunks 360..379, starts afresh.
     first_step: int = 0
+    # Passes over a finite order (fine-tuning a small prepared set): epoch e >= 1 reads the
+    # same rows in a seeded permutation of its own (k2jax/data/epochs.py). 1 in K2's configs.
+    epochs: int = 1
     # Apply rows' per-token `tgt_mask`. False is K2's stage 1: its main.py never reads the
     # field (loss mask = ones but the last position), so K2's own runs ignored it.
     use_tgt_mask: bool = False
@@ -203,6 +206,9 @@ class DataConfig:
                               f"{self.worker_count} and {self.prefetch}")
         if self.first_step < 0:
             raise ConfigError("data.first_step", f"must be >= 0, got {self.first_step}")
+        if self.epochs < 1 or (self.epochs > 1 and self.source != "k2"):
+            raise ConfigError("data.epochs", f"must be >= 1, and 1 unless data.source is 'k2' "
+                              f"(the synthetic source has no end), got {self.epochs}")
         if (self.reset_attention_mask or self.reset_position_ids) and self.source != "k2":
             key = "reset_attention_mask" if self.reset_attention_mask else "reset_position_ids"
             raise ConfigError(f"data.{key}", "needs data.source k2 (chunk files with segment "

@@ -85,7 +85,7 @@ def _wrong_kind_inputs(tmp_path, run_metrics):
             ["train", "--config", a_dir], f"config file {a_dir}: is a directory"),
         "tokenizer is a directory": (
             ["data", "prepare", "--tokenizer", a_dir, "--input", ok_csv, "--out",
-             tmp_path / "out"], f"{a_dir}: is a directory, expected a SentencePiece model"),
+             tmp_path / "out"], f"{a_dir}: no tokenizer files in this directory"),
     }
 
 

@@ -10,6 +10,7 @@ an installed wheel works without a clone and K2's figures have one owner.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +28,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
 
+    def _format_action(self, action: argparse.Action) -> str:
+        if (not action.help and action.option_strings and not action.required
+                and action.default not in (None, argparse.SUPPRESS)):
+            action = copy.copy(action)  # an option without help text still shows its default
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required or action.default is None:
             return action.help or ""
@@ -36,9 +44,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_command(subparsers, name: str, help: str, example: str, description: str = "",
                 **kwargs) -> argparse.ArgumentParser:
     """A subcommand parser whose --help shows every default and ends with an example."""
-    return subparsers.add_parser(name, help=help, description=description or help,
-                                 epilog=f"example:\n  {example}", formatter_class=HelpFormatter,
-                                 **kwargs)
+    parser = subparsers.add_parser(name, help=help, description=description or help,
+                                   epilog=f"example:\n  {example}", formatter_class=HelpFormatter,
+                                   **kwargs)
+    parser.set_defaults(command_parser=parser)  # cli.py: usage and error prefix of this command
+    return parser
 
 
 def add_command_group(subparsers, name: str, help: str, example: str, description: str,
@@ -48,7 +58,7 @@ def add_command_group(subparsers, name: str, help: str, example: str, descriptio
     parser = subparsers.add_parser(name, help=help, description=description,
                                    formatter_class=HelpFormatter,
                                    epilog=f"example:\n  {example}")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1], command_parser=parser)
     return parser.add_subparsers(dest=f"{name}_command", metavar=metavar)
 
 

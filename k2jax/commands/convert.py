@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of the exported tensors")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
-    p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from this directory")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer to copy into the export: a "
+                   "SentencePiece .model file, or a directory with tokenizer files")
     _add_common(p)
     p.set_defaults(func=cmd_orbax_to_hf)
 

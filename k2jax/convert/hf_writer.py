@@ -22,10 +22,9 @@ import numpy as np
 
 from k2jax import dtypes
 from k2jax.errors import UserError
+from k2jax.tokenizer import SENTENCEPIECE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +123,9 @@ def generation_config(hf_config: dict) -> dict:
                                                    "pad_token_id")}}
 
 
-def tokenizer_files(tokenizer_dir: str) -> list[Path]:
-    """The tokenizer files in a directory (UserError if it has none)."""
-    root = Path(tokenizer_dir)
-    if not root.is_dir():
-        raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
-    found = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
-    if not found:
-        raise UserError(f"--tokenizer {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES)} "
-                        "found")
-    return found
-
-
 def copy_files(files: Iterable[Path], directory: Path) -> None:
-    for file in files:
-        shutil.copyfile(file, directory / file.name)
+    """Copies under the names Hugging Face expects (a lone SentencePiece file as
+    tokenizer.model, whatever it was called)."""
+    for file in map(Path, files):
+        name = SENTENCEPIECE_FILE if file.suffix == ".model" else file.name
+        shutil.copyfile(file, directory / name)

@@ -21,9 +21,10 @@ from k2jax.atomic_write import atomic_output_dir, check_output
 from k2jax.convert.buffers import ReusableBuffer, copy_into
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, parse_size,
-                                     tokenizer_files, write_json, write_safetensors_shards)
+                                     write_json, write_safetensors_shards)
 from k2jax.convert.orbax_reader import OrbaxParamsReader
 from k2jax.convert.progress import Progress
+from k2jax.tokenizer import tokenizer_files
 from k2jax.errors import UserError, one_line
 from k2jax.hf.config_json import hf_config_dict
 from k2jax.storage_errors import storage_failure
