@@ -120,3 +120,62 @@ def test_prepare_chat_refuses_more_chunks_than_rows(spm_model, tmp_path, capsys)
                               "model.vocab_size=336", "data.seq_len=32"])
     assert "pack into 1 rows of data.seq_len=32, fewer than num_chunks=2" in err
     assert not (tmp_path / "o").exists()  # a refused start writes nothing
+
+
+def test_eval_tasks_help_puts_k2jaxs_model_args_first(capsys):
+    """Before: lm-eval's help alone (`--model ... default: hf`); nothing named hf=/checkpoint=."""
+    assert main(["eval-tasks", "--help"]) == 0
+    out = capsys.readouterr().out
+    ours = out.index("k2jax's model_args")
+    assert ours < out.index("lm-eval run")
+    for key in ("hf=DIR", "checkpoint=DIR", "tokenizer=PATH", "dtype=fp32|bf16", "tensor=N",
+                "give hf=DIR or checkpoint=DIR", "--include_path DIR", "HF_DATASETS_OFFLINE"):
+        assert key in out[:out.index("lm-eval run")], key
+
+
+def test_eval_tasks_without_weights_is_one_line_at_once(capsys):
+    """Before: lm-eval indexed its tasks and loaded the model, then asked for `tokenizer=PATH
+    ... with checkpoint=`."""
+    import time
+
+    began = time.monotonic()
+    err = error_line(capsys, ["eval-tasks", "--tasks", "hellaswag", "--model_args", "dtype=bf16"])
+    assert err == ("k2jax eval-tasks: error: --model_args: give hf=DIR or checkpoint=DIR (the "
+                   "weights to evaluate; k2jax eval-tasks --help lists the other keys)\n")
+    assert time.monotonic() - began < 5
+
+
+def test_an_unreachable_hub_turns_datasets_offline(monkeypatch, capsys):
+    from k2jax.commands import eval_tasks
+
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert not eval_tasks.hub_reachable(timeout=1)
+    eval_tasks.go_offline_without_hub()
+    import os
+
+    assert os.environ["HF_DATASETS_OFFLINE"] == os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "the Hugging Face Hub is unreachable" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # lm-eval indexes its ~10k task files (~20 s) and loads the model
+def test_a_hub_task_without_the_hub_is_one_line(tmp_path):
+    """Before: a 45-line ConnectionError traceback after half a minute of retries."""
+    import os
+    import subprocess
+    import sys
+
+    from lm_eval_fixtures import build_checkpoint
+
+    build_checkpoint(tmp_path / "hf")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a Hub nobody answers for
+    result = subprocess.run([sys.executable, "-m", "k2jax.cli", "eval-tasks", "--model_args",
+                             f"hf={tmp_path / 'hf'}", "--tasks", "hellaswag", "--limit", "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("k2jax eval-tasks: error: Couldn't reach 'Rowan/hellaswag'"), last
+    assert "--include_path DIR" in last and "HF_DATASETS_OFFLINE=1" in last
