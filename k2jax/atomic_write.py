@@ -89,7 +89,7 @@ def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.Pat
     """Refuse to overwrite without force, and never to replace (or nest in) an input."""
     out_path = Path(out).absolute()
     if out_path.exists() and not force:
-        raise UserError(f"{out}: output directory exists; pass --force to replace it")
+        raise UserError(f"{out}: output directory exists; force=True replaces it")
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     for source in inputs:

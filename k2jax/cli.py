@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from k2jax import __version__
+from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
 from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     # Errors name the subcommand: "k2jax data prepare-chat: error: ..."
     prog = command_parser.prog if command_parser else f"k2jax {args.command}"
     try:
-        with quiet_background_storage_errors() as background:
+        # Library errors name parameters; a command lists the flags its user typed for them.
+        with quiet_background_storage_errors() as background, \
+                worded_as_flags(getattr(args, "flag_words", {})):
             code = int(args.func(args) or 0)
         if background.first_problem is not None:  # a library logged it and carried on
             raise UserError(background.first_problem)

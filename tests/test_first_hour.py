@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -118,7 +119,8 @@ def test_prepare_chat_refuses_more_chunks_than_rows(spm_model, tmp_path, capsys)
     err = error_line(capsys, ["data", "prepare-chat", "--tokenizer", spm_model, "--input", chats,
                               "--out", tmp_path / "o", "--num-chunks", "2",
                               "model.vocab_size=336", "data.seq_len=32"])
-    assert "pack into 1 rows of data.seq_len=32, fewer than num_chunks=2" in err
+    assert ("pack into 1 rows of data.seq_len=32, fewer than --num-chunks (2; every chunk file "
+            "needs a row): give --num-chunks <= 1") in err
     assert not (tmp_path / "o").exists()  # a refused start writes nothing
 
 
@@ -179,3 +181,39 @@ def test_a_hub_task_without_the_hub_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("k2jax eval-tasks: error: Couldn't reach 'Rowan/hellaswag'"), last
     assert "--include_path DIR" in last and "HF_DATASETS_OFFLINE=1" in last
+
+
+def test_library_errors_name_parameters_and_commands_name_flags(capsys):
+    """Issue 29.5: library modules raised `--top-p ...` also when called from Python."""
+    from k2jax.generate.sampling import SamplingParams
+
+    with pytest.raises(UserError, match=r"^top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0).validate()
+    err = error_line(capsys, ["generate", "--hf", "none", "--prompt", "x", "--top-p", "0"])
+    assert err == "k2jax generate: error: --top-p must be in (0, 1], got 0.0\n"
+
+
+def test_no_library_module_words_cli_flags():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "k2jax"
+    found = [f"{path.relative_to(root)}:{number}" for path in root.rglob("*.py")
+             if "commands" not in path.parts and path.name != "cli.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"""UserError\(f?["'][^"']*--[a-z]""", line)]
+    assert not found, found
+
+
+def test_convert_says_force_as_the_flag(tmp_path, capsys):
+    """atomic_write names its parameter (force=True); convert's user reads the flag."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lm_eval_fixtures import build_checkpoint
+
+    build_checkpoint(tmp_path / "hf")
+    (tmp_path / "out").mkdir()
+    err = error_line(capsys, ["convert", "hf-to-orbax", "--hf", tmp_path / "hf", "--out",
+                              tmp_path / "out"])
+    assert err.endswith("out: output directory exists; --force replaces it\n"), err

@@ -10,9 +10,11 @@ an installed wheel works without a clone and K2's figures have one owner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from k2jax import dtypes
@@ -60,6 +62,26 @@ def add_command_group(subparsers, name: str, help: str, example: str, descriptio
                                    epilog=f"example:\n  {example}")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1], command_parser=parser)
     return parser.add_subparsers(dest=f"{name}_command", metavar=metavar)
+
+
+@contextlib.contextmanager
+def worded_as_flags(flags: dict[str, str]):
+    """Library modules name their parameters in errors (`top_p must be in (0, 1]`); a command's
+    user typed flags: re-word the errors raised inside as those flags (`--top-p must be ...`).
+    A name with an underscore is replaced anywhere; a plain word (`run`, `out`) only where it
+    opens the message, the place a parameter's name takes."""
+    try:
+        yield
+    except UserError as err:
+        if not flags:
+            raise
+        names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
+        def flag(match: re.Match) -> str:
+            name = match.group(1)
+            anywhere = "_" in name or "=" in name
+            return flags[name] if anywhere or match.start() == 0 else name
+        text = re.sub(rf"(?<![\w.-])({names})(?![\w-])", flag, str(err))
+        raise UserError(text) from None
 
 
 def add_progress_flags(p: argparse.ArgumentParser) -> None:

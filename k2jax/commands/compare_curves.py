@@ -28,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--step-column", help="reference CSV step column (default: detected)")
     p.add_argument("--loss-column", help="reference CSV loss column (default: detected)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_words={
+        "run": "--run", "reference": "--reference", "out": "--out",
+        "step_column": "--step-column", "loss_column": "--loss-column"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -92,7 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="seed of the FIM draws (K2's were unseeded: its clock)")
     add_config_args(p, (SEQ_LEN,))
     add_progress_flags(p)
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, flag_words={
+        "num_chunks": "--num-chunks", "seq_len": "--seq-len", "fim_rate": "--fim-rate",
+        "fim_spm_rate": "--fim-spm-rate", "repeat": "--repeat"})
 
     p = add_command(commands, "prepare-chat", "chat conversations (jsonl messages) -> packed "
                     "rows with an assistant-only loss mask and document segment ids",
@@ -110,7 +112,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--special-base-id", type=int, default=None,
                    help="id of the first added special token (unset: SentencePiece size)")
     add_config_args(p, (SEQ_LEN,))
-    p.set_defaults(func=cmd_prepare_chat, config=CHAT_PRESET)
+    p.set_defaults(func=cmd_prepare_chat, config=CHAT_PRESET,
+                   flag_words={"num_chunks": "--num-chunks", "out_dir": "--out"})
     p._option_string_actions["--config"].help = (
         "YAML config or preset name: data.seq_len, data.chat.* (markers, overlong policy), "
         f"model.vocab_size, model.pad_token_id ({CHAT_PRESET}: K2-Chat's)")

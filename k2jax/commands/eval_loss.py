@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="attention implementation (auto: splash on TPU, XLA elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     add_progress_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_words={"micro_batch": "--micro-batch"})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,9 +52,9 @@ def parse_size(text: str) -> int:
     try:
         size = int(float(number) * factor)
     except ValueError:
-        raise UserError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise UserError(f"shard_size {text!r}: cannot read (examples: 5GB, 500MB, 2GiB)")
     if size <= 0:
-        raise UserError(f"--shard-size: must be positive, got {text!r}")
+        raise UserError(f"shard_size {text!r}: must be positive")
     return size
 
 

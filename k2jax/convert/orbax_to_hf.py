@@ -40,7 +40,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
     reader = OrbaxParamsReader(checkpoint_dir)
     reader.check()
     config = reader.config
-    out_dtype = dtypes.parse(dtype, "--dtype").numpy
+    out_dtype = dtypes.parse(dtype, "dtype").numpy
     expected = expected_tensors(config)
     entries = [ShardEntry(name, e.hf_shape, out_dtype) for name, e in expected.items()]
     items = list(expected.items())
@@ -71,7 +71,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
             if out_dtype == dtypes.FLOAT16.numpy and not np.isfinite(view).all() \
                     and np.isfinite(stored).all():
                 raise UserError(f"tensor {name}: values exceed the float16 range; export with "
-                                "--dtype bf16 or fp32")
+                                "dtype bf16 or fp32")
             yield name, view
 
     hf_config = hf_config_dict(config, torch_dtype=dtypes.from_numpy(out_dtype).name)

@@ -177,7 +177,7 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                         f"more than model.vocab_size={vocab_size}")
     out = epath.Path(out_dir)
     if out.exists() and chunk_files.find_chunk_ids(out):
-        raise UserError(f"{out}: already holds chunk files; give an empty or new --out")
+        raise UserError(f"{out}: already holds chunk files; give an empty or new out_dir")
     rendered = []
     for item in inputs:
         path = epath.Path(item)
@@ -191,7 +191,7 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                         f"dropped as longer; data.chat.overlong=truncate keeps their start)")
     if len(packed.tokens) < num_chunks:  # an empty chunk file would be written silently
         raise UserError(f"the conversations pack into {len(packed.tokens)} rows of "
-                        f"data.seq_len={seq_len}, fewer than num_chunks={num_chunks} (every "
+                        f"data.seq_len={seq_len}, fewer than num_chunks ({num_chunks}; every "
                         f"chunk file needs a row): give num_chunks <= {len(packed.tokens)}")
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, len(packed.tokens), num_chunks + 1).astype(int)

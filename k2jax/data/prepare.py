@@ -147,7 +147,7 @@ class FimOptions:
 
     def validate(self) -> None:
         if not (0 <= self.rate <= 1 and 0 <= self.spm_rate <= 1):
-            raise UserError(f"--fim-rate and --fim-spm-rate must lie in [0, 1], got {self.rate} "
+            raise UserError(f"fim_rate and fim_spm_rate must lie in [0, 1], got {self.rate} "
                             f"and {self.spm_rate}")
 
 
@@ -200,7 +200,7 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     pattern, n_repeat) pairs, first match wins, default 1 (K2's table by default).
     """
     if num_chunks < 1 or seq_len < 2:
-        raise UserError(f"--num-chunks must be >= 1 and --seq-len >= 2, got {num_chunks}, "
+        raise UserError(f"num_chunks must be >= 1 and seq_len >= 2, got {num_chunks}, "
                         f"{seq_len}")
     fim_options.validate()
     sources = collect_sources(inputs)

@@ -65,7 +65,7 @@ def load_run_config(run_dir: epath.Path) -> Config:
     """The config a run was started with (run_dir/config.yaml); its moves: run_moved_row_ranges."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
-        raise UserError(f"{path}: not found (--run-dir must be a k2jax train run directory)")
+        raise UserError(f"{path}: not found (run_dir must be a k2jax train run directory)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
