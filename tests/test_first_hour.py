@@ -217,3 +217,41 @@ def test_convert_says_force_as_the_flag(tmp_path, capsys):
     err = error_line(capsys, ["convert", "hf-to-orbax", "--hf", tmp_path / "hf", "--out",
                               tmp_path / "out"])
     assert err.endswith("out: output directory exists; --force replaces it\n"), err
+
+
+def test_ids_past_the_tokenizer_are_never_chosen():
+    """Before: `generate` with a model vocabulary larger than the tokenizer's (K2: 32032 rows,
+    32018 tokens; the tiny run: 32032 rows, a 318-token test tokenizer) failed after decoding."""
+    import jax
+    import jax.numpy as jnp
+
+    from k2jax.generate.sampling import SamplingParams, next_tokens
+
+    logits = jnp.zeros((2, 10)).at[:, 8].set(5.0).at[:, 3].set(1.0)
+    key = jax.random.PRNGKey(0)
+    assert next_tokens(logits, key, **SamplingParams().as_arrays()).tolist() == [8, 8]
+    limited = SamplingParams(vocab_limit=6).as_arrays()
+    assert next_tokens(logits, key, **limited).tolist() == [3, 3]
+    sampled = SamplingParams(temperature=5.0, vocab_limit=6).as_arrays()
+    draws = [next_tokens(logits, jax.random.PRNGKey(i), **sampled) for i in range(20)]
+    assert max(int(d.max()) for d in draws) < 6
+
+
+def test_eval_loss_quiet_prints_no_more_than_without(tmp_path, capsys):
+    """Before: --quiet repeated every step's loss on stderr (15 more lines for 15 steps)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import eval_fixtures as fx
+
+    setup = fx.build(tmp_path)
+    capsys.readouterr()
+    base = ["eval-loss", "--hf", setup["hf"], "--data", setup["data"], "--order", "0,1",
+            "--seq-len", fx.SEQ, "--global-batch", fx.GLOBAL_BATCH, "--steps", "0:2"]
+    lines = {}
+    for flag in ([], ["--quiet"]):
+        assert run(base + flag) == 0
+        captured = capsys.readouterr()
+        lines[bool(flag)] = (captured.out.count("\n"), captured.err.count("\n"))
+    assert lines[True][0] == lines[False][0] == 2  # one result line per step, on stdout
+    assert lines[True][1] < lines[False][1], lines  # and no line per weight tensor
