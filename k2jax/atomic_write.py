@@ -178,3 +178,30 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def no_trace_if_refused(*directories: str | os.PathLike) -> Iterator[None]:
+    """A start refused with an error leaves nothing behind: each of `directories` that did not
+    exist before the block and holds no file after a failed one is removed (with its empty
+    subdirectories, e.g. run_dir/checkpoints/ from Orbax's manager). A directory holding any file
+    (a checkpoint, an event file, a lock a live run holds) is kept. Local paths only."""
+    local = [Path(os.fspath(d)) for d in directories if "://" not in os.fspath(d)]
+    created = [d for d in local if not os.path.lexists(d)]
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            _remove_if_no_files(directory)
+        raise
+
+
+def _remove_if_no_files(directory: Path) -> None:
+    if not directory.is_dir() or any(p.is_file() or p.is_symlink()
+                                     for p in directory.rglob("*")):
+        return
+    for sub in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        directory.rmdir()

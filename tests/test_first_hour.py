@@ -255,3 +255,23 @@ def test_eval_loss_quiet_prints_no_more_than_without(tmp_path, capsys):
         lines[bool(flag)] = (captured.out.count("\n"), captured.err.count("\n"))
     assert lines[True][0] == lines[False][0] == 2  # one result line per step, on stdout
     assert lines[True][1] < lines[False][1], lines  # and no line per weight tensor
+
+
+def test_a_refused_train_start_writes_nothing(tmp_path, capsys):
+    """Before: runs/NAME/checkpoints/ was left behind, empty, by any refused start."""
+    fresh, existing = tmp_path / "runs" / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for run_dir in (fresh, existing):
+        err = error_line(capsys, ["train", "--config", "tiny", f"train.run_dir={run_dir}",
+                                  f"train.init_from={tmp_path / 'no-weights'}", "train.steps=1"])
+        assert "no-weights: not a k2jax weights directory" in err
+    assert not fresh.exists() and list(existing.iterdir()) == []
+
+
+def test_a_refused_prepare_leaves_no_out_directory(spm_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    err = error_line(capsys, ["data", "prepare", "--tokenizer", spm_model, "--input", bad,
+                              "--out", tmp_path / "out", "--seq-len", "16", "--quiet"])
+    assert "bad.jsonl:2: malformed JSON" in err
+    assert not (tmp_path / "out").exists()

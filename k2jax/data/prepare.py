@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax.atomic_write import atomic_file, write_json_atomic
+from k2jax.atomic_write import atomic_file, no_trace_if_refused, write_json_atomic
 from k2jax.data import chunk_files, fim
 from k2jax.data.chunk_assignment import K2_REPEATS, ChunkAssigner, cycle_length, repeat_for
 from k2jax.errors import UserError
@@ -207,6 +207,14 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     cycles = {s.subset: cycle_length(s.subset, repeat_for(s.subset, repeats), num_chunks)
               for s in sources if repeat_for(s.subset, repeats) > 0}
     out = epath.Path(out_dir)
+    with no_trace_if_refused(out_dir):  # bad input found while tokenizing: no empty --out
+        return _prepare_into(out, tokenizer, sources, cycles, num_chunks, seq_len, source_name,
+                             progress, repeats, fim_options)
+
+
+def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles: dict,
+                  num_chunks: int, seq_len: int, source_name: Optional[str], progress: bool,
+                  repeats: tuple[tuple[str, float], ...], fim_options: FimOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spool_dir = out / ".prepare-spool"
     if spool_dir.exists():

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
+from k2jax.atomic_write import no_trace_if_refused
 from k2jax.checkpoint.run_lock import RunDirLock, ensure_run_dir
 from k2jax.checkpoint.set_aside import SUPERSEDED_DIR, restore_newest_intact
 from k2jax.config import Config
@@ -250,4 +251,7 @@ class Trainer:
 
 
 def train(config: Config) -> int:
-    return Trainer(config).run()
+    run_dir = config.train.run_dir
+    # A refused start writes nothing: no empty run_dir, nor checkpoints/ in an existing one.
+    with no_trace_if_refused(run_dir, f"{run_dir}/checkpoints", f"{run_dir}/tensorboard"):
+        return Trainer(config).run()
