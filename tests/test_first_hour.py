@@ -275,3 +275,31 @@ def test_a_refused_prepare_leaves_no_out_directory(spm_model, tmp_path, capsys):
                               "--out", tmp_path / "out", "--seq-len", "16", "--quiet"])
     assert "bad.jsonl:2: malformed JSON" in err
     assert not (tmp_path / "out").exists()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_output_directories_are_ignored_by_git():
+    """Before: .gitignore lacked weights/ and exports/, where the README writes."""
+    ignored = set(REPO.joinpath(".gitignore").read_text().split())
+    assert {"runs/", "weights/", "exports/"} <= ignored
+
+
+def test_env_file_header_names_the_readmes_path():
+    """Before: gcp/k2.env's header said K2_ENV=runs/my-run.env, the README my-run.env."""
+    readme = REPO.joinpath("README.md").read_text()
+    header = REPO.joinpath("gcp/k2.env").read_text().split("\n\n")[0]
+    command = "cp gcp/k2.env my-run.env && $EDITOR my-run.env && export K2_ENV=$PWD/my-run.env"
+    assert command in readme and command in header
+
+
+def test_tpu_pods_cites_the_libtpu_its_figures_were_measured_with():
+    """Before: libtpu 0.0.52 above figures measured with 0.0.42.1 (jax 0.10.2's pin)."""
+    import re
+
+    cited = set(re.findall(r"libtpu (\d+\.\d+\.\d+(?:\.\d+)?)",
+                           REPO.joinpath("docs/tpu_pods.md").read_text()))
+    pinned = re.search(r"jax\[tpu\]==0\.10\.2 pins libtpu (\d+\.\d+\.\d+)\.\*",
+                       REPO.joinpath("pyproject.toml").read_text()).group(1)
+    assert cited and all(v.startswith(pinned) for v in cited), (cited, pinned)
