@@ -126,6 +126,8 @@ class OptimizerConfig:
             raise ConfigError("optimizer.decay_steps", f"linear_decay needs decay_steps past "
                               f"optimizer.schedule_start_step + warmup_steps ({decay_from}), "
                               f"got {self.decay_steps}")
+        if not self.peak_lr > 0:  # checked first: min_lr's bound below is peak_lr
+            raise ConfigError("optimizer.peak_lr", f"must be positive, got {self.peak_lr}")
         if not 0 <= self.min_lr <= self.peak_lr:
             raise ConfigError("optimizer.min_lr", f"must be in [0, peak_lr={self.peak_lr}], "
                               f"got {self.min_lr}")
@@ -201,9 +203,9 @@ class DataConfig:
         if self.synthetic_chunk_rows <= 0:
             raise ConfigError("data.synthetic_chunk_rows", f"must be positive, got "
                               f"{self.synthetic_chunk_rows}")
-        if self.worker_count < 0 or self.prefetch < 0:
-            raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
-                              f"{self.worker_count} and {self.prefetch}")
+        for key in ("worker_count", "prefetch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}", f"must be >= 0, got {getattr(self, key)}")
         if self.first_step < 0:
             raise ConfigError("data.first_step", f"must be >= 0, got {self.first_step}")
         if self.epochs < 1 or (self.epochs > 1 and self.source != "k2"):
@@ -377,6 +379,9 @@ class MeshConfig:
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{name}", f"must be positive or -1, got {size}")
         for logical, axes in self.rules.items():
+            if logical not in DEFAULT_MESH_RULES:  # a typo (embedd) would be a rule nothing uses
+                raise ConfigError(f"mesh.rules.{logical}", "unknown logical axis (known: "
+                                  f"{', '.join(DEFAULT_MESH_RULES)})")
             for axis in axes if isinstance(axes, list) else [axes]:
                 if axis is not None and axis not in MESH_AXES:
                     raise ConfigError(f"mesh.rules.{logical}", f"'{axis}' is not a mesh axis "

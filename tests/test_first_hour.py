@@ -303,3 +303,22 @@ def test_tpu_pods_cites_the_libtpu_its_figures_were_measured_with():
     pinned = re.search(r"jax\[tpu\]==0\.10\.2 pins libtpu (\d+\.\d+\.\d+)\.\*",
                        REPO.joinpath("pyproject.toml").read_text()).group(1)
     assert cited and all(v.startswith(pinned) for v in cited), (cited, pinned)
+
+
+@pytest.mark.parametrize("override, key, text", [
+    ("optimizer.peak_lr=-1", "optimizer.peak_lr", "must be positive, got -1"),
+    ("data.prefetch=-1", "data.prefetch", "must be >= 0, got -1"),
+    ("data.worker_count=-2", "data.worker_count", "must be >= 0, got -2"),
+    ("mesh.rules.embedd=tensor", "mesh.rules.embedd",
+     "unknown logical axis (known: batch, length, vocab, embed, heads, kv_heads, head_dim, mlp, "
+     "layers, norm)"),
+])
+def test_config_errors_name_the_key_given(override, key, text):
+    """Before: peak_lr=-1 blamed optimizer.min_lr, prefetch=-1 data.worker_count, and a
+    mistyped logical axis (embedd) was accepted as a rule nothing uses."""
+    from k2jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", [override])
+    assert str(raised.value).startswith(f"config key '{key}'") and text in str(raised.value), \
+        str(raised.value)
