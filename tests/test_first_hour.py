@@ -322,3 +322,22 @@ def test_config_errors_name_the_key_given(override, key, text):
         load_config("tiny", [override])
     assert str(raised.value).startswith(f"config key '{key}'") and text in str(raised.value), \
         str(raised.value)
+
+
+def test_compare_curves_takes_another_run_as_reference(tmp_path, capsys):
+    """The README's walk-through compares a rerun with the quick start's run: --reference takes
+    a run directory or .jsonl as --run does (before: a W&B CSV only)."""
+    for name, shift in (("a", 0.0), ("b", 0.25)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 3.0 - s / 100 + shift}) + "\n" for s in (10, 20, 30)))
+    assert run(["compare-curves", "--run", tmp_path / "b", "--reference", tmp_path / "a",
+                "--threshold", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "common steps       3" in out and "mean |difference|  0.250000" in out
+    assert run(["compare-curves", "--run", tmp_path / "b", "--reference",
+                tmp_path / "a" / "metrics.jsonl", "--threshold", "0.1"]) == 1  # parted: exit 1
+    capsys.readouterr()
+    err = error_line(capsys, ["compare-curves", "--run", tmp_path / "b", "--reference",
+                              tmp_path / "none.jsonl"])
+    assert "--reference" in err and "none.jsonl: no such file" in err

@@ -74,7 +74,7 @@ def _wrong_kind_inputs(tmp_path, run_metrics):
     return {
         "reference CSV is a directory": (
             ["compare-curves", "--run", run_metrics, "--reference", a_dir],
-            f"--reference {a_dir}: is a directory, expected a CSV file"),
+            f"--reference {a_dir}: a directory without metrics.jsonl (expected a W&B CSV"),
         "reference CSV is binary": (
             ["compare-curves", "--run", run_metrics, "--reference", _binary(tmp_path / "b.csv")],
             "b.csv: not a UTF-8 text file"),

@@ -61,9 +61,16 @@ def _read_reference(args: argparse.Namespace):
     compare the same way as a run and K2's log."""
     from pathlib import Path
 
+    from k2jax.errors import UserError
     from k2jax.eval import curves
 
-    if Path(args.reference).is_dir() or str(args.reference).endswith(".jsonl"):
+    path = Path(args.reference)
+    if path.is_dir() and not (path / "metrics.jsonl").is_file():
+        raise UserError(f"--reference {path}: a directory without metrics.jsonl (expected a W&B "
+                        "CSV export, a run directory or a .jsonl file)")
+    if path.suffix == ".jsonl" and not path.is_file():
+        raise UserError(f"--reference {path}: no such file")
+    if path.is_dir() or path.suffix == ".jsonl":
         return curves.read_run(args.reference)
     return curves.read_reference_csv(args.reference, args.step_column, args.loss_column)
 

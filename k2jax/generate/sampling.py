@@ -21,7 +21,7 @@ class SamplingParams:
     top_p: float = 1.0        # 1: all tokens
     seed: int = 0
     # Ids >= vocab_limit are never chosen (0: no limit): a model whose embedding is padded past
-    # its tokenizer (K2: 32032 rows, 32018 tokens) must not emit ids nothing can decode.
+    # its tokenizer (K2's vocabulary: docs/k2.md) must not emit ids nothing can decode.
     vocab_limit: int = 0
 
     def validate(self) -> "SamplingParams":
