@@ -110,7 +110,7 @@ def check_output(out: str | os.PathLike, force: bool, inputs: tuple[str | os.Pat
     """Refuse to overwrite without force, and never to replace (or nest in) an input."""
     out_path = Path(out).absolute()
     if out_path.exists() and not force:
-        raise UserError(f"{out}: output directory exists; pass --force to replace it")
+        raise UserError(f"{out}: output directory exists; force=True replaces it")
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     for source in inputs:
@@ -199,3 +199,30 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def no_trace_if_refused(*directories: str | os.PathLike) -> Iterator[None]:
+    """A start refused with an error leaves nothing behind: each of `directories` that did not
+    exist before the block and holds no file after a failed one is removed (with its empty
+    subdirectories, e.g. run_dir/checkpoints/ from Orbax's manager). A directory holding any file
+    (a checkpoint, an event file, a lock a live run holds) is kept. Local paths only."""
+    local = [Path(os.fspath(d)) for d in directories if "://" not in os.fspath(d)]
+    created = [d for d in local if not os.path.lexists(d)]
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            _remove_if_no_files(directory)
+        raise
+
+
+def _remove_if_no_files(directory: Path) -> None:
+    if not directory.is_dir() or any(p.is_file() or p.is_symlink()
+                                     for p in directory.rglob("*")):
+        return
+    for sub in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        directory.rmdir()

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from k2jax import __version__
+from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
 from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
@@ -44,24 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     choose_platform()  # before any command module imports jax
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command_parser = getattr(args, "command_parser", None)
+    if unknown:  # argparse would blame the top-level parser: show the subcommand's usage
+        (command_parser or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # Errors name the subcommand: "k2jax data prepare-chat: error: ..."
+    prog = command_parser.prog if command_parser else f"k2jax {args.command}"
     try:
-        with quiet_background_storage_errors() as background:
+        # Library errors name parameters; a command lists the flags its user typed for them.
+        with quiet_background_storage_errors() as background, \
+                worded_as_flags(getattr(args, "flag_words", {})):
             code = int(args.func(args) or 0)
         if background.first_problem is not None:  # a library logged it and carried on
             raise UserError(background.first_problem)
         return code
     except UserError as err:
-        print(f"k2jax {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a full disk, a directory given as a file: the user's to fix
         problem = storage_failure(err) or path_failure(err)
         if problem is None:
             raise
-        print(f"k2jax {args.command}: error: {problem}", file=sys.stderr)
+        print(f"{prog}: error: {problem}", file=sys.stderr)
         return 2
 
 

@@ -130,6 +130,8 @@ class OptimizerConfig:
             raise ConfigError("optimizer.decay_steps", f"linear_decay needs decay_steps past "
                               f"optimizer.schedule_start_step + warmup_steps ({decay_from}), "
                               f"got {self.decay_steps}")
+        if not self.peak_lr > 0:  # checked first: min_lr's bound below is peak_lr
+            raise ConfigError("optimizer.peak_lr", f"must be positive, got {self.peak_lr}")
         if not 0 <= self.min_lr <= self.peak_lr:
             raise ConfigError("optimizer.min_lr", f"must be in [0, peak_lr={self.peak_lr}], "
                               f"got {self.min_lr}")
@@ -154,6 +156,9 @@ class DataConfig:
     # K2's stage 2 (configs/k2-stage2.yaml) numbers its steps on after stage 1 (338760) while its
     # order, chunks 360..379, starts afresh.
     first_step: int = 0
+    # Passes over a finite order (fine-tuning a small prepared set): epoch e >= 1 reads the
+    # same rows in a seeded permutation of its own (k2jax/data/epochs.py). 1 in K2's configs.
+    epochs: int = 1
     # Apply rows' per-token `tgt_mask`. False is K2's stage 1: its main.py never reads the
     # field (loss mask = ones but the last position), so K2's own runs ignored it.
     use_tgt_mask: bool = False
@@ -202,11 +207,14 @@ class DataConfig:
         if self.synthetic_chunk_rows <= 0:
             raise ConfigError("data.synthetic_chunk_rows", f"must be positive, got "
                               f"{self.synthetic_chunk_rows}")
-        if self.worker_count < 0 or self.prefetch < 0:
-            raise ConfigError("data.worker_count", f"worker_count and prefetch must be >= 0, got "
-                              f"{self.worker_count} and {self.prefetch}")
+        for key in ("worker_count", "prefetch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}", f"must be >= 0, got {getattr(self, key)}")
         if self.first_step < 0:
             raise ConfigError("data.first_step", f"must be >= 0, got {self.first_step}")
+        if self.epochs < 1 or (self.epochs > 1 and self.source != "k2"):
+            raise ConfigError("data.epochs", f"must be >= 1, and 1 unless data.source is 'k2' "
+                              f"(the synthetic source has no end), got {self.epochs}")
         if (self.reset_attention_mask or self.reset_position_ids) and self.source != "k2":
             key = "reset_attention_mask" if self.reset_attention_mask else "reset_position_ids"
             raise ConfigError(f"data.{key}", "needs data.source k2 (chunk files with segment "
@@ -430,6 +438,9 @@ class MeshConfig:
             if size == 0 or size < -1:
                 raise ConfigError(f"mesh.{name}", f"must be positive or -1, got {size}")
         for logical, axes in self.rules.items():
+            if logical not in DEFAULT_MESH_RULES:  # a typo (embedd) would be a rule nothing uses
+                raise ConfigError(f"mesh.rules.{logical}", "unknown logical axis (known: "
+                                  f"{', '.join(DEFAULT_MESH_RULES)})")
             for axis in axes if isinstance(axes, list) else [axes]:
                 if axis is not None and axis not in MESH_AXES:
                     raise ConfigError(f"mesh.rules.{logical}", f"'{axis}' is not a mesh axis "

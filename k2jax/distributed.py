@@ -50,11 +50,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         if num_processes is None or process_id is None:
             from k2jax.errors import UserError
 
-            raise UserError("--coordinator-address needs --num-processes and --process-id")
+            raise UserError("coordinator_address needs num_processes and process_id")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             from k2jax.errors import UserError
 
-            raise UserError(f"--process-id {process_id}: expected 0 <= id < --num-processes "
+            raise UserError(f"process_id {process_id}: expected 0 <= id < num_processes "
                             f"({num_processes})")
         if jax.config.jax_platforms in (None, "", "cpu") and not on_cloud_tpu_vm():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -48,7 +48,7 @@ def spellings(allowed: Iterable[DType] = TABLE) -> str:
 
 def parse(name: str, where: str, allowed: tuple[DType, ...] = TABLE) -> DType:
     """The dtype called `name` (either spelling) among `allowed`, or a UserError naming
-    `where` (e.g. '--dtype')."""
+    `where` (e.g. 'dtype', or a command's '--dtype')."""
     found = find(name) if isinstance(name, str) else None
     if found is None or found not in allowed:
         raise UserError(f"{where}: expected one of {spellings(allowed)}, got {name!r}")

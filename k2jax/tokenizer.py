@@ -13,6 +13,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+from etils import epath
+
 from k2jax.errors import UserError
 
 # In id order from the base id (32000 in K2): docs/k2.md (order confirmed by K2's tokenizer files).
@@ -23,6 +25,41 @@ K2_SPECIAL_TOKENS = (
     "<commit_after>", "<reponame>",
 )
 EOS_TEXT = "</s>"
+# What a tokenizer directory may hold (a Hugging Face checkpoint's tokenizer files).
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[str]:
+    """The one rule for every `tokenizer` argument: a SentencePiece .model file, or a directory
+    holding tokenizer files (TOKENIZER_FILES, e.g. a Hugging Face checkpoint). Returns the
+    files found (a file: itself); UserError if the path does not exist or holds none."""
+    root = epath.Path(path)  # local or gs://
+    path = os.fspath(path)
+    if root.is_file():
+        return [path]
+    if not root.is_dir():
+        raise UserError(f"{path}: tokenizer not found (expected a SentencePiece .model file or a "
+                        f"directory with {SENTENCEPIECE_FILE})")
+    found = [os.fspath(root / name) for name in TOKENIZER_FILES if (root / name).is_file()]
+    if not found:
+        raise UserError(f"{path}: no tokenizer files in this directory (expected one of "
+                        f"{', '.join(TOKENIZER_FILES)})")
+    return found
+
+
+def sentencepiece_file(path: str | os.PathLike) -> str:
+    """The SentencePiece model of a `tokenizer` argument: the file itself, or a directory's
+    tokenizer.model (UserError naming the path when there is none)."""
+    files = tokenizer_files(path)
+    if len(files) == 1 and files[0] == os.fspath(path):  # a .model file itself
+        return files[0]
+    model = os.fspath(epath.Path(path) / SENTENCEPIECE_FILE)
+    if model not in files:
+        raise UserError(f"{os.fspath(path)}: no {SENTENCEPIECE_FILE} in this directory "
+                        "(a SentencePiece model is needed)")
+    return model
 
 
 class K2Tokenizer:
@@ -37,11 +74,7 @@ class K2Tokenizer:
                  special_tokens: Sequence[str] = K2_SPECIAL_TOKENS):
         import sentencepiece
 
-        path = os.fspath(model_path)
-        if os.path.isdir(path):
-            raise UserError(f"{path}: is a directory, expected a SentencePiece model file")
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: SentencePiece model not found")
+        path = sentencepiece_file(model_path)  # a .model file or a directory holding one
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(path)

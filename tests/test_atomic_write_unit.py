@@ -83,7 +83,7 @@ def test_an_output_directory_is_replaced_only_with_force(tmp_path):
     out = tmp_path / "weights"
     with atomic_output_dir(out, force=False) as staging:
         (staging / "v").write_text("1")
-    with pytest.raises(UserError, match="output directory exists; pass --force"):
+    with pytest.raises(UserError, match="output directory exists; force=True replaces it"):
         with atomic_output_dir(out, force=False):
             pass
     with pytest.raises(RuntimeError):

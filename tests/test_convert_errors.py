@@ -165,7 +165,7 @@ def test_orbax_to_hf_errors(model, tmp_path, capsys):
     run_fails(capsys, tmp_path, export + ["--shard-size", "lots"], "--shard-size", "'lots'")
     (tmp_path / "empty").mkdir()
     run_fails(capsys, tmp_path, export + ["--tokenizer", str(tmp_path / "empty")],
-              "--tokenizer", "tokenizer.model")
+              "empty: no tokenizer files", "tokenizer.model")
 
 
 def test_fp16_export_refuses_overflow(model, tmp_path, capsys):

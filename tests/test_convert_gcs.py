@@ -90,7 +90,7 @@ def test_both_directions_through_gs_equal_local(gcs_server, gcs_bucket, hf_dir, 
     # an existing output needs --force, which replaces it
     code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
                            f"{gcs_bucket}/hf_out")
-    assert code == 2 and "exists; pass --force" in err and err.count("\n") == 1
+    assert code == 2 and "exists; --force replaces it" in err and err.count("\n") == 1
     code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
                            f"{gcs_bucket}/hf_out", "--force", "--dtype", "fp32")
     assert code == 0, err

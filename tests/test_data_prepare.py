@@ -109,7 +109,7 @@ def test_k2_repeat_rule(repeat, cycle, rows):
     assert parse_repeats(K2_REPEATS_TEXT) == K2_REPEATS
     with pytest.raises(UserError, match="needs at least 6 chunks"):
         cycle_length("redpajama.wikipedia", 6, 5)
-    with pytest.raises(UserError, match="--repeat 'x=-1'"):
+    with pytest.raises(UserError, match="^repeat 'x=-1'"):
         parse_repeats("a=2,x=-1")
 
 

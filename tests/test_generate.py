@@ -119,7 +119,7 @@ def test_stop_callback_and_bad_input():
     with pytest.raises(UserError, match="prompt 0: token id 250 is outside the model's "
                                         "vocabulary of 250"):
         generator.generate([[5, 250]], 4)
-    with pytest.raises(UserError, match="--top-p must be in"):
+    with pytest.raises(UserError, match="top_p must be in"):
         generator.generate([[5]], 4, SamplingParams(temperature=1.0, top_p=0.0))
 
 

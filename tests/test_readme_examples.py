@@ -36,7 +36,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # trains 300 tiny steps, ~20 CLI processes, one AOT compile
+# The walk-through (test_readme_command_runs) is slow: it trains 300 + 400 + 50 + 100 tiny
+# steps, runs ~30 CLI processes and one AOT compile. The table checks and the argument parsing
+# of every command are quick.
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -220,6 +222,64 @@ def check_compare_hf(scratch, result):
     assert "PASSED" in result.stdout and "stacks part at" in result.stdout
 
 
+def check_tiny_eval(scratch, result):
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    losses = [float(re.search(r"loss ([0-9.]+)", line).group(1)) for line in lines]
+    assert [line.split()[1] for line in lines] == ["300", "301", "302"], result.stdout
+    assert all(loss < 1.0 for loss in losses), losses  # the trained run, on rows it never saw
+
+
+def check_tokenizer_download(scratch, result):
+    assert (scratch / "K2-tokenizer/tokenizer.model").is_file()
+
+
+def check_tiny_generate(scratch, result):
+    assert result.returncode == 0 and result.stdout.startswith("Once upon a time"), result.stdout
+
+
+def check_tiny_export(scratch, result):
+    out = scratch / "exports/tiny-hf"
+    assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
+    assert list(out.glob("*.safetensors"))
+
+
+def check_tiny_compare_hf(scratch, result):
+    assert "PASSED" in result.stdout, result.stdout
+
+
+def check_tiny_eval_tasks(scratch, result):
+    assert "tiny_qa" in result.stdout and "acc" in result.stdout, result.stdout[-2000:]
+
+
+def check_tiny_back(scratch, result):
+    assert (scratch / "weights/tiny/k2jax_model.json").is_file()
+
+
+def tiny_metrics(scratch: Path, run: str) -> dict[int, float]:
+    lines = (scratch / run / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def check_tiny_continued(scratch, result):
+    assert (scratch / "runs/tiny-continued/checkpoints/350").is_dir()
+    losses = tiny_metrics(scratch, "runs/tiny-continued")
+    assert min(losses) == 310 and losses[310] < 1.0, losses  # on from step 300, not from 10.4
+
+
+def check_tiny_again(scratch, result):
+    assert (scratch / "runs/tiny-again/checkpoints/100").is_dir()
+
+
+def check_tail_metrics(scratch, result):
+    assert [json.loads(line)["step"] for line in result.stdout.splitlines()] == [340, 350]
+
+
+def check_tiny_curves(scratch, result):
+    assert (scratch / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"common steps\s+10\b", result.stdout), result.stdout
+    assert re.search(r"mean \|difference\|\s+0\.000000", result.stdout), result.stdout
+
+
 def check_aot(scratch, result):
     assert "v5e" in result.stdout and "fit" in result.stdout.lower()
 
@@ -287,6 +347,30 @@ COMMANDS: list[tuple[str, object]] = [
      Run(subs=(("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && ", ""),),
          check=check_quick_start,
          why="installing needs the network; k2jax here is this tree")),
+    # After the quick start: the tiny run, end to end
+    (r"k2jax eval-loss --checkpoint runs/tiny --config configs/tiny\.yaml --steps 300:303",
+     Run(check=check_tiny_eval)),
+    (r"hf download LLM360/K2 tokenizer\.model --local-dir K2-tokenizer",
+     Run(check=check_tokenizer_download, why="bin/hf: a local stand-in for the Hub")),
+    (r"k2jax generate --checkpoint runs/tiny --tokenizer K2-tokenizer/tokenizer\.model",
+     Run(check=check_tiny_generate)),
+    (r"k2jax convert orbax-to-hf --checkpoint runs/tiny/checkpoints/300 --out exports/tiny-hf",
+     Run(check=check_tiny_export)),
+    (r"k2jax compare-hf --hf exports/tiny-hf --checkpoint runs/tiny/checkpoints/300",
+     Run(check=check_tiny_compare_hf)),
+    (r"k2jax eval-tasks --model_args hf=exports/tiny-hf,dtype=fp32 --include_path examples",
+     Run(check=check_tiny_eval_tasks)),
+    (r"k2jax convert hf-to-orbax --hf exports/tiny-hf --out weights/tiny",
+     Run(check=check_tiny_back)),
+    (r"k2jax train --config configs/tiny\.yaml train\.init_from=weights/tiny",
+     Run(check=check_tiny_continued)),
+    (r"k2jax train --config configs/tiny\.yaml train\.steps=100 train\.run_dir=runs/tiny-again",
+     Run(check=check_tiny_again)),
+    (r"tail -n 2 runs/tiny-continued/metrics\.jsonl", Run(check=check_tail_metrics)),
+    (r"k2jax compare-curves --run runs/tiny-again --reference runs/tiny --out curves\.png",
+     Run(check=check_tiny_curves)),
+    (r"tensorboard --logdir runs", Skip("a long-running server; the event files it reads are "
+                                        "those the quick start's check finds")),
     (r"python3 -m venv .* pytest -q -m 'slow or not slow'",
      Skip("the whole test suite, this file included; installs from the network")),
     # k2jax train
@@ -489,7 +573,11 @@ args = sys.argv[1:]
 assert args[0] == "download", args
 opt = lambda name: args[args.index(name) + 1]
 out = Path(opt("--local-dir"))
-if args[1] == "LLM360/K2":
+if args[1] == "LLM360/K2" and "--revision" not in args:  # one file: K2's tokenizer
+    assert args[2] == "tokenizer.model", args
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path({model!r}) / "tokenizer.model", out / "tokenizer.model")
+elif args[1] == "LLM360/K2":
     assert opt("--revision") == "ckpt_100"
     if not out.exists():
         shutil.copytree({model!r}, out)
@@ -504,6 +592,7 @@ else:
 def make_scratch(scratch: Path) -> dict:
     """configs/, bin/ (k2jax, hf), and every input the commands name; returns the env."""
     (scratch / "configs").symlink_to(REPO / "configs")
+    (scratch / "examples").symlink_to(REPO / "examples")
     fixtures = scratch.parent / "fixtures"
     fixtures.mkdir()
     tokenizer = train_tokenizer(fixtures)
@@ -577,6 +666,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index,command,run", runnable(),
                          ids=[f"{i:02d}" for i, _, _ in runnable()])
 def test_readme_command_runs(scratch, index, command, run):
@@ -592,6 +682,7 @@ def test_readme_command_runs(scratch, index, command, run):
         run.check(directory, result)
 
 
+@pytest.mark.slow
 def test_k2jax_on_path_is_this_tree(scratch):
     directory, env = scratch
     out = subprocess.run(["k2jax", "--version"], cwd=directory, env=env, capture_output=True,
@@ -600,3 +691,36 @@ def test_k2jax_on_path_is_this_tree(scratch):
     where = subprocess.run([sys.executable, "-c", "import k2jax; print(k2jax.__file__)"],
                            cwd=directory, env=env, capture_output=True, text=True, timeout=300)
     assert where.stdout.strip().startswith(str(REPO / "k2jax"))
+
+
+def k2jax_argvs(command: str) -> list[list[str]]:
+    """The `k2jax ...` invocations in a README command line (pipes, `&&`, `$(...)` split),
+    without shell comments."""
+    import shlex
+
+    words = shlex.split(command, comments=True)
+    argvs, current = [], None
+    for word in words:
+        if word in ("&&", "|", ";", "||") or word.startswith("$("):
+            current = None
+            continue
+        if word == "k2jax":
+            current = []
+            argvs.append(current)
+        elif current is not None:
+            current.append(word)
+    return argvs
+
+
+def test_every_readme_k2jax_command_parses():
+    """Quick: each `k2jax` line of README.md passes the CLI's argument parsing (a renamed flag
+    or subcommand fails here, without running the walk-through)."""
+    from k2jax.cli import build_parser
+
+    parser = build_parser()
+    argvs = [argv for command in readme_commands(README.read_text())
+             for argv in k2jax_argvs(command)]
+    assert len(argvs) > 40
+    for argv in argvs:
+        args, unknown = parser.parse_known_args(argv)
+        assert not unknown and getattr(args, "func", None), argv

@@ -130,6 +130,19 @@ def _bool_token_id(data_dir):
     assert main(["data", "index", str(data_dir), "--quiet"]) == 0
 
 
+def _shift_lines_keeping_size_and_mtime(data_dir):
+    """Line 1 one byte longer, line 2 one byte shorter (extra spaces moved): the file keeps its
+    size and mtime, so only the line boundaries tell. Before: "malformed JSON"."""
+    path = data_dir / "chunk_0.jsonl"
+    stat = path.stat()
+    lines = path.read_text().splitlines(keepends=True)
+    lines[0] = lines[0].replace(", ", ",  ", 1)
+    lines[1] = lines[1].replace(", ", ",", 1)
+    path.write_text("".join(lines))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
 # Case 9 and its relatives: (damage, command, text the one line must hold). Before: tracebacks
 # (IsADirectoryError, numpy's "EOF: reading array header", FileExistsError), or rows served.
 DAMAGED_DATA = {
@@ -156,6 +169,9 @@ DAMAGED_DATA = {
     "index manifest is a directory": (
         lambda d: _replace_with_directory(d / ".k2index" / "chunk_2.json"), "batch",
         "chunk_2.json: is a directory, expected a JSON file"),
+    "stale index, same size and mtime": (
+        _shift_lines_keeping_size_and_mtime, "batch",
+        "chunk_0.jsonl:1: the line index is stale"),
     "bool token id": (_bool_token_id, "batch",
                       "chunk_1.jsonl:3: 'token_ids' holds true/false, expected integers"),
 }

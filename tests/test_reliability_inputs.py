@@ -74,7 +74,7 @@ def _wrong_kind_inputs(tmp_path, run_metrics):
     return {
         "reference CSV is a directory": (
             ["compare-curves", "--run", run_metrics, "--reference", a_dir],
-            f"--reference {a_dir}: is a directory, expected a CSV file"),
+            f"--reference {a_dir}: a directory without metrics.jsonl (expected a W&B CSV"),
         "reference CSV is binary": (
             ["compare-curves", "--run", run_metrics, "--reference", _binary(tmp_path / "b.csv")],
             "b.csv: not a UTF-8 text file"),
@@ -85,7 +85,7 @@ def _wrong_kind_inputs(tmp_path, run_metrics):
             ["train", "--config", a_dir], f"config file {a_dir}: is a directory"),
         "tokenizer is a directory": (
             ["data", "prepare", "--tokenizer", a_dir, "--input", ok_csv, "--out",
-             tmp_path / "out"], f"{a_dir}: is a directory, expected a SentencePiece model"),
+             tmp_path / "out"], f"{a_dir}: no tokenizer files in this directory"),
     }
 
 

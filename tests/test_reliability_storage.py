@@ -63,7 +63,7 @@ def test_data_index_on_a_full_disk(tmp_path):
     write_chunk(tmp_path, 0, 3000)  # offsets: 8 bytes a line, past the 8 KiB limit
     result = limited(k2jax("data", "index", tmp_path, "--quiet"), 8192)
     line = one_error_line(result)
-    assert line.startswith("k2jax data: error: " + PROBLEM) and ".k2index" in line
+    assert line.startswith("k2jax data index: error: " + PROBLEM) and ".k2index" in line
     index_files = [p.name for p in (tmp_path / ".k2index").iterdir()]
     assert not [n for n in index_files if "chunk_0" in n], index_files  # nothing, not even a temp
     ok = limited(k2jax("data", "index", tmp_path, "--quiet"), resource.RLIM_INFINITY)
@@ -80,7 +80,7 @@ def test_convert_on_a_full_disk(tmp_path):
     argv = k2jax("convert", "hf-to-orbax", "--hf", tmp_path / "hf", "--out", out,
                  "--no-progress")
     line = one_error_line(limited(argv, 16384))
-    assert line.startswith("k2jax convert: error: " + PROBLEM)
+    assert line.startswith("k2jax convert hf-to-orbax: error: " + PROBLEM)
     assert not out.exists()
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -125,7 +125,7 @@ def test_data_index_on_a_full_tmpfs(tmp_path, small_tmpfs):
     write_chunk(tmp_path, 0, 20000)  # 160 KB of offsets into 64 KiB
     argv = k2jax("data", "index", tmp_path, "--index-dir", small_tmpfs / "index", "--quiet")
     line = one_error_line(limited(argv, resource.RLIM_INFINITY))
-    assert line.startswith("k2jax data: error: no space left on device writing " +
+    assert line.startswith("k2jax data index: error: no space left on device writing " +
                            str(small_tmpfs / "index"))
     assert not [p for p in (small_tmpfs / "index").iterdir() if "chunk_0" in p.name]
 
@@ -213,7 +213,7 @@ def test_convert_both_ways_on_a_full_disk(orbax_weights, tmp_path, direction, li
               ["--checkpoint", orbax_weights / "weights"])
     argv = k2jax("convert", direction, *source, "--out", out, "--no-progress")
     line = one_error_line(limited(argv, limit))
-    assert line.startswith("k2jax convert: error: " + PROBLEM + str(tmp_path)), line
+    assert line.startswith(f"k2jax convert {direction}: error: " + PROBLEM + str(tmp_path)), line
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing looks complete
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -233,7 +233,7 @@ def test_data_pack_on_a_full_disk(tmp_path, workers):
     argv = k2jax("data", "pack", "--data", data, "--out", out, "--seq-len", SEQ_LEN, "--quiet",
                  "--workers", workers)
     line = one_error_line(limited(argv, 2000))
-    assert line.startswith("k2jax data: error: " + PROBLEM + str(out)), line
+    assert line.startswith("k2jax data pack: error: " + PROBLEM + str(out)), line
     assert sorted(p.name for p in out.iterdir()) == []  # no temporaries, no lock file
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -287,7 +287,7 @@ def test_data_prepare_on_a_full_disk(tmp_path):
                  tmp_path / "docs.txt", "--out", out, "--num-chunks", 2, "--seq-len", 16,
                  "--quiet")
     line = one_error_line(limited(argv, 3000))
-    assert line == "k2jax data: error: " + PROBLEM + str(out), line
+    assert line == "k2jax data prepare: error: " + PROBLEM + str(out), line
     assert list(out.iterdir()) == []  # no spool, no half chunk
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]

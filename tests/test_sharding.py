@@ -199,7 +199,7 @@ def test_eval_padding_plan():
     assert (eval_plan(4, 3, 1).padded_rows, eval_plan(4, 3, 1).accumulation) == (6, 2)
     assert eval_plan(6, None, 2, process_count=4).micro_rows % 4 == 0  # equal host slices
     for micro, processes in ((6, 1), (8, 3)):
-        with pytest.raises(UserError, match="--micro-batch"):
+        with pytest.raises(UserError, match="^micro_batch "):
             eval_plan(8, micro, 4, processes)
 
 

@@ -64,12 +64,12 @@ def parse_slice(name: str) -> Slice:
     if match:
         gen = GENERATIONS.get(match.group(1))
         if gen is None:
-            raise UserError(f"--topology {name}: unknown TPU generation (known: {known})")
+            raise UserError(f"topology {name}: unknown TPU generation (known: {known})")
         chips = math.prod(int(d) for d in match.group(2).split("x"))
         return Slice(name, gen, name, chips)
     match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
     if not match or match.group(1) not in GENERATIONS:
-        raise UserError(f"--topology {name}: expected NAME-SIZE like v5p-512, v4-1024, v5e-256, "
+        raise UserError(f"topology {name}: expected NAME-SIZE like v5p-512, v4-1024, v5e-256, "
                         f"v6e-256 (generations: {known}) or a topology like v5p:4x8x8")
     gen = GENERATIONS[match.group(1)]
     size = int(match.group(2))
@@ -80,7 +80,7 @@ def parse_slice(name: str) -> Slice:
         shape = _shape_for(chips, gen.dims)
     except ValueError:
         unit = "TensorCores (2 per chip)" if gen.cores_per_chip_in_name == 2 else "chips"
-        raise UserError(f"--topology {name}: {size} {unit} is not a standard {gen.name} slice "
+        raise UserError(f"topology {name}: {size} {unit} is not a standard {gen.name} slice "
                         f"(use a power of two, or give the shape, e.g. {gen.name}:2x2"
                         f"{'x1' if gen.dims == 3 else ''})") from None
     return Slice(name, gen, f"{gen.name}:{'x'.join(map(str, shape))}", chips)

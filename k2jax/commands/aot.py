@@ -49,6 +49,7 @@ def add_parser(subparsers) -> None:
                         help="--search: start no new compile after this many seconds")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. mesh.tensor=4 model.remat=save_qkv_out")
+    parser.set_defaults(flag_words={"topology": "--topology"})
     parser.set_defaults(func=run)
 
 

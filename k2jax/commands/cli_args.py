@@ -10,8 +10,11 @@ an installed wheel works without a clone and K2's figures have one owner.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from k2jax import dtypes
@@ -27,6 +30,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
 
+    def _format_action(self, action: argparse.Action) -> str:
+        if (not action.help and action.option_strings and not action.required
+                and action.default not in (None, argparse.SUPPRESS)):
+            action = copy.copy(action)  # an option without help text still shows its default
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required or action.default is None:
             return action.help or ""
@@ -36,9 +46,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_command(subparsers, name: str, help: str, example: str, description: str = "",
                 **kwargs) -> argparse.ArgumentParser:
     """A subcommand parser whose --help shows every default and ends with an example."""
-    return subparsers.add_parser(name, help=help, description=description or help,
-                                 epilog=f"example:\n  {example}", formatter_class=HelpFormatter,
-                                 **kwargs)
+    parser = subparsers.add_parser(name, help=help, description=description or help,
+                                   epilog=f"example:\n  {example}", formatter_class=HelpFormatter,
+                                   **kwargs)
+    parser.set_defaults(command_parser=parser)  # cli.py: usage and error prefix of this command
+    return parser
 
 
 def add_command_group(subparsers, name: str, help: str, example: str, description: str,
@@ -48,8 +60,28 @@ def add_command_group(subparsers, name: str, help: str, example: str, descriptio
     parser = subparsers.add_parser(name, help=help, description=description,
                                    formatter_class=HelpFormatter,
                                    epilog=f"example:\n  {example}")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1], command_parser=parser)
     return parser.add_subparsers(dest=f"{name}_command", metavar=metavar)
+
+
+@contextlib.contextmanager
+def worded_as_flags(flags: dict[str, str]):
+    """Library modules name their parameters in errors (`top_p must be in (0, 1]`); a command's
+    user typed flags: re-word the errors raised inside as those flags (`--top-p must be ...`).
+    A name with an underscore is replaced anywhere; a plain word (`run`, `out`) only where it
+    opens the message, the place a parameter's name takes."""
+    try:
+        yield
+    except UserError as err:
+        if not flags:
+            raise
+        names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
+        def flag(match: re.Match) -> str:
+            name = match.group(1)
+            anywhere = "_" in name or "=" in name
+            return flags[name] if anywhere or match.start() == 0 else name
+        text = re.sub(rf"(?<![\w.-])({names})(?![\w-])", flag, str(err))
+        raise UserError(text) from None
 
 
 def add_progress_flags(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""`k2jax compare-curves`: a run's loss curve against a reference CSV exported from W&B.
+"""`k2jax compare-curves`: a run's loss curve against a reference CSV exported from W&B, or
+against another run (a run directory or .jsonl given as --reference).
 
 --run is a run directory (its metrics.jsonl) or a JSON-lines file (e.g. eval-loss --json
 output, whose `iteration` field is used). Steps are Megatron iterations (see docs/reproduce.md).
@@ -20,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "k2jax compare-curves --run runs/k2 --reference k2_wandb.csv --steps 94000:95000 "
         "--out curves.png", description=__doc__)
     p.add_argument("--run", required=True, metavar="RUN_DIR|FILE.jsonl")
-    p.add_argument("--reference", required=True, metavar="FILE.csv")
+    p.add_argument("--reference", required=True, metavar="FILE.csv|RUN_DIR|FILE.jsonl",
+                   help="a W&B CSV export, or another run as --run takes it")
     p.add_argument("--steps", metavar="A:B", help="half-open step range (either end optional)")
     p.add_argument("--threshold", type=float, default=0.05,
                    help="absolute loss difference that counts as parting")
@@ -28,7 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--step-column", help="reference CSV step column (default: detected)")
     p.add_argument("--loss-column", help="reference CSV loss column (default: detected)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_words={
+        "run": "--run", "reference": "--reference", "out": "--out",
+        "step_column": "--step-column", "loss_column": "--loss-column"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threshold must be positive, got {args.threshold}")
     start, stop = parse_range(args.steps) if args.steps else (None, None)
     run_curve = curves.restrict(curves.read_run(args.run), start, stop)
-    reference = curves.restrict(
-        curves.read_reference_csv(args.reference, args.step_column, args.loss_column), start, stop)
+    reference = curves.restrict(_read_reference(args), start, stop)
     summary = curves.differences(run_curve, reference, args.threshold)
     if args.out:
         curves.plot_curves(run_curve, reference, args.out, args.threshold)
@@ -51,6 +54,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_table(run_curve.name, reference.name, summary, args.out))
     return 1 if summary["parted"] else 0
+
+
+def _read_reference(args: argparse.Namespace):
+    """A W&B CSV, or a run (a directory or .jsonl file) read as --run is: two runs of one's own
+    compare the same way as a run and K2's log."""
+    from pathlib import Path
+
+    from k2jax.errors import UserError
+    from k2jax.eval import curves
+
+    path = Path(args.reference)
+    if path.is_dir() and not (path / "metrics.jsonl").is_file():
+        raise UserError(f"--reference {path}: a directory without metrics.jsonl (expected a W&B "
+                        "CSV export, a run directory or a .jsonl file)")
+    if path.suffix == ".jsonl" and not path.is_file():
+        raise UserError(f"--reference {path}: no such file")
+    if path.is_dir() or path.suffix == ".jsonl":
+        return curves.read_run(args.reference)
+    return curves.read_reference_csv(args.reference, args.step_column, args.loss_column)
 
 
 def _table(run_name: str, reference_name: str, s: dict, out) -> str:

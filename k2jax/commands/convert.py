@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=dtype_type(), default=None, metavar=dtype_metavar(),
                    help="stored dtype (unset: bf16 for an all-bf16 source, else fp32)")
     _add_common(p)
-    p.set_defaults(func=cmd_hf_to_orbax)
+    p.set_defaults(func=cmd_hf_to_orbax, flag_words={"force=True": "--force"})
 
     p = add_command(
         commands, "orbax-to-hf", "k2jax weights or training checkpoint -> Hugging Face "
@@ -43,9 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="dtype of the exported tensors")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
-    p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from this directory")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer to copy into the export: a "
+                   "SentencePiece .model file, or a directory with tokenizer files")
     _add_common(p)
-    p.set_defaults(func=cmd_orbax_to_hf)
+    p.set_defaults(func=cmd_orbax_to_hf, flag_words={"shard_size": "--shard-size",
+                                                     "force=True": "--force"})
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -65,7 +65,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(commands, "prepare", "tokenize text into K2-format chunk_{i}.jsonl files",
                     "k2jax data prepare --tokenizer tokenizer.model --input docs.jsonl "
                     "--out /data/mine --num-chunks 16")
-    p.add_argument("--tokenizer", required=True, metavar="SPM.model")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="SentencePiece .model file, or a directory with tokenizer.model")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
                    help="a directory = one subset of *.jsonl files (K2's layout); a file = a "
                         "subset named by its stem: .jsonl with a 'text' field per line "
@@ -89,13 +90,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="seed of the FIM draws (K2's were unseeded: its clock)")
     add_config_args(p, (SEQ_LEN,))
     add_progress_flags(p)
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, flag_words={
+        "num_chunks": "--num-chunks", "seq_len": "--seq-len", "fim_rate": "--fim-rate",
+        "fim_spm_rate": "--fim-spm-rate", "repeat": "--repeat"})
 
     p = add_command(commands, "prepare-chat", "chat conversations (jsonl messages) -> packed "
                     "rows with an assistant-only loss mask and document segment ids",
                     "k2jax data prepare-chat --tokenizer tokenizer.model --input chats.jsonl "
                     "--out /data/chat --num-chunks 4")
-    p.add_argument("--tokenizer", required=True, metavar="SPM.model")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="SentencePiece .model file, or a directory with tokenizer.model")
     p.add_argument("--input", required=True, nargs="+", metavar="FILE.jsonl",
                    help='one conversation per line: {"messages": [{"role": "user|assistant|'
                         'system", "content": "..."}, ...]}')
@@ -106,10 +110,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--special-base-id", type=int, default=None,
                    help="id of the first added special token (unset: SentencePiece size)")
     add_config_args(p, (SEQ_LEN,))
-    p.set_defaults(func=cmd_prepare_chat, config=CHAT_PRESET)
+    p.set_defaults(func=cmd_prepare_chat, config=CHAT_PRESET,
+                   flag_words={"num_chunks": "--num-chunks", "out_dir": "--out"})
     p._option_string_actions["--config"].help = (
-        f"YAML config or preset name: data.seq_len, data.chat.* (markers, overlong policy), "
-        f"model.vocab_size, model.pad_token_id (default: {CHAT_PRESET}, K2-Chat's)")
+        "YAML config or preset name: data.seq_len, data.chat.* (markers, overlong policy), "
+        f"model.vocab_size, model.pad_token_id ({CHAT_PRESET}: K2-Chat's)")
+    p._option_string_actions["--seq-len"].help = (  # the default is the chat preset's
+        f"tokens per row (= data.seq_len; default: the config's, {CHAT_PRESET}: "
+        f"{_preset_seq_len(CHAT_PRESET)})")
+
+
+def _preset_seq_len(preset: str) -> int:
+    from k2jax.config import load_config
+
+    return load_config(preset).data.seq_len
 
 
 PACK_ALIASES = (DATA_PATH, SEQ_LEN, VOCAB_SIZE, INDEX_DIR)
@@ -266,6 +280,7 @@ def cmd_order(args) -> int:
 def cmd_prepare(args) -> int:
     from k2jax.config import config_from_dict
     from k2jax.data.chunk_assignment import K2_REPEATS, parse_repeats
+    from k2jax.data.chunk_index import build_index
     from k2jax.data.prepare import FimOptions, prepare_chunks
     from k2jax.tokenizer import K2Tokenizer
 
@@ -277,9 +292,15 @@ def cmd_prepare(args) -> int:
     summary = prepare_chunks(tokenizer, args.input, args.out, args.num_chunks, seq_len,
                              args.source_name, progress=not args.no_progress, repeats=repeats,
                              fim_options=fim_options)
+    build_index(args.out, progress=not args.no_progress)  # trainable as written, as prepare-chat
     print(f"wrote {summary['rows']} rows of {seq_len} tokens into {args.num_chunks} "
-          f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens)",
-          file=sys.stdout)
+          f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens), "
+          "indexed", file=sys.stdout)
+    empty = summary["rows_per_chunk"].count(0)
+    if empty:
+        print(f"note: {empty} of the {args.num_chunks} chunk files hold no row (fewer rows than "
+              "chunks; --num-chunks decides the files, not how many rows there are)",
+              file=sys.stderr)
     return 0
 
 

@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="attention implementation (auto: splash on TPU, XLA elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     add_progress_flags(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_words={"micro_batch": "--micro-batch"})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         f", {args.dtype}, RoPE frequencies {args.rope_freq_dtype}")
     t0 = time.perf_counter()
     if args.hf:
-        params = params_from_hf_on_mesh(hf.get, model_config, mesh, rules, log)
+        per_tensor = None if args.no_progress else log  # --quiet: no line per tensor
+        params = params_from_hf_on_mesh(hf.get, model_config, mesh, rules, per_tensor)
     else:
         params = params_from_checkpoint_on_mesh(args.checkpoint, model_config, mesh, rules)
     log(f"weights on devices in {time.perf_counter() - t0:.1f} s")
@@ -127,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"step {step} (logged as iteration {step + 1}): loss {record['loss']:.6f} "
                       f"over {record['tokens']} tokens", flush=True)
-        bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")
-        if args.no_progress:
-            log(f"step {step}: loss {record['loss']:.6f} ({record['seconds']:.1f} s)")
+        bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")  # --quiet: stdout only
     bar.close()
     return 0
 

@@ -9,6 +9,7 @@ training); the architecture comes from the weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -55,6 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "devices)")
     p.add_argument("overrides", nargs="*", metavar="mesh.key=value",
                    help="mesh overrides, e.g. mesh.tensor=4 mesh.fsdp=-1")
+    p.set_defaults(flag_words={"temperature": "--temperature", "top_k": "--top-k",
+                               "top_p": "--top-p", "max_new_tokens": "--max-new-tokens"})
     p.set_defaults(func=run)
 
 
@@ -130,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     config, _ = model_config_of(args.checkpoint, args.hf, args.dtype)
     tokenizer = TextTokenizer(tokenizer_path)
     tokenizer.check_fits(config.vocab_size)
+    if tokenizer.vocab_size < config.vocab_size:  # padded embedding rows: never chosen
+        sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
     prompts = (chat_prompt_ids(texts, args.config, tokenizer_path) if args.chat
                else [tokenizer.encode(text) for text in texts])
     context = config.max_position_embeddings

@@ -23,7 +23,9 @@ def add_parser(subparsers) -> None:
     cluster.add_argument("--coordinator-address", help="HOST:PORT of process 0" + found)
     cluster.add_argument("--num-processes", type=int, help="processes in the run" + found)
     cluster.add_argument("--process-id", type=int, help="this process's index" + found)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, flag_words={
+        "coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
+        "process_id": "--process-id"})
 
 
 def run(args: argparse.Namespace) -> int:

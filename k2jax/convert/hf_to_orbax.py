@@ -46,7 +46,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
     check_tensors(checkpoint.tensors.values(), config, where)
 
     expected = expected_tensors(config)
-    out_dtype = dtypes.parse(dtype or default_dtype(checkpoint, expected), "--dtype").numpy
+    out_dtype = dtypes.parse(dtype or default_dtype(checkpoint, expected), "dtype").numpy
     infos = [checkpoint.tensors[name] for name in expected]
     largest = max(info.nbytes for info in infos) if checkpoint.format == "safetensors" else 0
     # Two of each: tensor i is still being written from one while tensor i+1 fills the other.

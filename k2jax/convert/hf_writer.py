@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -24,10 +25,9 @@ from etils import epath
 
 from k2jax import dtypes, remote_files
 from k2jax.errors import UserError
+from k2jax.tokenizer import SENTENCEPIECE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +55,9 @@ def parse_size(text: str) -> int:
     try:
         size = int(float(number) * factor)
     except ValueError:
-        raise UserError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise UserError(f"shard_size {text!r}: cannot read (examples: 5GB, 500MB, 2GiB)")
     if size <= 0:
-        raise UserError(f"--shard-size: must be positive, got {text!r}")
+        raise UserError(f"shard_size {text!r}: must be positive")
     return size
 
 
@@ -133,23 +133,13 @@ def generation_config(hf_config: dict) -> dict:
                                                    "pad_token_id")}}
 
 
-def tokenizer_files(tokenizer_dir: str) -> list[Path]:
-    """The tokenizer files in a directory (UserError if it has none)."""
-    root = (epath.Path(tokenizer_dir) if remote_files.is_remote(tokenizer_dir)
-            else Path(tokenizer_dir))
-    if not root.is_dir():
-        raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
-    found = [root / name for name in TOKENIZER_FILES if (root / name).is_file()]
-    if not found:
-        raise UserError(f"--tokenizer {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES)} "
-                        "found")
-    return found
-
-
-def copy_files(files: Iterable[Path], directory) -> None:
+def copy_files(files: Iterable[str], directory) -> None:
+    """Copies under the names Hugging Face expects (a lone SentencePiece file as
+    tokenizer.model, whatever it was called); either side may be on gs://."""
     for file in files:
+        name = SENTENCEPIECE_FILE if os.fspath(file).endswith(".model") else Path(file).name
         if remote_files.is_remote(directory) or remote_files.is_remote(file):
-            with _open_output(directory / file.name) as f:
-                f.write(file.read_bytes())
+            with _open_output(directory / name) as f:
+                f.write(epath.Path(file).read_bytes())
         else:
-            shutil.copyfile(file, directory / file.name)
+            shutil.copyfile(file, directory / name)

@@ -20,9 +20,10 @@ from k2jax.convert import output_dir
 from k2jax.convert.buffers import ReusableBuffer, copy_into
 from k2jax.convert.expected import expected_tensors
 from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, parse_size,
-                                     tokenizer_files, write_json, write_safetensors_shards)
+                                     write_json, write_safetensors_shards)
 from k2jax.convert.orbax_reader import OrbaxParamsReader
 from k2jax.convert.progress import Progress
+from k2jax.tokenizer import tokenizer_files
 from k2jax.errors import UserError, one_line
 from k2jax.hf.config_json import hf_config_dict
 from k2jax.storage_errors import storage_failure
@@ -38,7 +39,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
     reader = OrbaxParamsReader(checkpoint_dir)
     reader.check()
     config = reader.config
-    out_dtype = dtypes.parse(dtype, "--dtype").numpy
+    out_dtype = dtypes.parse(dtype, "dtype").numpy
     expected = expected_tensors(config)
     entries = [ShardEntry(name, e.hf_shape, out_dtype) for name, e in expected.items()]
     items = list(expected.items())
@@ -69,7 +70,7 @@ def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
             if out_dtype == dtypes.FLOAT16.numpy and not np.isfinite(view).all() \
                     and np.isfinite(stored).all():
                 raise UserError(f"tensor {name}: values exceed the float16 range; export with "
-                                "--dtype bf16 or fp32")
+                                "dtype bf16 or fp32")
             yield name, view
 
     hf_config = hf_config_dict(config, torch_dtype=dtypes.from_numpy(out_dtype).name)

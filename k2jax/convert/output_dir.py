@@ -35,7 +35,7 @@ def check(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, 
         if text == source_text or source_text.startswith(text + "/"):
             raise UserError(f"{out}: the output would replace the input {source}")
     if _has_objects(text) and not force:
-        raise UserError(f"{out}: output directory exists; pass --force to replace it")
+        raise UserError(f"{out}: output directory exists; force=True replaces it")
     return epath.Path(text)
 
 

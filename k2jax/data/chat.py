@@ -254,7 +254,7 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     """Render, pack and write `chunk_{0..num_chunks-1}.jsonl` (K2's row format plus
     `tgt_mask`), their `.segments.npy` and `prepare-chat.json` (the summary, also returned)."""
     if num_chunks < 1:
-        raise UserError(f"--num-chunks must be >= 1, got {num_chunks}")
+        raise UserError(f"num_chunks must be >= 1, got {num_chunks}")
     if seq_len >= np.iinfo(np.uint16).max:
         raise UserError(f"data.seq_len {seq_len}: segment ids are uint16, rows must be shorter "
                         f"than 65535 tokens")
@@ -263,7 +263,7 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                         f"more than model.vocab_size={vocab_size}")
     out = epath.Path(out_dir)
     if out.exists() and chunk_files.find_chunk_ids(out):
-        raise UserError(f"{out}: already holds chunk files; give an empty or new --out")
+        raise UserError(f"{out}: already holds chunk files; give an empty or new out_dir")
     rendered = []
     for item in inputs:
         path = epath.Path(item)
@@ -275,6 +275,10 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     if not len(packed.tokens):
         raise UserError(f"no conversation fits data.seq_len={seq_len} ({packed.dropped} "
                         f"dropped as longer; data.chat.overlong=truncate keeps their start)")
+    if len(packed.tokens) < num_chunks:  # an empty chunk file would be written silently
+        raise UserError(f"the conversations pack into {len(packed.tokens)} rows of "
+                        f"data.seq_len={seq_len}, fewer than num_chunks ({num_chunks}; every "
+                        f"chunk file needs a row): give num_chunks <= {len(packed.tokens)}")
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, len(packed.tokens), num_chunks + 1).astype(int)
     rows_per_chunk = []

@@ -33,7 +33,7 @@ def parse_repeats(text: str) -> tuple[tuple[str, float], ...]:
         except ValueError:
             repeat = -1.0
         if not sep or not pattern or repeat < 0:
-            raise UserError(f"--repeat {item!r}: expected SUBSET_PATTERN=N with N >= 0")
+            raise UserError(f"repeat {item!r}: expected SUBSET_PATTERN=N with N >= 0")
         table.append((pattern, repeat))
     return tuple(table)
 
@@ -46,8 +46,8 @@ def cycle_length(subset: str, repeat: float, num_chunks: int) -> int:
     """gather.py's `pseudo_n_chunks = int(N_CHUNKS / n_repeat)` (repeat > 0)."""
     cycle = int(num_chunks / repeat)
     if cycle < 1:
-        raise UserError(f"--repeat: subset {subset!r} repeated {repeat:g} times needs at least "
-                        f"{repeat:g} chunks, got --num-chunks {num_chunks}")
+        raise UserError(f"repeat: subset {subset!r} repeated {repeat:g} times needs at least "
+                        f"{repeat:g} chunks, got num_chunks {num_chunks}")
     return cycle
 
 

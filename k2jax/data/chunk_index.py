@@ -153,6 +153,14 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
     return {"indexed": indexed, "skipped": skipped}
 
 
+def stale_index_error(path: object, line_number: int, data_dir: object) -> UserError:
+    """A line that does not sit where the index says: the file changed after indexing while
+    keeping its size and mtime (the manifest check cannot see that)."""
+    return UserError(f"{path}:{line_number}: the line index is stale (line {line_number} does "
+                     "not start or end where it was indexed: the file changed but kept its size "
+                     f"and mtime); re-run `k2jax data index {data_dir}`")
+
+
 class ChunkIndex:
     """The checked index of some chunk files: line counts now, offsets on demand.
 

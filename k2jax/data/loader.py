@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from k2jax.config import Config, DataConfig
+from k2jax.data.epochs import source_rows
 from k2jax.data.segments import open_document_segments
 from k2jax.data.source import RowSource, apply_moved_ranges
 from k2jax.data.synthetic import SyntheticSource
@@ -150,10 +151,17 @@ class StepLoader:
     def available_steps(self) -> int:
         """The end (exclusive) of the steps whose whole global batch the data holds: steps are
         numbered from data.first_step, which reads row data.start_row."""
-        if self.source.num_rows is None:
+        if self.order_rows is None:
             return UNBOUNDED_STEPS
-        whole = (self.source.num_rows - self.data.start_row) // self.data.global_batch_size
+        whole = (self.order_rows - self.data.start_row) // self.data.global_batch_size
         return self.data.first_step + max(0, whole)
+
+    @property
+    def order_rows(self) -> Optional[int]:
+        """Rows of the order the steps read: the source's, data.epochs times (k2jax/data/
+        epochs.py); None for an unbounded source."""
+        rows = self.source.num_rows
+        return None if rows is None else rows * self.data.epochs
 
     def logical_rows(self, step: int) -> tuple[int, int]:
         """[start, stop) of `step` in the current order (moved windows applied)."""
@@ -162,16 +170,20 @@ class StepLoader:
             raise UserError(f"step must be >= data.first_step={self.data.first_step}, got "
                             f"{step}")
         start = self.data.start_row + (step - self.data.first_step) * size
-        total = self.source.num_rows
+        total = self.order_rows
         if total is not None and start + size > total:
             raise UserError(f"step {step} needs global rows [{start}, {start + size}) but the "
                             f"order holds only {total} rows ({total // size} whole steps of "
-                            f"{size})")
+                            f"{size}; data.epochs={self.data.epochs} repeats the data)")
         return start, start + size
 
     def original_rows(self, logical: np.ndarray) -> np.ndarray:
-        """Rows of the current order int64 [n] -> rows of the original order int64 [n]."""
-        return apply_moved_ranges(logical, self.moved_row_ranges, self.source.num_rows)
+        """Rows of the current order int64 [n] -> rows of the original order int64 [n] (the
+        source's rows: repeated epochs map back to them)."""
+        repeated = apply_moved_ranges(logical, self.moved_row_ranges, self.order_rows)
+        if self.order_rows is None:
+            return repeated
+        return source_rows(repeated, self.source.num_rows, self.data.epochs)
 
     def global_rows(self, step: int) -> np.ndarray:
         """Original-order row indices int64 [B] consumed by `step`."""
@@ -251,7 +263,7 @@ class StepLoader:
         if start_step < self.data.first_step or stop > self.available_steps:
             raise UserError(f"steps [{start_step}, {stop}) requested but the data holds only "
                             f"{self.available_steps} steps of {self.data.global_batch_size} "
-                            "rows")
+                            f"rows (data.epochs={self.data.epochs}: more epochs repeat it)")
         host_batches = self.prefetched_host_batches(start_step, stop)  # reading starts now
         return ((step, self.put(host)) for step, host in zip(range(start_step, stop),
                                                               host_batches))

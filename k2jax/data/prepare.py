@@ -38,6 +38,7 @@ from etils import epath
 from tqdm import tqdm
 
 from k2jax import remote_files
+from k2jax.atomic_write import no_trace_if_refused
 from k2jax.data import chunk_files, fim
 from k2jax.data.chunk_assignment import K2_REPEATS, ChunkAssigner, cycle_length, repeat_for
 from k2jax.errors import UserError
@@ -148,7 +149,7 @@ class FimOptions:
 
     def validate(self) -> None:
         if not (0 <= self.rate <= 1 and 0 <= self.spm_rate <= 1):
-            raise UserError(f"--fim-rate and --fim-spm-rate must lie in [0, 1], got {self.rate} "
+            raise UserError(f"fim_rate and fim_spm_rate must lie in [0, 1], got {self.rate} "
                             f"and {self.spm_rate}")
 
 
@@ -201,13 +202,21 @@ def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
     pattern, n_repeat) pairs, first match wins, default 1 (K2's table by default).
     """
     if num_chunks < 1 or seq_len < 2:
-        raise UserError(f"--num-chunks must be >= 1 and --seq-len >= 2, got {num_chunks}, "
+        raise UserError(f"num_chunks must be >= 1 and seq_len >= 2, got {num_chunks}, "
                         f"{seq_len}")
     fim_options.validate()
     sources = collect_sources(inputs)
     cycles = {s.subset: cycle_length(s.subset, repeat_for(s.subset, repeats), num_chunks)
               for s in sources if repeat_for(s.subset, repeats) > 0}
     out = epath.Path(out_dir)
+    with no_trace_if_refused(out_dir):  # bad input found while tokenizing: no empty --out
+        return _prepare_into(out, tokenizer, sources, cycles, num_chunks, seq_len, source_name,
+                             progress, repeats, fim_options)
+
+
+def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles: dict,
+                  num_chunks: int, seq_len: int, source_name: Optional[str], progress: bool,
+                  repeats: tuple[tuple[str, float], ...], fim_options: FimOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Spools are scratch: local beside a local output, a local temporary for gs:// outputs.
     spool_dir = (out / ".prepare-spool" if chunk_files.is_local(out)

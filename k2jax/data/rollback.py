@@ -32,8 +32,8 @@ def rollback_window(loader: StepLoader, step: int, unit: str) -> list[int]:
     # The file's rows that follow `start` in the current order: at most the whole file, and
     # fewer where an earlier move cut it (the run ends at the first row of another file).
     end = start + (hi - lo)
-    if loader.source.num_rows is not None:
-        end = min(end, loader.source.num_rows)
+    if loader.order_rows is not None:
+        end = min(end, loader.order_rows)
     original = loader.original_rows(np.arange(start, end, dtype=np.int64))
     outside = np.flatnonzero((original < first) | (original >= hi))
     return [start, int(outside[0]) if len(outside) else len(original)]

@@ -63,7 +63,7 @@ class BatchLossEvaluator:
                  loss_group_rows: int = 4):
         if loss_normalization == "per_group" and (loss_group_rows <= 0 or
                                                   plan.rows % loss_group_rows):
-            raise UserError(f"--loss-group-rows {loss_group_rows}: must be positive and divide "
+            raise UserError(f"train.loss_group_rows {loss_group_rows}: must be positive and divide "
                             f"the global batch of {plan.rows} rows")
         self.params = params
         self.plan = plan

@@ -48,7 +48,7 @@ def read_run(path: str) -> Curve:
     if file.is_dir():
         file = file / METRICS_FILE
     if not file.is_file():
-        raise UserError(f"--run {path}: no such run directory with metrics.jsonl, nor .jsonl file")
+        raise UserError(f"run {path}: no such run directory with metrics.jsonl, nor .jsonl file")
     points: dict[int, float] = {}
     with _text_file(file) as f:
         for number, line in enumerate(f, 1):
@@ -101,16 +101,16 @@ def read_reference_csv(path: str, step_column: Optional[str] = None,
     skipped; any other unreadable step or loss is a UserError naming file:line, so a damaged
     export is never compared with rows silently missing."""
     if Path(path).is_dir():
-        raise UserError(f"--reference {path}: is a directory, expected a CSV file")
+        raise UserError(f"reference {path}: is a directory, expected a CSV file")
     if not Path(path).is_file():
-        raise UserError(f"--reference {path}: no such file")
+        raise UserError(f"reference {path}: no such file")
     with _text_file(path) as f:
         reader = csv.DictReader(f)
         header = list(reader.fieldnames or [])
         if not header:
             raise UserError(f"{path}: empty CSV (no header)")
-        step_name = _pick(header, step_column, STEP_COLUMNS, "step", "--step-column", path)
-        loss_name = _pick(header, loss_column, LOSS_COLUMNS, "loss", "--loss-column", path)
+        step_name = _pick(header, step_column, STEP_COLUMNS, "step", "step_column", path)
+        loss_name = _pick(header, loss_column, LOSS_COLUMNS, "loss", "loss_column", path)
         points: dict[int, float] = {}
         for row in reader:
             step_text, loss_text = row[step_name], row[loss_name]
@@ -179,7 +179,7 @@ def plot_curves(run: Curve, reference: Curve, out: str, threshold: float) -> Non
 
     out_path = Path(out)
     if not out_path.parent.is_dir():
-        raise UserError(f"--out {out}: directory {out_path.parent} does not exist")
+        raise UserError(f"out {out}: directory {out_path.parent} does not exist")
     few = max(len(run.steps), len(reference.steps)) <= 50
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})

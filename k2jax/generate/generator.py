@@ -121,7 +121,7 @@ class Generator:
         a stop string") and ends the row when true."""
         sampling.validate()
         if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.check_lengths(prompts, max_new_tokens)
         count = len(prompts)
         rows = padded_rows(count, batch_shards(self.mesh, self.rules))

@@ -20,19 +20,24 @@ class SamplingParams:
     top_k: int = 0            # 0: all tokens
     top_p: float = 1.0        # 1: all tokens
     seed: int = 0
+    # Ids >= vocab_limit are never chosen (0: no limit): a model whose embedding is padded past
+    # its tokenizer (K2's vocabulary: docs/k2.md) must not emit ids nothing can decode.
+    vocab_limit: int = 0
 
     def validate(self) -> "SamplingParams":
         if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 keeps every token), got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.vocab_limit < 0:
+            raise UserError(f"vocab_limit must be >= 0 (0: no limit), got {self.vocab_limit}")
         return self
 
     def as_arrays(self) -> dict:
         return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
-                "top_p": jnp.float32(self.top_p)}
+                "top_p": jnp.float32(self.top_p), "vocab_limit": jnp.int32(self.vocab_limit)}
 
 
 def filter_logits(logits_BxV: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarray
@@ -52,8 +57,13 @@ def filter_logits(logits_BxV: jnp.ndarray, top_k: jnp.ndarray, top_p: jnp.ndarra
 
 
 def next_tokens(logits_BxV: jnp.ndarray, key: jax.Array, temperature: jnp.ndarray,
-                top_k: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
-    """int32 [B]: argmax at temperature 0, else a sample of softmax(filtered logits / T)."""
+                top_k: jnp.ndarray, top_p: jnp.ndarray,
+                vocab_limit: jnp.ndarray = jnp.int32(0)) -> jnp.ndarray:
+    """int32 [B]: argmax at temperature 0, else a sample of softmax(filtered logits / T); ids
+    >= vocab_limit (when > 0) are masked first."""
+    ids_V = jnp.arange(logits_BxV.shape[-1])
+    allowed_V = (vocab_limit <= 0) | (ids_V < vocab_limit)
+    logits_BxV = jnp.where(allowed_V, logits_BxV, -jnp.inf)
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     scaled = filter_logits(logits_BxV, top_k, top_p) / jnp.maximum(temperature, 1e-6)
     sampled_B = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -20,11 +20,11 @@ class TextTokenizer:
         self.path = path
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
                                        for name in HF_TOKENIZER_FILES):
-            transformers = require("transformers", f"--tokenizer {path} (Hugging Face files)")
+            transformers = require("transformers", f"tokenizer {path} (Hugging Face files)")
             try:
                 self.hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError) as err:
-                raise UserError(f"--tokenizer {path}: not a readable Hugging Face tokenizer "
+                raise UserError(f"tokenizer {path}: not a readable Hugging Face tokenizer "
                                 f"({str(err).splitlines()[0]})") from None
             self.sp = None
             self.eos_id: Optional[int] = self.hf.eos_token_id
@@ -33,12 +33,8 @@ class TextTokenizer:
             return
         from k2jax.tokenizer import K2Tokenizer
 
-        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-        if not os.path.isfile(model_file):
-            raise UserError(f"--tokenizer {path}: expected a SentencePiece .model file or a "
-                            f"directory with {' or '.join(HF_TOKENIZER_FILES)} or "
-                            "tokenizer.model")
-        self.hf, self.sp = None, K2Tokenizer(model_file)
+        # A .model file or a directory with tokenizer.model (k2jax.tokenizer's one rule).
+        self.hf, self.sp = None, K2Tokenizer(path)
         self.eos_id = self.sp.eos_id if self.sp.eos_id >= 0 else None
         self.bos_id = self.sp.bos_id if self.sp.bos_id >= 0 else None
         self.vocab_size = self.sp.vocab_size
@@ -57,5 +53,5 @@ class TextTokenizer:
 
     def check_fits(self, model_vocab: int) -> None:
         if self.vocab_size > model_vocab:
-            raise UserError(f"--tokenizer {self.path}: {self.vocab_size} tokens do not fit the "
+            raise UserError(f"tokenizer {self.path}: {self.vocab_size} tokens do not fit the "
                             f"model's vocabulary of {model_vocab} (model.vocab_size)")

@@ -25,7 +25,7 @@ def model_config_of(checkpoint: Optional[str], hf: Optional[str], dtype: str,
     from k2jax.eval.weights import checkpoint_model_config, eval_model_config, hf_model_config
 
     if (checkpoint is None) == (hf is None):
-        raise UserError("give one of --checkpoint DIR or --hf DIR")
+        raise UserError("give one of checkpoint=DIR or hf=DIR")
     if hf is not None:
         from k2jax.eval.hf_weights import HFWeights
 

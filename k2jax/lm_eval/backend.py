@@ -36,6 +36,8 @@ class K2JaxLM(TemplateLM):
         from k2jax.generate.text_tokenizer import TextTokenizer
         from k2jax.generate.weights import load_model, model_config_of
 
+        if not (hf or checkpoint):
+            raise UserError("model_args: give hf=DIR or checkpoint=DIR")
         tokenizer = tokenizer or hf
         if tokenizer is None:
             raise UserError("model_args: tokenizer=PATH is required with checkpoint=")

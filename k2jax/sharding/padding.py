@@ -70,12 +70,12 @@ def eval_plan(global_batch: int, micro_batch: int | None, data_parallel: int,
     data-parallel device, at most the batch rounded up to the data-parallel size), as many as
     cover the batch; the last ones padded."""
     if global_batch <= 0:
-        raise UserError(f"--global-batch must be positive, got {global_batch}")
+        raise UserError(f"data.global_batch_size must be positive, got {global_batch}")
     if micro_batch is None:
         per_device = min(ROWS_PER_DEVICE_DEFAULT, math.ceil(global_batch / data_parallel))
         micro_batch = round_up(per_device * data_parallel, process_count)
     if micro_batch <= 0 or micro_batch % math.lcm(data_parallel, process_count):
-        raise UserError(f"--micro-batch {micro_batch}: must be a positive multiple of the "
+        raise UserError(f"micro_batch {micro_batch}: must be a positive multiple of the "
                         f"{data_parallel} data-parallel devices"
                         + (f" and of the {process_count} processes" if process_count > 1
                            else ""))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
+from k2jax.atomic_write import no_trace_if_refused
 from k2jax.checkpoint.run_lock import run_dir_lock
 from k2jax.checkpoint.set_aside import restore_newest_intact
 from k2jax.config import Config
@@ -275,4 +276,7 @@ class Trainer:
 
 
 def train(config: Config) -> int:
-    return Trainer(config).run()
+    run_dir = RunDir(config.train.run_dir)
+    # A refused start writes nothing: no empty run_dir, nor checkpoints/ in an existing one.
+    with no_trace_if_refused(run_dir.path, run_dir.checkpoints_dir, run_dir.tensorboard_dir):
+        return Trainer(config).run()
