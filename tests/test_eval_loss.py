@@ -156,3 +156,67 @@ def test_eval_loss_sharded_over_4_devices(setup, k2_rope_model):
         expected, _ = hand_loss(k2_rope_model, setup["data"], record["step"],
                                 use_tgt_mask=False, logits_dtype=torch.bfloat16)
         assert abs(record["loss"] - expected) < 1e-5
+
+
+def test_eval_loss_takes_a_run_directory_as_checkpoint(setup, capsys, tmp_path):
+    """`--checkpoint RUN` (what MaxText/Levanter users type) resolves once to the run's latest
+    complete step, said in one line; a half-written (temporary) later step is skipped."""
+    import shutil
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("3", "7", "9.orbax-checkpoint-tmp-1"):
+        shutil.copytree(setup["orbax"], checkpoints / name)
+    code = main(["eval-loss", "--checkpoint", str(tmp_path / "run"), "--data",
+                 str(setup["data"]), "--steps", "0", "--order", "0,1", "--seq-len",
+                 str(fx.SEQ), "--global-batch", str(fx.GLOBAL_BATCH), "--json", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in captured.err.splitlines() if line.startswith("checkpoint:")]
+    assert lines == [f"checkpoint: {tmp_path / 'run'} -> {checkpoints / '7'} (latest complete "
+                     "step of 2)"]
+    empty = tmp_path / "empty-run"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert main(["eval-loss", "--checkpoint", str(empty), "--data", str(setup["data"]),
+                 "--steps", "0"]) == 2
+    assert "nor a run directory with a complete checkpoint" in capsys.readouterr().err
+
+
+def test_eval_loss_any_batch_size_under_per_group(setup, capsys, k2_rope_model):
+    """--global-batch 2 under K2's preset (per_group, groups of 4, a training key) is one group
+    of 2 rows: with all-ones masks the same number as the global mean."""
+    code = main(["eval-loss", "--hf", str(setup["hf"]), "--data", str(setup["data"]),
+                 "--steps", "0", "--order", "0,1", "--seq-len", str(fx.SEQ),
+                 "--global-batch", "2", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    record = json.loads(out)
+    assert record["loss_normalization"] == "per_group" and record["rows"] == 2
+    tokens, _ = fx.reference_rows(setup["data"], False)
+    with torch.no_grad():
+        logits = k2_rope_model(torch.as_tensor(tokens[:2])).logits.to(torch.bfloat16).double()
+    nll = -torch.log_softmax(logits, -1)[:, :-1].gather(
+        -1, torch.as_tensor(tokens[:2, 1:, None])).squeeze(-1)
+    assert abs(record["loss"] - float(nll.mean())) < 1e-5
+
+
+def test_eval_loss_and_compare_hf_read_the_configs_synthetic_source(setup, capsys):
+    """The config's data source, as `train` reads it (before, data.source was forced to k2 and
+    a config without data.path failed): configs/tiny.yaml is synthetic."""
+    from k2jax.config import load_config
+    from k2jax.data.loader import StepLoader
+
+    code = main(["eval-loss", "--hf", str(setup["hf"]), "--config", "tiny", "--steps", "0",
+                 "--rope-freq-dtype", "float32", "--json", "--quiet"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["rows"] == 16
+    config = load_config("tiny", ["model.vocab_size=250"])  # the weights' vocabulary
+    tokens = StepLoader.from_config(config).global_batch(0)["tokens"]
+    with torch.no_grad():
+        logits = setup["model"](torch.as_tensor(tokens, dtype=torch.long)).logits.double()
+    nll = -torch.log_softmax(logits, -1)[:, :-1].gather(
+        -1, torch.as_tensor(tokens[:, 1:, None], dtype=torch.long)).squeeze(-1)
+    assert abs(record["loss"] - float(nll.mean())) < 1e-5
+    code = main(["compare-hf", "--hf", str(setup["hf"]), "--config", "tiny", "--step", "0",
+                 "--rows", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] and report["source"] == "step 0 of synthetic data"
