@@ -41,13 +41,14 @@ def test_presets_k2_bf16_elsewhere_fp32():
     assert ModelConfig().logits_dtype == "float32"
 
 
+@pytest.mark.slow  # six small compiles: ~40 s on a shared 2-core machine
 def test_model_logits_and_their_gradient_follow_logits_dtype():
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, CONFIG.vocab_size)
     mask = jnp.ones((2, 16), jnp.float32)
     params = nn.meta.unbox(K2Model(CONFIG).init(jax.random.key(3), tokens)["params"])
     rounded = dataclasses.replace(CONFIG, logits_dtype="bfloat16")
-    exact_logits = K2Model(CONFIG).apply({"params": params}, tokens)
-    bf16_logits = K2Model(rounded).apply({"params": params}, tokens)
+    exact_logits = jax.jit(K2Model(CONFIG).apply)({"params": params}, tokens)
+    bf16_logits = jax.jit(K2Model(rounded).apply)({"params": params}, tokens)
     assert bf16_exact(bf16_logits) and not bf16_exact(exact_logits)
     np.testing.assert_array_equal(bf16_logits,
                                   exact_logits.astype(jnp.bfloat16).astype(jnp.float32))
@@ -57,19 +58,20 @@ def test_model_logits_and_their_gradient_follow_logits_dtype():
                                               tokens, mask)
         return total / count
 
-    exact_loss = float(loss(CONFIG, params))
-    bf16_loss = float(loss(rounded, params))
+    exact_loss = float(jax.jit(lambda p: loss(CONFIG, p))(params))
+    bf16_loss = float(jax.jit(lambda p: loss(rounded, p))(params))
     ref_total, ref_count = masked_next_token_loss(
         exact_logits.astype(jnp.bfloat16).astype(jnp.float32), tokens, mask)
     assert bf16_loss == pytest.approx(float(ref_total / ref_count), abs=1e-6)
     assert abs(bf16_loss - exact_loss) > 1e-6
     # The lm_head's gradient is x^T dlogits: with rounded dlogits it moves too.
-    g_exact = jax.grad(lambda p: loss(CONFIG, p))(params)["lm_head"]
-    g_bf16 = jax.grad(lambda p: loss(rounded, p))(params)["lm_head"]
+    g_exact = jax.jit(jax.grad(lambda p: loss(CONFIG, p)))(params)["lm_head"]
+    g_bf16 = jax.jit(jax.grad(lambda p: loss(rounded, p)))(params)["lm_head"]
     assert not np.allclose(g_exact, g_bf16, rtol=0, atol=1e-9)
     assert np.linalg.norm(g_bf16 - g_exact) < 0.05 * np.linalg.norm(g_exact)  # a rounding
 
 
+@pytest.mark.slow  # a train-step loss compile: ~12 s
 def test_the_train_steps_loss_rounds_the_logits():
     """train/step_loss.py (the train step's and eval-loss's loss) under logits_dtype bf16 is the
     loss of the bf16-rounded logits."""
@@ -85,7 +87,7 @@ def test_the_train_steps_loss_rounds_the_logits():
                     mesh=MeshConfig()).validate()
     loss = jax.jit(make_loss_and_gradients(config, build_mesh(config.mesh)))(
         params, {"tokens": tokens, "loss_mask": mask})[0]
-    logits = K2Model(CONFIG).apply({"params": params}, tokens)
+    logits = jax.jit(K2Model(CONFIG).apply)({"params": params}, tokens)
     total, count = masked_next_token_loss(logits.astype(jnp.bfloat16).astype(jnp.float32),
                                           tokens, mask)
     assert float(loss) == pytest.approx(float(total / count), rel=1e-6)
