@@ -4,8 +4,9 @@ weights, on the devices of this host or pod.
 A thin wrapper: it adds the model name `k2jax` to lm-eval's registry (lm-eval 0.4 discovers no
 plugins, so the stock `lm_eval` command cannot know it) and runs lm-eval's own command line with
 every argument after `eval-tasks`; `--model k2jax` is implied. model_args: checkpoint=DIR |
-hf=DIR, tokenizer=PATH, dtype=fp32|bf16, batch_size, max_length, data/fsdp/tensor (mesh),
-attention (k2jax/lm_eval/backend.py).
+hf=DIR, tokenizer=PATH, dtype=fp32|bf16, logits_dtype, batch_size, max_length,
+data/fsdp/tensor (mesh), attention (k2jax/lm_eval/backend.py); checkpoint= may be a run
+directory (its latest complete checkpoint).
 """
 
 from __future__ import annotations
