@@ -220,3 +220,22 @@ def test_eval_loss_and_compare_hf_read_the_configs_synthetic_source(setup, capsy
                  "--rows", "2", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["passed"] and report["source"] == "step 0 of synthetic data"
+
+
+@pytest.mark.slow  # trains 3 tiny steps (a subprocess), then one eval-loss: ~40 s idle
+def test_eval_loss_run_dir_is_the_runs_data_config_and_training_loss(tmp_path, capsys):
+    """`--run-dir RUN`: the run's config (synthetic data, fp32 RoPE) and, without --checkpoint,
+    its latest checkpoint. Checkpoint 2's weights on step 2's rows give the loss the trainer
+    logged for step 3 (metrics.jsonl numbers a step's loss by the update it made)."""
+    from train_utils import losses_by_step, run_train
+
+    run = tmp_path / "run"
+    result = run_train(run, "train.steps=3", "train.checkpoint_every=2", "train.log_every=1")
+    assert result.returncode == 0, result.stderr
+    code = main(["eval-loss", "--run-dir", str(run), "--checkpoint",
+                 str(run / "checkpoints" / "2"), "--steps", "2", "--json", "--quiet"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["rope_freq_dtype"] == "float32"  # the run's, not K2's
+    assert record["loss"] == pytest.approx(losses_by_step(run)[3], rel=2e-5)
+    assert main(["eval-loss", "--run-dir", str(run), "--steps", "2", "--json", "--quiet"]) == 0
+    assert f"-> {run}/checkpoints/3 (latest complete step of 2)" in capsys.readouterr().err

@@ -77,13 +77,15 @@ def dtype_metavar(allowed: Sequence[dtypes.DType] = dtypes.TABLE) -> str:
     return "{" + ",".join(f"{d.short},{d.name}" for d in allowed) + "}"
 
 
-def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: str, why: str) -> None:
+def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: Optional[str],
+                            why: str) -> None:
     """--rope-freq-dtype of eval-loss and compare-hf (k2jax/eval/rope_frequencies.py): each
-    command defaults to its own purpose, `why`."""
+    command defaults to its own purpose, `why` (None: unset, the command decides)."""
     allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
     p.add_argument("--rope-freq-dtype", default=default, metavar=dtype_metavar(allowed),
                    type=dtype_type(allowed, "--rope-freq-dtype", full_name=True),
-                   help=f"RoPE inverse frequencies rounded to this dtype ({default}: {why}); "
+                   help=f"RoPE inverse frequencies rounded to this dtype "
+                        f"({default or 'unset'}: {why}); "
                         "bfloat16 = K2 as trained, float32 = transformers")
 
 

@@ -41,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", type=dtype_type(EVAL_DTYPES),
                    metavar=dtype_metavar(EVAL_DTYPES),
                    help="parameter and compute dtype (K2 trained with bf16 compute)")
-    add_rope_freq_dtype_arg(p, "bfloat16", "K2's training run, whose logged loss this reproduces")
+    add_rope_freq_dtype_arg(p, None, "the config's model.rope_freq_dtype, the training run whose "
+                            "loss this reproduces; K2's preset: bfloat16")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
@@ -62,8 +63,9 @@ def _weights_and_config(args: argparse.Namespace):
         args.checkpoint = args.run_dir  # resolves to its latest complete checkpoint
     weights = open_weights(args.hf, args.checkpoint, stderr_log)
     config, moved = step_data_config(args, STEP_LOSS_ALIASES, computes_loss=True)
-    # The loss reproduced is the config's training loss: its logits dtype, whatever the
-    # weights were stored with (config.json has none).
+    # The loss reproduced is the config's training loss: its RoPE frequencies and logits
+    # dtype, whatever the weights were stored with (config.json has neither).
+    args.rope_freq_dtype = args.rope_freq_dtype or config.model.rope_freq_dtype
     config.model = weights.for_inference(args.dtype, args.attention, args.rope_freq_dtype,
                                          logits_dtype=config.model.logits_dtype)
     if config.data.seq_len > config.model.max_position_embeddings:
