@@ -88,7 +88,7 @@ def main() -> int:
         runs.append(("converted tiny (64 wide, 2 layers, vocab 250), 16 x 64 tokens",
                      lambda: tiny(16, 64)))
     if args.only in (None, "k2"):
-        runs.append((f"K2-shaped random ({args.k2_layers} layer(s) at 8192 wide, vocab 32032, "
+        runs.append((f"K2-shaped random ({args.k2_layers} layer(s) at K2's width and vocab, "
                      f"bf16), {args.k2_rows} x {args.k2_seq} tokens",
                      lambda: k2_shaped(args.k2_rows, args.k2_seq, args.k2_layers)))
     print(f"{'model':<72}{'loss fp32':>10}{'mean |tok d|':>14}{'batch-mean d':>14}"
