@@ -133,7 +133,6 @@ def resolve_checkpoint(directory: str, log: Callable[[str], None] = _stderr) -> 
 
 def checkpoint_model_config(directory: str) -> ModelConfig:
     """The architecture stored with a k2jax weights or checkpoint step directory."""
-    params_io.weights_kind(directory)  # a clear error for a directory that is neither kind
     config = params_io.read_model_config(directory)
     if config is None:
         raise UserError(f"{directory}: no {params_io.MODEL_CONFIG_FILE} nor run "
@@ -154,5 +153,5 @@ def open_weights(hf: Optional[str] = None, checkpoint: Optional[str] = None,
         tensors = HFTensors(hf)
         return InferenceWeights("hf", hf, model_config_from_hf(tensors.config), tensors)
     directory = resolve_checkpoint(checkpoint, log)
-    kind = params_io.weights_kind(directory)
+    kind = params_io.weights_kind(directory)  # a clear error for a directory of neither kind
     return InferenceWeights(kind, directory, checkpoint_model_config(directory))
