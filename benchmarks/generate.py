@@ -138,7 +138,8 @@ def aot_decode_memory(topology: str, batch: int, cache_len: int) -> dict:
     from k2jax.aot.topology import parse_slice
     from k2jax.aot.compile_report import topology_devices
     from k2jax.config import MeshConfig, load_config
-    from k2jax.eval.weights import eval_model_config, sharded_abstract_params
+    from k2jax.weights import inference_model_config
+    from k2jax.weights.on_mesh import sharded_abstract_params
     from k2jax.generate import Generator
     from k2jax.generate.batching import batch_shards
     from k2jax.model.kv_cache import KVCache
@@ -147,8 +148,8 @@ def aot_decode_memory(topology: str, batch: int, cache_len: int) -> dict:
 
     tpu = parse_slice(topology)
     devices = topology_devices(tpu)
-    config = eval_model_config(load_config("configs/k2-65b.yaml").model, "bf16",
-                               attention="splash")
+    config = inference_model_config(load_config("configs/k2-65b.yaml").model, "bf16",
+                                    attention="splash")
     mesh_config = MeshConfig(data=1, fsdp=1, tensor=len(devices))
     mesh, rules = build_mesh(mesh_config, devices), mesh_config.rules
     shapes, shardings = sharded_abstract_params(config, mesh, rules)

@@ -51,6 +51,9 @@ class ModelConfig:
     # RoPE inverse frequencies rounded to this dtype (then used in fp32). K2's Megatron run had
     # them in bf16 (a buffer rounded by Float16Module); transformers keeps fp32.
     rope_freq_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Logits rounded to this dtype before the fp32 loss, and their gradient likewise in the
+    # backward. K2's output_layer is a bf16 linear (k2-train megatron/model/gpt_model.py).
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     # Megatron's init: o_proj and down_proj at initializer_range / sqrt(2 * num_layers).

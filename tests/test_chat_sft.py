@@ -141,8 +141,7 @@ def summed_losses(config, batches):
     fn = jax.jit(make_loss_and_gradients(config, mesh))
     out = []
     for batch in batches:
-        documents = {k: batch[k] for k in ("segment_ids", "positions")}
-        loss, grads, count = fn(params, batch["tokens"], batch["loss_mask"], documents)
+        loss, grads, count = fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
         out.append((float(loss) * float(count),
                     jax.tree.map(lambda g: np.asarray(g) * float(count), grads)))
     return out
@@ -328,3 +327,76 @@ def test_generate_chat_prompts_use_the_training_template(spm_model):
     training = render(TALK[1:3], K2_CHAT, tok, "t").tokens
     assert prompt == training[:len(prompt)]  # the reply follows the same prefix in training
     assert prompt[-1] == tok.encode("<|beginofsystem|>")[0]
+
+
+@pytest.fixture
+def chat_hf(tmp_path):
+    """A tiny random transformers model over the chat tokenizer's 336 ids, saved."""
+    from hf_models import tiny_llama
+
+    tiny_llama(vocab_size=336, max_positions=SEQ).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def sft_yaml(path, data_dir, *extra):
+    import yaml
+
+    path.write_text(yaml.safe_dump(sft_config(data_dir, *extra).to_dict()))
+    return path
+
+
+@pytest.mark.slow  # a training-loss compile and an eval-loss run: ~10 s idle
+def test_eval_loss_on_chat_rows_is_their_training_loss(chat_dir, chat_hf, tmp_path, capsys):
+    """eval-loss reads packed chat rows as training does (segment ids, per-document positions,
+    target masks, logits rounded to model.logits_dtype) and reports the train step's loss."""
+    import dataclasses
+
+    from k2jax.weights import open_weights
+
+    data_dir, _ = chat_dir
+    extra = ("model.logits_dtype=bfloat16",)
+    config = sft_config(data_dir, *extra)
+    weights = open_weights(hf=str(chat_hf))
+    config = dataclasses.replace(config, model=weights.for_inference(
+        "fp32", "xla", "float32", logits_dtype="bfloat16"))
+    mesh = build_mesh(config.mesh)
+    params = weights.on_mesh(config.model, mesh, config.mesh.rules)
+    batch = StepLoader.from_config(config).global_batch(0)
+    train_loss = float(jax.jit(make_loss_and_gradients(config, mesh))(
+        params, {k: jnp.asarray(v) for k, v in batch.items()})[0])
+
+    def eval_loss(*overrides):
+        code = main(["eval-loss", "--hf", str(chat_hf), "--config",
+                     str(sft_yaml(tmp_path / "sft.yaml", data_dir, *extra)), "--steps", "0",
+                     "--rope-freq-dtype", "float32", "--json", *overrides])
+        out = capsys.readouterr().out
+        assert code == 0
+        return json.loads(out)
+
+    record = eval_loss()
+    assert record["loss"] == pytest.approx(train_loss, rel=1e-6)
+    summary = json.loads((data_dir / "prepare-chat.json").read_text())
+    assert record["tokens"] == summary["target_tokens"]
+    # The same row as one sequence (conversations seeing each other) is another number.
+    mixed = eval_loss("data.reset_attention_mask=false", "data.reset_position_ids=false")
+    assert abs(mixed["loss"] - train_loss) > 1e-3 * train_loss
+
+
+@pytest.mark.slow  # both stacks' forward on one packed row: ~8 s idle
+def test_compare_hf_runs_packed_chat_rows_per_document(chat_dir, chat_hf, tmp_path, capsys):
+    """compare-hf on packed chat rows gives transformers the per-document view k2jax's segment
+    ids give (before, it ran the packed row as ONE sequence and still exited 0)."""
+    from k2jax.eval.hf_reference import hf_forward, load_hf_model
+    from k2jax.eval.logit_compare import masked_loss
+
+    data_dir, _ = chat_dir
+    code = main(["compare-hf", "--hf", str(chat_hf), "--config",
+                 str(sft_yaml(tmp_path / "sft.yaml", data_dir)), "--step", "0", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"], report
+    assert report["documents"] == ["positions", "segment_ids"]
+    batch = StepLoader.from_config(sft_config(data_dir)).global_batch(0)
+    one_sequence, _ = hf_forward(load_hf_model(str(chat_hf)), batch["tokens"])
+    total, count = masked_loss(one_sequence, batch["tokens"], batch["loss_mask"])
+    assert count == report["tokens"]
+    assert abs(total / count - report["loss_reference"]) > 1e-3 * report["loss_reference"]

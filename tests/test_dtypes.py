@@ -43,11 +43,15 @@ def test_config_takes_either_spelling_and_keeps_the_full_name():
 
 
 def test_eval_dtype_takes_either_spelling_but_not_fp16():
-    from k2jax.eval.weights import eval_model_config
+    from k2jax.weights import inference_model_config
 
     for name in ("bf16", "bfloat16"):
-        assert eval_model_config(ModelConfig(), name).param_dtype == "bfloat16"
-    with pytest.raises(UserError, match="evaluation dtype: .*got 'fp16'"):
-        eval_model_config(ModelConfig(), "fp16")
+        assert inference_model_config(ModelConfig(), name).param_dtype == "bfloat16"
+    with pytest.raises(UserError, match="inference dtype: .*got 'fp16'"):
+        inference_model_config(ModelConfig(), "fp16")
     with pytest.raises(UserError, match="model.rope_freq_dtype: .*got 'int8'"):
-        eval_model_config(ModelConfig(), "fp32", rope_freq_dtype="int8")
+        inference_model_config(ModelConfig(), "fp32", rope_freq_dtype="int8")
+    with pytest.raises(UserError, match="model.logits_dtype: .*got 'fp16'"):
+        inference_model_config(ModelConfig(), "fp32", logits_dtype="fp16")
+    assert inference_model_config(ModelConfig(logits_dtype="bfloat16"), "fp32"
+                                  ).logits_dtype == "bfloat16"  # None keeps the stored one

@@ -130,7 +130,7 @@ def test_stop_callback_and_bad_input():
 def _sharded_worker() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from k2jax.config import MeshConfig
-    from k2jax.eval.weights import sharded_abstract_params
+    from k2jax.weights.on_mesh import sharded_abstract_params
     from k2jax.sharding.mesh import build_mesh
 
     results = {}

@@ -175,7 +175,7 @@ def test_config_json_errors_name_the_file_once(change, message):
 def test_eval_refuses_what_the_model_does_not_compute():
     """eval-loss / compare-hf read config.json through the same checks as the converter (they
     used to accept, e.g., a gelu model and compute it as silu)."""
-    from k2jax.eval.weights import hf_model_config
+    from k2jax.hf.config_json import model_config_from_hf
 
     with pytest.raises(UserError, match="hidden_act"):
-        hf_model_config({**config_json.hf_config_dict(MHA), "hidden_act": "gelu"})
+        model_config_from_hf({**config_json.hf_config_dict(MHA), "hidden_act": "gelu"})

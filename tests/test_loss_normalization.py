@@ -62,8 +62,8 @@ def _step_loss_and_grads(normalization, micro, equal_counts):
                           f"train.loss_group_rows={GROUP}")
     setup = build_training_setup(config)
     params = setup.init_state().params
-    loss, grads, count = jax.jit(make_loss_and_gradients(config, setup.mesh))(params, tokens,
-                                                                             mask)
+    loss, grads, count = jax.jit(make_loss_and_gradients(config, setup.mesh))(
+        params, {"tokens": tokens, "loss_mask": mask})
     return config, params, float(loss), grads, float(count)
 
 
@@ -117,21 +117,37 @@ def test_group_rows_must_divide_the_global_batch():
 @pytest.mark.parametrize("micro", [8, 4])
 def test_eval_loss_follows_the_normalisation(micro):
     from k2jax.config import MeshConfig
-    from k2jax.eval.batch_loss import BatchLossEvaluator
+    from k2jax.eval.loss_evaluator import LossEvaluator
     from k2jax.sharding.padding import eval_plan
+    from k2jax.train.step_loss import StepLoss
 
     tokens, mask = _batch(equal_counts=False)
     config, params, step_loss, _, count = _step_loss_and_grads("per_group", 8, False)
     mesh = build_mesh(MeshConfig())
     plan = eval_plan(8, micro, 1)
     batch = {"tokens": np.asarray(tokens), "loss_mask": np.asarray(mask)}  # 8 rows: no padding
+
+    def evaluator(normalization):
+        return LossEvaluator(params, StepLoss(config.model, mesh, MeshConfig().rules, plan.rows,
+                                              plan.accumulation, normalization, GROUP),
+                             config.data)
+
     for normalization in ("per_group", "global"):
-        evaluate = BatchLossEvaluator(params, config.model, mesh, MeshConfig().rules, plan,
-                                      normalization, GROUP)
-        result = evaluate(batch)
+        result = evaluator(normalization)(batch)
         reference, _ = _reference(normalization, 8, False)
         assert result["loss"] == pytest.approx(float(reference), rel=1e-6), normalization
         assert result["tokens"] == count
-    assert step_loss == pytest.approx(
-        BatchLossEvaluator(params, config.model, mesh, MeshConfig().rules, plan, "per_group",
-                           GROUP)(batch)["loss"], rel=1e-6)
+    assert step_loss == pytest.approx(evaluator("per_group")(batch)["loss"], rel=1e-6)
+
+
+def test_a_batch_that_is_not_whole_groups_ends_with_a_partial_group():
+    """Evaluation takes any batch size: 6 rows in groups of 4 are a group of 4 and one of 2
+    (training refuses it in the config), each its own masked mean."""
+    mask = np.ones((8, 5), np.float32)
+    mask[4, :] = 0.0  # row 4 (in the partial group) counts nothing; its partner row 5 does
+    weights, divisor = loss_row_weights(jnp.asarray(mask), 6, "per_group", 4)
+    np.testing.assert_allclose(np.asarray(weights), [1 / 16] * 4 + [1 / 4, 1 / 4, 0, 0])
+    assert float(divisor) == 2.0
+    weights, divisor = loss_row_weights(jnp.asarray(mask[:2]), 2, "per_group", 4)
+    np.testing.assert_allclose(np.asarray(weights), [1 / 8, 1 / 8])  # one group of 2 rows
+    assert float(divisor) == 1.0

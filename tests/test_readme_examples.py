@@ -218,6 +218,15 @@ def check_eval_bf16(scratch, result):
     assert re.search(r"\b3\b", result.stdout) and "loss" in result.stdout.lower()
 
 
+def check_eval_run_dir(scratch, result):
+    # The run's own synthetic data and config, and its latest complete checkpoint, named.
+    assert re.search(r"checkpoint: runs/tiny -> runs/tiny/checkpoints/\d+ \(latest complete",
+                     result.stderr), result.stderr
+    losses = [float(x) for x in re.findall(r"^step 29[89] .*: loss ([0-9.]+)", result.stdout,
+                                           re.M)]
+    assert len(losses) == 2 and max(losses) < 1.0, result.stdout  # trained: well under 1
+
+
 def check_compare_hf(scratch, result):
     assert "PASSED" in result.stdout and "stacks part at" in result.stdout
 
@@ -426,6 +435,7 @@ COMMANDS: list[tuple[str, object]] = [
     (r"k2jax eval-loss --checkpoint weights/ckpt_100 --data k2data --steps 94100 --dtype bf16",
      Run(subs=(small_step("--steps 94100", 4, EVAL_ROW),), check=check_eval_bf16,
          why="data scale")),
+    (r"k2jax eval-loss --run-dir runs/tiny --steps 298:300", Run(check=check_eval_run_dir)),
     (r"k2jax convert hf-to-orbax --hf K2-ckpt_100 --out weights/ckpt_100-fp32 --dtype fp32",
      Run(check=check_fp32_weights)),
     (r"k2jax compare-hf --hf K2-ckpt_100 --checkpoint weights/ckpt_100-fp32 --data k2data",

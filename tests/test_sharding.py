@@ -253,15 +253,16 @@ def test_eval_loss_binds_activation_constraints():
     import jax
     import jax.numpy as jnp
 
-    from k2jax.eval.batch_loss import make_batch_loss_fn
-    from k2jax.eval.weights import sharded_abstract_params
-    from k2jax.sharding.padding import PaddingPlan
+    from k2jax.eval.loss_evaluator import jitted_sums
+    from k2jax.train.step_loss import StepLoss
+    from k2jax.weights.on_mesh import sharded_abstract_params
 
     config = small_config("unused-run-dir")
     mesh = build_mesh(config.mesh)
     params, shardings = sharded_abstract_params(config.model, mesh, config.mesh.rules)
-    loss_fn = make_batch_loss_fn(config.model, mesh, config.mesh.rules, PaddingPlan(4, 4, 1),
-                                 shardings)
+    loss_fn = jitted_sums(StepLoss(config.model, mesh, config.mesh.rules, 4, 1), shardings,
+                          ("tokens", "loss_mask"))
     rows = jax.ShapeDtypeStruct((4, 16), jnp.int32)
-    text = loss_fn.lower(params, rows, rows.update(dtype=jnp.float32)).as_text()
+    text = loss_fn.lower(params, {"tokens": rows,
+                                  "loss_mask": rows.update(dtype=jnp.float32)}).as_text()
     assert text.count("sharding_constraint") + text.count("@Sharding") > 2

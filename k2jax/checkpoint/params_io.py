@@ -1,5 +1,7 @@
 """Parameter-only Orbax checkpoints: what `k2jax convert hf-to-orbax` writes and
-`train.init_from` / `eval-loss --checkpoint` / `convert orbax-to-hf` read.
+`train.init_from`, `convert orbax-to-hf` and inference (k2jax/weights/: eval-loss, compare-hf,
+generate, lm-eval) read. This module owns the on-disk format; k2jax/weights/ decides, once per
+command, which directory and kind to read.
 
 Layout of a weights directory DIR:
   DIR/params/             Orbax PyTree checkpoint of the params tree (scanned layout: every

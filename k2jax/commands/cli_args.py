@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import re
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 from k2jax import dtypes
@@ -108,13 +109,15 @@ def dtype_metavar(allowed: Sequence[dtypes.DType] = dtypes.TABLE) -> str:
     return "{" + ",".join(f"{d.short},{d.name}" for d in allowed) + "}"
 
 
-def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: str, why: str) -> None:
+def add_rope_freq_dtype_arg(p: argparse.ArgumentParser, default: Optional[str],
+                            why: str) -> None:
     """--rope-freq-dtype of eval-loss and compare-hf (k2jax/eval/rope_frequencies.py): each
-    command defaults to its own purpose, `why`."""
+    command defaults to its own purpose, `why` (None: unset, the command decides)."""
     allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
     p.add_argument("--rope-freq-dtype", default=default, metavar=dtype_metavar(allowed),
                    type=dtype_type(allowed, "--rope-freq-dtype", full_name=True),
-                   help=f"RoPE inverse frequencies rounded to this dtype ({default}: {why}); "
+                   help=f"RoPE inverse frequencies rounded to this dtype "
+                        f"({default or 'unset'}: {why}); "
                         "bfloat16 = K2 as trained, float32 = transformers")
 
 
@@ -164,13 +167,15 @@ LOSS_GROUP_ROWS = Alias("--loss-group-rows", "train.loss_group_rows", {
 STEP_LOSS_ALIASES = STEP_DATA_ALIASES + (LOSS_NORMALIZATION, LOSS_GROUP_ROWS)
 
 
-def add_weights_args(p: argparse.ArgumentParser) -> None:
-    """--hf DIR | --checkpoint DIR, exactly one: the weights a command evaluates."""
-    weights = p.add_mutually_exclusive_group(required=True)
+def add_weights_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--hf DIR | --checkpoint DIR, at most one (exactly one if `required`): the weights a
+    command runs (k2jax/weights/)."""
+    weights = p.add_mutually_exclusive_group(required=required)
     weights.add_argument("--hf", metavar="DIR", help="Hugging Face LlamaForCausalLM directory "
                          "(safetensors or .bin shards), converted in memory")
-    weights.add_argument("--checkpoint", metavar="DIR", help="k2jax weights directory or "
-                         "training checkpoint step directory")
+    weights.add_argument("--checkpoint", metavar="DIR", help="k2jax weights directory, training "
+                         "checkpoint step directory, or run directory (its latest complete "
+                         "checkpoint)")
 
 
 def add_config_args(p: argparse.ArgumentParser, aliases: Sequence[Alias]) -> None:
@@ -228,24 +233,29 @@ def config_dict_from_args(args: argparse.Namespace, aliases: Sequence[Alias]) ->
 
 def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DATA_ALIASES,
                    model: Optional[Any] = None, computes_loss: bool = False):
-    """The Config whose data section says which chunk files a command reads and how.
+    """The Config whose data section says which rows a command reads and how.
 
-    The data are K2-format chunk files (data.source k2); the whole step is one micro-batch
-    (these commands read rows, they do not train); `model` (a ModelConfig, e.g. the weights')
-    replaces the config's model section; `computes_loss` keeps train.loss_normalization (and
-    its check against the batch size) for eval-loss. Without --config, the files must be named
-    (--data or data.path=): the preset's data.path is a placeholder bucket."""
-    from k2jax.config import DataConfig, ModelConfig, config_from_dict
+    The data source is the config's, as `train` reads it (synthetic, K2 chunk files, packed or
+    chat rows); the whole step is one micro-batch (these commands read rows, they do not
+    train); `model` (a ModelConfig, e.g. the weights') replaces the config's model section;
+    `computes_loss` keeps train.loss_normalization for eval-loss, for a batch of any size (a
+    last partial group under per_group, train/loss_weights.py). Chunk files must be named
+    (--data or data.path=) unless a --config names them: the preset's is a placeholder."""
+    from k2jax.config import DataConfig, ModelConfig, TrainConfig, config_from_dict
 
     data = config_dict_from_args(args, aliases)
     section = data.setdefault("data", {})
     named = (args.config is not None or getattr(args, DATA_PATH.dest, None) is not None
              or any(o.strip().startswith("data.path=") for o in args.overrides))
-    if not named:
+    if section.get("source", DataConfig.source) == "k2" and not named:
         raise UserError("--data DIR is required (or a --config whose data.path names the files)")
-    section["source"] = "k2"
+    train = data.setdefault("train", {})
+    group_rows = train.get("loss_group_rows", TrainConfig.loss_group_rows)
     if not computes_loss:  # only rows are read: how a loss would be normalised is moot
-        data.setdefault("train", {})["loss_normalization"] = "global"
+        train["loss_normalization"] = "global"
+    elif isinstance(group_rows, int) and group_rows > 0:
+        # Divisibility is the training run's check; an evaluation takes any batch.
+        train["loss_group_rows"] = 1
     section["micro_batch_size"] = section.get("global_batch_size", DataConfig.global_batch_size)
     if model is not None:
         data["model"] = dataclasses.asdict(model)
@@ -255,4 +265,52 @@ def k2_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DAT
         context = model_section.get("max_position_embeddings", ModelConfig.max_position_embeddings)
         if isinstance(seq_len, int) and isinstance(context, int):  # else validation names it
             model_section["max_position_embeddings"] = max(seq_len, context)
-    return config_from_dict(data)
+    config = config_from_dict(data)
+    if computes_loss and config.train.loss_group_rows != group_rows:
+        config.train.loss_group_rows = group_rows  # validated (positive) as given
+    return config
+
+
+# With --run-dir the run's config decides everything but where the files are on this machine.
+RUN_DIR_ALIASES = (DATA_PATH, FORMAT, INDEX_DIR)
+
+
+def add_run_dir_arg(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--run-dir", metavar="RUN",
+                   help="follow this training run: its config.yaml (data source, order, batch, "
+                        "loss) and the rows its rollbacks moved (data_order.json); with it "
+                        f"--data defaults to the run's data.path{what}")
+
+
+def step_data_config(args: argparse.Namespace, aliases: Sequence[Alias] = STEP_DATA_ALIASES,
+                     model: Optional[Any] = None, computes_loss: bool = False):
+    """(Config, moved row windows or None) of the rows a command reads: the run's with
+    --run-dir (only where its files are may be given), else k2_data_config's."""
+    if getattr(args, "run_dir", None) is None:
+        return k2_data_config(args, aliases, model, computes_loss), None
+    from k2jax.run_dir import RunDir
+
+    fixed = [a.flag for a in given_aliases(args, aliases) if a not in RUN_DIR_ALIASES]
+    fixed += ["--config"] * (args.config is not None) + list(args.overrides)
+    if fixed:
+        raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
+                        f"{args.run_dir}; give only --data, --format, --index-dir")
+    run_dir = RunDir(args.run_dir)
+    config = run_dir.load_config()
+    path = getattr(args, DATA_PATH.dest, None)
+    if path is not None:  # where the same chunk files live on this machine
+        config.data.path = path
+    form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
+    if form is not None or index_dir is not None:
+        config.data.format, config.data.index_dir = form or "auto", index_dir
+    config.data.micro_batch_size = config.data.global_batch_size
+    if not computes_loss:
+        config.train.loss_normalization = "global"
+    if model is not None:
+        config.model = model
+    return config, run_dir.moved_row_ranges(config)
+
+
+def stderr_log(message: str) -> None:
+    """A command's progress line on stderr (stdout carries results)."""
+    print(message, file=sys.stderr, flush=True)

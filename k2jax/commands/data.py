@@ -8,10 +8,10 @@ import sys
 
 from etils import epath
 
-from k2jax.commands.cli_args import (DATA_PATH, FORMAT, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
+from k2jax.commands.cli_args import (DATA_PATH, INDEX_DIR, SEQ_LEN, STEP_DATA_ALIASES,
                                     VOCAB_SIZE, add_command, add_command_group, add_config_args,
-                                    add_progress_flags, config_dict_from_args, given_aliases,
-                                    k2_data_config)
+                                    add_progress_flags, add_run_dir_arg, config_dict_from_args,
+                                    k2_data_config, step_data_config)
 from k2jax.data import fim
 from k2jax.data.chunk_assignment import K2_REPEATS_TEXT
 from k2jax.errors import UserError
@@ -128,15 +128,8 @@ def _preset_seq_len(preset: str) -> int:
 
 PACK_ALIASES = (DATA_PATH, SEQ_LEN, VOCAB_SIZE, INDEX_DIR)
 CHAT_PRESET = "k2-chat"  # prepare-chat's settings: K2-Chat's markers and context
-# With --run-dir the run's config decides everything but where the files are on this machine.
-RUN_DIR_ALIASES = (DATA_PATH, FORMAT, INDEX_DIR)
-
-
 def _add_order_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", metavar="RUN",
-                   help="follow this training run's order: its config.yaml and the rows its "
-                        "rollbacks moved (data_order.json); with it --data defaults to the "
-                        "run's data.path")
+    add_run_dir_arg(p)
     p.add_argument("--step", required=True, type=int)
     add_config_args(p, (*STEP_DATA_ALIASES, VOCAB_SIZE))
 
@@ -159,25 +152,9 @@ def _step_loader(args):
     """The StepLoader over the order the args name: the run's (its config.yaml and moved
     windows), or --config's with the overrides and flags."""
     from k2jax.data.loader import StepLoader
-    from k2jax.run_dir import RunDir
 
-    if args.run_dir is None:
-        return StepLoader.from_config(k2_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE)))
-    fixed = [a.flag for a in given_aliases(args, STEP_DATA_ALIASES + (VOCAB_SIZE,))
-             if a not in RUN_DIR_ALIASES]
-    fixed += ["--config"] * (args.config is not None) + args.overrides
-    if fixed:
-        raise UserError(f"{', '.join(fixed)}: set by the run's config with --run-dir "
-                        f"{args.run_dir}; give only --data, --format, --index-dir")
-    run_dir = RunDir(args.run_dir)
-    config = run_dir.load_config()
-    path = getattr(args, DATA_PATH.dest, None)
-    if path is not None:  # where the same chunk files live on this machine
-        config.data.path = path
-    form, index_dir = getattr(args, FORMAT.dest, None), getattr(args, INDEX_DIR.dest, None)
-    if form is not None or index_dir is not None:
-        config.data.format, config.data.index_dir = form or "auto", index_dir
-    return StepLoader.for_run(run_dir, config)
+    config, moved = step_data_config(args, (*STEP_DATA_ALIASES, VOCAB_SIZE))
+    return StepLoader.from_config(config, moved_row_ranges=moved)
 
 
 def cmd_index(args) -> int:

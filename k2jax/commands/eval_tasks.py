@@ -40,11 +40,14 @@ Runs lm-evaluation-harness with k2jax as the model (--model k2jax is implied).
 
 k2jax's model_args (comma-separated KEY=VALUE; give hf=DIR or checkpoint=DIR):
   hf=DIR            Hugging Face LlamaForCausalLM directory, converted in memory
-  checkpoint=DIR    k2jax weights directory or training checkpoint step (runs/NAME/
-                    checkpoints/STEP); needs tokenizer=
+  checkpoint=DIR    k2jax weights directory, training checkpoint step (runs/NAME/
+                    checkpoints/STEP) or run directory (its latest complete step);
+                    needs tokenizer=
   tokenizer=PATH    SentencePiece .model file, or a directory with tokenizer files
                     (default: the hf= directory)
   dtype=fp32|bf16   parameter and compute dtype (default: fp32)
+  logits_dtype=fp32|bf16
+                    logits rounded to this dtype before the log-softmax (K2: bf16)
   data=N fsdp=N tensor=N
                     mesh axis sizes (default: fsdp over all devices)
   batch_size=N max_length=N max_gen_toks=N attention=auto|xla|pallas|splash

@@ -15,7 +15,8 @@ import sys
 import time
 
 from k2jax import dtypes
-from k2jax.commands.cli_args import add_command, add_weights_args, dtype_metavar, dtype_type
+from k2jax.commands.cli_args import (add_command, add_weights_args, dtype_metavar, dtype_type,
+                                     stderr_log)
 from k2jax.errors import UserError
 
 GENERATE_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
@@ -117,7 +118,7 @@ def mesh_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from k2jax.generate.sampling import SamplingParams
     from k2jax.generate.text_tokenizer import TextTokenizer
-    from k2jax.generate.weights import model_config_of
+    from k2jax.weights import open_weights
 
     # Everything a user can get wrong is checked before any weight is read.
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--tokenizer is required with --checkpoint")
     texts = read_prompts(args)
     mesh = mesh_config(args)
-    config, _ = model_config_of(args.checkpoint, args.hf, args.dtype)
+    weights = open_weights(args.hf, args.checkpoint, stderr_log)
+    config = weights.for_inference(args.dtype)
     tokenizer = TextTokenizer(tokenizer_path)
     tokenizer.check_fits(config.vocab_size)
     if tokenizer.vocab_size < config.vocab_size:  # padded embedding rows: never chosen
@@ -150,12 +152,10 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize()
     import jax
 
-    from k2jax.eval.weights import stderr_log
     from k2jax.generate import Generator
-    from k2jax.generate.weights import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(args.checkpoint, args.hf, args.dtype, mesh)
+    loaded = weights.load(config, mesh)
     stderr_log(f"generate: weights on {loaded.mesh.devices.size} device(s) "
                f"(mesh {dict(loaded.mesh.shape)}) in {time.perf_counter() - t0:.1f} s")
     generator = Generator(loaded.params, loaded.config, loaded.mesh, loaded.rules)

@@ -6,6 +6,8 @@ so the model itself is unchanged: we record what each DecoderLayer and the final
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,16 +21,20 @@ def _captured(module, method_name: str) -> bool:
 
 
 def k2jax_forward(params: dict, config: ModelConfig, tokens_BxS: np.ndarray,
-                  hidden_states: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+                  hidden_states: bool = False, documents: Optional[dict] = None
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
     """logits float32 [B, S, V]; with hidden_states (needs config.scan_layers False), the same
-    stages as transformers reports: embeddings, layers 0..L-2, final norm output."""
+    stages as transformers reports: embeddings, layers 0..L-2, final norm output. documents:
+    the batch's `segment_ids` / `positions` (packed documents), as training runs them."""
     model = K2Model(config)
     tokens = jnp.asarray(tokens_BxS, jnp.int32)
+    documents = {k: jnp.asarray(v, jnp.int32) for k, v in (documents or {}).items()}
+    inputs = (tokens, documents.get("positions"), documents.get("segment_ids"))
     if not hidden_states:
-        return np.asarray(model.apply({"params": params}, tokens)), []
+        return np.asarray(model.apply({"params": params}, *inputs)), []
     if config.scan_layers:
         raise ValueError("per-layer hidden states need config.scan_layers=False")
-    logits, state = model.apply({"params": params}, tokens, capture_intermediates=_captured,
+    logits, state = model.apply({"params": params}, *inputs, capture_intermediates=_captured,
                                 mutable=["intermediates"])
     inter = state["intermediates"]
     embeddings = np.asarray(params["embed_tokens"])[tokens_BxS]

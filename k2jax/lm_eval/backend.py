@@ -7,7 +7,10 @@ lm-eval's own helpers, so a score differs from the hf backend's only by the forw
 
 model_args: checkpoint=DIR | hf=DIR, tokenizer=PATH (default: the hf directory), dtype=fp32|bf16,
 batch_size=N, max_length=N (default: the model's context), max_gen_toks=N, data/fsdp/tensor
-(mesh axis sizes, default fsdp over all devices), attention=auto|xla|pallas|splash.
+(mesh axis sizes, default fsdp over all devices), attention=auto|xla|pallas|splash,
+logits_dtype=float32|bfloat16 (default: the weights' model.logits_dtype; a Hugging Face
+directory's is float32). Weights open through k2jax/weights/ (checkpoint= may be a run
+directory: its latest complete checkpoint).
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ class K2JaxLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, hf: Optional[str] = None,
                  tokenizer: Optional[str] = None, dtype: str = "fp32", batch_size=8,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, data: int = 1,
-                 fsdp: int = -1, tensor: int = 1, attention: str = "auto", **unused):
+                 fsdp: int = -1, tensor: int = 1, attention: str = "auto",
+                 logits_dtype: Optional[str] = None, **unused):
         super().__init__()
         from k2jax import distributed
         from k2jax.config import MeshConfig
         from k2jax.generate import Generator
         from k2jax.generate.scoring import Scorer
         from k2jax.generate.text_tokenizer import TextTokenizer
-        from k2jax.generate.weights import load_model, model_config_of
+        from k2jax.weights import open_weights
 
         if not (hf or checkpoint):
             raise UserError("model_args: give hf=DIR or checkpoint=DIR")
@@ -42,14 +46,14 @@ class K2JaxLM(TemplateLM):
         if tokenizer is None:
             raise UserError("model_args: tokenizer=PATH is required with checkpoint=")
         self.tokenizer = TextTokenizer(str(tokenizer))
-        config, _ = model_config_of(checkpoint, hf, dtype, attention)  # fail before loading
+        weights = open_weights(hf, checkpoint)  # bad input fails before any device
+        config = weights.for_inference(dtype, attention, logits_dtype=logits_dtype)
         self.tokenizer.check_fits(config.vocab_size)
         if self.tokenizer.eos_id is None:
             raise UserError(f"tokenizer {tokenizer}: has no EOS token")
         distributed.initialize()  # a pod: every host runs lm-eval, the devices work as one
-        loaded = load_model(checkpoint, hf, dtype,
-                            MeshConfig(data=int(data), fsdp=int(fsdp), tensor=int(tensor)),
-                            attention)
+        loaded = weights.load(config, MeshConfig(data=int(data), fsdp=int(fsdp),
+                                                 tensor=int(tensor)))
         self._batch_size = int(str(batch_size).split(":")[0]) if str(batch_size) != "auto" else 8
         self._max_length = int(max_length) if max_length else config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)

@@ -7,6 +7,7 @@ recomputation for activation memory.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -33,8 +34,27 @@ def remat_policy(name: str):
     }[name]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def rounded_logits(logits_BxSxV: jnp.ndarray, dtype: str) -> jnp.ndarray:
+    """fp32 logits rounded to `dtype` (model.logits_dtype) and widened back, for the fp32
+    loss; the backward rounds dlogits to `dtype` likewise. K2's output_layer is a bf16 linear:
+    its logits reach the fp32 cross entropy rounded, and its input gradient is bf16."""
+    return logits_BxSxV.astype(dtype).astype(logits_BxSxV.dtype)
+
+
+def _rounded_logits_fwd(logits_BxSxV, dtype):
+    return rounded_logits(logits_BxSxV, dtype), None
+
+
+def _rounded_logits_bwd(dtype, _, grad_BxSxV):
+    return (grad_BxSxV.astype(dtype).astype(grad_BxSxV.dtype),)
+
+
+rounded_logits.defvjp(_rounded_logits_fwd, _rounded_logits_bwd)
+
+
 class K2Model(nn.Module):
-    """tokens int32 [B, S] -> logits float32 [B, S, vocab]."""
+    """tokens int32 [B, S] -> logits float32 [B, S, vocab] (rounded to model.logits_dtype)."""
 
     config: ModelConfig
 
@@ -80,4 +100,6 @@ class K2Model(nn.Module):
             head_ExV = logical_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
                                      ("embed", "vocab"), init, pdtype)
         logits = project(x_BxSxE, head_ExV, preferred_element_type=jnp.float32)
+        if cfg.logits_dtype != "float32":
+            logits = rounded_logits(logits, cfg.logits_dtype)
         return constrain(logits, ("batch", "length", "vocab"))

@@ -9,7 +9,9 @@ masked mean sum(loss * mask) / sum(mask), and the step's loss is the mean of the
 micro-batch of one rank; Megatron's schedules divide it by the number of micro-batches and the
 gradient all-reduce averages over data-parallel ranks; Megatron's sampler hands each rank
 consecutive rows of the global batch).
-The two agree when every group has the same mask count.
+The two agree when every group has the same mask count. Training needs whole groups (config
+check); an evaluation of a batch that is not (eval-loss --global-batch 2 under K2's groups of
+4) makes its last rows a smaller group of their own (docs/evaluation.md).
 
 Both are written as loss = sum(loss * mask * w_row) / divisor, so micro-batch accumulation only
 sums, whatever the micro-batch size and mesh: global w = 1, divisor = sum(mask); per_group
@@ -39,11 +41,13 @@ def loss_row_weights(loss_mask_PxS: jnp.ndarray, rows: int, normalization: str,
         return jnp.ones((padded,), jnp.float32), jnp.maximum(jnp.sum(row_counts_P), 1.0)
     if normalization != "per_group":
         raise ValueError(f"unknown loss normalization {normalization!r}")
-    if rows % group_rows or rows > padded:
-        raise ValueError(f"{rows} rows are not whole groups of {group_rows} within {padded}")
-    group_counts_G = jnp.sum(row_counts_P[:rows].reshape(-1, group_rows), axis=1)
+    if group_rows <= 0 or rows > padded:
+        raise ValueError(f"{rows} rows in groups of {group_rows} do not fit {padded}")
+    groups = -(-rows // group_rows)  # a last, partial group when rows % group_rows (eval only)
+    in_groups = jnp.zeros((groups * group_rows,), jnp.float32).at[:rows].set(row_counts_P[:rows])
+    group_counts_G = jnp.sum(in_groups.reshape(groups, group_rows), axis=1)
     counted_G = group_counts_G > 0
     group_weights_G = jnp.where(counted_G, 1.0 / jnp.where(counted_G, group_counts_G, 1.0), 0.0)
-    weights_P = jnp.concatenate([jnp.repeat(group_weights_G, group_rows),
+    weights_P = jnp.concatenate([jnp.repeat(group_weights_G, group_rows)[:rows],
                                  jnp.zeros((padded - rows,), jnp.float32)])
     return weights_P, jnp.maximum(jnp.sum(counted_G.astype(jnp.float32)), 1.0)

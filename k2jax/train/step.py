@@ -1,75 +1,31 @@
 """The jitted train step: micro-batch gradient accumulation (a scan, fp32), clipping, AdamW.
 
-Gradients of the *summed*, per-row weighted masked loss are accumulated over micro-batches and
-divided once: with `train.loss_normalization: global` (weights 1, divided by the global mask
-count) that is sum(loss * mask) / sum(mask) over the whole global batch; with `per_group`
-(K2's) the mean of each `loss_group_rows`-row group's masked mean (train/loss_weights.py).
-Either way it does not depend on the micro-batch split or the mesh. Weight gradients come out
-of the matmuls in `train.gradient_dtype` (model/weight_grad.py).
+The loss and its normalisation are train/step_loss.py's (shared with eval-loss): gradients of
+the summed, per-row weighted masked loss are accumulated over micro-batches and divided once,
+so they do not depend on the micro-batch split or the mesh. Weight gradients come out of the
+matmuls in `train.gradient_dtype` (model/weight_grad.py).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from k2jax.config import Config
-from k2jax.data.loader import DOCUMENT_KEYS, batch_dtypes
-from k2jax.model import K2Model, masked_next_token_loss
-from k2jax.model.weight_grad import weight_gradient_dtype
-from k2jax.sharding.rules import batch_sharding, rules_list
-from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
-from k2jax.train.micro_batches import over_micro_batches
+from k2jax.data.loader import batch_dtypes
+from k2jax.sharding.rules import batch_sharding
 from k2jax.train.state import TrainState
+from k2jax.train.step_loss import training_step_loss
 
 
 def make_loss_and_gradients(config: Config, mesh: Mesh):
-    """Returns fn(params, tokens, loss_mask, documents=None) -> (loss, grads fp32 like params,
-    counted tokens), to be traced inside a jit: the step's loss and its gradients over the
-    whole device batch.
-
-    tokens int32 [P, S], loss_mask float32 [P, S]: the step's global batch in order, then
-    zero-mask padding rows (P >= data.global_batch_size), sharded over the batch axes.
-    documents: {"segment_ids", "positions"} int32 [P, S] each, either optional (packed
-    documents: attention within a document, positions restarting per document).
-    """
-    model = K2Model(config.model)
-    rules = config.mesh.rules
-
-    def summed_loss(params, tokens, loss_mask, documents):
-        logits = model.apply({"params": params}, tokens, documents.get("positions"),
-                             documents.get("segment_ids"))
-        return masked_next_token_loss(logits, tokens, loss_mask)
-
-    def loss_and_gradients(params, tokens, loss_mask, documents=None):
-        documents = documents or {}
-        document_keys = [key for key in DOCUMENT_KEYS if key in documents]
-        row_weights, divisor = loss_row_weights(
-            loss_mask, config.data.global_batch_size, config.train.loss_normalization,
-            config.train.loss_group_rows)
-        count = jnp.sum(counted_tokens_per_row(loss_mask))
-
-        def micro_step(micro_tokens, micro_mask, *micro_documents):
-            (loss_sum, _), grads = jax.value_and_grad(summed_loss, has_aux=True)(
-                params, micro_tokens, micro_mask, dict(zip(document_keys, micro_documents)))
-            return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss_sum
-
-        # The abstract mesh is what flax's logical constraints and the attention dispatch look
-        # for while tracing (`with mesh:` alone left the constraints silently dropped).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-                nn.logical_axis_rules(rules_list(rules)), \
-                weight_gradient_dtype(config.train.gradient_dtype):
-            grads, loss_sum = over_micro_batches(
-                micro_step, (tokens, loss_mask * row_weights[:, None],
-                             *(documents[key] for key in document_keys)),
-                config.data.accumulation_steps, mesh, rules)
-        grads = jax.tree.map(lambda g: g / divisor, grads)
-        return loss_sum / divisor, grads, count
-
-    return loss_and_gradients
+    """Returns fn(params, batch) -> (loss, grads fp32 like params, counted tokens), to be traced
+    inside a jit: the step's loss (train/step_loss.py, the definition eval-loss shares) and its
+    gradients over the whole device batch (tokens, loss_mask and the document fields of
+    `batch_dtypes(config.data)`, [P, S] each, P >= data.global_batch_size)."""
+    return training_step_loss(config, mesh).value_and_grad
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -84,9 +40,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation, mes
     loss_and_gradients = make_loss_and_gradients(config, mesh)
 
     def step(state: TrainState, batch, loss_ceiling):
-        loss, grads, count = loss_and_gradients(
-            state.params, batch["tokens"], batch["loss_mask"],
-            {k: batch[k] for k in DOCUMENT_KEYS if k in batch})
+        loss, grads, count = loss_and_gradients(state.params, batch)
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)

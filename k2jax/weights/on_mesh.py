@@ -1,5 +1,5 @@
-"""Put evaluation weights on a device mesh: from a Hugging Face directory (converted in memory,
-one tensor at a time, through the name map) or from a k2jax weights / training checkpoint.
+"""Weights onto a device mesh: from a Hugging Face directory (converted in memory, one tensor
+at a time, through the name map) or from a k2jax weights directory / training checkpoint.
 
 No host ever holds the whole model: every tensor goes to its devices as soon as it is read
 (`jax.make_array_from_callback`, so on a pod each host supplies only its own shards), and the
@@ -8,8 +8,6 @@ per-layer tensors of the scanned layout are stacked on device, one parameter gro
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -19,41 +17,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax.checkpoint import params_io
-from k2jax import dtypes
 from k2jax.config import ModelConfig
 from k2jax.errors import UserError
-from k2jax.hf.config_json import model_config_from_hf
 from k2jax.hf.name_map import hf_shape, hf_to_k2jax, mappings
 from k2jax.model.param_count import abstract_params
 from k2jax.sharding.rules import param_shardings
 from k2jax.tree_paths import get_path, set_path
-
-
-def eval_model_config(base: ModelConfig, dtype: str, scan_layers: bool = True,
-                      attention: str = "auto", rope_freq_dtype: str = "float32"
-                      ) -> ModelConfig:
-    """`base` set up for a forward pass only: no remat; fp32 = fp32 params and compute; bf16 =
-    bf16 params and compute (what Megatron's bf16 forward used). `rope_freq_dtype` replaces
-    whatever a checkpoint's config says. Dtypes in either spelling (bf16 or bfloat16)."""
-    allowed = (dtypes.FLOAT32, dtypes.BFLOAT16)
-    name = dtypes.parse(dtype, "evaluation dtype", allowed).name
-    rope = dtypes.parse(rope_freq_dtype, "model.rope_freq_dtype", allowed).name
-    return dataclasses.replace(base, param_dtype=name, compute_dtype=name,
-                               remat="none", scan_layers=scan_layers, attention=attention,
-                               rope_freq_dtype=rope)
-
-
-def hf_model_config(hf_config: dict) -> ModelConfig:
-    return model_config_from_hf(hf_config)
-
-
-def checkpoint_model_config(directory: str) -> ModelConfig:
-    params_io.weights_kind(directory)  # a clear error for a directory that is neither kind
-    config = params_io.read_model_config(directory)
-    if config is None:
-        raise UserError(f"{directory}: no {params_io.MODEL_CONFIG_FILE} nor run "
-                        "config next to the weights, so the architecture is unknown")
-    return config
 
 
 def sharded_abstract_params(config: ModelConfig, mesh: Mesh, rules: dict) -> tuple[Any, Any]:
@@ -133,7 +102,3 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
     for i in range(num_layers):
         out[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
     return out
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

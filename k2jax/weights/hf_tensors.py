@@ -1,7 +1,7 @@
 """Random access by name to the tensors of a Hugging Face LlamaForCausalLM directory.
 
 A thin adapter over k2jax/convert/hf_reader.py (which finds safetensors or .bin shards, checks
-the index against the shards and reads headers only): eval-loss and compare-hf want tensors in
+the index against the shards and reads headers only): inference wants tensors in
 name-map order, one at a time, widened to float32. Host memory holds one tensor at a time (at
 most K2's hidden x intermediate matrix in fp32, 0.72 GB); .bin shards are memory-mapped, not loaded.
 """
@@ -14,7 +14,7 @@ from k2jax.convert.hf_reader import iter_tensors, open_hf_checkpoint
 from k2jax.errors import UserError
 
 
-class HFWeights:
+class HFTensors:
     """`get(name)` -> float32 numpy array; `config` is the directory's config.json dict."""
 
     def __init__(self, directory: str):
