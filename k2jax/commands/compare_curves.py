@@ -38,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from k2jax.errors import UserError
     from k2jax.eval import curves
+    from k2jax.run_dir import METRICS_FILE
     from k2jax.commands.step_spec import parse_range
 
     if not args.threshold > 0:
@@ -65,7 +66,7 @@ def _read_reference(args: argparse.Namespace):
     from k2jax.eval import curves
 
     path = Path(args.reference)
-    if path.is_dir() and not (path / "metrics.jsonl").is_file():
+    if path.is_dir() and not (path / METRICS_FILE).is_file():
         raise UserError(f"--reference {path}: a directory without metrics.jsonl (expected a W&B "
                         "CSV export, a run directory or a .jsonl file)")
     if path.suffix == ".jsonl" and not path.is_file():

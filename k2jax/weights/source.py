@@ -19,9 +19,9 @@ from k2jax.checkpoint import params_io
 from k2jax.config import MeshConfig, ModelConfig
 from k2jax.errors import UserError
 from k2jax.paths import storage_path
+from k2jax.run_dir import CHECKPOINTS_DIR as RUN_CHECKPOINTS
 
 INFERENCE_DTYPES = (dtypes.FLOAT32, dtypes.BFLOAT16)
-RUN_CHECKPOINTS = "checkpoints"  # run_dir/checkpoints/<step>, what `k2jax train` writes
 
 
 def _stderr(message: str) -> None:
