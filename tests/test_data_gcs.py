@@ -276,7 +276,7 @@ def test_prepare_chat_writes_the_same_chunks_to_gs(gcs_server, gcs_bucket, tmp_p
 
 
 def test_ranged_reader_reads_in_pieces(gcs_server, gcs_bucket):
-    from k2jax.remote_files import RangedReader
+    from k2jax.storage.ranged_reader import RangedReader
 
     data = bytes(range(256)) * 1000
     fsspec.filesystem("gs").pipe_file(f"{gcs_bucket}/blob", data)

@@ -22,8 +22,9 @@ import numpy as np
 
 from etils import epath
 
-from k2jax import dtypes, remote_files
+from k2jax import dtypes
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -119,7 +120,7 @@ def write_safetensors_shards(directory: Path, entries: list[ShardEntry], shard_b
 def _open_output(path):
     """A new file in the output directory: plain open() in the local staging directory (its
     rename publishes it); on gs:// an upload committed only when the block succeeds."""
-    return remote_files.upload(path) if remote_files.is_remote(path) else open(path, "wb")
+    return remote.upload(path) if is_remote(path) else open(path, "wb")
 
 
 def write_json(path, data: dict) -> None:
@@ -135,7 +136,7 @@ def generation_config(hf_config: dict) -> dict:
 
 def tokenizer_files(tokenizer_dir: str) -> list[Path]:
     """The tokenizer files in a directory (UserError if it has none)."""
-    root = (epath.Path(tokenizer_dir) if remote_files.is_remote(tokenizer_dir)
+    root = (epath.Path(tokenizer_dir) if is_remote(tokenizer_dir)
             else Path(tokenizer_dir))
     if not root.is_dir():
         raise UserError(f"--tokenizer {tokenizer_dir}: not a directory")
@@ -148,7 +149,7 @@ def tokenizer_files(tokenizer_dir: str) -> list[Path]:
 
 def copy_files(files: Iterable[Path], directory) -> None:
     for file in files:
-        if remote_files.is_remote(directory) or remote_files.is_remote(file):
+        if is_remote(directory) or is_remote(file):
             with _open_output(directory / file.name) as f:
                 f.write(file.read_bytes())
         else:
