@@ -8,8 +8,11 @@ from typing import Optional, Sequence
 
 from k2jax.errors import UserError
 from k2jax.optional import require
+from k2jax.storage import remote
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# What a tokenizer directory on gs:// is copied without: the weights beside it.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
 class TextTokenizer:
@@ -18,11 +21,12 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
-                                       for name in HF_TOKENIZER_FILES):
+        local = remote.local_copy(path, WEIGHT_SUFFIXES)  # transformers/SentencePiece: local only
+        if os.path.isdir(local) and any(os.path.isfile(os.path.join(local, name))
+                                        for name in HF_TOKENIZER_FILES):
             transformers = require("transformers", f"--tokenizer {path} (Hugging Face files)")
             try:
-                self.hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.hf = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
             except (OSError, ValueError) as err:
                 raise UserError(f"--tokenizer {path}: not a readable Hugging Face tokenizer "
                                 f"({str(err).splitlines()[0]})") from None
@@ -33,7 +37,7 @@ class TextTokenizer:
             return
         from k2jax.tokenizer import K2Tokenizer
 
-        model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+        model_file = os.path.join(local, "tokenizer.model") if os.path.isdir(local) else local
         if not os.path.isfile(model_file):
             raise UserError(f"--tokenizer {path}: expected a SentencePiece .model file or a "
                             f"directory with {' or '.join(HF_TOKENIZER_FILES)} or "

@@ -15,10 +15,13 @@ gcsfs is the backend, the same instance etils.epath uses for gs:// paths.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import io
 import os
+import shutil
+import tempfile
 from typing import IO, Any, Iterator, Optional
 
 from k2jax.errors import UserError, one_line
@@ -187,3 +190,37 @@ def remove_tree(path: object, first: Optional[str] = None) -> None:
     if rest:
         fs.rm(rest)
     fs.invalidate_cache()
+
+
+_LOCAL_COPIES: dict[tuple, str] = {}
+
+
+def local_copy(path: object, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A local path holding `path`'s content, for libraries that read local files only
+    (transformers, SentencePiece): a remote file or directory is downloaded once per process
+    into a temporary directory removed at exit, leaving out files whose names end in
+    `skip_suffixes` (a tokenizer needs no weights). A local path is returned as it is."""
+    if not is_remote(path):
+        return os.fspath(path)
+    cache_key = (str(path).rstrip("/"), tuple(skip_suffixes))
+    if cache_key in _LOCAL_COPIES:
+        return _LOCAL_COPIES[cache_key]
+    fs, key = filesystem(cache_key[0])
+    root = tempfile.mkdtemp(prefix="k2jax-local-copy-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    target = os.path.join(root, key.rsplit("/", 1)[-1])
+    try:
+        names = fs.find(key, withdirs=False)
+    except FileNotFoundError:
+        names = []
+    if not names:
+        raise UserError(f"{path}: not found (no object under this prefix, or no such bucket)")
+    for name in names:
+        relative = os.path.relpath(name, key) if name != key else ""
+        if relative.endswith(tuple(skip_suffixes)) and relative:
+            continue
+        destination = os.path.join(target, relative) if relative else target
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        fs.get_file(name, destination)
+    _LOCAL_COPIES[cache_key] = target
+    return target
