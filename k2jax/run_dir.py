@@ -73,6 +73,8 @@ class RunDir:
         """Creates a local run_dir (and parents); on gs:// checks that the bucket is there and
         readable. A path that cannot be a run directory is one line."""
         if self.remote:
+            if not os.fspath(self.path).startswith("gs://"):  # the lock and logs need GCS's API
+                raise UserError(f"train.run_dir {self.path}: expected a local path or gs://")
             remote.check_bucket(self.path, "train.run_dir")
             if self.path.is_file():
                 raise UserError(f"train.run_dir {self.path}: is an object, expected a prefix")

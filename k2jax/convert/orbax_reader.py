@@ -126,7 +126,7 @@ class OrbaxParamsReader:
     def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
         if path not in self._open:
             name = self._metadata(path).name  # the leaf's key inside the checkpoint
-            base = str(self._item) if "://" in str(self._item) else \
+            base = str(self._item) if is_remote(self._item) else \
                 f"file://{self._item.absolute()}"
             kvstore = ({"driver": "ocdbt", "base": f"{base}/", "path": name} if self._ocdbt
                        else f"{base}/{name}/")
