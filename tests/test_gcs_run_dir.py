@@ -266,7 +266,7 @@ def test_kill_9_on_gcs_then_resume_is_bitwise_identical_to_a_local_run(gcs_serve
                        restore_params_numpy(reference, final))
 
     # train.init_from=gs://: the parameters of a gs:// step, into a fresh local run
-    warm = _run(tmp_path / "warm", "train.steps=0", f"train.init_from={run}/checkpoints/{final}")
+    warm = _run(tmp_path / "warm", "train.steps=1", f"train.init_from={run}/checkpoints/{final}")
     assert warm.returncode == 0 and "initialised parameters from gs://" in warm.stderr, \
         warm.stderr[-2000:]
 
