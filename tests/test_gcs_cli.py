@@ -83,7 +83,7 @@ def _k2jax(*argv, timeout=300) -> subprocess.CompletedProcess:
                           env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # two CLI subprocesses (~10 s each: imports)
+@pytest.mark.slow  # three CLI subprocesses (~10 s each: imports)
 def test_k2_65b_config_with_a_missing_bucket_is_one_line_before_any_state(gcs_server):
     for overrides in (["data.path=gs://no-such-bucket-k2jax/data",
                        "train.run_dir=gs://no-such-bucket-k2jax/run"],
@@ -97,6 +97,15 @@ def test_k2_65b_config_with_a_missing_bucket_is_one_line_before_any_state(gcs_se
                             r"not exist", lines[0]), lines[0]
         # K2-65B's state is ~0.8 TB: building any of it on this machine would not end in 60 s.
         assert elapsed < 60, elapsed
+
+    # The run_dir's bucket exists, the data's does not: refused before anything is written.
+    run = f"{gcs_server.bucket()}/run"
+    result = _k2jax("train", "--config", REPO / "configs" / "k2-65b.yaml",
+                    "data.path=gs://no-such-bucket-k2jax/data", f"train.run_dir={run}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "k2jax train: error: gs://no-such-bucket-k2jax/data: not found (no object under this "
+        "prefix, or no such bucket)"], result.stderr[-3000:]
+    assert gcs_server.list_objects(run) == []
 
 
 def _quiet(result: subprocess.CompletedProcess, what: str) -> None:
