@@ -4,7 +4,7 @@ Local: a file opened for appending, each write flushed to the OS at once.
 gs://: GCS has no append, and one object may be written about once a second. Writes are kept in
 memory and appended to the object at most every `FLUSH_SECONDS` (and at `flush()`, which the
 trainer calls at each checkpoint, and at `close()`) by composing an uploaded part onto it
-(k2jax/gcs.py `append_object`): the object always holds whole flushes, never half of one, and
+(k2jax/storage/gcs_objects.py `append_object`): the object always holds whole flushes, never half of one, and
 its past is never rewritten. A kill -9 loses at most the writes since the last flush.
 """
 
@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 
-from k2jax import gcs
+from k2jax.storage import gcs_objects, is_remote
 from k2jax.storage_errors import writing
 
 FLUSH_SECONDS = 10.0
@@ -23,7 +23,7 @@ FLUSH_SECONDS = 10.0
 class AppendLog:
     def __init__(self, path, flush_seconds: float = FLUSH_SECONDS):
         self.path = path
-        self.remote = gcs.is_gcs(path)
+        self.remote = is_remote(path)
         self.flush_seconds = flush_seconds
         self._pending: list[bytes] = []
         self._last_flush = time.monotonic()
@@ -49,7 +49,7 @@ class AppendLog:
         if self._pending:
             data, self._pending = b"".join(self._pending), []
             with writing(self.path):
-                gcs.append_object(self.path, data, self._part)
+                gcs_objects.append_object(self.path, data, self._part)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

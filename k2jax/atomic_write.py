@@ -11,8 +11,9 @@ mode a plain mkdir() would, so outputs have the modes the user's umask gives any
   atomic_output_dir(out, force)    a directory (converted weights); check_output refuses to
                                    overwrite without force or to replace an input
 Paths may be local or `gs://` for files; output directories are local. On gs:// there is no
-rename, but an object appears only when its upload completes: the file is spooled to a local
-temporary file and uploaded in one piece at the end (nothing is uploaded after an error).
+rename (gcsfs's move is a copy plus a delete), but an object appears only when its upload is
+finalized: the file is uploaded to its final name directly and the upload is cancelled on any
+error (k2jax/storage/remote.py `upload`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import IO, Any, Iterator
 import numpy as np
 from etils import epath
 
-from k2jax import gcs
-from k2jax.errors import UserError, one_line
+from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 from k2jax.storage_errors import storage_failure
 
 # An error that means "this path cannot be written here" (a missing or non-directory parent, a
@@ -50,8 +51,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Yield a file open (`mode`: "wb" or "w") on a hidden sibling of `path`; when the block
     ends without error the file is closed and renamed to `path` (replacing it), otherwise it
     is removed and `path` is left as it was."""
-    if gcs.is_gcs(path):
-        with _gcs_upload(path, mode) as handle:
+    if is_remote(path):
+        with remote.upload(path, mode) as handle:  # no rename on GCS: an upload is atomic
             yield handle
         return
     path = epath.Path(path)
@@ -73,20 +74,6 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if isinstance(err, OSError) and err.filename is None:  # a full disk names the output
             err.filename = str(path)
         raise
-
-
-@contextlib.contextmanager
-def _gcs_upload(path: str | os.PathLike, mode: str) -> Iterator[IO]:
-    """A local spool file, uploaded to `path` after the block (gcsfs put_file: one request, or
-    a resumable upload that only a last, complete chunk finalizes)."""
-    with tempfile.NamedTemporaryFile(mode, prefix=".k2jax-upload-") as spool:
-        yield spool
-        spool.flush()
-        try:
-            gcs.filesystem().put_file(spool.name, os.fspath(path).removeprefix("gs://"))
-        except (FileNotFoundError, PermissionError) as err:
-            raise UserError(f"{path}: cannot be written ({one_line(err)})") from err
-        gcs.filesystem().invalidate_cache(os.fspath(path).removeprefix("gs://"))
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -14,12 +14,9 @@ import yaml
 from etils import epath
 
 from k2jax.errors import UserError
+from k2jax.storage import is_remote
 
 REWRITE = "delete it and re-run the command that wrote it"
-
-
-def is_local(path: str | os.PathLike) -> bool:
-    return "://" not in os.fspath(path)
 
 
 def read_text(path: epath.Path, remedy: str = REWRITE, kind: str = "a file") -> Optional[str]:
@@ -76,7 +73,7 @@ def read_npy(path: epath.Path, mmap: bool = True, remedy: str = REWRITE) -> np.n
     that is not a whole .npy array (truncated, a directory) is one line ending in `remedy`;
     a missing one raises FileNotFoundError."""
     try:
-        if mmap and is_local(path):
+        if mmap and not is_remote(path):
             return np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
         with epath.Path(path).open("rb") as f:
             return np.load(io.BytesIO(f.read()), allow_pickle=False)

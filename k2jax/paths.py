@@ -8,10 +8,12 @@ import os
 
 from etils import epath
 
+from k2jax.storage import is_remote
+
 
 def storage_path(path: str | os.PathLike) -> epath.Path:
     text = os.fspath(path)
-    if "://" in text:
+    if is_remote(text):
         return epath.Path(text)
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 

@@ -26,9 +26,9 @@ import os
 import yaml
 from etils import epath
 
-from k2jax import gcs
 from k2jax.atomic_write import write_bytes_atomic
 from k2jax.config import Config, config_from_dict
+from k2jax.storage import is_remote, remote
 from k2jax.errors import UserError, one_line
 from k2jax.files import read_json, read_yaml
 from k2jax.paths import storage_path
@@ -49,7 +49,7 @@ SUPERSEDED_DIR = "superseded_checkpoints"
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = storage_path(path)
-        self.remote = gcs.is_gcs(self.path)
+        self.remote = is_remote(self.path)
 
     def __str__(self) -> str:
         return os.fspath(self.path)
@@ -73,7 +73,9 @@ class RunDir:
         """Creates a local run_dir (and parents); on gs:// checks that the bucket is there and
         readable. A path that cannot be a run directory is one line."""
         if self.remote:
-            gcs.check_bucket(self.path, "train.run_dir")
+            if not os.fspath(self.path).startswith("gs://"):  # the lock and logs need GCS's API
+                raise UserError(f"train.run_dir {self.path}: expected a local path or gs://")
+            remote.check_bucket(self.path, "train.run_dir")
             if self.path.is_file():
                 raise UserError(f"train.run_dir {self.path}: is an object, expected a prefix")
             return

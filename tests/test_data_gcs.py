@@ -277,11 +277,13 @@ def test_prepare_chat_writes_the_same_chunks_to_gs(gcs_server, gcs_bucket, tmp_p
 
 
 def test_ranged_reader_reads_in_pieces(gcs_server, gcs_bucket):
-    from k2jax.remote_files import RangedReader
+    from k2jax.storage.ranged_reader import RangedReader
+    from k2jax.storage.remote import filesystem
 
     data = bytes(range(256)) * 1000
     fsspec.filesystem("gs").pipe_file(f"{gcs_bucket}/blob", data)
-    with RangedReader(f"{gcs_bucket}/blob", piece_bytes=1000) as f:  # 200 GETs for one read
+    url = f"{gcs_bucket}/blob"
+    with RangedReader(url, *filesystem(url), piece_bytes=1000) as f:  # 200 GETs for one read
         f.seek(300)
         buffer = bytearray(200_000)
         assert f.readinto(buffer) == 200_000 and bytes(buffer) == data[300:200_300]

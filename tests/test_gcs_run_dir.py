@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from k2jax import gcs
+from k2jax.storage import gcs_objects, remote
 from k2jax.errors import UserError
 
 LEASE = "3"  # seconds: a killed trainer's lock goes stale quickly
@@ -29,18 +29,18 @@ def committed(server, run_url) -> list[int]:
 
 def test_the_server_enforces_generation_preconditions(gcs_bucket):
     """What the lock relies on, checked on this server (not assumed): an exclusive create and a
-    conditional rewrite (multipart uploads, as k2jax.gcs makes them)."""
+    conditional rewrite (multipart uploads, as k2jax.storage.gcs_objects makes them)."""
     path = gcs_bucket + "/x/lock"
-    first = gcs.write(path, b"a", if_generation=0)
+    first = gcs_objects.write(path, b"a", if_generation=0)
     with pytest.raises(FileExistsError):
-        gcs.write(path, b"b", if_generation=0)
+        gcs_objects.write(path, b"b", if_generation=0)
     with pytest.raises(FileExistsError):
-        gcs.write(path, b"c", if_generation=first + 1)
-    second = gcs.write(path, b"d", if_generation=first)
-    assert gcs.read(path) == b"d" and second != first
+        gcs_objects.write(path, b"c", if_generation=first + 1)
+    second = gcs_objects.write(path, b"d", if_generation=first)
+    assert gcs_objects.read(path) == b"d" and second != first
     # This server ignores ifGenerationMatch on DELETE (real GCS honours it), so nothing here
     # relies on it: a holder that lost the lock never deletes it (next test).
-    assert gcs.delete(path, if_generation=second) and gcs.stat(path) is None
+    assert gcs_objects.delete(path, if_generation=second) and gcs_objects.stat(path) is None
 
 
 def test_a_live_lock_refuses_a_second_holder_and_a_dead_one_goes_stale(gcs_server, gcs_bucket,
@@ -66,9 +66,9 @@ def test_a_live_lock_refuses_a_second_holder_and_a_dead_one_goes_stale(gcs_serve
     newcomer.acquire()  # waits out the lease, then takes over
     assert any("took over the stale run_dir lock" in m for m in messages), messages
     with pytest.raises(FileExistsError):  # the old holder's next write is refused ...
-        gcs.write(holder.path, b"x", if_generation=holder._generation)
+        gcs_objects.write(holder.path, b"x", if_generation=holder._generation)
     newcomer.release()
-    assert gcs.stat(newcomer.path) is None
+    assert gcs_objects.stat(newcomer.path) is None
 
 
 def test_a_holder_that_lost_the_lock_stops_at_its_next_check(gcs_bucket, monkeypatch):
@@ -78,12 +78,12 @@ def test_a_holder_that_lost_the_lock_stops_at_its_next_check(gcs_bucket, monkeyp
     monkeypatch.setenv("K2JAX_RUN_LOCK_LEASE_S", "0.8")
     lock = GcsRunLock(RunDir(gcs_bucket + "/run"), log=lambda m: None)
     lock.acquire()
-    gcs.write(lock.path, b'{"host": "other", "pid": 1, "started": "then"}')  # taken over
+    gcs_objects.write(lock.path, b'{"host": "other", "pid": 1, "started": "then"}')  # taken over
     time.sleep(0.8)
     with pytest.raises(UserError, match="this run lost its lock to host other PID 1"):
         lock.check()
     lock.release()
-    assert json.loads(gcs.read(lock.path))["host"] == "other"  # not deleted: not ours
+    assert json.loads(gcs_objects.read(lock.path))["host"] == "other"  # not deleted: not ours
 
 
 # -- logs, set-aside, a missing bucket ---------------------------------------------------------
@@ -120,10 +120,10 @@ def test_logs_on_gcs_hold_whole_flushes_and_keep_their_past(gcs_server, gcs_buck
 def test_append_past_the_compose_limit_rewrites_the_log_whole(gcs_server, gcs_bucket,
                                                               monkeypatch):
     log = gcs_bucket + "/run/metrics.jsonl"
-    gcs.append_object(log, b"1\n", ".part")
-    gcs.append_object(log, b"2\n", ".part")  # composed
-    monkeypatch.setattr(gcs, "_MAX_COMPONENTS", 1)  # this server reports no componentCount
-    gcs.append_object(log, b"3\n", ".part")  # rewritten as one object
+    gcs_objects.append_object(log, b"1\n", ".part")
+    gcs_objects.append_object(log, b"2\n", ".part")  # composed
+    monkeypatch.setattr(gcs_objects, "_MAX_COMPONENTS", 1)  # this server reports no componentCount
+    gcs_objects.append_object(log, b"3\n", ".part")  # rewritten as one object
     assert gcs_server.read_object(log) == b"1\n2\n3\n"
     assert gcs_server.list_objects(gcs_bucket + "/run") == ["run/metrics.jsonl"]
 
@@ -134,9 +134,9 @@ def test_set_aside_on_gcs_copies_then_deletes_the_commit_marker_first(gcs_server
 
     run = RunDir(gcs_bucket + "/run")
     for name in ("commit_success.txt", "state/commit_success.txt", "state/data", "_META"):
-        gcs.write(f"{run.checkpoints_dir}/4/{name}", name.encode())
+        gcs_objects.write(f"{run.checkpoints_dir}/4/{name}", name.encode())
     target = set_aside_step(run.checkpoints_dir, 4, run.set_aside_dir(DAMAGED_DIR))
-    again = (gcs.write(f"{run.checkpoints_dir}/4/_META", b"x"),
+    again = (gcs_objects.write(f"{run.checkpoints_dir}/4/_META", b"x"),
              set_aside_step(run.checkpoints_dir, 4, run.set_aside_dir(DAMAGED_DIR)))[1]
     assert str(target).endswith("/run/damaged_checkpoints/4")
     assert str(again).endswith("/run/damaged_checkpoints/4-1")
@@ -164,7 +164,7 @@ def test_a_missing_gcs_backend_is_one_line(monkeypatch):
     from k2jax.run_dir import RunDir
 
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed: import fails
-    with pytest.raises(UserError, match=r"^gs:// paths need the gcsfs package"):
+    with pytest.raises(UserError, match=r"^gs://bucket/run: gs:// paths need the gcsfs package"):
         RunDir("gs://bucket/run").ensure()
 
 
@@ -266,7 +266,7 @@ def test_kill_9_on_gcs_then_resume_is_bitwise_identical_to_a_local_run(gcs_serve
                        restore_params_numpy(reference, final))
 
     # train.init_from=gs://: the parameters of a gs:// step, into a fresh local run
-    warm = _run(tmp_path / "warm", "train.steps=0", f"train.init_from={run}/checkpoints/{final}")
+    warm = _run(tmp_path / "warm", "train.steps=1", f"train.init_from={run}/checkpoints/{final}")
     assert warm.returncode == 0 and "initialised parameters from gs://" in warm.stderr, \
         warm.stderr[-2000:]
 
@@ -329,7 +329,7 @@ def test_run_dir_and_data_on_gcs_kill_9_and_resume_equal_a_local_run(gcs_server,
     for chunk in range(3):
         write_chunk(local, chunk, 200, seq_len=16)
     for path in local.iterdir():
-        gcs.filesystem().put_file(str(path), f"{gcs_bucket[5:]}/data/{path.name}")
+        remote.filesystem()[0].put_file(str(path), f"{gcs_bucket[5:]}/data/{path.name}")
     index = subprocess.run([*_k2jax(), "data", "index", "--data", f"{gcs_bucket}/data",
                             "--quiet"], env=_env(), capture_output=True, text=True, timeout=120)
     assert index.returncode == 0, index.stderr[-2000:]
@@ -376,7 +376,7 @@ def test_a_damaged_gcs_checkpoint_is_set_aside_and_the_run_resumes(gcs_server, g
     shards = [n for n in gcs_server.list_objects(run + "/checkpoints/4/state/")
               if "/ocdbt.process_0/d/" in n]
     for name in shards:  # the step keeps its commit marker but lost its data
-        assert gcs.delete(f"gs://{bucket}/{name}")
+        assert gcs_objects.delete(f"gs://{bucket}/{name}")
     resumed = _run(run, "train.steps=6", "train.checkpoint_every=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoint 4 set aside as {run}/damaged_checkpoints/4" in resumed.stderr

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from etils import epath
 
 from k2jax.aot.topology import Slice
+from k2jax.atomic_write import write_bytes_atomic
 from k2jax.config import Config
-from k2jax import remote_files
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.train.flops import flops_per_token
 from k2jax.train.setup import build_training_setup
@@ -123,7 +123,7 @@ def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
 def _write_hlo(compiled, hlo_out: Optional[str]) -> Optional[str]:
     if hlo_out is None or compiled is None:
         return None
-    remote_files.write_bytes(epath.Path(hlo_out), compiled.as_text().encode())  # gs://: upload
+    write_bytes_atomic(epath.Path(hlo_out), compiled.as_text().encode())  # gs://: upload
     return hlo_out
 
 

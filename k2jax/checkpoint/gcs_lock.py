@@ -28,8 +28,8 @@ import time
 import uuid
 from typing import Optional
 
-from k2jax import gcs
 from k2jax.errors import UserError, one_line
+from k2jax.storage import gcs_objects
 
 LEASE_ENV = "K2JAX_RUN_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 120.0
@@ -83,7 +83,7 @@ class GcsRunLock:
 
     def _holder(self, generation: int) -> Optional[dict]:
         try:
-            return json.loads(gcs.read(self.path, generation) or b"")
+            return json.loads(gcs_objects.read(self.path, generation) or b"")
         except ValueError:
             return None
 
@@ -94,14 +94,14 @@ class GcsRunLock:
         watched: Optional[tuple[int, float]] = None  # (generation, when first seen)
         while self._generation is None:
             try:
-                self._generation = gcs.write(self.path, self._record(), if_generation=0)
+                self._generation = gcs_objects.write(self.path, self._record(), if_generation=0)
                 break
             except FileExistsError:
                 pass
             except Exception as err:  # noqa: BLE001 - permission, network
                 raise UserError(f"train.run_dir {self.run_dir}: cannot write its lock object "
                                 f"{self.path} ({one_line(err)})") from err
-            current = gcs.stat(self.path)
+            current = gcs_objects.stat(self.path)
             if current is None:
                 continue  # released between our create and our look
             holder = self._holder(current["generation"])
@@ -118,7 +118,7 @@ class GcsRunLock:
                              "heartbeat or for its lease to run out")
             if age > lease or time.monotonic() - watched[1] > lease:
                 try:
-                    self._generation = gcs.write(self.path, self._record(),
+                    self._generation = gcs_objects.write(self.path, self._record(),
                                                  if_generation=current["generation"])
                 except FileExistsError:
                     continue  # another newcomer took it first: look again
@@ -135,7 +135,7 @@ class GcsRunLock:
     def _verify(self) -> None:
         """Reads the lock back: the object holds our token (a second guard beside the
         server's preconditions)."""
-        current = gcs.stat(self.path)
+        current = gcs_objects.stat(self.path)
         holder = self._holder(current["generation"]) if current else None
         if not holder or holder.get("token") != self.token:
             self._generation = None
@@ -145,10 +145,10 @@ class GcsRunLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease / 4):
             try:
-                self._generation = gcs.write(self.path, self._record(),
+                self._generation = gcs_objects.write(self.path, self._record(),
                                              if_generation=self._generation)
             except FileExistsError:
-                current = gcs.stat(self.path)
+                current = gcs_objects.stat(self.path)
                 holder = self._holder(current["generation"]) if current else None
                 self.lost = (f"train.run_dir {self.run_dir}: this run lost its lock to "
                              f"{_describe(holder)} (no heartbeat reached GCS within the lease)")
@@ -168,7 +168,7 @@ class GcsRunLock:
             self._thread.join()
             self._thread = None
         if self._generation is not None and not self.lost:
-            gcs.delete(self.path, if_generation=self._generation)
+            gcs_objects.delete(self.path, if_generation=self._generation)
         self._generation = None
 
     def __enter__(self) -> "GcsRunLock":

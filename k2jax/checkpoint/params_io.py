@@ -20,6 +20,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from k2jax.atomic_write import write_bytes_atomic
 from k2jax.config import ModelConfig, model_config_from_dict
 from k2jax.errors import UserError, one_line
 from k2jax.files import read_json_object
@@ -31,8 +32,8 @@ MODEL_CONFIG_FILE = "k2jax_model.json"
 
 def write_model_config(directory: str, model_config: ModelConfig) -> None:
     """DIR/k2jax_model.json: the ModelConfig the weights in DIR were made for."""
-    (storage_path(directory) / MODEL_CONFIG_FILE).write_text(
-        json.dumps(dataclasses.asdict(model_config), indent=1))
+    write_bytes_atomic(storage_path(directory) / MODEL_CONFIG_FILE,  # gs://: one upload
+                       json.dumps(dataclasses.asdict(model_config), indent=1).encode())
 
 
 def weights_kind(directory: str) -> str:

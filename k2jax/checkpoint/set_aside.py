@@ -19,8 +19,8 @@ from typing import Any, Callable, Optional
 
 from etils import epath
 
-from k2jax import gcs
 from k2jax.errors import UserError, one_line
+from k2jax.storage import is_remote, remote
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's CommitFileTemporaryPath, used on GCS
 
@@ -29,8 +29,8 @@ def set_aside_step(checkpoints_dir: epath.Path, step: int, target_dir: epath.Pat
                    ) -> epath.Path:
     """Moves `checkpoints_dir/<step>` to a free name under `target_dir` (<step>, <step>-1, ...;
     earlier copies of the same step there keep their names); returns the new path."""
-    remote = gcs.is_gcs(checkpoints_dir)
-    if not remote:
+    on_gcs = is_remote(checkpoints_dir)
+    if not on_gcs:
         target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / str(step)
     copy = 1
@@ -38,9 +38,9 @@ def set_aside_step(checkpoints_dir: epath.Path, step: int, target_dir: epath.Pat
         target = target_dir / f"{step}-{copy}"
         copy += 1
     source = checkpoints_dir / str(step)
-    if remote:
-        gcs.copy_tree(str(source), str(target))
-        gcs.remove_tree(str(source), first=COMMIT_MARKER)
+    if on_gcs:
+        remote.copy_tree(str(source), str(target))
+        remote.remove_tree(str(source), first=COMMIT_MARKER)
     else:
         source.rename(target)
     return target

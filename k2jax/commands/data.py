@@ -190,7 +190,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from k2jax.remote_files import write_npy as write_npy_atomic  # gs://: a direct upload
+    from k2jax.atomic_write import write_npy_atomic  # gs://: one direct upload
 
     loader = _step_loader(args)
     start, stop = loader.logical_rows(args.step)

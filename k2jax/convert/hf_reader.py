@@ -27,9 +27,10 @@ import numpy as np
 
 from etils import epath
 
-from k2jax import dtypes, remote_files
+from k2jax import dtypes
 from k2jax.errors import UserError
 from k2jax.optional import require
+from k2jax.storage import is_remote, remote
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -79,19 +80,19 @@ def read_config(directory: Path) -> dict:
 
 def hf_path(directory: str | os.PathLike):
     """pathlib.Path locally; etils.epath for gs:// (a Path would fold `gs://` into `gs:/`)."""
-    return epath.Path(str(directory)) if remote_files.is_remote(directory) else Path(directory)
+    return epath.Path(str(directory)) if is_remote(directory) else Path(directory)
 
 
 def open_hf_checkpoint(directory: str) -> HFCheckpoint:
     """Find the weight files and read every tensor's name, shape and dtype (no tensor data).
     `directory` may be on gs:// (safetensors only: headers and tensors come by ranged GETs)."""
     root = hf_path(directory)
-    remote_files.check_listable(directory, "Hugging Face model directory")
+    remote.check_listable(directory, "Hugging Face model directory")
     if not root.is_dir():
         raise UserError(f"{directory}: not a directory")
     config = read_config(root)
     fmt, files = _weight_files(root)
-    if fmt == "bin" and remote_files.is_remote(root):
+    if fmt == "bin" and is_remote(root):
         raise UserError(f"{directory}: PyTorch .bin weights are read from local disk only (torch "
                         "memory-maps them); copy the directory locally first")
     tensors: dict[str, TensorInfo] = {}
@@ -150,9 +151,9 @@ def _check_index(root: Path, fmt: str, tensors: dict[str, TensorInfo]) -> None:
 def _safetensors_infos(path: Path) -> list[TensorInfo]:
     # The header is JSON after an 8-byte little-endian length; the data offsets it gives let us
     # read each tensor with one sequential readinto, with no mmap and no torch.
-    size = (remote_files.signature(path)["size"] if remote_files.is_remote(path)
+    size = (remote.signature(path)["size"] if is_remote(path)
             else path.stat().st_size)
-    with remote_files.open_uncached(path) as f:  # on gs:// two small ranged GETs
+    with remote.open_uncached(path) as f:  # on gs:// two small ranged GETs
         head = f.read(8)
         if len(head) < 8:
             raise UserError(f"{path}: truncated safetensors file (no header)")
@@ -239,7 +240,7 @@ def iter_tensors(checkpoint: HFCheckpoint, names: Optional[set[str]] = None,
 
 def _iter_safetensors(file: Path, infos: list[TensorInfo], buffers: list[np.ndarray],
                       turn: Iterator[int]):
-    with remote_files.open_uncached(file) as f:  # on gs:// one ranged GET per tensor
+    with remote.open_uncached(file) as f:  # on gs:// one ranged GET per tensor
         for info in infos:
             dtype = dtypes.from_safetensors(info.dtype, f"tensor {info.name} in {file}").numpy
             buffer = buffers[next(turn) % len(buffers)] if buffers else None

@@ -23,8 +23,9 @@ import numpy as np
 
 from etils import epath
 
-from k2jax import dtypes, remote_files
+from k2jax import dtypes
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 from k2jax.tokenizer import SENTENCEPIECE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,7 +120,7 @@ def write_safetensors_shards(directory: Path, entries: list[ShardEntry], shard_b
 def _open_output(path):
     """A new file in the output directory: plain open() in the local staging directory (its
     rename publishes it); on gs:// an upload committed only when the block succeeds."""
-    return remote_files.upload(path) if remote_files.is_remote(path) else open(path, "wb")
+    return remote.upload(path) if is_remote(path) else open(path, "wb")
 
 
 def write_json(path, data: dict) -> None:
@@ -138,7 +139,7 @@ def copy_files(files: Iterable[str], directory) -> None:
     tokenizer.model, whatever it was called); either side may be on gs://."""
     for file in files:
         name = SENTENCEPIECE_FILE if os.fspath(file).endswith(".model") else Path(file).name
-        if remote_files.is_remote(directory) or remote_files.is_remote(file):
+        if is_remote(directory) or is_remote(file):
             with _open_output(directory / name) as f:
                 f.write(epath.Path(file).read_bytes())
         else:

@@ -17,13 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from k2jax import remote_files
 from k2jax.checkpoint.params_io import PARAMS_ITEM, read_model_config, weights_kind
 from k2jax.config import ModelConfig
 from k2jax.convert.orbax_writer import hf_view, leaf_shape
 from k2jax.errors import UserError
 from k2jax.hf import name_map
 from k2jax.paths import storage_path
+from k2jax.storage import is_remote, remote
 from k2jax.tree_paths import get_path
 
 
@@ -31,8 +31,8 @@ class OrbaxParamsReader:
     """`start_read_hf(mapping, layer, buffer)` -> one parameter (unstacked) in the HF layout."""
 
     def __init__(self, directory: str):
-        self.directory = storage_path(directory) if "://" in str(directory) else Path(directory)
-        remote_files.check_listable(directory, "k2jax weights or checkpoint step directory")
+        self.directory = storage_path(directory) if is_remote(directory) else Path(directory)
+        remote.check_listable(directory, "k2jax weights or checkpoint step directory")
         self.kind = weights_kind(directory)
         config = read_model_config(directory)
         if config is None:
@@ -126,7 +126,7 @@ class OrbaxParamsReader:
     def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
         if path not in self._open:
             name = self._metadata(path).name  # the leaf's key inside the checkpoint
-            base = str(self._item) if "://" in str(self._item) else \
+            base = str(self._item) if is_remote(self._item) else \
                 f"file://{self._item.absolute()}"
             kvstore = ({"driver": "ocdbt", "base": f"{base}/", "path": name} if self._ocdbt
                        else f"{base}/{name}/")

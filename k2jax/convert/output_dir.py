@@ -17,15 +17,15 @@ from typing import Iterator
 
 from etils import epath
 
-from k2jax import remote_files
 from k2jax.atomic_write import atomic_output_dir, check_output
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 
 
 def check(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()):
     """Refuse to overwrite without force, and never to replace (or nest in) an input; returns
     the output path (see `output_path`)."""
-    if not remote_files.is_remote(out):
+    if not is_remote(out):
         return check_output(out, force, inputs)
     text = str(out).rstrip("/")
     if "/" not in text.split("://", 1)[1]:  # --force would empty the whole bucket
@@ -41,7 +41,7 @@ def check(out: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, 
 
 def _has_objects(url: str) -> bool:
     try:
-        return bool(remote_files.list_names(url))
+        return bool(remote.list_names(url))
     except FileNotFoundError:
         return False
 
@@ -49,19 +49,19 @@ def _has_objects(url: str) -> bool:
 @contextlib.contextmanager
 def output_dir(out: str | os.PathLike, force: bool, marker: str) -> Iterator:
     """Yield the directory to write into; the caller writes `marker` last (see module doc)."""
-    if not remote_files.is_remote(out):
+    if not is_remote(out):
         with atomic_output_dir(out, force) as staging:
             yield staging
         return
     root = check(out, force)
     if _has_objects(str(root)):  # --force: the old marker goes first, so no reader mixes
         (root / marker).unlink(missing_ok=True)
-        remote_files.remove_tree(root)
+        remote.remove_tree(root)
     try:
         yield root
     except BaseException:
         try:
-            remote_files.remove_tree(root)
+            remote.remove_tree(root)
         except Exception:  # the first error is the one to report
             pass
         raise

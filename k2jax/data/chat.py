@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from etils import epath
 
-from k2jax import remote_files
+from k2jax.atomic_write import write_bytes_atomic, write_json_atomic
 from k2jax.config import ChatConfig
 from k2jax.data import chunk_files
 from k2jax.data.segments import write_segments
@@ -286,7 +286,7 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
         lines = "".join(json.dumps({"token_ids": packed.tokens[r].tolist(),
                                     "tgt_mask": packed.tgt_mask[r].tolist(), "source": "chat",
                                     "subset_name": "chat"}) + "\n" for r in range(lo, hi))
-        remote_files.write_bytes(chunk_files.jsonl_path(out, chunk), lines.encode())
+        write_bytes_atomic(chunk_files.jsonl_path(out, chunk), lines.encode())
         write_segments(out, chunk, packed.segment_ids[lo:hi])
         rows_per_chunk.append(int(hi - lo))
     summary = {"seq_len": seq_len, "num_chunks": num_chunks, "rows": len(packed.tokens),
@@ -298,5 +298,5 @@ def prepare_chat(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                "marker_ids": {m: tokenizer.encode(m) for m in chat.special_texts().values()},
                "marker_ids_from": getattr(tokenizer, "marker_source", "the tokenizer"),
                "inputs": [os.fspath(p) for p in inputs]}
-    remote_files.write_json(out / "prepare-chat.json", summary)
+    write_json_atomic(out / "prepare-chat.json", summary)
     return summary

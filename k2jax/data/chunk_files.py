@@ -18,8 +18,9 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
-from k2jax import files, remote_files
+from k2jax import files
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 
 INDEX_DIRNAME = ".k2index"
 _CHUNK_RE = re.compile(r"^chunk_(\d+)\.(jsonl|packed\.json)$")
@@ -40,13 +41,13 @@ def resolve_index_dir(data_dir: epath.Path, index_dir: Optional[str | os.PathLik
 
 def find_chunk_ids(data_dir: epath.Path, kind: str = "jsonl") -> list[int]:
     """Sorted ids of `chunk_{i}.jsonl` (kind 'jsonl') or packed chunks (kind 'packed')."""
-    if is_local(data_dir):
+    if not is_remote(data_dir):
         if not data_dir.is_dir():
             raise UserError(f"{data_dir}: not a directory")
         names = [child.name for child in data_dir.iterdir()]
     else:  # listed directly: epath's is_dir() would turn "permission denied" into False
         try:
-            names = remote_files.list_names(data_dir)
+            names = remote.list_names(data_dir)
         except FileNotFoundError:  # GCS has no directories: no object under the prefix
             raise UserError(f"{data_dir}: not found (no object under this prefix, or no such "
                             "bucket)") from None
@@ -62,9 +63,9 @@ def find_chunk_ids(data_dir: epath.Path, kind: str = "jsonl") -> list[int]:
 def file_signature(path: epath.Path) -> dict[str, int]:
     """What identifies a file's version: size in bytes and modification time (seconds); on
     gs:// also the object's generation (GCS has no inode; mtime has one-second resolution)."""
-    if not is_local(path):
+    if is_remote(path):
         try:
-            return remote_files.signature(path)
+            return remote.signature(path)
         except FileNotFoundError:
             raise UserError(f"{path}: not found") from None
         except IsADirectoryError:
@@ -92,4 +93,3 @@ def read_npy(path: epath.Path, mmap: bool = True, remedy: str = REWRITE) -> np.n
     return files.read_npy(path, mmap, f"delete it and {remedy}")
 
 
-is_local = files.is_local

@@ -21,9 +21,10 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax import remote_files
+from k2jax.atomic_write import write_json_atomic, write_npy_atomic
 from k2jax.data import chunk_files, stale_temps
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 
 INDEX_VERSION = 1
 # Local reads are sized to stay in CPU cache between the read and the newline search (256 KiB
@@ -65,7 +66,7 @@ def newline_positions(block: bytes) -> np.ndarray:
 def _open_for_streaming(path: epath.Path):
     # Unbuffered local reads avoid a copy through Python's buffer; on GCS each 16 MiB read is
     # one ranged GET (no read-ahead cache on top).
-    return remote_files.open_uncached(path)
+    return remote.open_uncached(path)
 
 
 def scan_line_offsets(path: epath.Path, on_bytes: Callable[[int], None] = lambda n: None
@@ -73,7 +74,7 @@ def scan_line_offsets(path: epath.Path, on_bytes: Callable[[int], None] = lambda
     """int64 [num_lines + 1] line-start offsets of `path` plus its size (see module doc)."""
     starts = [np.zeros(1, np.int64)]
     position = 0
-    block_bytes = BLOCK_BYTES if chunk_files.is_local(path) else REMOTE_BLOCK_BYTES
+    block_bytes = REMOTE_BLOCK_BYTES if is_remote(path) else BLOCK_BYTES
     with _open_for_streaming(path) as f:
         while True:
             block = f.read(block_bytes)
@@ -140,8 +141,8 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
         offsets = scan_line_offsets(path, on_bytes)
         if int(offsets[-1]) != signature["size"] or chunk_files.file_signature(path) != signature:
             raise UserError(f"{path}: changed while being indexed; re-run `k2jax data index`")
-        remote_files.write_npy(offsets_path(index_root, chunk_id), offsets)
-        remote_files.write_json(manifest_path(index_root, chunk_id), {
+        write_npy_atomic(offsets_path(index_root, chunk_id), offsets)
+        write_json_atomic(manifest_path(index_root, chunk_id), {
             "file": path.name, **signature, "num_lines": int(len(offsets) - 1),
             "version": INDEX_VERSION})
         return chunk_id

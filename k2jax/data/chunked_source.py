@@ -19,6 +19,7 @@ from k2jax.data.jsonl_source import JsonlChunkReader
 from k2jax.data.order import RowMap, resolve_chunk_order
 from k2jax.data.source import RowPlaces, shifted_loss_mask
 from k2jax.errors import UserError
+from k2jax.storage import is_remote
 
 
 class ChunkReader(Protocol):
@@ -93,7 +94,7 @@ def open_chunk_source(path: str | os.PathLike, order: Union[str, Sequence[int]],
     Missing files, missing or stale indexes raise UserError naming the file.
     """
     data_dir = epath.Path(path)
-    if chunk_files.is_local(data_dir) and not data_dir.is_dir():  # gs://: find_chunk_ids says
+    if not is_remote(data_dir) and not data_dir.is_dir():  # gs://: find_chunk_ids says
         raise UserError(f"data.path {data_dir}: not a directory")
     available = sorted(set(chunk_files.find_chunk_ids(data_dir, "jsonl"))
                        | set(chunk_files.find_chunk_ids(data_dir, "packed")))

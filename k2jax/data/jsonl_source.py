@@ -15,11 +15,11 @@ from typing import Optional
 import numpy as np
 from etils import epath
 
-from k2jax import remote_files
 from k2jax.data import chunk_files
 from k2jax.data.chunk_index import ChunkIndex, stale_index_error
 from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 
 
 def parse_row(line: bytes, path: object, line_number: int, seq_len: int, vocab_size: int
@@ -170,14 +170,14 @@ class JsonlChunkReader(ProcessLocalHandles):
 
     def _read_bytes(self, chunk_id: int, start: int, size: int) -> bytes:
         path = self.path(chunk_id)
-        if chunk_files.is_local(path):
+        if not is_remote(path):
             with self._lock:
                 fd = self._fds.get(chunk_id)
                 if fd is None:
                     fd = self._fds[chunk_id] = os.open(os.fspath(path), os.O_RDONLY)
             data = os.pread(fd, size, start)
         else:  # one ranged GET of exactly these bytes (the index gives the offsets)
-            data = remote_files.read_range(path, start, size)
+            data = remote.read_range(path, start, size)
         if len(data) != size:
             raise UserError(f"{path}: shorter than its index says; re-run `k2jax data index`")
         return data

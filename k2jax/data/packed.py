@@ -21,12 +21,13 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax import remote_files
+from k2jax.atomic_write import atomic_file, write_json_atomic
 from k2jax.data import chunk_files, stale_temps
 from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.jsonl_source import consecutive_runs, parse_row
 from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
+from k2jax.storage import is_remote, remote
 from k2jax.storage_errors import writing
 
 PACKED_VERSION = 1
@@ -54,7 +55,7 @@ def source_digest(path: epath.Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with remote_files.open_uncached(path) as f:  # on gs:// two ranged GETs, no read-ahead
+    with remote.open_uncached(path) as f:  # on gs:// two ranged GETs, no read-ahead
         digest.update(f.read(_DIGEST_SPAN))
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - _DIGEST_SPAN, 0))
@@ -80,8 +81,8 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
     max_token = -1
     rows = 0
     # Outputs appear whole or not at all: renamed into place locally, committed uploads on GCS.
-    with source.open("rb") as src, remote_files.upload(tokens_path(out_dir, chunk_id)) as tok_out, \
-            remote_files.upload(mask_path(out_dir, chunk_id)) as mask_out:
+    with source.open("rb") as src, atomic_file(tokens_path(out_dir, chunk_id), "wb") as tok_out, \
+            atomic_file(mask_path(out_dir, chunk_id), "wb") as mask_out:
         tok_buf = np.empty((_ROWS_PER_WRITE, seq_len), TOKEN_DTYPE)
         mask_buf = np.ones((_ROWS_PER_WRITE, seq_len), np.uint8)
         filled = 0
@@ -113,7 +114,7 @@ def pack_chunk(data_dir: str, out_dir: str, chunk_id: int, num_lines: int, signa
                 "dtype": "uint16", "has_mask": any_mask, "max_token_id": max_token,
                 "source": {"file": source.name, **signature, "digest": source_digest(source)},
                 "version": PACKED_VERSION}
-    remote_files.write_json(packed_manifest_path(out_dir, chunk_id), manifest)
+    write_json_atomic(packed_manifest_path(out_dir, chunk_id), manifest)
     return manifest
 
 
@@ -168,8 +169,8 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 bar.update(counter.value - bar.n)
         else:
             # gcsfs is not fork-safe (its event loop thread): gs:// packs spawn their workers.
-            remote = not (chunk_files.is_local(data_dir) and chunk_files.is_local(out_path))
-            context = multiprocessing.get_context("spawn" if remote else "fork")
+            on_gcs = is_remote(data_dir) or is_remote(out_path)
+            context = multiprocessing.get_context("spawn" if on_gcs else "fork")
             counter = context.Value("q", 0, lock=True)
             with concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=context,
@@ -248,7 +249,7 @@ class PackedChunkReader(ProcessLocalHandles):
         out = np.empty((len(lines), self.seq_len), dtype)
         row_bytes = self.seq_len * np.dtype(dtype).itemsize
         for first_index, first_line, count in consecutive_runs(lines):  # one ranged GET a run
-            data = remote_files.read_range(path, first_line * row_bytes, count * row_bytes)
+            data = remote.read_range(path, first_line * row_bytes, count * row_bytes)
             if len(data) != count * row_bytes:
                 raise UserError(f"{path}: shorter than its manifest says; {_REPACK}")
             out[first_index:first_index + count] = np.frombuffer(data, dtype).reshape(
@@ -259,7 +260,7 @@ class PackedChunkReader(ProcessLocalHandles):
                    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         lines = np.asarray(lines, np.int64)
         has_mask = self.manifests[chunk_id]["has_mask"] and self.read_mask
-        if chunk_files.is_local(self.data_dir):
+        if not is_remote(self.data_dir):
             tokens = self._array(chunk_id, "tokens")[lines].astype(np.int32)
             mask = self._array(chunk_id, "mask")[lines] if has_mask else None
         else:

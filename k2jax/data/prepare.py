@@ -37,11 +37,11 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from k2jax import remote_files
-from k2jax.atomic_write import no_trace_if_refused
+from k2jax.atomic_write import atomic_file, no_trace_if_refused, write_json_atomic
 from k2jax.data import chunk_files, fim
 from k2jax.data.chunk_assignment import K2_REPEATS, ChunkAssigner, cycle_length, repeat_for
 from k2jax.errors import UserError
+from k2jax.storage import is_remote
 from k2jax.tokenizer import EOS_TEXT, K2Tokenizer
 
 WORDS_PER_PIECE = 4096  # tokenize_datasets.py WORD_BUFFER_SIZE
@@ -184,7 +184,7 @@ class _ChunkSpools:
     def read(self, chunk: int, seq_len: int) -> np.ndarray:
         """int32 [rows, seq_len + 3]."""
         path = self.path(chunk)
-        if chunk_files.is_local(path):
+        if not is_remote(path):
             if path.stat().length == 0:
                 return np.zeros((0, seq_len + 3), np.int32)
             return np.memmap(os.fspath(path), np.int32, "r").reshape(-1, seq_len + 3)
@@ -219,7 +219,7 @@ def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles
                   repeats: tuple[tuple[str, float], ...], fim_options: FimOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Spools are scratch: local beside a local output, a local temporary for gs:// outputs.
-    spool_dir = (out / ".prepare-spool" if chunk_files.is_local(out)
+    spool_dir = (out / ".prepare-spool" if not is_remote(out)
                  else epath.Path(tempfile.mkdtemp(prefix="k2jax-prepare-spool-")))
     if spool_dir.exists():
         spool_dir.rmtree()
@@ -260,7 +260,7 @@ def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles
                "subsets": sorted({s.subset for s in sources}),
                "repeats": [list(r) for r in repeats], "fim": dataclasses.asdict(fim_options),
                "shuffle_seed_base": SHUFFLE_SEED_BASE, "words_per_piece": WORDS_PER_PIECE}
-    remote_files.write_json(out / "prepare.json", summary)
+    write_json_atomic(out / "prepare.json", summary)
     return summary
 
 
@@ -300,7 +300,7 @@ def _write_chunk(out: epath.Path, spools: _ChunkSpools, chunk: int,
     order = list(range(len(records)))
     random.Random(SHUFFLE_SEED_BASE + chunk).shuffle(order)  # shuffle.py: same permutation
     target = chunk_files.jsonl_path(out, chunk)
-    with remote_files.upload(target) as f:  # appears whole or not at all, local or gs://
+    with atomic_file(target, "wb") as f:  # appears whole or not at all, local or gs://
         for i in order:
             position, variant, line = (int(x) for x in records[i, seq_len:])
             source = sources[position]

@@ -19,6 +19,8 @@ from typing import Iterator
 
 from etils import epath
 
+from k2jax.storage import is_remote
+
 
 LOCK_NAME = ".k2jax-writers.lock"
 TEMP_PATTERN = ".chunk_*.tmp-*"  # what pack and index write; never a user's other files
@@ -62,7 +64,7 @@ def writing_into(directory: epath.Path) -> Iterator[list[str]]:
     """Hold the directory's writers lock (shared) while writing into it; yields the names of the
     dead writers' temporary files removed on entry (empty when another writer is alive). The
     last writer out removes the lock file, so a finished directory holds only its outputs."""
-    if "://" in str(directory):
+    if is_remote(directory):
         yield []
         return
     lock_path = os.fspath(directory / LOCK_NAME)

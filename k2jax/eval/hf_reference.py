@@ -7,6 +7,7 @@ import numpy as np
 
 from k2jax.errors import UserError
 from k2jax.optional import require
+from k2jax.storage import remote
 
 
 def load_hf_model(directory: str):
@@ -14,8 +15,9 @@ def load_hf_model(directory: str):
     LlamaForCausalLM = require("transformers", "compare-hf (the transformers reference)"
                                ).LlamaForCausalLM
 
+    local = remote.local_copy(directory)  # transformers reads local files only
     try:
-        model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32,
+        model = LlamaForCausalLM.from_pretrained(local, dtype=torch.float32,
                                                  attn_implementation="eager")
     except (OSError, ValueError) as err:
         raise UserError(f"{directory}: transformers cannot load it ({err})")

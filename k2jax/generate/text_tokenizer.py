@@ -8,8 +8,11 @@ from typing import Optional, Sequence
 
 from k2jax.errors import UserError
 from k2jax.optional import require
+from k2jax.storage import remote
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# What a tokenizer directory on gs:// is copied without: the weights beside it.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 
 class TextTokenizer:
@@ -18,11 +21,12 @@ class TextTokenizer:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
-                                       for name in HF_TOKENIZER_FILES):
+        local = remote.local_copy(path, WEIGHT_SUFFIXES)  # transformers/SentencePiece: local only
+        if os.path.isdir(local) and any(os.path.isfile(os.path.join(local, name))
+                                        for name in HF_TOKENIZER_FILES):
             transformers = require("transformers", f"tokenizer {path} (Hugging Face files)")
             try:
-                self.hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.hf = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
             except (OSError, ValueError) as err:
                 raise UserError(f"tokenizer {path}: not a readable Hugging Face tokenizer "
                                 f"({str(err).splitlines()[0]})") from None
@@ -31,10 +35,12 @@ class TextTokenizer:
             self.bos_id: Optional[int] = self.hf.bos_token_id
             self.vocab_size = len(self.hf)
             return
-        from k2jax.tokenizer import K2Tokenizer
+        from k2jax.tokenizer import K2Tokenizer, sentencepiece_file
 
-        # A .model file or a directory with tokenizer.model (k2jax.tokenizer's one rule).
-        self.hf, self.sp = None, K2Tokenizer(path)
+        # A .model file or a directory with tokenizer.model (k2jax.tokenizer's one rule),
+        # checked where it is (its errors name `path`), loaded from the local copy.
+        sentencepiece_file(path)
+        self.hf, self.sp = None, K2Tokenizer(local)
         self.eos_id = self.sp.eos_id if self.sp.eos_id >= 0 else None
         self.bos_id = self.sp.bos_id if self.sp.bos_id >= 0 else None
         self.vocab_size = self.sp.vocab_size

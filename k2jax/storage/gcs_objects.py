@@ -8,7 +8,7 @@ there is no lock that dies with its holder. What it has instead, and what k2jax 
                      conditional on the generation it read (ifGenerationMatch)
   compose            a new object made of existing ones, server-side and atomically, which is
                      how a log is appended to (`append_object`)
-gcsfs is the backend (the same one etils.epath uses for gs:// paths).
+Plain files (reads, whole uploads, listing, trees) are k2jax/storage/remote.py's.
 """
 
 from __future__ import annotations
@@ -18,55 +18,18 @@ import json
 import os
 from typing import Optional
 
-from k2jax.errors import UserError, one_line
+from k2jax.storage.remote import filesystem, split
 
 # Composite objects may hold at most 1024 components; past this many the log is rewritten whole
 # (once per ~1000 appends) so that composing can go on.
 _MAX_COMPONENTS = 1000
 
 
-def is_gcs(path: str | os.PathLike) -> bool:
-    return os.fspath(path).startswith("gs://")
-
-
-def filesystem():
-    """The gcsfs file system, the same instance (and listing cache) etils.epath uses for gs://
-    paths, so what k2jax writes here is seen there; a missing backend is one line."""
-    try:
-        import gcsfs  # noqa: F401 - the backend fsspec's "gcs" protocol needs
-        from etils.epath import backend
-    except ImportError as err:
-        raise UserError("gs:// paths need the gcsfs package (pip install gcsfs; "
-                        "`pip install k2jax` installs it)") from err
-    return backend.fsspec_backend.fs("gs://")
-
-
-def split(path: str | os.PathLike) -> tuple[str, str]:
-    """'gs://bucket/key' -> ('bucket', 'key')."""
-    bucket, _, key = os.fspath(path).removeprefix("gs://").partition("/")
-    return bucket, key
-
-
-def check_bucket(path: str | os.PathLike, what: str) -> None:
-    """One line naming `path` (`what`: the config key) when its bucket is missing or not
-    readable with these credentials."""
-    bucket, _ = split(path)
-    try:
-        filesystem().ls(bucket, refresh=True)
-    except UserError:
-        raise
-    except FileNotFoundError as err:
-        raise UserError(f"{what} {os.fspath(path)}: bucket gs://{bucket} does not exist") from err
-    except Exception as err:  # noqa: BLE001 - 401/403, DNS, ...: the message says which
-        raise UserError(f"{what} {os.fspath(path)}: bucket gs://{bucket} cannot be read "
-                        f"({one_line(err)})") from err
-
-
 def stat(path: str | os.PathLike) -> Optional[dict]:
     """{'generation': int, 'updated': datetime (UTC), 'components': int} of an object; None when
     there is none."""
     bucket, key = split(path)
-    fs = filesystem()
+    fs, _ = filesystem(path)
     try:
         info = fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
     except FileNotFoundError:
@@ -80,7 +43,7 @@ def read(path: str | os.PathLike, generation: Optional[int] = None) -> Optional[
     """The object's bytes (at `generation` if given), None when there is none."""
     bucket, key = split(path)
     try:
-        _, body = filesystem().call("GET", "b/{}/o/{}", bucket, key, alt="media",
+        _, body = filesystem(path)[0].call("GET", "b/{}/o/{}", bucket, key, alt="media",
                                     **({"generation": generation} if generation else {}))
     except FileNotFoundError:
         return None
@@ -92,7 +55,7 @@ def write(path: str | os.PathLike, data: bytes, if_generation: Optional[int] = N
     generation (0: only when there is none). Returns the new generation; a precondition that
     does not hold raises FileExistsError."""
     bucket, key = split(path)
-    fs = filesystem()
+    fs, _ = filesystem(path)
     extra = {} if if_generation is None else {"ifGenerationMatch": str(if_generation)}
     # A multipart upload (metadata + bytes), as gcsfs makes: the form whose preconditions the
     # local test server also checks.
@@ -118,7 +81,7 @@ def delete(path: str | os.PathLike, if_generation: Optional[int] = None) -> bool
     """Deletes the object (only at `if_generation` if given); False when it was not there or
     the precondition did not hold."""
     bucket, key = split(path)
-    fs = filesystem()
+    fs, _ = filesystem(path)
     extra = {} if if_generation is None else {"ifGenerationMatch": str(if_generation)}
     try:
         fs.call("DELETE", "b/{}/o/{}", bucket, key, **extra)
@@ -139,7 +102,7 @@ def append_object(path: str | os.PathLike, data: bytes, part_name: str) -> None:
     half of it (a leftover part object is harmless and overwritten by the next append)."""
     if not data:
         return
-    fs = filesystem()
+    fs, _ = filesystem(path)
     bucket, key = split(path)
     folder = key.rpartition("/")[0]
     part_key = f"{folder}/{part_name}" if folder else part_name
@@ -154,28 +117,3 @@ def append_object(path: str | os.PathLike, data: bytes, part_name: str) -> None:
     fs.merge(f"{bucket}/{key}", [f"{bucket}/{key}", f"{bucket}/{part_key}"])
     fs.invalidate_cache(f"{bucket}/{key}")
     delete(f"gs://{bucket}/{part_key}")
-
-
-def copy_tree(source: str, target: str) -> int:
-    """Copies every object under prefix `source` to the same names under `target` (server-side
-    rewrites); returns how many."""
-    fs = filesystem()
-    names = fs.find(source.removeprefix("gs://"))
-    prefix = source.removeprefix("gs://").rstrip("/") + "/"
-    for name in names:
-        fs.copy(name, target.removeprefix("gs://").rstrip("/") + "/" + name[len(prefix):])
-    return len(names)
-
-
-def remove_tree(prefix: str, first: Optional[str] = None) -> None:
-    """Deletes every object under `prefix`; those named `first` (a base name, at any depth)
-    before the others, so an interrupted delete never leaves a tree that still has one."""
-    fs = filesystem()
-    names = fs.find(prefix.removeprefix("gs://"))
-    leading = [n for n in names if first is not None and n.rsplit("/", 1)[-1] == first]
-    for name in leading:
-        fs.rm_file(name)
-    rest = [n for n in names if n not in leading]
-    if rest:
-        fs.rm(rest)
-    fs.invalidate_cache()
