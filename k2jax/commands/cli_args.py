@@ -52,10 +52,18 @@ def add_command_group(subparsers, name: str, help: str, example: str, descriptio
     return parser.add_subparsers(dest=f"{name}_command", metavar=metavar)
 
 
+PROGRESS_HELP = ("progress on stderr: auto (a bar on a terminal, else one line at a time, for "
+                 "log files), bar, lines or none")
+
+
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
-    """--no-progress and --quiet: the same switch (args.no_progress) in every command."""
-    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
-                   help="no progress bar")
+    """--progress MODE, and --no-progress/--quiet for `--progress none`: one switch
+    (args.progress, a k2jax.progress mode) in every command."""
+    from k2jax.progress import MODES
+
+    p.add_argument("--progress", choices=MODES, default="auto", help=PROGRESS_HELP)
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const",
+                   const="none", help="no progress output (--progress none)")
 
 
 def dtype_type(allowed: Sequence[dtypes.DType] = dtypes.TABLE, where: str = "--dtype",

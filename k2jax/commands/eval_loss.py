@@ -108,11 +108,12 @@ def run(args: argparse.Namespace) -> int:
     evaluate = BatchLossEvaluator(params, model_config, mesh, rules, plan,
                                   config.train.loss_normalization, config.train.loss_group_rows)
 
-    from tqdm import tqdm
+    from k2jax.progress import Progress
 
-    bar = tqdm(steps, desc="eval-loss", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress or not primary)
-    for step in bar:
+    # Lines mode: the per-step log line below is the progress (no timed lines besides).
+    bar = Progress("eval-loss", len(steps), unit="step", every_s=None,
+                   progress=args.progress if primary else "none")
+    for step in steps:
         t0 = time.perf_counter()
         result = evaluate(loader.device_batch(step))
         record = {"step": step, "iteration": step + 1, "loss": result["loss"],
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"step {step} (logged as iteration {step + 1}): loss {record['loss']:.6f} "
                       f"over {record['tokens']} tokens", flush=True)
         bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")
-        if args.no_progress:
+        bar.update(1)
+        if bar.mode == "lines":
             log(f"step {step}: loss {record['loss']:.6f} ({record['seconds']:.1f} s)")
     bar.close()
     return 0
