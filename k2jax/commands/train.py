@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -70,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
         return train(config, progress=getattr(args, "progress", "auto"), stop=stop)
     except StoppedBeforeFirstStep as stopped:  # nothing trained, so nothing new to save
+        # The lock is released and the checkpoint manager closed (the `with`/`finally` blocks
+        # on the way here). Exit now: after a compile cut short, XLA's leftovers can crash
+        # the interpreter's teardown (SIGSEGV instead of exit 0; k2jax/train/preemption.py).
         print(f"k2jax train: {stopped}", file=sys.stderr, flush=True)
-        return 0
+        sys.stdout.flush()
+        os._exit(0)
     finally:
         stop.restore()

@@ -14,6 +14,11 @@ the local flags (jax's multihost_utils), and every host stops when any host was 
 hosts already meet in the step's own collectives, so the agreement adds no new waiting point,
 only one tiny collective per step (microseconds next to a K2 step of seconds).
 
+Python runs a signal handler between bytecodes of the main thread only: a signal that comes
+inside one long native call (an XLA compile, a restore's reads) is acted on when that call
+returns. XLA's state after a compile interrupted that way can crash the interpreter's own
+teardown, so the command ends the process with os._exit(0) once the lock is released.
+
 Why not jax's preemption sync manager (Orbax's `reached_preemption`): it sees SIGTERM through a
 C++ handler that any Python SIGTERM handler replaces, and it does not cover Ctrl-C.
 """
