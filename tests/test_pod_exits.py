@@ -207,3 +207,41 @@ def test_a_full_tmpfs_is_one_clean_line_every_time(tmp_path):
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_abandoned_orbax_work_is_quiet_and_other_leftovers_are_not(caplog):
+    """What Orbax leaves after a failed restore or save: a coroutine collected unfinished
+    ('Exception ignored in: <coroutine object _read_array_index_and_device_put>') and a task
+    whose exception nobody retrieved (asyncio's log record). Anything else still shows."""
+    import logging
+    import sys
+    import types
+
+    from k2jax.storage_errors import quiet_background_storage_errors
+
+    async def _read_array_index_and_device_put():  # named like Orbax's
+        pass
+
+    orbax_code = _read_array_index_and_device_put.__code__.replace(
+        co_filename="/venv/site-packages/orbax/checkpoint/_src/serialization/jax_array.py")
+    orbax_coroutine = types.FunctionType(orbax_code, {})()
+    other_coroutine = _read_array_index_and_device_put()
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with quiet_background_storage_errors():
+            for coroutine in (orbax_coroutine, other_coroutine):
+                sys.unraisablehook(types.SimpleNamespace(
+                    exc_type=RuntimeError, exc_value=RuntimeError("x"), exc_traceback=None,
+                    err_msg=None, object=coroutine))
+            logging.getLogger("asyncio").error(
+                "Task exception was never retrieved\nfuture: <Task finished coro=<_read() "
+                "defined at /venv/site-packages/orbax/checkpoint/x.py:1>>")
+            logging.getLogger("asyncio").error("Task exception was never retrieved: mine")
+    finally:
+        sys.unraisablehook = previous
+        orbax_coroutine.close(), other_coroutine.close()
+    assert [u.object for u in seen] == [other_coroutine]
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == [
+        "Task exception was never retrieved: mine"]
