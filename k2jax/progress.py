@@ -117,7 +117,7 @@ class Progress:
         elif self.mode == "lines":
             self._print(message)
 
-    def status(self) -> str:
+    def status(self, eta: bool = True) -> str:
         """'DESC: done/total UNIT (pct%), rate UNIT/s, ETA 4m10s[, postfix]'."""
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         rate = (self.n - self._initial) / elapsed
@@ -127,7 +127,7 @@ class Progress:
             parts[0] += (f" of {format_amount(self.total, self.unit, self.binary)} "
                          f"({100.0 * self.n / self.total:.0f}%)")
         parts.append(f"{format_amount(rate, self.unit, self.binary)}/s")
-        if self.total and rate > 0 and self.n < self.total:
+        if eta and self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
         if self._postfix:
             parts.append(self._postfix)
@@ -141,9 +141,10 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.mode == "lines" and completed and self.every_s is not None:
+        elif (self.mode == "lines" and completed and self.every_s is not None
+              and (self.total or self.n)):  # nothing to do: nothing to report
             elapsed = time.perf_counter() - self._start
-            self._print(f"{self.status().split(', ETA')[0]}; done in {format_duration(elapsed)}")
+            self._print(f"{self.status(eta=False)}; done in {format_duration(elapsed)}")
             self.mode = "none"  # closed: a second close prints nothing
 
     def __enter__(self) -> "Progress":
