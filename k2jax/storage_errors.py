@@ -156,3 +156,20 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
         sys.unraisablehook = previous_hook
         for name in loggers:
             logging.getLogger(name).removeFilter(record_filter)
+
+
+def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
+    """For a process ending after a reported failure: the same filters as
+    quiet_background_storage_errors, for the rest of the process. Orbax's threads may let go
+    of a failed future only at interpreter exit ('_GatheringFuture exception was never
+    retrieved', with the storage error's traceback), after the one-line message."""
+    record_filter = _StorageRecordFilter()
+    previous_hook = sys.unraisablehook
+
+    def unraisable_hook(unraisable) -> None:
+        if not _is_background_noise(unraisable):
+            previous_hook(unraisable)
+
+    for name in loggers:
+        logging.getLogger(name).addFilter(record_filter)
+    sys.unraisablehook = unraisable_hook
