@@ -183,6 +183,20 @@ class Trainer:
                 f"tokens/s={record['tokens_per_s']:.0f} mfu={record['mfu']:.1%} "
                 f"step_s={record['step_seconds']:.3f} eta={eta}")
 
+    def _report(self, step: int, record: dict, since: tuple[float, int]) -> tuple[float, int]:
+        """The bar's postfix; at logged steps the metrics and (lines mode) the step line, whose
+        ETA takes the wall-clock pace (data, logging, saves included) since `since` = (time,
+        step) of the previous line. Returns the new `since`."""
+        self._bar.set_postfix_str(f"loss={record['loss']:.4f}, "
+                                  f"tok_s={record['tokens_per_s']:.0f}, mfu={record['mfu']:.1%}")
+        if step % self.config.train.log_every and step != self.config.train.steps:
+            return since
+        self.writer.record(step, record)
+        if self._bar.mode == "lines":
+            pace = (time.perf_counter() - since[0]) / max(step - since[1], 1)
+            self.log(self.step_line(step, record, pace))
+        return time.perf_counter(), step
+
     def _run(self, stop: StopRequested) -> int:
         cfg = self.config
         state, step = self.initial_state()
@@ -213,8 +227,7 @@ class Trainer:
                                         every_s=None,
                                         progress=self.progress if self.primary else "none")
         metrics = None
-        # The ETA's pace: wall time (data, logging and saves included) since the last log line.
-        since_time, since_step = time.perf_counter(), step
+        since = (time.perf_counter(), step)  # the ETA's pace: wall time since the last line
         stop.steps_started()  # from here a stop signal finishes and checkpoints the step
         try:
             while step < cfg.train.steps:
@@ -245,15 +258,7 @@ class Trainer:
                     "tokens_per_s": tokens / seconds, "step_seconds": seconds,
                     "mfu": model_flops / (seconds * peak), "tokens": metrics["tokens"],
                 }
-                progress.set_postfix_str(f"loss={metrics['loss']:.4f}, "
-                                         f"tok_s={record['tokens_per_s']:.0f}, "
-                                         f"mfu={record['mfu']:.1%}")
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    self.writer.record(step, record)
-                    if progress.mode == "lines":
-                        pace = (time.perf_counter() - since_time) / max(step - since_step, 1)
-                        self.log(self.step_line(step, record, pace))
-                    since_time, since_step = time.perf_counter(), step
+                since = self._report(step, record, since)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     self.save(step, state, metrics)
                 if stop.agreed():  # every host stops at the same step
