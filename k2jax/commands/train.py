@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides)  # validate before touching devices
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        stop.take_back()  # the cluster client installs a SIGTERM handler of its own
         from k2jax.train.trainer import train
 
         return train(config, progress=getattr(args, "progress", "auto"), stop=stop)

@@ -56,8 +56,15 @@ class StopRequested:
                                          "start-up, before the first step: nothing new to "
                                          "checkpoint")
 
+    def take_back(self) -> None:
+        """Installs the handlers again: jax.distributed.initialize (its preemption notifier)
+        sets a C++ SIGTERM handler of its own over them, which neither stops nor tells Python."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
     def steps_started(self) -> None:
         """From now on a signal finishes the step and checkpoints it."""
+        self.take_back()  # whatever start-up installed since
         self.in_steps = True
 
     def agreed(self) -> bool:
