@@ -19,7 +19,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from k2jax.config import load_config  # noqa: E402
-from k2jax.train.flops import flops_per_token, measure_matmul_peak  # noqa: E402
+from k2jax.train.flops import (measure_matmul_peak, model_flops_per_step,  # noqa: E402
+                               tokens_per_step)
 from k2jax.train.setup import build_training_setup  # noqa: E402
 
 SHAPES = {
@@ -179,8 +180,8 @@ def main():
     floors, torch_steps = {}, {}
     for name in [args.only] if args.only else SHAPES:
         config = k2jax_config(name)
-        tokens = config.data.global_batch_size * config.data.seq_len
-        flops = flops_per_token(config.model, config.data.seq_len) * tokens
+        tokens = tokens_per_step(config)
+        flops = model_flops_per_step(config)
         labels = ["k2jax (scanned layers, default)", "k2jax (unrolled layers)", "transformers"]
         steppers = [k2jax_stepper(config),
                     k2jax_stepper(k2jax_config(name, "model.scan_layers=false")),

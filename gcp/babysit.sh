@@ -34,7 +34,8 @@ recover() {
 
 if ((DRY_RUN)); then
   qr_state
-  echo "# when the state is SUSPENDING, SUSPENDED or FAILED (or not found, without the delete):"
+  log "would run that query every ${K2_BABYSIT_POLL_S}s (at most $K2_BABYSIT_MAX_POLLS polls)"
+  echo "# would run, when the state is SUSPENDING, SUSPENDED or FAILED (or not found: without the delete):"
   recover SUSPENDED
   exit 0
 fi

@@ -39,4 +39,8 @@ remote+=' echo "k2jax already running on $HOSTNAME"; else nohup '"$(shjoin "${tr
 # shellcheck disable=SC2016
 remote+=' >> k2/train.log 2>&1 < /dev/null & echo $! > k2/train.pid; fi'
 ssh_all_nodes "$remote"
-log "launched; logs: gcp/logs.sh; checkpoints and TensorBoard: $RUN_DIR"
+if ((DRY_RUN)); then
+  log "would launch (launched nothing); logs would be: gcp/logs.sh; checkpoints and TensorBoard: $RUN_DIR"
+else
+  log "launched; logs: gcp/logs.sh; checkpoints and TensorBoard: $RUN_DIR"
+fi

@@ -76,6 +76,25 @@ load_env() {
   for ((i = 0; i < K2_SLICES; i++)); do NODES+=("$QR_NAME-$i"); done
   # Shared by every TPU call. --quiet: never stop at a prompt (babysit runs unattended).
   TPU_FLAGS=("--project=${K2_PROJECT:-}" "--zone=${K2_ZONE:-}" --quiet)
+  check_placeholders
+  ((DRY_RUN == 0)) || log "dry run: would run the gcloud commands printed below; runs nothing"
+}
+
+# gcp/k2.env's example values, which name no real project or bucket: a dry run warns, a real
+# run stops before its first gcloud call.
+PLACEHOLDERS=(K2_PROJECT=my-gcp-project K2_BUCKET=gs://my-k2-bucket)
+check_placeholders() {
+  local found=() pair var
+  for pair in "${PLACEHOLDERS[@]}"; do
+    var="${pair%%=*}"
+    [[ "${!var:-}" != "${pair#*=}" ]] || found+=("$var=${!var}")
+  done
+  [[ "${K2_DATA_PATH:-}" != gs://my-k2-bucket/* ]] || found+=("K2_DATA_PATH=$K2_DATA_PATH")
+  [[ "${K2_SOURCE:-}" != gs://my-k2-bucket/* ]] || found+=("K2_SOURCE=$K2_SOURCE")
+  ((${#found[@]})) || return 0
+  local message="${found[*]} in $K2_ENV: gcp/k2.env's placeholder values; copy it, set your project and bucket, and point K2_ENV at the copy"
+  ((DRY_RUN)) && { echo "warning: $message" >&2; return 0; }
+  die "$message"
 }
 
 # One clear line per missing or malformed setting; stops at the first.
@@ -132,13 +151,13 @@ ssh_all_nodes() {
 
 # Sets STATE to the queued resource's state (ACTIVE, SUSPENDED, ...), to NOT_FOUND, or to
 # UNKNOWN when gcloud failed for another reason (network, auth): a glitch is never a loss.
-# A dry run prints the query and assumes ACTIVE.
+# A dry run prints the query and sets DRY_RUN_STATE (the callers say what they would do).
 qr_state() {
   local describe=(compute tpus queued-resources describe "$QR_NAME" "${TPU_FLAGS[@]}"
     "--format=value(state.state)") err
   if ((DRY_RUN)); then
     run_gcloud "${describe[@]}"
-    STATE=ACTIVE
+    STATE=DRY_RUN_STATE
     return 0
   fi
   err="$(mktemp)"

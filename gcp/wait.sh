@@ -13,6 +13,11 @@ start_script "$@" -- K2_PROJECT K2_ZONE K2_RUN_NAME
 
 # A count of polls, not a clock, bounds the loop, so K2_POLL_S=0 still terminates.
 max_polls=$((K2_WAIT_TIMEOUT_S / (K2_POLL_S > 0 ? K2_POLL_S : 1) + 1))
+if ((DRY_RUN)); then
+  qr_state
+  log "would run that query every ${K2_POLL_S}s until it answers ACTIVE for $QR_NAME (at most $max_polls polls, K2_WAIT_TIMEOUT_S=${K2_WAIT_TIMEOUT_S}s)"
+  exit 0
+fi
 for ((poll = 1; poll <= max_polls; poll++)); do
   qr_state
   case "$STATE" in

@@ -15,7 +15,8 @@ from k2jax import __version__
 from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
-from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
+from k2jax.storage_errors import (path_failure, quiet_background_storage_errors, quiet_until_exit,
+                                  storage_failure)
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -64,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
     except Exception as err:  # a full disk, a directory given as a file: the user's to fix
         problem = storage_failure(err) or path_failure(err)
         if problem is None:
             raise
         print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
+    if argv is None:  # the process is this command: nothing may follow the one line
+        quiet_until_exit()
+    return 2
 
 
 if __name__ == "__main__":

@@ -46,16 +46,14 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """Join the cluster; returns how: "explicit", "cloud-tpu" or "single"."""
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = int(os.environ.get(HEARTBEAT_ENV, "100"))
+    if (num_processes is None) != (process_id is None) or (
+            (num_processes is not None) != bool(coordinator_address)):
+        raise ValueError("coordinator_address, num_processes and process_id go together: "
+                         f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     if coordinator_address:
-        if num_processes is None or process_id is None:
-            from k2jax.errors import UserError
-
-            raise UserError("coordinator_address needs num_processes and process_id")
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            from k2jax.errors import UserError
-
-            raise UserError(f"process_id {process_id}: expected 0 <= id < num_processes "
-                            f"({num_processes})")
+            raise ValueError(f"process_id {process_id}: expected 0 <= id < num_processes "
+                             f"({num_processes})")
         if jax.config.jax_platforms in (None, "", "cpu") and not on_cloud_tpu_vm():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes=num_processes,

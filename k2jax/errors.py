@@ -1,5 +1,7 @@
 """Errors a user can cause: reported as one clear line and a non-zero exit, never a traceback."""
 
+import re
+
 
 class UserError(Exception):
     """Bad input from the user (config, file, tensor). The message is the whole report."""
@@ -13,9 +15,15 @@ class ConfigError(UserError):
         super().__init__(f"config key '{key}': {problem}")
 
 
+_TENSORSTORE_DETAILS = re.compile(r"\.?\s*See full TensorStore details:|<bound method pybind11")
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     """`Type: first line of the message`, cut to `limit` characters (library errors can run to
     pages; a report line must stay one line)."""
-    text = str(err).strip().splitlines()
+    text = str(err).strip()
+    # Orbax appends the repr of a TensorStore method, whose spec runs over many lines: the
+    # first of them is debris ("<bound method pybind11... of TensorStore({"), not information.
+    text = _TENSORSTORE_DETAILS.split(text, maxsplit=1)[0].rstrip(" .:").splitlines()
     text = f"{type(err).__name__}: {text[0] if text else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."

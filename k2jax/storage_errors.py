@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import re
 import sys
@@ -137,12 +138,19 @@ def writing(path: object) -> Iterator[None]:
         raise UserError(f"{problem[:-1]}{path}") from err
 
 
-def _is_loop_closed_noise(unraisable) -> bool:
-    """TensorStore completing a write after Orbax closed the asyncio loop that awaited it (the
-    save already failed): Python reports it as unraisable, with no message or object."""
+def _is_orbax_coroutine(obj) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _is_background_noise(unraisable) -> bool:
+    """Leftovers of Orbax work abandoned after its failure was reported: TensorStore
+    completing a write after Orbax closed the asyncio loop that awaited it ('Event loop is
+    closed', no object), or a restore's coroutine collected unfinished ('Exception ignored in:
+    <coroutine object _read_array_index_and_device_put>')."""
     exc = unraisable.exc_value
-    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-            and unraisable.object is None)
+    return ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+             and unraisable.object is None) or _is_orbax_coroutine(unraisable.object))
 
 
 class _StorageRecordFilter(logging.Filter):
@@ -156,6 +164,10 @@ class _StorageRecordFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:  # a warning may be one the library recovered from
             return True
+        if record.name == "asyncio" and "orbax" in record.getMessage():
+            # 'Task exception was never retrieved' of an Orbax task abandoned after its
+            # failure was reported (the message names the coroutine, "defined at .../orbax/")
+            return False
         exc = record.exc_info[1] if record.exc_info else None
         problem = storage_failure(exc) if exc is not None else None
         if problem is None:
@@ -167,18 +179,19 @@ class _StorageRecordFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl",)
+def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio")
                                     ) -> Iterator[_StorageRecordFilter]:
     """While inside: storage failures logged by background threads (Orbax, through absl) and the
     'Event loop is closed' reports that follow a failed asynchronous save are not printed; every
     other record and unraisable exception is. The failure itself still reaches the caller from
     the save's wait (the CLI prints it as one line); `.first_problem` of the yielded filter holds
-    it in case a library swallowed it."""
+    it in case a library swallowed it. On the way out, abandoned coroutines and tasks are
+    collected while the filters still hold, not at interpreter exit."""
     record_filter = _StorageRecordFilter()
     previous_hook = sys.unraisablehook
 
     def unraisable_hook(unraisable) -> None:
-        if not _is_loop_closed_noise(unraisable):
+        if not _is_background_noise(unraisable):
             previous_hook(unraisable)
 
     for name in loggers:
@@ -187,6 +200,24 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl",)
     try:
         yield record_filter
     finally:
+        gc.collect()
         sys.unraisablehook = previous_hook
         for name in loggers:
             logging.getLogger(name).removeFilter(record_filter)
+
+
+def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
+    """For a process ending after a reported failure: the same filters as
+    quiet_background_storage_errors, for the rest of the process. Orbax's threads may let go
+    of a failed future only at interpreter exit ('_GatheringFuture exception was never
+    retrieved', with the storage error's traceback), after the one-line message."""
+    record_filter = _StorageRecordFilter()
+    previous_hook = sys.unraisablehook
+
+    def unraisable_hook(unraisable) -> None:
+        if not _is_background_noise(unraisable):
+            previous_hook(unraisable)
+
+    for name in loggers:
+        logging.getLogger(name).addFilter(record_filter)
+    sys.unraisablehook = unraisable_hook

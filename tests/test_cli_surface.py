@@ -92,8 +92,9 @@ def test_help_shows_defaults_and_an_example(capsys, argv):
 @pytest.mark.parametrize("argv", PROGRESS, ids=lambda a: " ".join(a[:2]))
 @pytest.mark.parametrize("flag", ["--quiet", "--no-progress"])
 def test_quiet_and_no_progress_are_one_switch(argv, flag):
-    assert build_parser().parse_args([*argv, flag]).no_progress is True
-    assert build_parser().parse_args(argv).no_progress is False
+    assert build_parser().parse_args([*argv, flag]).progress == "none"
+    assert build_parser().parse_args(argv).progress == "auto"
+    assert build_parser().parse_args([*argv, "--progress", "lines"]).progress == "lines"
 
 
 @pytest.mark.parametrize("argv, dest, given, parsed", [
@@ -185,7 +186,7 @@ def test_outputs_respect_the_umask(tmp_path):
 
 
 def test_elapsed_ticker_says_what_and_how_long():
-    from k2jax.commands.progress_line import elapsed_ticker
+    from k2jax.progress import elapsed_ticker
 
     stream = io.StringIO()
     with elapsed_ticker("aot: compiling (slow)", every_s=0.01, stream=stream):

@@ -379,3 +379,48 @@ def test_worker_side_commands_run_in_bash(tmp_path):
                 os.kill(int(pid_file.read_text()), 9)
             except ProcessLookupError:
                 pass
+
+
+# -- dry runs say what they would do; the example settings are placeholders (issue 24) --------
+
+
+def test_wait_and_babysit_dry_runs_claim_nothing_they_did_not_do(tmp_path):
+    cloud = Cloud(tmp_path)
+    for script in ("wait.sh", "babysit.sh"):
+        result = cloud.run(script, "--dry-run")
+        assert result.returncode == 0, result.stderr
+        said = result.stdout + result.stderr
+        assert "is ACTIVE" not in said and "launched;" not in said, (script, said)
+        assert "would run" in result.stderr, (script, result.stderr)
+    babysat = cloud.run("babysit.sh", "--dry-run")
+    assert "would launch (launched nothing)" in babysat.stderr
+    assert "dry run: would run" in babysat.stderr
+    assert cloud.calls() == []
+
+
+def test_the_unedited_example_settings_warn_in_a_dry_run_and_stop_a_real_one(tmp_path):
+    cloud = Cloud(tmp_path)
+    cloud.env["K2_ENV"] = str(GCP / "k2.env")
+    dry = cloud.run("create.sh", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    warnings = [line for line in dry.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "K2_PROJECT=my-gcp-project" in warnings[0]
+    assert "K2_BUCKET=gs://my-k2-bucket" in warnings[0] and "placeholder" in warnings[0]
+    real = cloud.run("create.sh")
+    assert real.returncode == 2 and len(real.stderr.strip().splitlines()) == 1, real.stderr
+    assert real.stderr.startswith("error: K2_PROJECT=my-gcp-project") and "placeholder" in real.stderr
+    assert cloud.calls() == []
+    (tmp_path / "edited").mkdir()
+    edited = Cloud(tmp_path / "edited")  # real values: no warning
+    assert "warning" not in edited.run("create.sh", "--dry-run").stderr
+
+
+def test_setup_installs_the_tpu_extra_whole(tmp_path):
+    """`k2jax[tpu]` brings gcsfs (gs:// paths): setup installs that extra, and nothing after
+    it (a --no-deps, a second install) could drop a dependency."""
+    cloud = Cloud(tmp_path)
+    out = cloud.ok("setup.sh", "--dry-run")
+    command = [line for line in out.splitlines() if "pip install" in line][0]
+    assert "k2jax[tpu] @ file://" in command
+    for dropping in ("--no-deps", "pip uninstall", "--only-binary"):
+        assert dropping not in command, command

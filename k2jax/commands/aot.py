@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("AOT TPU compiles need libtpu: pip install 'k2jax[tpu]'") from None
     from k2jax.aot.compile_report import compile_report, format_report
-    from k2jax.commands.progress_line import elapsed_ticker
+    from k2jax.progress import elapsed_ticker
 
     if getattr(args, "search", False):
         return _search(args, tpu_slice)
@@ -89,7 +89,7 @@ def _search(args: argparse.Namespace, tpu_slice) -> int:
 
     from k2jax.aot.compile_report import compile_report
     from k2jax.aot.plan_search import format_ranking, search
-    from k2jax.commands.progress_line import elapsed_ticker
+    from k2jax.progress import elapsed_ticker
     from k2jax.errors import UserError
 
     if args.time_budget <= 0:

@@ -85,10 +85,18 @@ def worded_as_flags(flags: dict[str, str]):
         raise UserError(text) from None
 
 
+PROGRESS_HELP = ("progress on stderr: auto (a bar on a terminal, else one line at a time, for "
+                 "log files), bar, lines or none")
+
+
 def add_progress_flags(p: argparse.ArgumentParser) -> None:
-    """--no-progress and --quiet: the same switch (args.no_progress) in every command."""
-    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
-                   help="no progress bar")
+    """--progress MODE, and --no-progress/--quiet for `--progress none`: one switch
+    (args.progress, a k2jax.progress mode) in every command."""
+    from k2jax.progress import MODES
+
+    p.add_argument("--progress", choices=MODES, default="auto", help=PROGRESS_HELP)
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const",
+                   const="none", help="no progress output (--progress none)")
 
 
 def dtype_type(allowed: Sequence[dtypes.DType] = dtypes.TABLE, where: str = "--dtype",

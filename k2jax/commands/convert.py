@@ -60,7 +60,7 @@ def cmd_hf_to_orbax(args) -> int:
 
     with writing(args.out):  # a full disk named by the output, when the OS names no file
         out = convert_hf_to_orbax(args.hf, args.out, dtype=args.dtype, force=args.force,
-                                  progress=not args.no_progress)
+                                  progress=args.progress)
     print(f"wrote {out}")
     return 0
 
@@ -71,6 +71,6 @@ def cmd_orbax_to_hf(args) -> int:
     with writing(args.out):  # a full disk named by the output, when the OS names no file
         out = convert_orbax_to_hf(args.checkpoint, args.out, dtype=args.dtype,
                                   shard_size=args.shard_size, tokenizer=args.tokenizer,
-                                  force=args.force, progress=not args.no_progress)
+                                  force=args.force, progress=args.progress)
     print(f"wrote {out}")
     return 0

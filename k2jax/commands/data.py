@@ -166,7 +166,7 @@ def cmd_index(args) -> int:
     if directory is None:
         raise UserError("the directory of the chunk files is required: data index --data DIR")
     result = build_index(directory, args.index_dir, workers=args.workers,
-                         progress=not args.no_progress)
+                         progress=args.progress)
     ids = sorted(result["indexed"] + result["skipped"])
     index = ChunkIndex(directory, ids, args.index_dir)
     print(f"indexed {len(result['indexed'])} files, skipped {len(result['skipped'])} already "
@@ -182,7 +182,7 @@ def cmd_pack(args) -> int:
     manifests = pack_chunks(config.data.path, args.out, args.chunks,
                             seq_len=config.data.seq_len, vocab_size=config.model.vocab_size,
                             index_dir=config.data.index_dir, workers=args.workers,
-                            progress=not args.no_progress)
+                            progress=args.progress)
     rows = sum(m["num_rows"] for m in manifests)
     masked = sum(1 for m in manifests if m["has_mask"])
     print(f"packed {len(manifests)} chunks, {rows} rows ({masked} with tgt_mask) into {args.out}")
@@ -267,9 +267,9 @@ def cmd_prepare(args) -> int:
                              args.fim_rate, args.fim_spm_rate, args.fim_seed)
     seq_len = config_from_dict(config_dict_from_args(args, (SEQ_LEN,))).data.seq_len
     summary = prepare_chunks(tokenizer, args.input, args.out, args.num_chunks, seq_len,
-                             args.source_name, progress=not args.no_progress, repeats=repeats,
+                             args.source_name, progress=args.progress, repeats=repeats,
                              fim_options=fim_options)
-    build_index(args.out, progress=not args.no_progress)  # trainable as written, as prepare-chat
+    build_index(args.out, progress=args.progress)  # trainable as written, as prepare-chat
     print(f"wrote {summary['rows']} rows of {seq_len} tokens into {args.num_chunks} "
           f"chunk files in {args.out} (dropped {summary['dropped_tail_tokens']} tail tokens), "
           "indexed", file=sys.stdout)

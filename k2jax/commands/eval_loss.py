@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from k2jax import dtypes
@@ -113,18 +112,19 @@ def run(args: argparse.Namespace) -> int:
         f", {args.dtype}, RoPE frequencies {args.rope_freq_dtype}, logits "
         f"{model_config.logits_dtype}")
     t0 = time.perf_counter()
-    per_tensor = None if args.no_progress else log  # --quiet: no line per tensor
+    per_tensor = None if args.progress == "none" else log  # --quiet: no line per tensor
     params = weights.on_mesh(model_config, mesh, rules, per_tensor)
     log(f"weights on devices in {time.perf_counter() - t0:.1f} s")
     evaluate = LossEvaluator(params, StepLoss(
         model_config, mesh, rules, plan.rows, plan.accumulation,
         config.train.loss_normalization, config.train.loss_group_rows), config.data)
 
-    from tqdm import tqdm
+    from k2jax.progress import Progress
 
-    bar = tqdm(steps, desc="eval-loss", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=args.no_progress or not primary)
-    for step in bar:
+    # Lines mode: the per-step log line below is the progress (no timed lines besides).
+    bar = Progress("eval-loss", len(steps), unit="step", every_s=None,
+                   progress=args.progress if primary else "none")
+    for step in steps:
         t0 = time.perf_counter()
         result = evaluate(loader.device_batch(step))
         record = {"step": step, "iteration": step + 1, "loss": result["loss"],
@@ -140,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"step {step} (logged as iteration {step + 1}): loss {record['loss']:.6f} "
                       f"over {record['tokens']} tokens", flush=True)
-        bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")  # --quiet: stdout only
+        bar.set_postfix_str(f"step {step} loss {record['loss']:.4f}")
+        bar.update(1)
+        if bar.mode == "lines":
+            log(f"step {step}: loss {record['loss']:.6f} ({record['seconds']:.1f} s)")
     bar.close()
     return 0
 

@@ -23,6 +23,7 @@ from k2jax.convert.expected import check_tensors, expected_tensors
 from k2jax.convert.hf_reader import HFCheckpoint, iter_tensors, open_hf_checkpoint
 from k2jax.convert.orbax_writer import StreamingParamsWriter
 from k2jax.convert.progress import Progress
+from k2jax.progress import ProgressArg
 from k2jax.hf.config_json import model_config_from_hf
 
 
@@ -33,7 +34,7 @@ def default_dtype(checkpoint: HFCheckpoint, names) -> str:
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None,
-                        force: bool = False, progress: bool = True):
+                        force: bool = False, progress: ProgressArg = True):
     """Check everything, then write `out_dir` (atomically). Returns the output path.
 
     dtype: the stored weights' dtype, either spelling ("bf16" or "bfloat16"); None keeps bf16

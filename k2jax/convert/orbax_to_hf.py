@@ -24,6 +24,7 @@ from k2jax.convert.hf_writer import (ShardEntry, copy_files, generation_config, 
 from k2jax.convert.orbax_reader import OrbaxParamsReader
 from k2jax.convert.progress import Progress
 from k2jax.tokenizer import tokenizer_files
+from k2jax.progress import ProgressArg
 from k2jax.errors import UserError, one_line
 from k2jax.hf.config_json import hf_config_dict
 from k2jax.storage_errors import storage_failure
@@ -31,7 +32,7 @@ from k2jax.storage_errors import storage_failure
 
 def convert_orbax_to_hf(checkpoint_dir: str, out_dir: str, dtype: str = "bf16",
                         shard_size: str = "5GB", tokenizer: Optional[str] = None,
-                        force: bool = False, progress: bool = True):
+                        force: bool = False, progress: ProgressArg = True):
     """Check everything, then write `out_dir` (atomically). Returns the output path."""
     out_path = output_dir.check(out_dir, force, inputs=(checkpoint_dir,))
     shard_bytes = parse_size(shard_size)

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 from etils import epath
-from tqdm import tqdm
+from k2jax.progress import Progress, ProgressArg
 
 from k2jax.atomic_write import write_json_atomic, write_npy_atomic
 from k2jax.data import chunk_files, stale_temps
@@ -101,7 +101,7 @@ def _manifest_matches(manifest: Optional[dict], signature: dict) -> bool:
 
 def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLike] = None,
                 chunk_ids: Optional[Sequence[int]] = None, workers: int = 4,
-                progress: bool = True) -> dict[str, list[int]]:
+                progress: ProgressArg = True) -> dict[str, list[int]]:
     """Index every chunk file (or `chunk_ids`), several files at a time; resumable.
 
     Returns {"indexed": ids, "skipped": ids already indexed with a matching manifest}.
@@ -127,9 +127,8 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
         else:
             todo.append((chunk_id, signature))
 
-    bar = tqdm(total=sum(s["size"] for _, s in todo), unit="B", unit_scale=True,
-               unit_divisor=1024, desc=f"index {len(todo)} files", disable=not progress,
-               smoothing=0.1)
+    bar = Progress(f"index {len(todo)} files", sum(s["size"] for _, s in todo), unit="B",
+                   binary=True, progress=progress, tqdm_options={"smoothing": 0.1})
     lock = threading.Lock()
 
     def on_bytes(n: int) -> None:

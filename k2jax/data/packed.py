@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from etils import epath
-from tqdm import tqdm
+from k2jax.progress import Progress, ProgressArg
 
 from k2jax.atomic_write import atomic_file, write_json_atomic
 from k2jax.data import chunk_files, stale_temps
@@ -133,7 +133,7 @@ def _pack_in_worker(args: tuple) -> dict:
 def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 chunk_ids: Optional[Sequence[int]] = None, *, seq_len: int,
                 vocab_size: int, index_dir: Optional[str | os.PathLike] = None,
-                workers: int = 1, progress: bool = True) -> list[dict]:
+                workers: int = 1, progress: ProgressArg = True) -> list[dict]:
     """Pack indexed jsonl chunks (all, or `chunk_ids`) into `out_dir`, `workers` at a time.
 
     A chunk whose packed manifest already records the same source size and mtime is skipped.
@@ -158,8 +158,8 @@ def pack_chunks(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
             continue
         jobs.append((os.fspath(data_dir), os.fspath(out_path), chunk_id,
                      index.line_counts[chunk_id], signature, seq_len, vocab_size))
-    bar = tqdm(total=sum(job[3] for job in jobs), unit="row", unit_scale=True,
-               desc=f"pack {len(jobs)} files", disable=not progress)
+    bar = Progress(f"pack {len(jobs)} files", sum(job[3] for job in jobs), unit="row",
+                   progress=progress)
     # A killed pack's temporaries go first; a full disk names out_path when the OS names none.
     with stale_temps.writing_into(out_path), writing(out_path), bar:
         if workers <= 1 or len(jobs) <= 1:

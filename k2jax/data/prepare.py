@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from etils import epath
-from tqdm import tqdm
+from k2jax.progress import Progress, ProgressArg
 
 from k2jax.atomic_write import atomic_file, no_trace_if_refused, write_json_atomic
 from k2jax.data import chunk_files, fim
@@ -193,7 +193,7 @@ class _ChunkSpools:
 
 def prepare_chunks(tokenizer: K2Tokenizer, inputs: Sequence[str | os.PathLike],
                    out_dir: str | os.PathLike, num_chunks: int = 1, seq_len: int = 2048,
-                   source_name: Optional[str] = None, progress: bool = True,
+                   source_name: Optional[str] = None, progress: ProgressArg = True,
                    repeats: tuple[tuple[str, float], ...] = K2_REPEATS,
                    fim_options: FimOptions = FimOptions()) -> dict:
     """Write chunk_{0..num_chunks-1}.jsonl to `out_dir`; returns a summary (also prepare.json).
@@ -227,8 +227,8 @@ def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles
     spools = _ChunkSpools(spool_dir, num_chunks)
     assigner = ChunkAssigner(num_chunks)
     dropped = 0
-    bar = tqdm(total=sum(s.path.stat().length for s in sources), unit="B", unit_scale=True,
-               desc="prepare", disable=not progress)
+    bar = Progress("prepare", sum(s.path.stat().length for s in sources), unit="B",
+                   binary=True, progress=progress)
     try:
         for source in sources:
             if source.subset in cycles:  # n_repeat 0: left out, counter untouched
@@ -239,12 +239,13 @@ def _prepare_into(out: epath.Path, tokenizer: K2Tokenizer, sources: list, cycles
         spools.close()
         rows_per_chunk = [_write_chunk(out, spools, chunk, sources, seq_len, source_name)
                           for chunk in range(num_chunks)]
+        bar.close()
     except OSError as err:
         if err.filename is None:  # a full disk under a write to an open file: name the output
             err.filename = os.fspath(out)
         raise
     finally:
-        bar.close()
+        bar.close(completed=False)  # after a failure: no "done" line (a no-op after success)
         try:
             spools.close()  # (a no-op after success) after an error, the error told is the first
         except OSError:

@@ -5,6 +5,9 @@ matmul (all parameters but the embedding lookup and the norm scales), L layers, 
 length, H heads, D head dim. The attention term is 12 * L * S * H * D for full attention
 (QK^T and PV, forward + backward); causal masking halves it. Rematerialisation is not counted
 (MFU, not hardware utilisation).
+
+`model_flops_per_step` is the one owner of a step's model FLOPs: the trainer's MFU, `k2jax
+aot`'s and the benchmarks' all divide it (the real rows only, never the zero-mask padding).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax.config import ModelConfig
+from k2jax.config import Config, ModelConfig
 
 # bf16 dense peak per chip (FLOP/s).
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5 lite": 197e12, "v5p": 459e12, "v6e": 918e12,
@@ -32,6 +35,16 @@ def matmul_params(config: ModelConfig) -> int:
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     attention = 6 * config.num_layers * seq_len * config.num_heads * config.resolved_head_dim
     return 6 * matmul_params(config) + attention
+
+
+def tokens_per_step(config: Config) -> int:
+    """Real tokens of one optimizer step (global batch rows x sequence length)."""
+    return config.data.global_batch_size * config.data.seq_len
+
+
+def model_flops_per_step(config: Config) -> float:
+    """Model FLOPs of one optimizer step over its real tokens: what MFU divides."""
+    return flops_per_token(config.model, config.data.seq_len) * tokens_per_step(config)
 
 
 def peak_flops_for(device) -> float | None:

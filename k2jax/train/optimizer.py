@@ -4,6 +4,8 @@ pytree, sharded like the parameters."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,9 +33,11 @@ def clip_by_global_norm_megatron(max_norm: float) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(config: OptimizerConfig, scanned_layers: bool) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, scanned_layers: bool,
+                   schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
     """`scanned_layers`: per-layer norm scales are stacked to 2-D [layers, hidden] and must
-    still count as 1-D for weight decay."""
+    still count as 1-D for weight decay. `schedule`: the learning rate (None: the config's,
+    k2jax.train.schedule); the training setup passes the one it also exposes for logging."""
 
     def mask(params):
         def is_matrix(path, p):
@@ -43,6 +47,6 @@ def make_optimizer(config: OptimizerConfig, scanned_layers: bool) -> optax.Gradi
 
     return optax.chain(
         clip_by_global_norm_megatron(config.grad_clip_norm),
-        optax.adamw(learning_rate(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
+        optax.adamw(schedule or learning_rate(config), b1=config.beta1, b2=config.beta2, eps=config.eps,
                     weight_decay=config.weight_decay, mask=mask),
     )

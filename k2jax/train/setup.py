@@ -20,6 +20,7 @@ from k2jax.sharding.mesh import build_mesh
 from k2jax.sharding.padding import PaddingPlan, data_parallel_size, training_plan
 from k2jax.sharding.rules import batch_sharding, replicated
 from k2jax.train.optimizer import make_optimizer
+from k2jax.train.schedule import learning_rate
 from k2jax.train.state import TrainState, create_train_state, state_layout
 from k2jax.train.step import make_train_step
 
@@ -29,6 +30,7 @@ class TrainingSetup:
     config: Config
     mesh: Mesh
     optimizer: optax.GradientTransformation
+    learning_rate: optax.Schedule  # the one the optimizer uses: the trainer logs its values
     padding: PaddingPlan  # rows of the device batch
     batch_sharding: NamedSharding  # rows over the data-parallel axes
     shardings: TrainState  # NamedShardings of the state
@@ -57,10 +59,11 @@ def build_training_setup(config: Config, devices: Optional[list] = None,
     """`config`'s setup over `devices` (None: all of jax.devices()); `process_count`: hosts
     feeding the batch (the padding makes every host's slice equal)."""
     mesh = build_mesh(config.mesh, devices)
-    optimizer = make_optimizer(config.optimizer, config.model.scan_layers)
+    schedule = learning_rate(config.optimizer)
+    optimizer = make_optimizer(config.optimizer, config.model.scan_layers, schedule)
     padding = training_plan(config.data.global_batch_size, config.data.micro_batch_size,
                             data_parallel_size(mesh, config.mesh.rules), process_count)
     shardings, abstract_state = state_layout(config, optimizer, mesh)
-    return TrainingSetup(config, mesh, optimizer, padding,
+    return TrainingSetup(config, mesh, optimizer, schedule, padding,
                          batch_sharding(mesh, config.mesh.rules), shardings, abstract_state,
                          make_train_step(config, optimizer, mesh, shardings))

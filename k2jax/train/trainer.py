@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
@@ -21,19 +20,27 @@ from k2jax.data.loader import StepLoader
 from k2jax.data.rollback import rollback_files, rollback_window
 from k2jax.errors import UserError, one_line
 from k2jax.model.param_count import count_params
+from k2jax.progress import Progress, ProgressArg, format_duration
 from k2jax.run_dir import SUPERSEDED_DIR, RunDir
 from k2jax.train.data_span import ends_chunk, steps_from_data
-from k2jax.train.flops import flops_per_token, measure_matmul_peak, peak_flops_for
+from k2jax.train.flops import measure_matmul_peak, model_flops_per_step, peak_flops_for, \
+    tokens_per_step
 from k2jax.train.metrics import MetricsWriter
 from k2jax.train.preemption import StopRequested
-from k2jax.train.schedule import learning_rate, schedule_count
+from k2jax.train.schedule import schedule_count
 from k2jax.train.setup import build_training_setup
 from k2jax.train.spikes import SpikeDetector
 
 
 class Trainer:
-    def __init__(self, config: Config):
-        self.config = config
+    """`progress`: a k2jax.progress mode (a bar on a terminal, else one line per logged step).
+    `stop`: the stop-signal handler, installed by the caller before anything slow (else `run`
+    installs one)."""
+
+    def __init__(self, config: Config, progress: ProgressArg = "auto",
+                 stop: Optional[StopRequested] = None):
+        self.config, self.progress, self.stop = config, progress, stop
+        self._bar: Optional[Progress] = None
         self.run_dir = RunDir(config.train.run_dir)
         self.run_dir.ensure()
         self.primary = jax.process_index() == 0
@@ -44,8 +51,9 @@ class Trainer:
         self.config = config = steps_from_data(config, loader, self.log)
         self.setup = build_training_setup(config, process_count=jax.process_count())
         self.mesh = self.setup.mesh
-        self.learning_rate = learning_rate(config.optimizer)  # for the logs: the step's lr
+        self.learning_rate = self.setup.learning_rate  # the optimizer's: logs the step's lr
         self.checkpoints = RunCheckpoints(self.run_dir, config.train)
+        self._checkpoints_closed = False
         self.lock = run_dir_lock(self.run_dir, enabled=False)  # held (process 0) while run() runs
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # opened by run()
         self.detector = SpikeDetector(config.train.spikes)
@@ -109,8 +117,12 @@ class Trainer:
     # -- helpers -----------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
-        if self.primary:
-            tqdm.write(f"[k2jax] {message}", file=sys.stderr)
+        if not self.primary:
+            return
+        if self._bar is not None and self._bar.mode == "bar":
+            self._bar.write(f"[k2jax] {message}")  # above the bar, which stays whole
+        else:
+            print(f"[k2jax] {message}", file=sys.stderr, flush=True)
 
     @staticmethod
     def _schedule_step(state) -> int:
@@ -152,10 +164,55 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        with run_dir_lock(self.run_dir, enabled=self.primary) as self.lock:  # one run per run_dir
-            return self._run()
+        stop = self.stop or StopRequested()
+        try:
+            # one run per run_dir
+            with run_dir_lock(self.run_dir, enabled=self.primary) as self.lock:
+                try:
+                    return self._run(stop)
+                finally:
+                    self._close_checkpoints()
+        finally:
+            if self.stop is None:
+                stop.restore()
 
-    def _run(self) -> int:
+    def _close_checkpoints(self) -> None:
+        """On every way out (a refused or failed restore, a stop during start-up, a full disk):
+        Orbax's asynchronous work is waited for and its threads and event loops closed before
+        the interpreter exits, which otherwise reports their leftovers as tracebacks after the
+        one-line message ('Exception ignored in <coroutine ...>', 'Task exception was never
+        retrieved')."""
+        if self._checkpoints_closed:
+            return
+        self._checkpoints_closed = True
+        try:
+            self.checkpoints.wait()
+        finally:
+            self.checkpoints.close()
+
+    def step_line(self, step: int, record: dict, seconds_per_step: float) -> str:
+        """The grep-able line of a logged step (lines mode): key=value, one line."""
+        eta = format_duration((self.config.train.steps - step) * seconds_per_step)
+        return (f"step={step}/{self.config.train.steps} loss={record['loss']:.4f} "
+                f"lr={record['lr']:.3e} grad_norm={record['grad_norm']:.4f} "
+                f"tokens/s={record['tokens_per_s']:.0f} mfu={record['mfu']:.1%} "
+                f"step_s={record['step_seconds']:.3f} eta={eta}")
+
+    def _report(self, step: int, record: dict, since: tuple[float, int]) -> tuple[float, int]:
+        """The bar's postfix; at logged steps the metrics and (lines mode) the step line, whose
+        ETA takes the wall-clock pace (data, logging, saves included) since `since` = (time,
+        step) of the previous line. Returns the new `since`."""
+        self._bar.set_postfix_str(f"loss={record['loss']:.4f}, "
+                                  f"tok_s={record['tokens_per_s']:.0f}, mfu={record['mfu']:.1%}")
+        if step % self.config.train.log_every and step != self.config.train.steps:
+            return since
+        self.writer.record(step, record)
+        if self._bar.mode == "lines":
+            pace = (time.perf_counter() - since[0]) / max(step - since[1], 1)
+            self.log(self.step_line(step, record, pace))
+        return time.perf_counter(), step
+
+    def _run(self, stop: StopRequested) -> int:
         cfg = self.config
         state, step = self.initial_state()
         if self.primary:  # only now: a refused resume must leave the run's config.yaml alone
@@ -176,13 +233,16 @@ class Trainer:
         self.log(f"compiled the train step in {compile_seconds:.1f} s")
         self.writer.scalars(step, {"compile_seconds": compile_seconds})
 
-        tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-        model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        tokens = tokens_per_step(cfg)
+        model_flops = model_flops_per_step(cfg)
         peak = self.peak_flops() * jax.device_count()
-        stop = StopRequested()
-        progress = tqdm(total=cfg.train.steps, initial=step, disable=not self.primary,
-                        unit="step", dynamic_ncols=True)
+        # Lines mode: the step line at each logged step is the progress (no timed lines).
+        progress = self._bar = Progress("train", cfg.train.steps, unit="step", initial=step,
+                                        every_s=None,
+                                        progress=self.progress if self.primary else "none")
         metrics = None
+        since = (time.perf_counter(), step)  # the ETA's pace: wall time since the last line
+        stop.steps_started()  # from here a stop signal finishes and checkpoints the step
         try:
             while step < cfg.train.steps:
                 batch_step, batch = next(batches)
@@ -201,8 +261,8 @@ class Trainer:
                     if next_step != step + 1:  # rolled back: the order and position changed
                         batches = self.loader.iter_from_step(next_step, cfg.train.steps)
                     if spike != "trend" or next_step != step + 1:  # a trend's update counts
-                        step = progress.n = next_step
-                        progress.refresh()
+                        step = next_step
+                        progress.set_position(step)
                         continue
                 step += 1
                 progress.update(1)
@@ -210,14 +270,10 @@ class Trainer:
                     "loss": metrics["loss"], "lr": lr,
                     "grad_norm": metrics["grad_norm"], "param_norm": metrics["param_norm"],
                     "update_ratio": metrics["update_ratio"],
-                    "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
+                    "tokens_per_s": tokens / seconds, "step_seconds": seconds,
                     "mfu": model_flops / (seconds * peak), "tokens": metrics["tokens"],
                 }
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}",
-                                     mfu=f"{record['mfu']:.1%}")
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    self.writer.record(step, record)
+                since = self._report(step, record, since)
                 if (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
                         or (cfg.train.checkpoint_at_chunk_ends
                             and ends_chunk(self.loader, step - 1))):
@@ -229,9 +285,8 @@ class Trainer:
                     break
         finally:
             progress.close()
-            stop.restore()
-            self.checkpoints.wait()
-            self.checkpoints.close()
+            self._bar = None
+            self._close_checkpoints()  # before the writer: a failed save is the error told
             self.writer.close()
         self.log(f"done at step {step}; checkpoints in {self.checkpoints.directory}")
         return 0
@@ -275,8 +330,9 @@ class Trainer:
         return next_step, state
 
 
-def train(config: Config) -> int:
+def train(config: Config, progress: ProgressArg = "auto",
+          stop: Optional[StopRequested] = None) -> int:
     run_dir = RunDir(config.train.run_dir)
     # A refused start writes nothing: no empty run_dir, nor checkpoints/ in an existing one.
     with no_trace_if_refused(run_dir.path, run_dir.checkpoints_dir, run_dir.tensorboard_dir):
-        return Trainer(config).run()
+        return Trainer(config, progress, stop).run()
