@@ -43,8 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_rope_freq_dtype_arg(p, "bfloat16", "K2's training run, whose logged loss this reproduces")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
-                   help="attention implementation (auto: splash on TPU, XLA elsewhere)")
+    p.add_argument("--attention", default="auto",
+                   choices=("auto", "xla", "pallas", "splash", "cudnn"),
+                   help="attention implementation (auto: splash on TPU, cuDNN on a GPU, XLA "
+                        "elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     add_progress_flags(p)
     p.set_defaults(func=run)
