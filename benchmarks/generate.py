@@ -125,18 +125,29 @@ def speed_comparison(args, device: str = "cpu", shape=SHAPE_100M
                     span = logp[row, len(c) - 1:len(c) - 1 + len(t)]
                     span.gather(1, torch.tensor(t, device=device)[:, None]).sum().item()
 
-    for warm in (k2jax_generate, hf_generate, k2jax_score, hf_score):
+    runs = {"kg": k2jax_generate, "hg": hf_generate, "ks": k2jax_score, "hs": hf_score}
+    on_cpu = jax.default_backend() == "cpu"  # k2jax's CPU paths: per-layer weights, fine buckets
+    if args.ab:  # k2jax's other paths, in the same turns
+        other = Generator(params, config, per_layer_weights=not on_cpu)
+        runs["kg_old"] = lambda: other.generate(prompts, new)
+        other_scorer = Scorer(params, config, fine_buckets=not on_cpu)
+        runs["ks_old"] = lambda: [other_scorer.score(pairs[s:s + args.score_batch])
+                                  for s in range(0, len(pairs), args.score_batch)]
+    for warm in runs.values():
         warm()  # compiles (k2jax), allocator warm-up (torch)
-    rows = []
-    decode_tokens = args.batch * new
-    times = {name: [] for name in ("kg", "hg", "ks", "hs")}
-    for _ in range(args.repeats):  # in turns, so load on this shared machine hits both alike
-        for name, fn in (("kg", k2jax_generate), ("hg", hf_generate), ("ks", k2jax_score),
-                         ("hs", hf_score)):
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # in turns, so load on this shared machine hits all alike
+        for name, fn in runs.items():
             times[name].append(median_seconds(fn, 1))
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows.append(("decode tokens/s", decode_tokens / med["kg"], decode_tokens / med["hg"]))
-    rows.append(("loglikelihood requests/s", len(pairs) / med["ks"], len(pairs) / med["hs"]))
+    decode_tokens = args.batch * new
+    rows = [("decode tokens/s", decode_tokens / med["kg"], decode_tokens / med["hg"]),
+            ("loglikelihood requests/s", len(pairs) / med["ks"], len(pairs) / med["hs"])]
+    if args.ab:
+        rows += [(f"decode, {'scanned' if on_cpu else 'per-layer'} weights",
+                  decode_tokens / med["kg_old"], decode_tokens / med["hg"]),
+                 (f"loglikelihood, {'2^n' if on_cpu else 'fine'} buckets",
+                  len(pairs) / med["ks_old"], len(pairs) / med["hs"])]
     where = f"CPU, {os.cpu_count()} cores" if device == "cpu" else f"{device} (jax: " \
         f"{jax.devices()[0].device_kind})"
     print(f"\n{where}, {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f} M parameters, "
@@ -235,6 +246,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--context-len", type=int, default=256)
     parser.add_argument("--score-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ab", action="store_true",
+                        help="also time k2jax's other paths: scanned vs per-layer decode "
+                             "weights, power-of-two vs fine scoring buckets")
     parser.add_argument("--topologies", default="v5p-8,v5p-16,v5p-32")
     parser.add_argument("--aot-batch", type=int, default=32)
     parser.add_argument("--cache-len", type=int, default=4096)

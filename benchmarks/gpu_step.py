@@ -355,7 +355,8 @@ def part_generate(args) -> dict:
     options = bench.parse_args(["--repeats", "3"] + (
         ["--batch", "2", "--new-tokens", "8", "--requests", "4", "--context-len", "48",
          "--score-batch", "2", "--prompt-len", "16"] if args.dry else
-        ["--batch", "8", "--new-tokens", "64", "--requests", "32", "--score-batch", "8"]))
+        ["--batch", "8", "--new-tokens", "64", "--requests", "32", "--score-batch", "8",
+         "--ab"]))
     shape = bench.SHAPE_TINY if args.dry else bench.SHAPE_100M
     rows = bench.speed_comparison(options, device=str(device), shape=shape)
     return {"rows": [{"what": w, "k2jax": a, "transformers": b} for w, a, b in rows]}
