@@ -63,6 +63,7 @@ def test_xla_fallback_in_bf16_agrees_with_model_attention():
         assert rel_err(got, ref) < 2e-2 and rel_err(ours, ref) < 2e-2
 
 
+@pytest.mark.slow  # two model compiles with gradients: ~30 s at load
 def test_model_with_gpu_path_equals_model_with_xla(monkeypatch):
     """The whole model (scanned layers, packed documents) through the `cudnn` dispatch, cuDNN
     swapped for jax's XLA implementation: logits and parameter gradients equal the `xla` model's."""
