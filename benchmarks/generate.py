@@ -28,8 +28,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 GIB = 1024 ** 3
+K2_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "configs", "k2-65b.yaml")
 SHAPE_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)
+SHAPE_TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,  # gpu_step --dry
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 
@@ -42,7 +46,7 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_models():
+def cpu_models(shape=SHAPE_100M):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,8 +56,8 @@ def cpu_models():
     from k2jax.config import load_config
 
     torch.manual_seed(0)
-    vocab = load_config("configs/k2-65b.yaml").model.vocab_size  # K2's padded vocabulary
-    hf_config = LlamaConfig(**SHAPE_100M, vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    vocab = load_config(K2_CONFIG).model.vocab_size  # K2's padded vocabulary
+    hf_config = LlamaConfig(**shape, vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=False,
                             attn_implementation="sdpa", pad_token_id=0, eos_token_id=2,
                             bos_token_id=1)
     model = LlamaForCausalLM(hf_config).eval()
@@ -65,13 +69,22 @@ def cpu_models():
 
 
 def cpu_benchmark(args) -> list[tuple[str, float, float]]:
+    return speed_comparison(args)
+
+
+def speed_comparison(args, device: str = "cpu", shape=SHAPE_100M
+                     ) -> list[tuple[str, float, float]]:
+    """Decode tokens/s and loglikelihood requests/s of k2jax (jax's default device) and
+    transformers (torch `device`), medians of args.repeats runs in turns; prints a table."""
     import torch
 
     from k2jax.generate import Generator
     from k2jax.generate.scoring import Scorer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, params, config = cpu_models()
+    model, params, config = cpu_models(shape)
+    model = model.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rng = np.random.default_rng(0)
     top = config.vocab_size
     prompts = [rng.integers(3, top, n).tolist() for n in
@@ -81,13 +94,15 @@ def cpu_benchmark(args) -> list[tuple[str, float, float]]:
     generator = Generator(params, config)
     k2jax_generate = lambda: generator.generate(prompts, new)  # no EOS: always `new` tokens
     length = max(map(len, prompts))
-    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts],
+                        device=device)
 
     def hf_generate():
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                            min_new_tokens=new, do_sample=False, pad_token_id=0)
+        sync()
 
     pairs = [(rng.integers(3, top, int(c)).tolist(), rng.integers(3, top, 4).tolist())
              for c in rng.integers(32, args.context_len + 1, args.requests)]
@@ -103,27 +118,42 @@ def cpu_benchmark(args) -> list[tuple[str, float, float]]:
                 chunk = pairs[start:start + args.score_batch]
                 inputs = [(c + t)[:-1] for c, t in chunk]
                 width = max(map(len, inputs))
-                batch = torch.tensor([x + [0] * (width - len(x)) for x in inputs])
+                batch = torch.tensor([x + [0] * (width - len(x)) for x in inputs],
+                                     device=device)
                 logp = torch.log_softmax(model(batch).logits, dim=-1)
                 for row, (c, t) in enumerate(chunk):
                     span = logp[row, len(c) - 1:len(c) - 1 + len(t)]
-                    span.gather(1, torch.tensor(t)[:, None]).sum().item()
+                    span.gather(1, torch.tensor(t, device=device)[:, None]).sum().item()
 
-    for warm in (k2jax_generate, hf_generate, k2jax_score, hf_score):
+    runs = {"kg": k2jax_generate, "hg": hf_generate, "ks": k2jax_score, "hs": hf_score}
+    on_cpu = jax.default_backend() == "cpu"  # k2jax's CPU paths: per-layer weights, fine buckets
+    if args.ab:  # k2jax's other paths, in the same turns
+        other = Generator(params, config, per_layer_weights=not on_cpu)
+        runs["kg_old"] = lambda: other.generate(prompts, new)
+        other_scorer = Scorer(params, config, fine_buckets=not on_cpu)
+        runs["ks_old"] = lambda: [other_scorer.score(pairs[s:s + args.score_batch])
+                                  for s in range(0, len(pairs), args.score_batch)]
+    for warm in runs.values():
         warm()  # compiles (k2jax), allocator warm-up (torch)
-    rows = []
-    decode_tokens = args.batch * new
-    times = {name: [] for name in ("kg", "hg", "ks", "hs")}
-    for _ in range(args.repeats):  # in turns, so load on this shared machine hits both alike
-        for name, fn in (("kg", k2jax_generate), ("hg", hf_generate), ("ks", k2jax_score),
-                         ("hs", hf_score)):
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # in turns, so load on this shared machine hits all alike
+        for name, fn in runs.items():
             times[name].append(median_seconds(fn, 1))
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows.append(("decode tokens/s", decode_tokens / med["kg"], decode_tokens / med["hg"]))
-    rows.append(("loglikelihood requests/s", len(pairs) / med["ks"], len(pairs) / med["hs"]))
-    print(f"\nCPU, ~100M parameters ({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f} M),"
-          f" fp32, {os.cpu_count()} cores; decode: {args.batch} prompts of "
-          f"{args.prompt_len // 2}-{args.prompt_len} tokens + {new} new (prefill included); "
+    decode_tokens = args.batch * new
+    rows = [("decode tokens/s", decode_tokens / med["kg"], decode_tokens / med["hg"]),
+            ("loglikelihood requests/s", len(pairs) / med["ks"], len(pairs) / med["hs"])]
+    if args.ab:
+        rows += [(f"decode, {'scanned' if on_cpu else 'per-layer'} weights",
+                  decode_tokens / med["kg_old"], decode_tokens / med["hg"]),
+                 (f"loglikelihood, {'2^n' if on_cpu else 'fine'} buckets",
+                  len(pairs) / med["ks_old"], len(pairs) / med["hs"])]
+    where = f"CPU, {os.cpu_count()} cores" if device == "cpu" else f"{device} (jax: " \
+        f"{jax.devices()[0].device_kind})"
+    print(f"\n{where}, {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f} M parameters, "
+          f"fp32, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; decode: "
+          f"{args.batch} prompts of {args.prompt_len // 2}-{args.prompt_len} tokens + {new} new "
+          "(prefill included); "
           f"loglikelihood: {args.requests} requests, contexts 32-{args.context_len} tokens, "
           f"4-token continuations, batches of {args.score_batch}; median of {args.repeats}")
     print(f"{'':28s}{'k2jax':>12s}{'transformers':>14s}{'ratio':>8s}")
@@ -148,7 +178,7 @@ def aot_decode_memory(topology: str, batch: int, cache_len: int) -> dict:
 
     tpu = parse_slice(topology)
     devices = topology_devices(tpu)
-    config = inference_model_config(load_config("configs/k2-65b.yaml").model, "bf16",
+    config = inference_model_config(load_config(K2_CONFIG).model, "bf16",
                                     attention="splash")
     mesh_config = MeshConfig(data=1, fsdp=1, tensor=len(devices))
     mesh, rules = build_mesh(mesh_config, devices), mesh_config.rules
@@ -207,7 +237,7 @@ def aot_benchmark(args) -> list[dict]:
     return reports
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("cpu", "aot"))
     parser.add_argument("--batch", type=int, default=4, help="decode prompts")
@@ -217,10 +247,17 @@ def main(argv=None) -> int:
     parser.add_argument("--context-len", type=int, default=256)
     parser.add_argument("--score-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ab", action="store_true",
+                        help="also time k2jax's other paths: scanned vs per-layer decode "
+                             "weights, power-of-two vs fine scoring buckets")
     parser.add_argument("--topologies", default="v5p-8,v5p-16,v5p-32")
     parser.add_argument("--aot-batch", type=int, default=32)
     parser.add_argument("--cache-len", type=int, default=4096)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, jax {jax.__version__}, "
           f"{sys.platform}", flush=True)
     if args.only in (None, "cpu"):

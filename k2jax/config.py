@@ -66,7 +66,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     scan_layers: bool = True
     remat: str = "full"
-    attention: Literal["auto", "xla", "pallas", "splash"] = "auto"
+    attention: Literal["auto", "xla", "pallas", "splash", "cudnn"] = "auto"
     attention_block_q: Optional[int] = None  # None: per-TPU-generation default
     attention_block_kv: Optional[int] = None
 

@@ -1,10 +1,11 @@
-"""Which JAX platform a k2jax command starts on when the user has not said.
+"""Which JAX platform a k2jax command starts on when the user has not said: TPU > GPU > CPU.
 
 With libtpu installed (the `tpu` extra, also used for ahead-of-time TPU compiles on CPU hosts),
 JAX initialises its TPU backend first; on a machine without TPU chips that prints errors such as
-"unexpected worker hostname" and then falls back to the CPU. k2jax looks for TPU chips itself
-and, when there are none, starts JAX without the TPU platform. JAX_PLATFORMS set by the user
-always wins.
+"unexpected worker hostname" and then falls back to the CPU. With jax's CUDA plugin installed
+(the `gpu` extra) on a host without an NVIDIA GPU, JAX warns that CUDA failed to initialise.
+k2jax looks for the chips itself (TPU chips, then NVIDIA GPUs) and starts JAX on the first kind
+it finds whose plugin is installed, else on the CPU. JAX_PLATFORMS set by the user always wins.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 from pathlib import Path
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # every Cloud TPU chip is a PCI device of Google's
+NVIDIA_PCI_VENDOR = "0x10de"
+PCI_DISPLAY_CLASS = "0x03"  # 0x0300 VGA, 0x0302 3D controller (data-centre GPUs)
 CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
 
 
@@ -31,13 +34,33 @@ def tpu_chips_present(sys_root: str = "/sys", dev_root: str = "/dev") -> bool:
     return False
 
 
+def nvidia_gpus_present(sys_root: str = "/sys", dev_root: str = "/dev") -> bool:
+    """True if this host has an NVIDIA GPU: /dev/nvidia0.. (the driver loaded) or an NVIDIA PCI
+    display/3D controller (a container that sees the PCI tree)."""
+    if any(path.name[len("nvidia"):].isdigit() for path in Path(dev_root).glob("nvidia*")):
+        return True
+    for device in Path(sys_root, "bus", "pci", "devices").glob("*"):
+        try:
+            if ((device / "vendor").read_text().strip() == NVIDIA_PCI_VENDOR and
+                    (device / "class").read_text().strip().startswith(PCI_DISPLAY_CLASS)):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def choose_platform(environ=os.environ, sys_root: str = "/sys", dev_root: str = "/dev") -> None:
-    """Set JAX_PLATFORMS for this process when the user has not and no TPU chip is present.
+    """Set JAX_PLATFORMS for this process when the user has not: a TPU host is left to JAX (it
+    takes the TPU), an NVIDIA GPU with jax's CUDA plugin gets "cuda,cpu", anything else "cpu"
+    when a TPU or CUDA plugin is installed that would otherwise try (and warn).
 
     Must run before jax initialises a backend (the CLI calls it first thing)."""
     if environ.get("JAX_PLATFORMS") or tpu_chips_present(sys_root, dev_root):
         return
-    if importlib.util.find_spec("libtpu") is None:
-        return  # no libtpu, no noise: JAX's own choice (CUDA if installed, else CPU) stands
+    libtpu = importlib.util.find_spec("libtpu") is not None
     cuda = any(importlib.util.find_spec(name) for name in CUDA_PLUGINS)
-    environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+    if cuda and nvidia_gpus_present(sys_root, dev_root):
+        environ["JAX_PLATFORMS"] = "cuda,cpu"
+    elif libtpu or cuda:
+        environ["JAX_PLATFORMS"] = "cpu"
+    # neither plugin: JAX's own choice (the CPU) stands, silently

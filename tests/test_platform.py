@@ -1,5 +1,6 @@
-"""Platform choice: no TPU chip and libtpu installed -> the CPU, silently; the user's
-JAX_PLATFORMS and real TPU hosts are left alone; `k2jax --version`."""
+"""Platform choice, TPU > GPU > CPU: no TPU chip and libtpu installed -> the CPU, silently; an
+NVIDIA GPU with jax's CUDA plugin -> CUDA; the user's JAX_PLATFORMS and real TPU hosts are left
+alone; `k2jax --version`."""
 
 import os
 import subprocess
@@ -10,20 +11,23 @@ import pytest
 
 from k2jax import __version__
 from k2jax.cli import main
-from k2jax.platform import choose_platform, tpu_chips_present
+from k2jax.platform import choose_platform, nvidia_gpus_present, tpu_chips_present
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fake_host(tmp_path, vendors=(), accel=False):
+def fake_host(tmp_path, vendors=(), accel=False, dev_names=(), classes=None):
     sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
     dev_root.mkdir(parents=True)
     for i, vendor in enumerate(vendors):
         device = sys_root / "bus" / "pci" / "devices" / f"0000:00:0{i}.0"
         device.mkdir(parents=True)
         (device / "vendor").write_text(vendor + "\n")
+        (device / "class").write_text((classes[i] if classes else "0x020000") + "\n")
     if accel:
         (dev_root / "accel0").write_text("")
+    for name in dev_names:
+        (dev_root / name).write_text("")
     return str(sys_root), str(dev_root)
 
 
@@ -35,6 +39,38 @@ def fake_host(tmp_path, vendors=(), accel=False):
 ])
 def test_tpu_chips_present(tmp_path, vendors, accel, present):
     assert tpu_chips_present(*fake_host(tmp_path, vendors, accel)) is present
+
+
+@pytest.mark.parametrize("vendors, classes, dev_names, present", [
+    ((), None, (), False),
+    ((), None, ("nvidiactl", "nvidia-uvm"), False),             # driver nodes, no GPU
+    ((), None, ("nvidiactl", "nvidia0"), True),                 # /dev/nvidia0
+    (("0x10de",), ("0x030200",), (), True),                     # NVIDIA 3D controller (H100)
+    (("0x10de",), ("0x068000",), (), False),                    # an NVIDIA bridge, not a GPU
+])
+def test_nvidia_gpus_present(tmp_path, vendors, classes, dev_names, present):
+    host = fake_host(tmp_path, vendors, dev_names=dev_names, classes=classes)
+    assert nvidia_gpus_present(*host) is present
+
+
+@pytest.mark.parametrize("installed, host, want", [
+    (("jax_cuda13_plugin",), "gpu", "cuda,cpu"),
+    (("jax_cuda12_plugin", "libtpu"), "gpu", "cuda,cpu"),
+    (("jax_cuda13_plugin",), "none", "cpu"),   # the plugin, no GPU: no CUDA warning
+    (("jax_cuda13_plugin", "libtpu"), "tpu", None),  # TPU first
+    ((), "gpu", None),                         # no plugin: JAX's own choice (the CPU)
+])
+def test_choose_platform_prefers_tpu_then_gpu(tmp_path, monkeypatch, installed, host, want):
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name: object() if name in installed else None)
+    roots = fake_host(tmp_path, accel=host == "tpu",
+                      dev_names=("nvidia0",) if host == "gpu" else ())
+    env = {}
+    choose_platform(env, *roots)
+    assert env.get("JAX_PLATFORMS") == want
+    env = {"JAX_PLATFORMS": "cpu"}
+    choose_platform(env, *roots)
+    assert env == {"JAX_PLATFORMS": "cpu"}  # the user's choice wins
 
 
 def test_choose_platform(tmp_path, monkeypatch):

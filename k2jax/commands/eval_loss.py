@@ -44,8 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "loss this reproduces; K2's preset: bfloat16")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="mesh 'tensor' axis size; the other devices shard params (fsdp)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas", "splash"),
-                   help="attention implementation (auto: splash on TPU, XLA elsewhere)")
+    p.add_argument("--attention", default="auto",
+                   choices=("auto", "xla", "pallas", "splash", "cudnn"),
+                   help="attention implementation (auto: splash on TPU, cuDNN on a GPU, XLA "
+                        "elsewhere)")
     p.add_argument("--json", action="store_true", help="one JSON object per step on stdout")
     add_progress_flags(p)
     p.set_defaults(func=run, flag_words={"micro_batch": "--micro-batch"})

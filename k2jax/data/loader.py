@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +277,8 @@ class StepLoader:
         Grain does real work here: its threads (ReadOptions) overlap file reads with the step,
         and its worker processes (mp_prefetch) add CPUs for JSON parsing; both keep the order.
         """
+        import grain  # here: the train step alone (benchmarks/gpu_step.py) runs without grain
+
         workers = self.data.worker_count if worker_count is None else worker_count
         prefetch = self.data.prefetch if prefetch is None else prefetch
         dataset = grain.MapDataset.range(start_step, stop_step).map(self.host_batch)

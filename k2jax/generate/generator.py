@@ -5,7 +5,7 @@ number of chunks), so the prefill and the decode chunk each compile once per buc
 many prompts and lengths a run sees (`compiles()` reports it). Between chunks the host checks
 stop strings, and stops early once every row has ended (EOS, stop string or the token limit).
 
-Sharding: parameters keep the shardings they were put on (k2jax.eval.weights, the training
+Sharding: parameters keep the shardings they were put on (k2jax.weights, the training
 rules); the prompts' rows and the cache go over the `batch` mesh axes, the cache's kv heads
 over `kv_heads` (`mesh.rules`), through the model's logical constraints.
 """
@@ -25,7 +25,7 @@ from k2jax.errors import UserError
 from k2jax.generate.batching import (batch_shards, bucket, mesh_context, pad_left,
                                      padded_rows, put_rows, replicate)
 from k2jax.generate.sampling import SamplingParams, next_tokens
-from k2jax.model.kv_cache import KVCache, empty_cache, forward_with_cache
+from k2jax.model.kv_cache import KVCache, empty_cache, forward_with_cache, per_layer_params
 
 MIN_PROMPT_BUCKET = 16  # prompt lengths are padded to 16, 32, 64, ... tokens
 DECODE_CHUNK = 16       # decode steps per device call between stop-string checks
@@ -46,7 +46,15 @@ class Generator:
 
     def __init__(self, params: Any, config: ModelConfig, mesh: Optional[Mesh] = None,
                  rules: Optional[dict] = None, pad_id: int = 0,
-                 min_prompt_bucket: int = MIN_PROMPT_BUCKET, decode_chunk: int = DECODE_CHUNK):
+                 min_prompt_bucket: int = MIN_PROMPT_BUCKET, decode_chunk: int = DECODE_CHUNK,
+                 per_layer_weights: Optional[bool] = None):
+        """per_layer_weights: decode from the weights split per layer (a copy of the scanned
+        ones; None: on a CPU, where it halves a decode step). TPUs keep the scanned layout,
+        whose memory the AOT decode reports measure."""
+        if per_layer_weights is None:
+            per_layer_weights = jax.default_backend() == "cpu"
+        if per_layer_weights and params is not None:
+            params = jax.jit(per_layer_params, static_argnums=1)(params, config.num_layers)
         self.params, self.config = params, config
         self.mesh, self.rules = mesh, rules
         self.pad_id = pad_id

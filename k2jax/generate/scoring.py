@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 
 from k2jax.config import ModelConfig
 from k2jax.errors import UserError
-from k2jax.generate.batching import (batch_shards, bucket, mesh_context, pad_right,
-                                     padded_rows, put_rows, replicate)
+from k2jax.generate.batching import (batch_shards, bucket, fine_bucket, mesh_context,
+                                     pad_right, padded_rows, put_rows, replicate)
 from k2jax.model import K2Model
 
 MIN_SCORE_BUCKET = 16
@@ -27,10 +27,15 @@ class Scorer:
 
     def __init__(self, params: Any, config: ModelConfig, mesh: Optional[Mesh] = None,
                  rules: Optional[dict] = None, max_length: Optional[int] = None,
-                 min_bucket: int = MIN_SCORE_BUCKET):
+                 min_bucket: int = MIN_SCORE_BUCKET, fine_buckets: Optional[bool] = None):
+        """fine_buckets: lengths padded to 4 sizes per octave, not powers of two (None: on a
+        CPU; TPU kernels want whole 128-token blocks, and the GPU's are untimed)."""
         self.params, self.config, self.mesh, self.rules = params, config, mesh, rules
         self.max_length = max_length or config.max_position_embeddings
         self.min_bucket = min_bucket
+        if fine_buckets is None:
+            fine_buckets = jax.default_backend() == "cpu"
+        self.bucket = fine_bucket if fine_buckets else bucket
         self._score = jax.jit(self._score_fn)
 
     def compiles(self) -> int:
@@ -60,7 +65,7 @@ class Scorer:
             windows.append(full)
             lengths.append(len(continuation))
         rows = padded_rows(len(pairs), batch_shards(self.mesh, self.rules))
-        length = bucket(max(len(w) for w in windows) - 1, self.min_bucket)
+        length = self.bucket(max(len(w) for w in windows) - 1, self.min_bucket)
         tokens = pad_right([w[:-1] for w in windows], length, rows, 0)
         targets = pad_right([w[1:] for w in windows], length, rows, 0)
         mask = np.zeros((rows, length), bool)

@@ -1,5 +1,6 @@
 """Scaled dot-product attention behind one switch: `xla` (plain einsums), `pallas` (k2jax's
-fused flash-attention kernel, k2jax.kernels) or `splash` (jax's Pallas splash attention).
+fused flash-attention kernel, k2jax.kernels) or `splash` (jax's Pallas splash attention), both
+TPU kernels, or `cudnn` (cuDNN's flash attention on NVIDIA GPUs, k2jax/kernels/gpu_attention.py).
 Causal over the whole row: K2 packs documents without resetting attention at EOS."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from k2jax.errors import ConfigError
 
 # None: Pallas kernels run in interpret mode off TPU. Ahead-of-time TPU compiles on a CPU host
 # set False (see `pallas_interpret`), so Mosaic lowers the real kernel.
@@ -32,9 +35,25 @@ def pallas_interpret(value: Optional[bool]):
 TPU_DEFAULT_ATTENTION = "splash"
 
 
-def resolve_attention_impl(name: str) -> str:
+TPU_KERNELS = ("pallas", "splash")
+
+
+def resolve_attention_impl(name: str, q=None) -> str:
+    """`auto`: splash on a TPU, cuDNN on an NVIDIA GPU when it takes q (bf16/fp16; fp32
+    evaluation stays on `xla`), else `xla`."""
+    backend = jax.default_backend()
     if name == "auto":
-        return TPU_DEFAULT_ATTENTION if jax.default_backend() == "tpu" else "xla"
+        if backend == "tpu":
+            return TPU_DEFAULT_ATTENTION
+        if backend == "gpu":
+            from k2jax.kernels.gpu_attention import cudnn_supports
+            return "cudnn" if q is None or cudnn_supports(q) else "xla"
+        return "xla"
+    if name in TPU_KERNELS and backend == "gpu":
+        # Off a TPU these run in Pallas interpret mode (CPU tests, AOT TPU compiles); on a GPU
+        # that would be a silent crawl.
+        raise ConfigError("model.attention", f"{name!r} is a TPU Pallas kernel; on a GPU use "
+                          "'auto' or 'cudnn'")
     return name
 
 
@@ -84,9 +103,13 @@ def xla_attention(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD, *, causal: bool = True,
 def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_ids=None,
                           block_q: Optional[int] = None, block_kv: Optional[int] = None):
     """q [B, S, N, D], k/v [B, S, K, D] -> [B, S, N, D] in q's dtype."""
-    impl = resolve_attention_impl(impl)
+    impl = resolve_attention_impl(impl, q)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
+    if impl == "cudnn":
+        from k2jax.kernels.gpu_attention import check_cudnn_inputs, gpu_attention
+        check_cudnn_inputs(q, jax.default_backend())
+        return gpu_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
     if impl in ("pallas", "splash"):
         return _kernel_attention(impl, q, k, v, causal=causal, segment_ids=segment_ids,
                                  block_q=block_q, block_kv=block_kv)

@@ -1,8 +1,9 @@
 """The K2 forward pass with a key/value cache, for generation (prefill, then one token a step).
 
-The same parameters tree as `K2Model` (scanned `layers` or per-layer `layers_{i}`), the same
-building blocks (RMSNorm and Mlp modules, `project`, RoPE), so it cannot drift from the trained
-model; only attention differs: new queries attend to the cache, not to their own segment.
+The same parameters tree as `K2Model` (scanned `layers`, walked by a lax.scan, or per-layer
+`layers_{i}`, an unrolled loop), the same building blocks (RMSNorm and Mlp modules, `project`,
+RoPE), so it cannot drift from the trained model; only attention differs: new queries attend to
+the cache, not to their own segment.
 
 Cache layout (one array per K and V, all layers stacked so one `lax.scan` walks them):
   keys/values  [L, B, K, T, D] in the compute dtype (K: kv heads, T: cache slots; each head's
@@ -40,12 +41,17 @@ def empty_cache(config: ModelConfig, batch: int, slots: int) -> KVCache:
                    jnp.zeros((batch, slots), bool))
 
 
-def stacked_layers(params: dict, num_layers: int) -> dict:
-    """The per-layer parameters stacked on a leading [L] axis (the scanned layout as is)."""
-    if "layers" in params:
-        return params["layers"]
-    layers = [params[f"layers_{i}"] for i in range(num_layers)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+def per_layer_params(params: dict, num_layers: int) -> dict:
+    """The per-layer `layers_{i}` layout of `params` (the scanned layout split once, on the
+    devices the weights are on). A decode step reads every weight once; on a CPU the scanned
+    layout made XLA copy each layer's weights out of the stack first, at twice the step's
+    time (benchmarks/generate.py, docs/performance.md)."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
 
 
 def cached_attention(q_BxSxNxD, keys_BxKxTxD, values_BxKxTxD, mask_BxSxT) -> jnp.ndarray:
@@ -108,10 +114,14 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
         x_BxSxE = x_BxSxE + mlp.apply({"params": p["mlp"]}, h)
         return (x_BxSxE, keys_LxBxKxTxD, values_LxBxKxTxD), None
 
-    layers = stacked_layers(params, cfg.num_layers)
-    (x_BxSxE, keys, values), _ = jax.lax.scan(
-        layer, (x_BxSxE, cache.keys, cache.values),
-        (layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    carry = (x_BxSxE, cache.keys, cache.values)
+    if "layers" in params:  # scanned layout: one layer's weights sliced per iteration
+        carry, _ = jax.lax.scan(layer, carry, (params["layers"],
+                                               jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    else:  # per-layer layout: each layer's weights read in place
+        for i in range(cfg.num_layers):
+            carry, _ = layer(carry, (params[f"layers_{i}"], i))
+    x_BxSxE, keys, values = carry
     if last_only:
         x_BxSxE = x_BxSxE[:, -1:]
     x_BxSxE = norm.apply({"params": params["final_norm"]}, x_BxSxE)
