@@ -91,3 +91,20 @@ def test_the_train_steps_loss_rounds_the_logits():
     total, count = masked_next_token_loss(logits.astype(jnp.bfloat16).astype(jnp.float32),
                                           tokens, mask)
     assert float(loss) == pytest.approx(float(total / count), rel=1e-6)
+
+
+def test_decode_logits_are_rounded_like_the_forward():
+    """generate and lm-eval's generate_until decode through the KV cache: the same bf16 logits
+    as the model's forward (K2's scoring), for every position of a prefill."""
+    from k2jax.model.kv_cache import empty_cache, forward_with_cache
+
+    config = dataclasses.replace(CONFIG, logits_dtype="bfloat16", scan_layers=True)
+    tokens = jax.random.randint(jax.random.key(2), (2, 6), 3, config.vocab_size)
+    params = nn.unbox(K2Model(config).init(jax.random.key(3), tokens)["params"])
+    full = K2Model(config).apply({"params": params}, tokens)
+    cache = empty_cache(config, batch=2, slots=8)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    cached, _ = forward_with_cache(params, config, tokens, jnp.ones((2, 6), bool), positions,
+                                   cache, jnp.int32(0))
+    assert bf16_exact(cached) and bf16_exact(full)
+    np.testing.assert_allclose(cached, full, atol=0.05)  # same bf16 grid; fp32 sums may differ

@@ -50,7 +50,7 @@ k2jax's model_args (comma-separated KEY=VALUE; give hf=DIR or checkpoint=DIR):
                     logits rounded to this dtype before the log-softmax (K2: bf16)
   data=N fsdp=N tensor=N
                     mesh axis sizes (default: fsdp over all devices)
-  batch_size=N max_length=N max_gen_toks=N attention=auto|xla|pallas|splash
+  batch_size=N max_length=N max_gen_toks=N attention=auto|xla|pallas|splash|cudnn
 
 Tasks: lm-eval's own (mmlu, hellaswag, ...) download their data from the Hugging Face Hub: they
 need the network, or a copy cached by an earlier run (then HF_DATASETS_OFFLINE=1). Your own

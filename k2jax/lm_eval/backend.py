@@ -7,7 +7,7 @@ lm-eval's own helpers, so a score differs from the hf backend's only by the forw
 
 model_args: checkpoint=DIR | hf=DIR, tokenizer=PATH (default: the hf directory), dtype=fp32|bf16,
 batch_size=N, max_length=N (default: the model's context), max_gen_toks=N, data/fsdp/tensor
-(mesh axis sizes, default fsdp over all devices), attention=auto|xla|pallas|splash,
+(mesh axis sizes, default fsdp over all devices), attention=auto|xla|pallas|splash|cudnn,
 logits_dtype=float32|bfloat16 (default: the weights' model.logits_dtype; a Hugging Face
 directory's is float32). Weights open through k2jax/weights/ (checkpoint= may be a run
 directory: its latest complete checkpoint).

@@ -127,6 +127,8 @@ def forward_with_cache(params: dict, config: ModelConfig, tokens_BxS: jnp.ndarra
     x_BxSxE = norm.apply({"params": params["final_norm"]}, x_BxSxE)
     head_ExV = params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = project(x_BxSxE, head_ExV, preferred_element_type=jnp.float32)
+    if cfg.logits_dtype != "float32":  # as the model's forward (model.logits_dtype): K2 scored
+        logits = logits.astype(cfg.logits_dtype).astype(jnp.float32)  # in bf16
     cache = KVCache(constrain(keys, CACHE_AXES), constrain(values, CACHE_AXES), valid_BxT)
     return logits, cache
 
