@@ -38,6 +38,9 @@ class ModelConfig:
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
+    # swiglu: LLaMA's down(silu(gate(x)) * up(x)), 3 matrices. relu: down(relu(up(x))), 2
+    # matrices (MaxText's base model before 2024-02; for the step-time calibration, not HF).
+    mlp_activation: Literal["swiglu", "relu"] = "swiglu"
     num_layers: int = 32
     num_heads: int = 32
     num_kv_heads: int = 32
@@ -304,12 +307,19 @@ class TrainConfig:
     # bf16 keeps 8 mantissa bits, so a small per-row contribution summed over thousands of
     # rows is lost in rounding; float32 costs twice the reduce-scatter bytes.
     gradient_dtype: Literal["float32", "bfloat16"] = "float32"
+    # XLA/libtpu flags of the train step's compile, LIBTPU_INIT_ARGS-style ("--xla_a=true
+    # --xla_b=1"): passed as compiler options on TPU (k2jax/aot/xla_flags.py), so they win over
+    # LIBTPU_INIT_ARGS for the flags they name. MaxText's published runs set async-collective ones.
+    xla_flags: str = ""
     # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
     # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.
     loss_normalization: Literal["global", "per_group"] = "global"
     loss_group_rows: int = 4  # K2: 4, one data-parallel rank's micro-batch
 
     def validate(self) -> None:
+        from k2jax.aot.xla_flags import parse_xla_flags
+
+        parse_xla_flags(self.xla_flags)  # raises ConfigError naming train.xla_flags
         if self.steps < 0:
             raise ConfigError("train.steps", f"must be >= 0, got {self.steps}")
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:

@@ -115,7 +115,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); or, with model.mlp_activation relu, down(relu(up(x)))."""
 
     config: ModelConfig
 
@@ -125,13 +125,16 @@ class Mlp(nn.Module):
         init = weight_init(cfg)
         pdtype = dtype_of(cfg.param_dtype)
         e, m = cfg.hidden_size, cfg.intermediate_size
-        w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"),
                                    output_projection_init(cfg), pdtype)
-        gate_BxSxM = project(x_BxSxE, w_gate_ExM)
         up_BxSxM = project(x_BxSxE, w_up_ExM)
-        hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))
+        if cfg.mlp_activation == "relu":
+            hidden_BxSxM = jax.nn.relu(up_BxSxM)
+        else:
+            w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
+            hidden_BxSxM = jax.nn.silu(project(x_BxSxE, w_gate_ExM)) * up_BxSxM
+        hidden_BxSxM = constrain(hidden_BxSxM, ("batch", "length", "mlp"))
         out_BxSxE = project(hidden_BxSxM, w_down_MxE)
         return checkpoint_name(out_BxSxE, "mlp_out")
 
