@@ -310,7 +310,7 @@ class TrainConfig:
     # XLA/libtpu flags of the train step's compile, LIBTPU_INIT_ARGS-style ("--xla_a=true
     # --xla_b=1"): passed as compiler options on TPU (k2jax/aot/xla_flags.py), so they win over
     # LIBTPU_INIT_ARGS for the flags they name. MaxText's published runs set async-collective ones.
-    xla_flags: str = ""
+    xla_flags: Optional[str] = None
     # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
     # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.
     loss_normalization: Literal["global", "per_group"] = "global"
