@@ -65,6 +65,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "pallas", "splash"] = "auto"
     attention_block_q: Optional[int] = None  # None: per-TPU-generation default
     attention_block_kv: Optional[int] = None
+    # splash's backward kernels (MaxText's sa_block_q_dq, sa_block_kv_dq, sa_block_q_dkv,
+    # sa_block_kv_dkv), None: the forward's blocks; fused: dq inside the dk/dv kernel.
+    attention_backward_blocks: Optional[list[int]] = None
+    attention_fused_backward: bool = False
 
     @property
     def resolved_head_dim(self) -> int:
@@ -94,6 +98,11 @@ class ModelConfig:
             setattr(self, key, found.name)  # "bf16" -> "bfloat16", the name jnp and HF take
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        blocks = self.attention_backward_blocks
+        if blocks is not None and (len(blocks) != 4 or any(b <= 0 or b % 128 for b in blocks)):
+            raise ConfigError("model.attention_backward_blocks", f"expected 4 positive multiples "
+                              f"of 128 [block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv], "
+                              f"got {blocks!r}")
 
 
 @dataclasses.dataclass

@@ -109,9 +109,18 @@ class Attention(nn.Module):
         q, key = apply_rope(q, cos_BxSxD, sin_BxSxD), apply_rope(key, cos_BxSxD, sin_BxSxD)
         out_BxSxNxD = dot_product_attention(
             q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
-            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+            splash_backward=splash_backward(cfg))
         out_BxSxE = project(out_BxSxNxD, wo_NxDxE, in_dims=2)
         return checkpoint_name(out_BxSxE, "attention_out")
+
+
+def splash_backward(cfg: ModelConfig) -> dict:
+    """splash's backward kernel settings of the config (model.attention_backward_blocks,
+    model.attention_fused_backward)."""
+    blocks = cfg.attention_backward_blocks
+    return {"backward_blocks": tuple(blocks) if blocks else None,
+            "fused_backward": cfg.attention_fused_backward}
 
 
 class Mlp(nn.Module):
