@@ -33,6 +33,8 @@ class Chip:
     # Fraction of peak a large bf16 matmul reaches: the step-time model divides dot FLOPs by
     # peak x this. Stated, not fitted: see MXU_EFFICIENCY.
     mxu_efficiency: float = 1.0
+    # bytes/s between host memory and HBM per chip (PCIe): offloaded remat's traffic.
+    host_bandwidth: float = 1.5e10
 
 
 # The one public measurement found of an XLA bf16 matmul on a TPU against its peak: JAX's Pallas
@@ -40,6 +42,8 @@ class Chip:
 # jnp.matmul 8192 x 8192 x 8192 bf16 on v5e: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
 # No per-generation figure is published for v4, v5p or v6e; they take v5e's until one is.
 MXU_EFFICIENCY = 0.923
+# Host <-> HBM: the JAX scaling book's TPU chapter puts PCIe at 1.5e10 bytes/s per chip (its v6e
+# worked example; "16-32 GB/s" across generations). Used for every generation.
 
 
 CHIPS = {

@@ -189,6 +189,9 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         from k2jax.aot.step_time import predict_compiled
 
         report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
+        from k2jax.aot.calibration import step_band
+
+        report["calibrated_step_seconds_range"] = list(step_band(report["predicted_step_seconds"]))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         cost = step_cost(config, devices, setup.padding.micro_rows)
@@ -236,4 +239,7 @@ def format_report(report: dict) -> str:
                      f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
                      f"{report['collective_seconds']:.3f}), predicted MFU "
                      f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
+        from k2jax.aot.calibration import band_line
+
+        lines.append(band_line(report["predicted_step_seconds"]))
     return "\n".join(lines)

@@ -51,6 +51,8 @@ class StepTime:
     compute_seconds: float = 0.0  # ops whose FLOP time is the larger
     memory_seconds: float = 0.0  # ops whose HBM time is the larger
     exposed_collective_seconds: float = 0.0  # compute-stream stalls on collectives
+    exposed_host_seconds: float = 0.0  # compute-stream stalls on host <-> HBM transfers
+    host_transfer_seconds: float = 0.0  # all host <-> HBM transfer time (offloaded remat)
     collective_seconds: float = 0.0  # all collective time, hidden or not
     flops: float = 0.0
     hbm_bytes: float = 0.0
@@ -59,7 +61,8 @@ class StepTime:
 
     @property
     def seconds(self) -> float:
-        return self.compute_seconds + self.memory_seconds + self.exposed_collective_seconds
+        return (self.compute_seconds + self.memory_seconds + self.exposed_collective_seconds
+                + self.exposed_host_seconds)
 
     def add(self, other: "StepTime", times: float = 1.0) -> None:
         for field in dataclasses.fields(self):
@@ -165,6 +168,19 @@ class StepTimeModel:
             key = _rendezvous(comp.by_name[instr.operands[0]])
             walk.wait(walk.pending.pop(key, walk.clock))
             return
+        host_bytes = _host_transfer_bytes(instr, comp)
+        if host_bytes:  # offloaded remat: an async DMA between HBM and host memory
+            seconds = host_bytes / self.chip.host_bandwidth
+            walk.total.host_transfer_seconds += seconds
+            walk.host_free = max(walk.clock, walk.host_free) + seconds
+            walk.host_pending[instr.name] = walk.host_free
+            return
+        if instr.operands and instr.operands[0] in walk.host_pending:  # its -done
+            finish = walk.host_pending.pop(instr.operands[0])
+            if finish > walk.clock:
+                total.exposed_host_seconds += finish - walk.clock
+                walk.clock = finish
+            return
         if op in FREE:
             return
         if op.endswith("-done") and op != "copy-done":
@@ -246,6 +262,8 @@ class _Walk:
     comm_free: float = 0.0
     pending: dict = dataclasses.field(default_factory=dict)  # async start / rendezvous -> end
     chain_finish: dict = dataclasses.field(default_factory=dict)  # fused collective -> end
+    host_free: float = 0.0  # the host DMA stream
+    host_pending: dict = dataclasses.field(default_factory=dict)  # transfer start -> end
 
     def issue(self, seconds: float) -> float:
         """Queue a collective of `seconds` on the collective stream now; returns its end."""
@@ -259,6 +277,23 @@ class _Walk:
         if finish > self.clock:
             self.total.exposed_collective_seconds += finish - self.clock
             self.clock = finish
+
+
+_HOST_TRANSFERS = ("dynamic-update-slice-start", "dynamic-slice-start", "copy-start")
+
+
+def _host_transfer_bytes(instr: Instruction, comp: Computation) -> float:
+    """Bytes an async start moves between HBM and host memory (0 for anything else): the
+    update written into a host buffer, the slice read out of one, or a whole copy."""
+    if instr.opcode not in _HOST_TRANSFERS or not any(a.host for a in instr.shape):
+        return 0.0
+    if instr.opcode == "dynamic-update-slice-start" and len(instr.operands) > 1:
+        update = comp.by_name.get(instr.operands[1])
+        return update.result_bytes if update is not None else 0.0
+    if instr.opcode == "dynamic-slice-start":
+        sliced = [a for a in instr.shape if a.dims and not a.host]
+        return sliced[-1].bytes if sliced else 0.0
+    return instr.shape[0].bytes
 
 
 def _channel(coll: Instruction) -> str:
@@ -293,6 +328,8 @@ def predict(hlo_text: str, chip: Chip, layout: DeviceLayout, model_flops_per_ste
         "compute_seconds": step.compute_seconds,
         "memory_seconds": step.memory_seconds,
         "exposed_collective_seconds": step.exposed_collective_seconds,
+        "host_transfer_seconds": step.host_transfer_seconds,
+        "exposed_host_transfer_seconds": step.exposed_host_seconds,
         "collective_seconds": step.collective_seconds,
         "hlo_flops_per_chip": step.flops,
         "hlo_hbm_bytes_per_chip": step.hbm_bytes,
