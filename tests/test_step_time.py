@@ -1,4 +1,4 @@
-"""The step-time model (k2jax/aot/step_time.py, collectives.py, hlo_text.py) on handwritten HLO:
+"""The step-time model (k2jax/aot/step_time.py, op_cost.py, loop_trips.py, collectives.py, hlo_text.py) on handwritten HLO:
 FLOPs and bytes per op, loop trip counts, replica-group spellings, ring costs, overlap."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import pytest
 from k2jax.aot.chips import CHIPS, axis_wraps
 from k2jax.aot.collectives import DeviceLayout, collective_seconds
 from k2jax.aot.hlo_text import parse_module, replica_groups
-from k2jax.aot.step_time import StepTimeModel, attention_kernel_flops, predict
+from k2jax.aot.op_cost import attention_kernel_flops
+from k2jax.aot.step_time import StepTimeModel, predict
 
 V5P = CHIPS["v5p"]
 # 4 chips on a line along x (no wrap-around: a 4-chip v5p axis in a 4x1x1 slice would wrap, so
@@ -310,7 +311,7 @@ ENTRY %main (a: bf16[28,2048,2,512,1], b: bf16[16,128,2,512,1]) -> bf16[28,2048,
 """
     module = parse_module(text)
     entry = module[module.entry]
-    from k2jax.aot.step_time import dot_flops
+    from k2jax.aot.op_cost import dot_flops
 
     assert dot_flops(entry.root, entry) == 2 * 28 * 2048 * 16 * 128 * (512 * 2)
 

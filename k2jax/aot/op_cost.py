@@ -43,7 +43,8 @@ def dot_flops(instr: Instruction, comp: Computation) -> float:
         lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
         if lhs is None or not lhs.shape:
             return 0.0
-        contracted = math.prod(lhs.shape[0].dims[i] for i in _dims_attr(instr, "lhs_contracting_dims"))
+        contracted = math.prod(lhs.shape[0].dims[i]
+                               for i in _dims_attr(instr, "lhs_contracting_dims"))
         return 2.0 * out * contracted
     # convolution: each output element sums over the kernel's input features times, per
     # spatial dimension, the window positions that land on the input (XLA writes windowed

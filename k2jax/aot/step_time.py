@@ -35,7 +35,8 @@ from k2jax.aot.chips import Chip
 from k2jax.aot.collectives import DeviceLayout, collective_seconds, megascale_seconds
 from k2jax.aot.hlo_text import Computation, Instruction, Module, parse_module
 from k2jax.aot.loop_trips import trip_count
-from k2jax.aot.op_cost import COLLECTIVES, OpCosts, attention_kernel_flops, dot_flops  # noqa: F401
+from k2jax.aot.op_cost import COLLECTIVES, OpCosts
+from k2jax.aot.streams import Streams, host_transfer_bytes
 
 # No HBM traffic of their own (views, bookkeeping) or hidden behind compute (copy-start/done:
 # memory-space prefetches XLA overlaps).
@@ -127,6 +128,24 @@ class StepTimeModel:
         return collective_seconds(kind, coll, operand_bytes, coll.result_bytes, self.chip,
                                   self.layout)
 
+    def _host_transfer(self, walk: "Streams", instr: Instruction, comp: Computation) -> bool:
+        """Offloaded remat: an async DMA between HBM and host memory runs on the host stream
+        from its start; its -done waits for it. True if `instr` was one of these."""
+        host_bytes = host_transfer_bytes(instr, comp)
+        if host_bytes:
+            seconds = host_bytes / self.chip.host_bandwidth
+            walk.total.host_transfer_seconds += seconds
+            walk.host_free = max(walk.clock, walk.host_free) + seconds
+            walk.host_pending[instr.name] = walk.host_free
+            return True
+        if instr.operands and instr.operands[0] in walk.host_pending:  # its -done
+            finish = walk.host_pending.pop(instr.operands[0])
+            if finish > walk.clock:
+                walk.total.exposed_host_seconds += finish - walk.clock
+                walk.clock = finish
+            return True
+        return False
+
     def _fused_chains(self, comp: Computation) -> dict[str, int]:
         """For each collective carried inside fusions (keyed by channel id): the position of
         the last op of `comp` that carries it (where the compute stream waits for it)."""
@@ -141,7 +160,7 @@ class StepTimeModel:
         if name in self._memo:
             return self._memo[name]
         comp = self.module[name]
-        walk = _Walk(StepTime(), self._fused_chains(comp))
+        walk = Streams(StepTime(), self._fused_chains(comp))
         for index, instr in enumerate(comp.instructions):
             self._walk_op(walk, index, instr, comp)
         # Anything still in flight at the end of the computation is waited for.
@@ -150,7 +169,7 @@ class StepTimeModel:
         self._memo[name] = walk.total
         return walk.total
 
-    def _walk_op(self, walk: "_Walk", index: int, instr: Instruction, comp: Computation) -> None:
+    def _walk_op(self, walk: "Streams", index: int, instr: Instruction, comp: Computation) -> None:
         """Advance the two streams of `walk` over one instruction."""
         total, op = walk.total, instr.opcode
         megascale = _MEGASCALE.search(instr.rest) if op in ("send", "recv") else None
@@ -168,18 +187,7 @@ class StepTimeModel:
             key = _rendezvous(comp.by_name[instr.operands[0]])
             walk.wait(walk.pending.pop(key, walk.clock))
             return
-        host_bytes = _host_transfer_bytes(instr, comp)
-        if host_bytes:  # offloaded remat: an async DMA between HBM and host memory
-            seconds = host_bytes / self.chip.host_bandwidth
-            walk.total.host_transfer_seconds += seconds
-            walk.host_free = max(walk.clock, walk.host_free) + seconds
-            walk.host_pending[instr.name] = walk.host_free
-            return
-        if instr.operands and instr.operands[0] in walk.host_pending:  # its -done
-            finish = walk.host_pending.pop(instr.operands[0])
-            if finish > walk.clock:
-                total.exposed_host_seconds += finish - walk.clock
-                walk.clock = finish
+        if self._host_transfer(walk, instr, comp):
             return
         if op in FREE:
             return
@@ -249,51 +257,6 @@ class StepTimeModel:
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
-
-
-@dataclasses.dataclass
-class _Walk:
-    """The two streams of one computation's walk: the compute clock, when the collective
-    stream is free, and the collectives in flight."""
-
-    total: StepTime
-    chain_last: dict  # fused collective -> index of the last op carrying it
-    clock: float = 0.0
-    comm_free: float = 0.0
-    pending: dict = dataclasses.field(default_factory=dict)  # async start / rendezvous -> end
-    chain_finish: dict = dataclasses.field(default_factory=dict)  # fused collective -> end
-    host_free: float = 0.0  # the host DMA stream
-    host_pending: dict = dataclasses.field(default_factory=dict)  # transfer start -> end
-
-    def issue(self, seconds: float) -> float:
-        """Queue a collective of `seconds` on the collective stream now; returns its end."""
-        self.total.collective_seconds += seconds
-        self.total.collectives += 1
-        self.comm_free = max(self.clock, self.comm_free) + seconds
-        return self.comm_free
-
-    def wait(self, finish: float) -> None:
-        """The compute stream waits for a collective finishing at `finish`."""
-        if finish > self.clock:
-            self.total.exposed_collective_seconds += finish - self.clock
-            self.clock = finish
-
-
-_HOST_TRANSFERS = ("dynamic-update-slice-start", "dynamic-slice-start", "copy-start")
-
-
-def _host_transfer_bytes(instr: Instruction, comp: Computation) -> float:
-    """Bytes an async start moves between HBM and host memory (0 for anything else): the
-    update written into a host buffer, the slice read out of one, or a whole copy."""
-    if instr.opcode not in _HOST_TRANSFERS or not any(a.host for a in instr.shape):
-        return 0.0
-    if instr.opcode == "dynamic-update-slice-start" and len(instr.operands) > 1:
-        update = comp.by_name.get(instr.operands[1])
-        return update.result_bytes if update is not None else 0.0
-    if instr.opcode == "dynamic-slice-start":
-        sliced = [a for a in instr.shape if a.dims and not a.host]
-        return sliced[-1].bytes if sliced else 0.0
-    return instr.shape[0].bytes
 
 
 def _channel(coll: Instruction) -> str:
