@@ -1,4 +1,5 @@
-"""The step-time model (k2jax/aot/step_time.py, op_cost.py, loop_trips.py, collectives.py, hlo_text.py) on handwritten HLO:
+"""The step-time model (k2jax/aot/step_time.py, op_cost.py, loop_trips.py, collectives.py,
+hlo_text.py) on handwritten HLO:
 FLOPs and bytes per op, loop trip counts, replica-group spellings, ring costs, overlap."""
 
 from __future__ import annotations
