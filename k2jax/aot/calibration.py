@@ -15,7 +15,9 @@ from __future__ import annotations
 CALIBRATED_ON = "2026-12-06, jax 0.10.2 + libtpu 0.0.42.1"
 ERRORS = {
     "32b-v5p-128": -0.0624,
+    "64b-v5p-128": -0.0560,
     "128b-v5p-256": -0.0556,
+    "32b-v5e-256": -0.0522,
     "32b-v5p-128-2025": +0.0291,
     "llama2-70b-v5p-512": +0.0502,
 }
