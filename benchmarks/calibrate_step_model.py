@@ -69,6 +69,35 @@ def _old_base(scale: int) -> dict:
 # vocab 32000 untied; scale 32 -> 8192 wide, 64 heads, MLP 28672, 32 layers.
 NEW_32B = dict(hidden=8192, heads=64, kv_heads=64, head_dim=128, mlp=28672, layers=32,
                vocab=32000, activation="swiglu", tied=False)
+LLAMA31_8B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32,
+                  vocab=128256, activation="swiglu", tied=False)
+# benchmarks/xla_flags_library.py @5e6a7caff: DENSE_VMEM_LIMIT_FLAG, LAYOUT_FOR_ALL_REDUCE_SCATTER,
+# DATA_PARALLEL_OVERLAP, CF_FOR_ALL_GATHER, ENABLE_SPARSECORE_OFFLOADING_FOR_ALL_REDUCE and
+# HOST_OFFLOAD_FLAGS, less "--2a886c8_chip_config_name=megachip_tccontrol" (a chip-config
+# flag libtpu takes only at start-up, in LIBTPU_INIT_ARGS).
+V6E_LLAMA31_8B_FLAGS = (
+    "--xla_tpu_scoped_vmem_limit_kib=98304 --xla_tpu_use_minor_sharding_for_major_trivial_input=true "
+    "--xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1 "
+    "--xla_tpu_assign_all_reduce_scatter_layout=true "
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true "
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+    "--xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=false "
+    "--xla_tpu_enable_sparse_core_collective_offload_all_reduce=true "
+    "--xla_tpu_enable_all_reduce_offload_tracing=true --xla_tpu_use_tc_device_shape_on_sc=true "
+    "--xla_sc_enable_instruction_fusion=false --xla_sc_disjoint_spmem=false "
+    "--xla_sc_disable_megacore_partitioning=true "
+    "--xla_tpu_enable_all_experimental_scheduler_features=true "
+    "--xla_tpu_enable_scheduler_memory_pressure_tracking=true "
+    "--xla_tpu_host_transfer_overlap_limit=24 --xla_tpu_aggressive_opt_barrier_removal=ENABLED "
+    "--xla_lhs_prioritize_async_depth_over_stall=ENABLED "
+    "--xla_tpu_enable_ag_backward_pipelining=true "
+    "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED "
+    "--xla_should_add_loop_invariant_op_in_chain=ENABLED --xla_max_concurrent_host_send_recv=100 "
+    "--xla_tpu_scheduler_percent_shared_memory_limit=100 --xla_latency_hiding_scheduler_rerun=2")
 LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80,
                   vocab=32000, activation="swiglu", tied=False)
 
@@ -87,6 +116,7 @@ class Case:
     causal_mfu: bool  # MaxText's MFU of that date counts causal attention (half the FLOPs)
     source: str  # MaxText commit and files the case was read from
     xla_flags: str = ""
+    overrides: tuple = ()  # further k2jax settings of the published run
 
 
 _V5P_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5p/README.md + {}.sh, base.yml"
@@ -117,6 +147,17 @@ CASES = [
          V5P_FLAGS_2025),
     # save_dot_except_mlpwi saves q/k/v, attention out and mlp out projections = save_qkv_out.
     # "512 chips" in tiering.md; the config says 1 x v5p-512 (256 chips) for a 4M-token batch.
+    # v6e (Trillium), a model under 20B: Llama 3.1 8B at 45.46% (docs/reference/models/
+    # tiering.md) = llama3_1_8b_8192 in benchmarks/maxtext_trillium_model_configs.py @5e6a7caff
+    # (2025-09-26): batch 4, seq 8192, fsdp 256, remat custom offloading the layer input and
+    # q/k/v/out projections to host (k2jax's nearest: offload_qkv_out, which offloads q/k/v,
+    # attention out and mlp out), splash 2048 blocks with the fused backward. Read causal.
+    Case("llama3.1-8b-v6e-256", "v6e-256", 1, LLAMA31_8B, 8192, 4, "offload_qkv_out", 1,
+         0.4546, True, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
+         "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
+         ("model.attention_block_q=2048", "model.attention_block_kv=2048",
+          "model.attention_backward_blocks=[2048,2048,2048,2048]",
+          "model.attention_fused_backward=true", "model.rope_theta=500000.0")),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
          True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
                "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
@@ -165,6 +206,7 @@ def case_config(case: Case, layers: int):
         "train.gradient_dtype=bfloat16",
     ]
     overrides.append(f"train.xla_flags={case.xla_flags}")
+    overrides.extend(case.overrides)
     return load_config(os.path.join(repo, "configs", "tiny.yaml"),
                        [o for o in overrides if o is not None])
 
