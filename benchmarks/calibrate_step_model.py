@@ -73,8 +73,9 @@ LLAMA31_8B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, la
                   vocab=128256, activation="swiglu", tied=False)
 # benchmarks/xla_flags_library.py @5e6a7caff: DENSE_VMEM_LIMIT_FLAG, LAYOUT_FOR_ALL_REDUCE_SCATTER,
 # DATA_PARALLEL_OVERLAP, CF_FOR_ALL_GATHER, ENABLE_SPARSECORE_OFFLOADING_FOR_ALL_REDUCE and
-# HOST_OFFLOAD_FLAGS, less "--2a886c8_chip_config_name=megachip_tccontrol" (a chip-config
-# flag libtpu takes only at start-up, in LIBTPU_INIT_ARGS).
+# HOST_OFFLOAD_FLAGS, less "--2a886c8_chip_config_name=megachip_tccontrol" (a chip config,
+# not a compiler flag) and --xla_sc_disjoint_spmem=false, which libtpu 0.0.42.1 takes only at
+# start-up: the case passes it in LIBTPU_INIT_ARGS (Case.libtpu_init_args).
 V6E_LLAMA31_8B_FLAGS = (
     "--xla_tpu_scoped_vmem_limit_kib=98304 --xla_tpu_use_minor_sharding_for_major_trivial_input=true "
     "--xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1 "
@@ -88,7 +89,7 @@ V6E_LLAMA31_8B_FLAGS = (
     "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=false "
     "--xla_tpu_enable_sparse_core_collective_offload_all_reduce=true "
     "--xla_tpu_enable_all_reduce_offload_tracing=true --xla_tpu_use_tc_device_shape_on_sc=true "
-    "--xla_sc_enable_instruction_fusion=false --xla_sc_disjoint_spmem=false "
+    "--xla_sc_enable_instruction_fusion=false "
     "--xla_sc_disable_megacore_partitioning=true "
     "--xla_tpu_enable_all_experimental_scheduler_features=true "
     "--xla_tpu_enable_scheduler_memory_pressure_tracking=true "
@@ -117,6 +118,7 @@ class Case:
     source: str  # MaxText commit and files the case was read from
     xla_flags: str = ""
     overrides: tuple = ()  # further k2jax settings of the published run
+    libtpu_init_args: str = ""  # flags libtpu reads only at start-up (set before it loads)
 
 
 _V5P_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5p/README.md + {}.sh, base.yml"
@@ -157,7 +159,8 @@ CASES = [
          "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
          ("model.attention_block_q=2048", "model.attention_block_kv=2048",
           "model.attention_backward_blocks=[2048,2048,2048,2048]",
-          "model.attention_fused_backward=true", "model.rope_theta=500000.0")),
+          "model.attention_fused_backward=true", "model.rope_theta=500000.0"),
+         "--xla_sc_disjoint_spmem=false"),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
          True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
                "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
@@ -305,6 +308,10 @@ def main(argv=None) -> int:
         chosen = [c for c in CASES if c.name in names]
     if args.cases == "":
         chosen = []
+    startup = " ".join(c.libtpu_init_args for c in chosen if c.libtpu_init_args)
+    if startup:  # read once, when libtpu starts: applies to every case of this run
+        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") + " "
+                                          + startup).strip()
     if not args.json and chosen:
         print(HEADER)
     for case in chosen:
