@@ -12,8 +12,10 @@ also compiles a small model at both layer counts and compares. A compile in whic
 the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
 it with more `--layers`.
 
-MFU is MaxText's: 6 x matmul weights + attention (12 L S H D per token, full attention, for
-results published before MaxText's PR #1988 of July 2025; 6 L S H D, causal, after).
+Each case is the configuration as published, read at the MaxText commit its `source` names
+(model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
+and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxText's of that
+date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan 2025.
 
     JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
 """
@@ -28,15 +30,77 @@ import sys
 import time
 from typing import Optional
 
-# MaxText global_parameter_scale models (base.yml: emb 2048, heads 16, mlp 7168, 16 layers,
-# head_dim 128, vocab 32000, scaled by pyconfig.get_individual_scales): 32 -> (8192, 64 heads,
-# 28672, 32 layers), 64 -> (8192, 64, 28672, 64), 128 -> (8192, 128, 57344, 64).
-SYNTHETIC = {
-    "32b": dict(hidden=8192, heads=64, kv_heads=64, mlp=28672, layers=32, vocab=32000),
-    "64b": dict(hidden=8192, heads=64, kv_heads=64, mlp=28672, layers=64, vocab=32000),
-    "128b": dict(hidden=8192, heads=128, kv_heads=128, mlp=57344, layers=64, vocab=32000),
-}
-LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, mlp=28672, layers=80, vocab=32000)
+# MaxText's flags (LIBTPU_INIT_ARGS of each published config's .sh).
+_ASYNC = ("--xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true "
+          "--xla_tpu_enable_data_parallel_all_reduce_opt=true "
+          "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+          "--xla_tpu_enable_async_collective_fusion=true "
+          "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+          "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")
+V5P_FLAGS_2023 = "--xla_tpu_megacore_fusion_allow_ags=false " + _ASYNC  # v5p/*.sh @76bd53b0f
+V5E_FLAGS_2023 = ("--xla_tpu_enable_data_parallel_all_reduce_opt=true "  # v5e/*.sh @76bd53b0f
+                  "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+                  "--xla_tpu_enable_async_collective_fusion=true "
+                  "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+                  "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+                  "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")
+LLAMA2_FLAGS = "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true " + V5P_FLAGS_2023
+# v5p/32b.sh @9501baa13 adds SparseCore all-gather offload (and turns fusing all-gathers off).
+V5P_FLAGS_2025 = (LLAMA2_FLAGS + " --xla_sc_disable_megacore_partitioning=true "
+                  "--xla_tpu_use_tc_device_shape_on_sc=true "
+                  "--xla_tpu_enable_sparse_core_collective_offload_all_gather=true "
+                  "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=false")
+
+
+def _old_base(scale: int) -> dict:
+    """MaxText's global_parameter_scale model on base.yml as of 76bd53b0f (2023-12-15), the
+    READMEs' v5p/v5e figures: emb 2560, 8 heads of 256, ReLU MLP of 2 matrices (8192), 16
+    layers, vocab 32768 with tied embeddings (logits_via_embedding), each scaled by
+    pyconfig.get_individual_scales (heads and mlp, then emb, then layers, in turn)."""
+    log2 = scale.bit_length() - 1
+    base, rem = divmod(log2, 3)
+    heads = mlp = base + int(rem > 0)
+    emb, layers = base + int(rem > 1), base
+    return dict(hidden=2560 << emb, heads=8 << heads, kv_heads=8 << heads, head_dim=256,
+                mlp=8192 << mlp, layers=16 << layers, vocab=32768, activation="relu", tied=True)
+
+
+# base.yml from 2024-02-14 (3b2ac8113) on: emb 2048, 16 heads of 128, SwiGLU 7168, 16 layers,
+# vocab 32000 untied; scale 32 -> 8192 wide, 64 heads, MLP 28672, 32 layers.
+NEW_32B = dict(hidden=8192, heads=64, kv_heads=64, head_dim=128, mlp=28672, layers=32,
+               vocab=32000, activation="swiglu", tied=False)
+LLAMA31_8B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32,
+                  vocab=128256, activation="swiglu", tied=False)
+# benchmarks/xla_flags_library.py @5e6a7caff: DENSE_VMEM_LIMIT_FLAG, LAYOUT_FOR_ALL_REDUCE_SCATTER,
+# DATA_PARALLEL_OVERLAP, CF_FOR_ALL_GATHER, ENABLE_SPARSECORE_OFFLOADING_FOR_ALL_REDUCE and
+# HOST_OFFLOAD_FLAGS, less "--2a886c8_chip_config_name=megachip_tccontrol" (a chip config,
+# not a compiler flag) and --xla_sc_disjoint_spmem=false, which libtpu 0.0.42.1 takes only at
+# start-up: the case passes it in LIBTPU_INIT_ARGS (Case.libtpu_init_args).
+V6E_LLAMA31_8B_FLAGS = (
+    "--xla_tpu_scoped_vmem_limit_kib=98304 --xla_tpu_use_minor_sharding_for_major_trivial_input=true "
+    "--xla_tpu_relayout_group_size_threshold_for_reduce_scatter=1 "
+    "--xla_tpu_assign_all_reduce_scatter_layout=true "
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true "
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+    "--xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_reduce=false "
+    "--xla_tpu_enable_sparse_core_collective_offload_all_reduce=true "
+    "--xla_tpu_enable_all_reduce_offload_tracing=true --xla_tpu_use_tc_device_shape_on_sc=true "
+    "--xla_sc_enable_instruction_fusion=false "
+    "--xla_sc_disable_megacore_partitioning=true "
+    "--xla_tpu_enable_all_experimental_scheduler_features=true "
+    "--xla_tpu_enable_scheduler_memory_pressure_tracking=true "
+    "--xla_tpu_host_transfer_overlap_limit=24 --xla_tpu_aggressive_opt_barrier_removal=ENABLED "
+    "--xla_lhs_prioritize_async_depth_over_stall=ENABLED "
+    "--xla_tpu_enable_ag_backward_pipelining=true "
+    "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED "
+    "--xla_should_add_loop_invariant_op_in_chain=ENABLED --xla_max_concurrent_host_send_recv=100 "
+    "--xla_tpu_scheduler_percent_shared_memory_limit=100 --xla_latency_hiding_scheduler_rerun=2")
+LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80,
+                  vocab=32000, activation="swiglu", tied=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,41 +114,70 @@ class Case:
     remat: str  # k2jax's name of MaxText's policy
     tensor: int  # ici_tensor_parallelism (fsdp takes the rest of the slice)
     published_mfu: float
-    causal_mfu: bool  # the publication counts causal attention FLOPs (after PR #1988)
-    source: str
+    causal_mfu: bool  # MaxText's MFU of that date counts causal attention (half the FLOPs)
+    source: str  # MaxText commit and files the case was read from
+    xla_flags: str = ""
+    overrides: tuple = ()  # further k2jax settings of the published run
+    libtpu_init_args: str = ""  # flags libtpu reads only at start-up (set before it loads)
 
 
+_V5P_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5p/README.md + {}.sh, base.yml"
+_V5E_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5e/README.md + {}.sh, base.yml"
+# remat_policy=minimal is jax's checkpoint_dots_with_no_batch_dims = k2jax save_dots_no_batch.
+# MaxText's MFU in Dec 2023 (train.py calculate_training_tflops @76bd53b0f): 6 x all
+# parameters + causal attention; in Jan 2025 (maxtext_utils.py @9501baa13): full attention.
 CASES = [
-    # remat_policy=minimal is jax's checkpoint_dots_with_no_batch_dims = k2jax save_dots_no_batch.
-    Case("32b-v5p-128", "v5p-128", 1, SYNTHETIC["32b"], 2048, 7, "save_dots_no_batch", 4,
-         0.7147, False, "maxtext configs/v5p/README.md, 32b.sh"),
-    Case("64b-v5p-128", "v5p-128", 1, SYNTHETIC["64b"], 2048, 3, "save_dots_no_batch", 4,
-         0.7031, False, "maxtext configs/v5p/README.md, 64b.sh"),
-    Case("128b-v5p-256", "v5p-256", 1, SYNTHETIC["128b"], 2048, 1, "save_dots_no_batch", 8,
-         0.6868, False, "maxtext configs/v5p/README.md, 128b.sh"),
-    Case("32b-v5e-256", "v5e-256", 1, SYNTHETIC["32b"], 2048, 4, "full", 1, 0.6686, False,
-         "maxtext configs/v5e/README.md, 32b.sh"),
-    Case("64b-v5e-256", "v5e-256", 1, SYNTHETIC["64b"], 2048, 2, "full", 1, 0.5990, False,
-         "maxtext configs/v5e/README.md, 64b.sh"),
+    Case("32b-v5p-128", "v5p-128", 1, _old_base(32), 2048, 8, "save_dots_no_batch", 4, 0.7147,
+         True, _V5P_2023.format("32b"), V5P_FLAGS_2023),
+    Case("64b-v5p-128", "v5p-128", 1, _old_base(64), 2048, 4, "save_dots_no_batch", 4, 0.7031,
+         True, _V5P_2023.format("64b"), V5P_FLAGS_2023),
+    Case("128b-v5p-256", "v5p-256", 1, _old_base(128), 2048, 2, "save_dots_no_batch", 8, 0.6868,
+         True, _V5P_2023.format("128b"), V5P_FLAGS_2023),
+    Case("32b-v5e-256", "v5e-256", 1, _old_base(32), 2048, 4, "full", 1, 0.6686, True,
+         _V5E_2023.format("32b"), V5E_FLAGS_2023),
+    Case("64b-v5e-256", "v5e-256", 1, _old_base(64), 2048, 2, "full", 1, 0.5990, True,
+         _V5E_2023.format("64b"), V5E_FLAGS_2023),
+    Case("32b-2xv5p-128", "v5p-128", 2, _old_base(32), 2048, 8, "save_dots_no_batch", 4, 0.6943,
+         True, _V5P_2023.format("32b") + " (2 slices, dcn data)", V5P_FLAGS_2023),
+    Case("64b-2xv5e-256", "v5e-256", 2, _old_base(64), 2048, 2, "full", 1, 0.5666, True,
+         _V5E_2023.format("64b") + " (2 slices, dcn data)", V5E_FLAGS_2023),
+    # The re-measurement on the new base model: README.md and v5p/32b.sh @9501baa13
+    # (2025-01-23), per_device_batch_size 6. Its table keeps 328 TFLOP/s/chip (71.5% of 459)
+    # beside 67.76%: the MFU column is read.
+    Case("32b-v5p-128-2025", "v5p-128", 1, NEW_32B, 2048, 6, "save_dots_no_batch", 4, 0.6776,
+         False, "maxtext@9501baa13 (2025-01-23) README.md + MaxText/configs/v5p/32b.sh",
+         V5P_FLAGS_2025),
     # save_dot_except_mlpwi saves q/k/v, attention out and mlp out projections = save_qkv_out.
     # "512 chips" in tiering.md; the config says 1 x v5p-512 (256 chips) for a 4M-token batch.
+    # v6e (Trillium), a model under 20B: Llama 3.1 8B at 45.46% (docs/reference/models/
+    # tiering.md) = llama3_1_8b_8192 in benchmarks/maxtext_trillium_model_configs.py @5e6a7caff
+    # (2025-09-26): batch 4, seq 8192, fsdp 256, remat custom offloading the layer input and
+    # q/k/v/out projections to host (k2jax's nearest: offload_qkv_out, which offloads q/k/v,
+    # attention out and mlp out), splash 2048 blocks with the fused backward. Read causal.
+    Case("llama3.1-8b-v6e-256", "v6e-256", 1, LLAMA31_8B, 8192, 4, "offload_qkv_out", 1,
+         0.4546, True, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
+         "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
+         ("model.attention_block_q=2048", "model.attention_block_kv=2048",
+          "model.attention_backward_blocks=[2048,2048,2048,2048]",
+          "model.attention_fused_backward=true", "model.rope_theta=500000.0"),
+         "--xla_sc_disjoint_spmem=false"),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
-         True, "maxtext docs/reference/models/tiering.md, configs/v5p/llama2_70b.sh"),
-    Case("32b-2xv5p-128", "v5p-128", 2, SYNTHETIC["32b"], 2048, 7, "save_dots_no_batch", 4,
-         0.6943, False, "maxtext configs/v5p/README.md, 32b.sh (2 slices, dcn data)"),
-    Case("64b-2xv5e-256", "v5e-256", 2, SYNTHETIC["64b"], 2048, 2, "full", 1, 0.5666, False,
-         "maxtext configs/v5e/README.md, 64b.sh (2 slices, dcn data)"),
+         True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
+               "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
 ]
 
 
 def maxtext_flops_per_step(case: Case) -> float:
+    """MaxText's model FLOPs of the case's date: 6 x matmul weights (with one vocab x emb
+    matrix: tied, or the untied output layer) + attention, causal or full."""
     m = case.model
-    head_dim = 128  # every MaxText model here
-    per_layer = m["hidden"] * head_dim * (2 * m["heads"] + 2 * m["kv_heads"]) + 3 * m["hidden"] * m["mlp"]
+    mlp_matrices = 2 if m["activation"] == "relu" else 3
+    per_layer = (m["hidden"] * m["head_dim"] * (2 * m["heads"] + 2 * m["kv_heads"])
+                 + mlp_matrices * m["hidden"] * m["mlp"])
     weights = m["layers"] * per_layer + m["hidden"] * m["vocab"]
-    attention = (6 if case.causal_mfu else 12) * m["layers"] * case.seq_len * m["heads"] * head_dim
-    chips = _chips(case)
-    tokens = case.per_chip_batch * chips * case.seq_len
+    attention = ((6 if case.causal_mfu else 12) * m["layers"] * case.seq_len * m["heads"]
+                 * m["head_dim"])
+    tokens = case.per_chip_batch * _chips(case) * case.seq_len
     return (6 * weights + attention) * tokens
 
 
@@ -104,7 +197,8 @@ def case_config(case: Case, layers: int):
         f"model.vocab_size={m['vocab']}", f"model.hidden_size={m['hidden']}",
         f"model.intermediate_size={m['mlp']}", f"model.num_layers={layers}",
         f"model.num_heads={m['heads']}", f"model.num_kv_heads={m['kv_heads']}",
-        "model.head_dim=128" if m["hidden"] != 128 * m["heads"] else None,
+        f"model.head_dim={m['head_dim']}", f"model.mlp_activation={m['activation']}",
+        f"model.tie_word_embeddings={str(m['tied']).lower()}",
         f"model.max_position_embeddings={case.seq_len}",
         "model.compute_dtype=bfloat16", "model.param_dtype=float32", "model.scan_layers=true",
         f"model.remat={case.remat}", "model.attention=splash",
@@ -114,6 +208,8 @@ def case_config(case: Case, layers: int):
         # MaxText reduces the gradients of its bf16 weight copies in bf16.
         "train.gradient_dtype=bfloat16",
     ]
+    overrides.append(f"train.xla_flags={case.xla_flags}")
+    overrides.extend(case.overrides)
     return load_config(os.path.join(repo, "configs", "tiny.yaml"),
                        [o for o in overrides if o is not None])
 
@@ -212,6 +308,10 @@ def main(argv=None) -> int:
         chosen = [c for c in CASES if c.name in names]
     if args.cases == "":
         chosen = []
+    startup = " ".join(c.libtpu_init_args for c in chosen if c.libtpu_init_args)
+    if startup:  # read once, when libtpu starts: applies to every case of this run
+        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") + " "
+                                          + startup).strip()
     if not args.json and chosen:
         print(HEADER)
     for case in chosen:
@@ -230,8 +330,9 @@ def main(argv=None) -> int:
 # A small model (fast to compile) for checking the per-layer extrapolation: the same step
 # compiled at L and 2L layers; the L compile costed at 2L should predict the 2L compile.
 EXTRAPOLATION_CHECK = Case("check-1b-v5p-8", "v5p-8", 1,
-                           dict(hidden=2048, heads=16, kv_heads=16, mlp=5632, layers=0,
-                                vocab=32000), 2048, 4, "save_dots_no_batch", 1, 0.0, True,
+                           dict(hidden=2048, heads=16, kv_heads=16, head_dim=128, mlp=5632,
+                                layers=0, vocab=32000, activation="swiglu", tied=False),
+                           2048, 4, "save_dots_no_batch", 1, 0.0, True,
                            "none: an extrapolation check")
 
 

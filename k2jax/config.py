@@ -32,7 +32,8 @@ from k2jax.config_files import (  # noqa: F401
 from k2jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out",
+                  "offload_qkv_out")
 
 
 @dataclasses.dataclass
@@ -42,6 +43,9 @@ class ModelConfig:
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
+    # swiglu: LLaMA's down(silu(gate(x)) * up(x)), 3 matrices. relu: down(relu(up(x))), 2
+    # matrices (MaxText's base model before 2024-02; for the step-time calibration, not HF).
+    mlp_activation: Literal["swiglu", "relu"] = "swiglu"
     num_layers: int = 32
     num_heads: int = 32
     num_kv_heads: int = 32
@@ -69,6 +73,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "pallas", "splash", "cudnn"] = "auto"
     attention_block_q: Optional[int] = None  # None: per-TPU-generation default
     attention_block_kv: Optional[int] = None
+    # splash's backward kernels (MaxText's sa_block_q_dq, sa_block_kv_dq, sa_block_q_dkv,
+    # sa_block_kv_dkv), None: the forward's blocks; fused: dq inside the dk/dv kernel.
+    attention_backward_blocks: Optional[list[int]] = None
+    attention_fused_backward: bool = False
 
     @property
     def resolved_head_dim(self) -> int:
@@ -98,6 +106,11 @@ class ModelConfig:
             setattr(self, key, found.name)  # "bf16" -> "bfloat16", the name jnp and HF take
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        blocks = self.attention_backward_blocks
+        if blocks is not None and (len(blocks) != 4 or any(b <= 0 or b % 128 for b in blocks)):
+            raise ConfigError("model.attention_backward_blocks", f"expected 4 positive multiples "
+                              f"of 128 [block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv], "
+                              f"got {blocks!r}")
 
 
 @dataclasses.dataclass
@@ -373,12 +386,19 @@ class TrainConfig:
     # and norm-gain gradients were bf16 tensors, rounded once per 4-row micro-batch before
     # Megatron added them to main_grad; only linear layers accumulate in fp32: docs/k2.md.)
     gradient_dtype: Literal["float32", "bfloat16"] = "float32"
+    # XLA/libtpu flags of the train step's compile, LIBTPU_INIT_ARGS-style ("--xla_a=true
+    # --xla_b=1"): passed as compiler options on TPU (k2jax/aot/xla_flags.py), so they win over
+    # LIBTPU_INIT_ARGS for the flags they name. MaxText's published runs set async-collective ones.
+    xla_flags: Optional[str] = None
     # global: sum(loss * mask) / sum(mask) over the global batch. per_group: K2's (Megatron's)
     # mean over consecutive groups of `loss_group_rows` rows of each group's masked mean.
     loss_normalization: Literal["global", "per_group"] = "global"
     loss_group_rows: int = 4  # K2: 4, one data-parallel rank's micro-batch
 
     def validate(self) -> None:
+        from k2jax.aot.xla_flags import parse_xla_flags
+
+        parse_xla_flags(self.xla_flags)  # raises ConfigError naming train.xla_flags
         if self.steps != "auto" and self.steps < 0:
             raise ConfigError("train.steps", f"must be >= 0 or auto, got {self.steps}")
         if self.checkpoint_every <= 0 or self.keep_checkpoints <= 0 or self.log_every <= 0:

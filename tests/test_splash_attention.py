@@ -144,3 +144,28 @@ def test_benchmark_on_cpu_says_a_tpu_is_needed(capsys):
     out = capsys.readouterr().out
     assert "timing needs a TPU" in out and "auto should pick" not in out
     assert "splash (jax)" in out and "pallas (k2jax)" in out  # the correctness rows ran
+
+
+@pytest.mark.parametrize("backward_blocks, fused", [((128, 256, 256, 128), False),
+                                                    ((128, 128, 256, 128), True)])
+def test_backward_blocks_and_fused_backward_match_the_reference(backward_blocks, fused):
+    """MaxText's recipes size splash's dq and dk/dv kernels apart from the forward (e.g. 2048
+    forward, 512 for keys) and fuse dq into the dk/dv kernel: the same function, other blocks."""
+    q, k, v, do, segment_ids = random_inputs(6, 1, 256, 4, 2, 128, jnp.float32, 2)
+    out, pullback = jax.vjp(lambda q, k, v: splash_attention(
+        q, k, v, segment_ids=segment_ids, block_q=256, block_kv=128,
+        backward_blocks=backward_blocks, fused_backward=fused), q, k, v)
+    want = reference(q, k, v, do, reference_mask(256, True, segment_ids), 128 ** -0.5)
+    for label, x, ref in zip(("out", "dq", "dk", "dv"), (out, *pullback(do)), want):
+        assert rel_err(x, ref) <= TOLERANCE[jnp.float32], (label, rel_err(x, ref))
+
+
+def test_backward_blocks_config_names_the_key():
+    config = load_config(TINY, ["model.attention_backward_blocks=[512,256,512,256]",
+                                "model.attention_fused_backward=true"]).model
+    from k2jax.model.layers import splash_backward
+
+    assert splash_backward(config) == {"backward_blocks": (512, 256, 512, 256),
+                                       "fused_backward": True}
+    with pytest.raises(ConfigError, match="model.attention_backward_blocks"):
+        load_config(TINY, ["model.attention_backward_blocks=[512,100,512,256]"])

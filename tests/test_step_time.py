@@ -1,4 +1,5 @@
-"""The step-time model (k2jax/aot/step_time.py, collectives.py, hlo_text.py) on handwritten HLO:
+"""The step-time model (k2jax/aot/step_time.py, op_cost.py, loop_trips.py, collectives.py,
+hlo_text.py) on handwritten HLO:
 FLOPs and bytes per op, loop trip counts, replica-group spellings, ring costs, overlap."""
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ import pytest
 from k2jax.aot.chips import CHIPS, axis_wraps
 from k2jax.aot.collectives import DeviceLayout, collective_seconds
 from k2jax.aot.hlo_text import parse_module, replica_groups
-from k2jax.aot.step_time import StepTimeModel, attention_kernel_flops, predict
+from k2jax.aot.op_cost import attention_kernel_flops
+from k2jax.aot.step_time import StepTimeModel, predict
 
 V5P = CHIPS["v5p"]
 # 4 chips on a line along x (no wrap-around: a 4-chip v5p axis in a 4x1x1 slice would wrap, so
@@ -158,7 +160,7 @@ ENTRY %main (x: bf16[4096,4096], w: bf16[1024,4096]) -> bf16[4096,4096] {
 
 def test_async_collective_overlaps_the_compute_between_start_and_done():
     step = StepTimeModel(parse_module(ASYNC), V5P, LAYOUT).step()
-    matmul = 2 * 4096 ** 3 / V5P.peak_flops
+    matmul = 2 * 4096 ** 3 / (V5P.peak_flops * V5P.mxu_efficiency)
     # all-gather of 32 MiB over 4 chips of a 2x2 (two axes, no wrap-around): 3/4 of the output
     # over 2 one-way links.
     gather = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_bandwidth)
@@ -210,7 +212,7 @@ def test_megascale_send_is_a_dcn_collective_overlapping_until_its_recv_done():
     step = StepTimeModel(parse_module(MEGASCALE), V5P, two_slices).step()
     # all-reduce over 2 slices: 2 x (1/2) of this chip's 16 MiB shard over its DCN egress.
     dcn = 1024 * 4096 * 4 / V5P.dcn_bandwidth
-    matmul = 2 * 4096 ** 3 / V5P.peak_flops
+    matmul = 2 * 4096 ** 3 / (V5P.peak_flops * V5P.mxu_efficiency)
     assert step.collective_seconds == pytest.approx(dcn)
     assert step.collectives == 1
     assert step.exposed_collective_seconds == pytest.approx(max(0.0, dcn - matmul))
@@ -310,7 +312,7 @@ ENTRY %main (a: bf16[28,2048,2,512,1], b: bf16[16,128,2,512,1]) -> bf16[28,2048,
 """
     module = parse_module(text)
     entry = module[module.entry]
-    from k2jax.aot.step_time import dot_flops
+    from k2jax.aot.op_cost import dot_flops
 
     assert dot_flops(entry.root, entry) == 2 * 28 * 2048 * 16 * 128 * (512 * 2)
 

@@ -30,21 +30,39 @@ class Chip:
     wrap_min_axis: int  # an axis this long (or a multiple of it) has wrap-around links
     wrap_needs_full_axis: bool  # True: only the full pod axis (16 on v5e/v6e) wraps
     dcn_bandwidth: float  # bytes/s of data-centre network egress per chip (multi-slice)
+    # Fraction of peak a large bf16 matmul reaches: the step-time model divides dot FLOPs by
+    # peak x this. Stated, not fitted: see MXU_EFFICIENCY.
+    mxu_efficiency: float = 1.0
+    # bytes/s between host memory and HBM per chip (PCIe): offloaded remat's traffic.
+    host_bandwidth: float = 1.5e10
+
+
+# The one public measurement found of an XLA bf16 matmul on a TPU against its peak: JAX's Pallas
+# TPU matmul guide (https://docs.jax.dev/en/latest/pallas/tpu/matmul.html, "XLA matmul"),
+# jnp.matmul (8Ki)^3 bf16 on v5e: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
+# No per-generation figure is published for v4, v5p or v6e; they take v5e's until one is.
+MXU_EFFICIENCY = 0.923
+# Host <-> HBM: the JAX scaling book's TPU chapter puts PCIe at 1.5e10 bytes/s per chip (its v6e
+# worked example; "16-32 GB/s" across generations). Used for every generation.
 
 
 CHIPS = {
     # v4: 275 TFLOP/s, 32 GiB at 1.2 TB/s; ICI 4.5e10 B/s one way per link, 6 links; slices of
     # whole 4x4x4 cubes are tori (optical switches close the rings); DCN 25 GB/s per 4-chip host.
-    "v4": Chip("v4", 275e12, 32 * GIB, 1.2e12, 4.5e10, 6, 3, 4, False, 6.25e9),
+    "v4": Chip("v4", 275e12, 32 * GIB, 1.2e12, 4.5e10, 6, 3, 4, False, 6.25e9,
+               mxu_efficiency=MXU_EFFICIENCY),
     # v5p: 459 TFLOP/s, 95 GiB at 2.76 TB/s; ICI 9e10 B/s one way per link, 6 links (4,800 Gbps
     # per chip, Google); wrap-around on cube-multiple axes as v4; DCN 50 Gbps per chip.
-    "v5p": Chip("v5p", 459e12, 95 * GIB, 2.765e12, 9e10, 6, 3, 4, False, 6.25e9),
+    "v5p": Chip("v5p", 459e12, 95 * GIB, 2.765e12, 9e10, 6, 3, 4, False, 6.25e9,
+               mxu_efficiency=MXU_EFFICIENCY),
     # v5e: 197 TFLOP/s, 16 GiB at 819 GB/s; ICI 4.5e10 B/s one way per link (1,600 Gbps per
     # chip), 4 links, 2-D; only the full 16-chip axis of a 16x16 pod wraps; DCN 25 Gbps per chip.
-    "v5e": Chip("v5e", 197e12, 16 * GIB, 8.19e11, 4.5e10, 4, 2, 16, True, 3.125e9),
+    "v5e": Chip("v5e", 197e12, 16 * GIB, 8.19e11, 4.5e10, 4, 2, 16, True, 3.125e9,
+               mxu_efficiency=MXU_EFFICIENCY),
     # v6e (Trillium): 918 TFLOP/s, 32 GiB at 1.64 TB/s; ICI 9e10 B/s one way per link (3,584 Gbps
     # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
-    "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10),
+    "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10,
+               mxu_efficiency=MXU_EFFICIENCY),
 }
 
 

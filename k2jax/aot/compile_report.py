@@ -25,8 +25,10 @@ import jax.numpy as jnp
 from etils import epath
 
 from k2jax.aot.topology import Slice
+from k2jax.aot.xla_flags import compile_with_flags
 from k2jax.atomic_write import write_bytes_atomic
 from k2jax.config import Config
+from k2jax.errors import UserError
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.train.flops import model_flops_per_step
 from k2jax.train.setup import build_training_setup
@@ -113,7 +115,7 @@ def step_cost(config: Config, devices: list, micro_rows: int) -> dict:
     costs = []
     for layers in (1, 2):
         setup = build_training_setup(_layer_variant(config, layers, micro_rows), devices)
-        costs.append(_cost(setup.lower().compile()))
+        costs.append(_cost(compile_with_flags(setup.lower(), config.train.xla_flags)))
     layers, accumulation = config.model.num_layers, config.data.accumulation_steps
     out = {}
     for key in ("flops", "optimal_seconds"):
@@ -154,7 +156,9 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
     setup = build_training_setup(config, devices)
     state, rows, mesh = setup.abstract_state, setup.padding.padded_rows, setup.mesh
     try:
-        compiled = setup.lower().compile()
+        compiled = compile_with_flags(setup.lower(), config.train.xla_flags)
+    except UserError:
+        raise
     except Exception as err:  # the TPU compiler refuses programs that exceed HBM
         required = _oom_bytes(str(err))
         if required is None:
@@ -200,6 +204,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None,
         "step_time_source": None,
         "gradient_dtype": config.train.gradient_dtype,
+        "xla_flags": config.train.xla_flags,
         "hlo_out": _write_hlo(compiled, hlo_out),
     }
     if compiled is not None:  # the step-time model (k2jax/aot/step_time.py) walks its HLO
@@ -209,6 +214,9 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         if report.get("predicted_step_seconds"):  # the step-time model sees the HLO's FLOPs
             report["predicted_mfu"] = model_flops / (
                 max(report["predicted_step_seconds"], floor_seconds) * chips * peak)
+        from k2jax.aot.calibration import step_band
+
+        report["calibrated_step_seconds_range"] = list(step_band(report["predicted_step_seconds"]))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         cost = step_cost(config, devices, setup.padding.micro_rows)
@@ -264,4 +272,7 @@ def format_report(report: dict) -> str:
                      f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
                      f"{report['collective_seconds']:.3f}), predicted MFU "
                      f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
+        from k2jax.aot.calibration import band_line
+
+        lines.append(band_line(report["predicted_step_seconds"]))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ DTYPE_BYTES = {
     "token": 0,
 }
 
-_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\](\{[^{}]*(?:\([^()]*\)[^{}]*)*\})?")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*(\(.*)?\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$", re.S)
 
@@ -30,6 +30,7 @@ _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)
 class Array:
     dtype: str
     dims: tuple[int, ...]
+    host: bool = False  # in host memory (layout memory space S(5): offloaded activations)
 
     @property
     def elements(self) -> int:
@@ -42,8 +43,8 @@ class Array:
 
 def parse_shape(text: str) -> list[Array]:
     """Arrays of a result type: one for `bf16[8,128]{1,0}`, several for a tuple."""
-    return [Array(dtype, tuple(int(d) for d in dims.split(",") if d))
-            for dtype, dims in _ARRAY.findall(text) if dtype in DTYPE_BYTES]
+    return [Array(dtype, tuple(int(d) for d in dims.split(",") if d), "S(5)" in layout)
+            for dtype, dims, layout in _ARRAY.findall(text) if dtype in DTYPE_BYTES]
 
 
 @dataclasses.dataclass

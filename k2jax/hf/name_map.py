@@ -80,6 +80,11 @@ def axis_sizes(config: ModelConfig) -> dict[str, int]:
 
 def mappings(config: ModelConfig) -> list[TensorMapping]:
     """The table entries that exist for this config (no lm_head when embeddings are tied)."""
+    if config.mlp_activation != "swiglu":
+        from k2jax.errors import ConfigError
+
+        raise ConfigError("model.mlp_activation", f"Hugging Face LLaMA checkpoints have a "
+                          f"SwiGLU MLP; got {config.mlp_activation!r}")
     return [m for m in TABLE if not (config.tie_word_embeddings and m.path == ("lm_head",))]
 
 

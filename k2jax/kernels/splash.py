@@ -18,6 +18,7 @@ Splash is Google's production TPU attention kernel (MaxText's default). What thi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -37,24 +38,54 @@ def _splash_modules():
     return kernel, masks
 
 
-def _make_kernel(heads: int, seq: int, causal: bool, block_q: int, block_kv: int,
-                 interpret: bool):
-    """A splash kernel for one static configuration. Every block size of the forward, dq and
-    dkv kernels is (block_q, block_kv). Not cached here: the kernel holds jax arrays (the block
-    mask), which must not outlive a trace; splash caches the NumPy mask processing itself."""
+def _make_kernel(heads: int, seq: int, causal: bool, blocks: "SplashBlocks", interpret: bool):
+    """A splash kernel for one static configuration (`blocks`: forward, dq and dkv sizes;
+    the dkv kernel also computes dq when `blocks.fused_backward`). Not cached here: the kernel
+    holds jax arrays (the block mask), which must not outlive a trace; splash caches the NumPy
+    mask processing itself."""
     kernel, masks = _splash_modules()
     head_mask = masks.CausalMask((seq, seq)) if causal else masks.FullMask((seq, seq))
-    sizes = kernel.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                              block_q_dkv=block_q, block_kv_dkv=block_kv,
-                              block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-                              block_kv_dq=block_kv)
+    fused = {"use_fused_bwd_kernel": True} if blocks.fused_backward else {}
+    sizes = kernel.BlockSizes(
+        block_q=blocks.q, block_kv=blocks.kv, block_kv_compute=blocks.kv,
+        block_q_dkv=blocks.q_dkv, block_kv_dkv=blocks.kv_dkv,
+        block_kv_dkv_compute=blocks.kv_dkv,
+        block_q_dq=None if blocks.fused_backward else blocks.q_dq,
+        block_kv_dq=None if blocks.fused_backward else blocks.kv_dq, **fused)
     return kernel.make_splash_mha(masks.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Block sizes of splash's three kernels (MaxText's sa_block_* settings): forward (q, kv),
+    dq (q_dq, kv_dq) and dk/dv (q_dkv, kv_dkv); `fused_backward`: one kernel computes dq with
+    dk/dv (splash's use_fused_bwd_kernel), the dq sizes are then unused."""
+
+    q: int
+    kv: int
+    q_dq: int
+    kv_dq: int
+    q_dkv: int
+    kv_dkv: int
+    fused_backward: bool = False
+
+    def sizes(self) -> tuple[int, ...]:
+        used = (self.q, self.kv, self.q_dkv, self.kv_dkv)
+        return used if self.fused_backward else used + (self.q_dq, self.kv_dq)
+
+
+def _check_block(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or value <= 0 or value % NUM_LANES):
+        raise ValueError(f"{name}: splash attention needs a positive multiple of "
+                         f"{NUM_LANES}, got {value!r}")
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
                      segment_ids: Optional[jax.Array] = None, sm_scale: Optional[float] = None,
                      block_q: Optional[int] = None, block_kv: Optional[int] = None,
+                     backward_blocks: Optional[tuple[int, int, int, int]] = None,
+                     fused_backward: bool = False,
                      interpret: Optional[bool] = None) -> jax.Array:
     """softmax(q k^T * sm_scale + mask) v with jax's splash kernels (forward and backward).
 
@@ -63,29 +94,37 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     segment_ids int [batch, seq] or None, sm_scale default head_dim ** -0.5; returns
     [batch, seq, heads, head_dim] in q's dtype. Blocks (None: the generation's default) must be
     multiples of 128 in both modes (splash computes in whole 128-lane tiles); a sequence they
-    do not divide is padded, which only causal attention allows. `interpret`: None = interpret
-    mode unless the default backend is TPU; pass False for ahead-of-time TPU compiles.
+    do not divide is padded, which only causal attention allows. `backward_blocks`: (block_q_dq,
+    block_kv_dq, block_q_dkv, block_kv_dkv) of the backward kernels, None: the forward's;
+    `fused_backward`: dq computed in the dk/dv kernel. `interpret`: None = interpret mode unless
+    the default backend is TPU; pass False for ahead-of-time TPU compiles.
     """
     _validate(q, k, v, segment_ids)
     interpret = bool(resolve_interpret(interpret))
     batch, seq, heads, head_dim = q.shape
     for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-        if value is not None and (not isinstance(value, int) or value <= 0
-                                  or value % NUM_LANES):
-            raise ValueError(f"{name}: splash attention needs a positive multiple of "
-                             f"{NUM_LANES}, got {value!r}")
+        _check_block(name, value)
+    if backward_blocks is not None and len(backward_blocks) != 4:
+        raise ValueError(f"backward_blocks: expected (block_q_dq, block_kv_dq, block_q_dkv, "
+                         f"block_kv_dkv), got {backward_blocks!r}")
+    for name, value in zip(("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"),
+                           backward_blocks or ()):
+        _check_block(name, value)
     # Defaults for short sequences (and interpret mode's) can be under 128: round them up.
     block_q, block_kv = (round_up(b, NUM_LANES) for b in
                          block_sizes_for_call(seq, block_q, block_kv, interpret))
+    blocks = SplashBlocks(block_q, block_kv,
+                          *(backward_blocks or (block_q, block_kv, block_q, block_kv)),
+                          fused_backward=bool(fused_backward))
     if sm_scale is None:
         sm_scale = head_dim ** -0.5
     if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
         raise ValueError(f"sm_scale: expected a positive float, got {sm_scale!r}")
 
-    padded_len = round_up(seq, math.lcm(block_q, block_kv))
+    padded_len = round_up(seq, math.lcm(*blocks.sizes()))
     if padded_len != seq and not causal:
-        raise ValueError(f"q: splash attention without a causal mask needs block_q={block_q} "
-                         f"and block_kv={block_kv} to divide seq={seq}")
+        raise ValueError(f"q: splash attention without a causal mask needs its block sizes "
+                         f"{blocks.sizes()} to divide seq={seq}")
     pad = padded_len - seq
 
     def to_kernel(x):  # [B, S, H, D] -> [B, H, S_padded, D]
@@ -93,7 +132,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
 
     q_k = to_kernel(q * jnp.asarray(sm_scale, q.dtype))
     k_k, v_k = to_kernel(k), to_kernel(v)
-    kernel = _make_kernel(heads, padded_len, bool(causal), block_q, block_kv, interpret)
+    kernel = _make_kernel(heads, padded_len, bool(causal), blocks, interpret)
     if segment_ids is None:
         out = jax.vmap(kernel)(q_k, k_k, v_k)
     else:

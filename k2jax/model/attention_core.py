@@ -101,8 +101,10 @@ def xla_attention(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD, *, causal: bool = True,
 
 
 def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_ids=None,
-                          block_q: Optional[int] = None, block_kv: Optional[int] = None):
-    """q [B, S, N, D], k/v [B, S, K, D] -> [B, S, N, D] in q's dtype."""
+                          block_q: Optional[int] = None, block_kv: Optional[int] = None,
+                          splash_backward: Optional[dict] = None):
+    """q [B, S, N, D], k/v [B, S, K, D] -> [B, S, N, D] in q's dtype. `splash_backward`:
+    splash's backward_blocks / fused_backward (k2jax/kernels/splash.py), splash only."""
     impl = resolve_attention_impl(impl, q)
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
@@ -111,8 +113,9 @@ def dot_product_attention(q, k, v, *, impl: str, causal: bool = True, segment_id
         check_cudnn_inputs(q, jax.default_backend())
         return gpu_attention(q, k, v, causal=causal, segment_ids_BxS=segment_ids)
     if impl in ("pallas", "splash"):
+        extra = (splash_backward or {}) if impl == "splash" else {}
         return _kernel_attention(impl, q, k, v, causal=causal, segment_ids=segment_ids,
-                                 block_q=block_q, block_kv=block_kv)
+                                 block_q=block_q, block_kv=block_kv, **extra)
     raise ValueError(f"model.attention: unknown implementation {impl!r}")
 
 

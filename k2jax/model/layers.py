@@ -109,13 +109,22 @@ class Attention(nn.Module):
         q, key = apply_rope(q, cos_BxSxD, sin_BxSxD), apply_rope(key, cos_BxSxD, sin_BxSxD)
         out_BxSxNxD = dot_product_attention(
             q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
-            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+            block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+            splash_backward=splash_backward(cfg))
         out_BxSxE = project(out_BxSxNxD, wo_NxDxE, in_dims=2)
         return checkpoint_name(out_BxSxE, "attention_out")
 
 
+def splash_backward(cfg: ModelConfig) -> dict:
+    """splash's backward kernel settings of the config (model.attention_backward_blocks,
+    model.attention_fused_backward)."""
+    blocks = cfg.attention_backward_blocks
+    return {"backward_blocks": tuple(blocks) if blocks else None,
+            "fused_backward": cfg.attention_fused_backward}
+
+
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); or, with model.mlp_activation relu, down(relu(up(x)))."""
 
     config: ModelConfig
 
@@ -125,13 +134,16 @@ class Mlp(nn.Module):
         init = weight_init(cfg)
         pdtype = dtype_of(cfg.param_dtype)
         e, m = cfg.hidden_size, cfg.intermediate_size
-        w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"),
                                    output_projection_init(cfg), pdtype)
-        gate_BxSxM = project(x_BxSxE, w_gate_ExM)
         up_BxSxM = project(x_BxSxE, w_up_ExM)
-        hidden_BxSxM = constrain(jax.nn.silu(gate_BxSxM) * up_BxSxM, ("batch", "length", "mlp"))
+        if cfg.mlp_activation == "relu":
+            hidden_BxSxM = jax.nn.relu(up_BxSxM)
+        else:
+            w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
+            hidden_BxSxM = jax.nn.silu(project(x_BxSxE, w_gate_ExM)) * up_BxSxM
+        hidden_BxSxM = constrain(hidden_BxSxM, ("batch", "length", "mlp"))
         out_BxSxE = project(hidden_BxSxM, w_down_MxE)
         return checkpoint_name(out_BxSxE, "mlp_out")
 

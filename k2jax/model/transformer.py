@@ -31,6 +31,11 @@ def remat_policy(name: str):
         "save_dots": policies.checkpoint_dots,
         "save_dots_no_batch": policies.dots_with_no_batch_dims_saveable,
         "save_qkv_out": policies.save_only_these_names(*_SAVED_PROJECTIONS),
+        # save_qkv_out's tensors kept in pinned host memory between the forward and the
+        # backward pass instead of HBM (MaxText's offloaded remat): HBM for PCIe traffic.
+        "offload_qkv_out": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_SAVED_PROJECTIONS),
+            offload_src="device", offload_dst="pinned_host"),
     }[name]
 
 

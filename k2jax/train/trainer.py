@@ -10,6 +10,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from k2jax.aot.xla_flags import compile_with_flags
 from k2jax.checkpoint.manager import RunCheckpoints
 from k2jax.checkpoint.params_io import restore_params
 from k2jax.atomic_write import no_trace_if_refused
@@ -228,7 +229,9 @@ class Trainer:
 
         batches = self.loader.iter_from_step(step, cfg.train.steps)  # reads ahead while compiling
         start = time.perf_counter()
-        compiled = self.setup.lower().compile()  # from shapes: step `step` is read once, below
+        lowered = self.setup.lower()  # from shapes: step `step` is read once, below
+        compiled = (compile_with_flags(lowered, cfg.train.xla_flags)
+                    if jax.default_backend() == "tpu" else lowered.compile())
         compile_seconds = time.perf_counter() - start
         self.log(f"compiled the train step in {compile_seconds:.1f} s")
         self.writer.scalars(step, {"compile_seconds": compile_seconds})

@@ -1,0 +1,47 @@
+"""The step-time model's calibration record and the band it puts around a prediction.
+
+`ERRORS` are the signed relative errors of the model's predicted MFU against MaxText's published
+runs, each rebuilt as published (benchmarks/calibrate_step_model.py; the table with sources and
+dates is in docs/performance.md). They are measurements of the model, recorded here so that
+`k2jax aot` can say how far its prediction has been from published steps, not constants of it:
+rerun the calibration after changing the model and update them with the table.
+
+An error e = predicted MFU / published MFU - 1 means the published step was the predicted one
+x (1 + e), so a prediction p reads as the range p x (1 + min e) .. p x (1 + max e).
+"""
+
+from __future__ import annotations
+
+CALIBRATED_ON = "2026-12-06, jax 0.10.2 + libtpu 0.0.42.1"
+ERRORS = {
+    "32b-v5p-128": -0.0624,
+    "128b-v5p-256": -0.0556,
+    "32b-v5p-128-2025": +0.0291,
+    "llama2-70b-v5p-512": +0.0502,
+    "64b-v5p-128": -0.0560,
+    "32b-v5e-256": -0.0522,
+    "32b-2xv5p-128": -0.0400,
+}
+
+
+def error_summary(errors: dict[str, float] = ERRORS) -> dict[str, float]:
+    values = list(errors.values())
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return {"cases": len(values), "mean": mean, "spread": spread, "min": min(values),
+            "max": max(values), "worst": max(values, key=abs)}
+
+
+def step_band(predicted_seconds: float, errors: dict[str, float] = ERRORS
+              ) -> tuple[float, float]:
+    """The published-equivalent step range of a predicted step (seconds)."""
+    summary = error_summary(errors)
+    return predicted_seconds * (1 + summary["min"]), predicted_seconds * (1 + summary["max"])
+
+
+def band_line(predicted_seconds: float) -> str:
+    low, high = step_band(predicted_seconds)
+    s = error_summary()
+    return (f"calibrated step {low:.2f}-{high:.2f} s (the model against {s['cases']} published "
+            f"MaxText runs: mean {s['mean']:+.1%}, worst {s['worst']:+.1%}, spread "
+            f"{s['spread']:.1%}; docs/performance.md)")
