@@ -312,6 +312,8 @@ def test_tpu_pods_cites_the_libtpu_its_figures_were_measured_with():
     ("mesh.rules.embedd=tensor", "mesh.rules.embedd",
      "unknown logical axis (known: batch, length, vocab, embed, heads, kv_heads, head_dim, mlp, "
      "layers, norm)"),
+    ("optimizer.warmup_steps=-1", "optimizer.warmup_steps", "must be >= 0, got -1"),
+    ("train.steps=abc", "train.steps", "expected int or 'auto', got 'abc'"),
 ])
 def test_config_errors_name_the_key_given(override, key, text):
     """Before: peak_lr=-1 blamed optimizer.min_lr, prefetch=-1 data.worker_count, and a
