@@ -17,7 +17,8 @@ from k2jax.commands.cli_args import add_command
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers, "compare-curves", "a run's loss curve vs a W&B CSV export or another run (table + PNG)",
+        subparsers, "compare-curves",
+        "a run's loss curve vs a W&B CSV export or another run (table + PNG)",
         "k2jax compare-curves --run runs/k2 --reference k2_wandb.csv --steps 94000:95000 "
         "--out curves.png", description=__doc__)
     p.add_argument("--run", required=True, metavar="RUN_DIR|FILE.jsonl")
