@@ -39,7 +39,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from k2jax.errors import UserError
     from k2jax.eval import curves
-    from k2jax.run_dir import METRICS_FILE
     from k2jax.commands.step_spec import parse_range
 
     if not args.threshold > 0:
@@ -65,6 +64,7 @@ def _read_reference(args: argparse.Namespace):
 
     from k2jax.errors import UserError
     from k2jax.eval import curves
+    from k2jax.run_dir import METRICS_FILE
 
     path = Path(args.reference)
     if path.is_dir() and not (path / METRICS_FILE).is_file():
