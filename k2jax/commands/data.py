@@ -264,6 +264,9 @@ def cmd_order(args) -> int:
     from k2jax.data import chunk_files
     from k2jax.data.order import resolve_chunk_order
 
+    if args.order == "sequential" and not args.data:
+        raise UserError("--order sequential: the chunk files present, in id order; give "
+                        "--data DIR to say where they are")
     available = chunk_files.find_chunk_ids(epath.Path(args.data)) if args.data else []
     print(json.dumps(resolve_chunk_order(args.order, available)))
     return 0
