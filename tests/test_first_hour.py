@@ -147,6 +147,30 @@ def test_eval_tasks_without_weights_is_one_line_at_once(capsys):
     assert time.monotonic() - began < 5
 
 
+def test_eval_tasks_refuses_an_unknown_model_arg_at_once(capsys):
+    """Before: `tensr=8` (or any typo) was swallowed by the backend and the run went on with
+    the defaults."""
+    err = error_line(capsys, ["eval-tasks", "--tasks", "tiny_qa", "--model_args",
+                              "hf=x,tensr=8,dtype=fp32"])
+    assert err.startswith("k2jax eval-tasks: error: --model_args: unknown key(s) tensr "
+                          "(k2jax's: checkpoint, hf, tokenizer,"), err
+
+
+def test_the_backend_takes_exactly_its_model_args():
+    """MODEL_ARGS (what eval-tasks checks) is the backend's parameter list; a key past it,
+    given programmatically, is refused by the backend itself."""
+    import inspect
+
+    from k2jax.lm_eval import MODEL_ARGS
+    from k2jax.lm_eval.backend import K2JaxLM
+
+    parameters = inspect.signature(K2JaxLM.__init__).parameters
+    assert [n for n, p in parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD][1:] == \
+        list(MODEL_ARGS)
+    with pytest.raises(UserError, match="unknown key\\(s\\) tensr"):
+        K2JaxLM(hf="x", tensr=8)
+
+
 def test_an_unreachable_hub_turns_datasets_offline(monkeypatch, capsys):
     from k2jax.commands import eval_tasks
 
