@@ -285,3 +285,24 @@ def test_missing_weights_directory_is_not_found(tmp_path, capsys):
     with pytest.raises(UserError, match=f"^{missing}: not found$"):
         weights_kind(str(missing))
     assert not (tmp_path / "out").exists()
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    """README: every command has --help. Before: data pack/batch/locate/prepare --out, --step,
+    compare-curves --run and generate --max-new-tokens/--seed had no text."""
+    import argparse
+
+    from k2jax.cli import build_parser
+
+    silent = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}")
+            elif not action.help and action.dest != "help":
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "k2jax")
+    assert not silent, silent
