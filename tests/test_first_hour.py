@@ -49,9 +49,9 @@ def test_every_option_shows_its_default(capsys):
     """Before: `generate --help` showed `--max-new-tokens N` and `--seed SEED` without theirs."""
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
-    out = capsys.readouterr().out
-    assert "--max-new-tokens N    default: 64" in out
-    assert "--seed SEED           default: 0" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens N tokens generated per prompt at most (default: 64)" in out
+    assert "--seed SEED seed of the sampling (--temperature > 0) (default: 0)" in out
 
 
 def test_prepare_chat_help_shows_its_own_defaults_once(capsys):
@@ -288,7 +288,7 @@ def test_a_refused_train_start_writes_nothing(tmp_path, capsys):
     for run_dir in (fresh, existing):
         err = error_line(capsys, ["train", "--config", "tiny", f"train.run_dir={run_dir}",
                                   f"train.init_from={tmp_path / 'no-weights'}", "train.steps=1"])
-        assert "no-weights: not a k2jax weights directory" in err
+        assert err.endswith("no-weights: not found\n"), err
     assert not fresh.exists() and list(existing.iterdir()) == []
 
 
