@@ -134,7 +134,9 @@ class OptimizerConfig:
     schedule_start_step: int = 0
 
     def validate(self) -> None:
-        if self.warmup_steps < 0 or self.decay_steps <= self.warmup_steps:
+        if self.warmup_steps < 0:
+            raise ConfigError("optimizer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps <= self.warmup_steps:
             raise ConfigError("optimizer.decay_steps", f"must exceed optimizer.warmup_steps "
                               f"({self.warmup_steps}), got {self.decay_steps}")
         if self.schedule_start_step < 0 or (self.schedule == "k2" and self.schedule_start_step):

@@ -24,14 +24,13 @@ def check_type(key: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return check_type(key, value, arg)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass
         raise ConfigError(key, f"expected {describe_type(hint)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -69,8 +68,15 @@ def check_type(key: str, value: Any, hint: Any) -> Any:
 
 
 def describe_type(hint: Any) -> str:
+    """'int or 'auto' or null' for Optional[Union[int, Literal['auto']]]: a Literal is
+    spelled as its values, never as the word Literal."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = []
+    for arg in args:
+        if typing.get_origin(arg) is Literal:
+            names += [repr(v) for v in typing.get_args(arg)]
+        else:
+            names.append(getattr(arg, "__name__", str(arg)))
     return " or ".join(names) + (" or null" if type(None) in typing.get_args(hint) else "")
 
 

@@ -269,3 +269,41 @@ def test_data_commands_read_rows_longer_than_the_configs_context(tmp_path, capsy
                           "--order", "0,1")
     assert code == 0, err
     assert np.load(tmp_path / "b.npy").shape == (2, 4096)
+
+
+def test_missing_weights_directory_is_not_found(tmp_path, capsys):
+    """Before: `train.init_from=/nope` (and convert --checkpoint /nope) said "not a k2jax
+    weights directory (no params/) nor ..." of a path that does not exist."""
+    from k2jax.cli import main
+
+    missing = tmp_path / "nope"
+    assert main(["convert", "orbax-to-hf", "--checkpoint", str(missing), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"k2jax convert orbax-to-hf: error: {missing}: not found\n"
+    from k2jax.checkpoint.params_io import weights_kind
+    from k2jax.errors import UserError
+
+    with pytest.raises(UserError, match=f"^{missing}: not found$"):
+        weights_kind(str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    """README: every command has --help. Before: data pack/batch/locate/prepare --out, --step,
+    compare-curves --run and generate --max-new-tokens/--seed had no text."""
+    import argparse
+
+    from k2jax.cli import build_parser
+
+    silent = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    walk(subparser, f"{name} {sub}")
+            elif not action.help and action.dest != "help":
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "k2jax")
+    assert not silent, silent

@@ -106,7 +106,7 @@ def test_export_loads_in_transformers_with_k2jax_logits(model, tmp_path):
     assert written["model_type"] == "llama" and written["torch_dtype"] == "float32"
 
 
-def test_training_checkpoint_exports_parameters_only(model, tmp_path):
+def test_training_checkpoint_exports_parameters_only(model, tmp_path, capsys):
     from k2jax.checkpoint.manager import RunCheckpoints
     from k2jax.config import TrainConfig
 
@@ -126,3 +126,10 @@ def test_training_checkpoint_exports_parameters_only(model, tmp_path):
     assert sorted(back) == sorted(source)
     for name in source:
         np.testing.assert_array_equal(back[name], source[name], err_msg=name)
+    # The run directory itself, as eval-loss and generate take it: its latest complete step.
+    assert main(["convert", "orbax-to-hf", "--checkpoint", str(tmp_path / "run"),
+                 "--out", str(tmp_path / "export-run"), "--dtype", "fp32", "--no-progress"]) == 0
+    assert f"-> {tmp_path}/run/checkpoints/7 (latest complete step of 1)" in capsys.readouterr().err
+    from_run = read_safetensors_dir(tmp_path / "export-run")
+    for name in source:
+        np.testing.assert_array_equal(from_run[name], source[name], err_msg=name)

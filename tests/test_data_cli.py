@@ -94,6 +94,13 @@ def test_errors_are_one_line_with_exit_code_2(k2_dir, tmp_path, capsys):
                        "--seq-len", SEQ_LEN, "--order", "0")
     assert code == 2 and "index is stale" in err and err.count("\n") == 1
 
+    # `data order --order sequential` lists the files present: without --data there are none
+    # (before: "data.order 'sequential': no chunk files found", a key never given).
+    code, _, err = run(capsys, "order", "--order", "sequential")
+    assert code == 2 and "give --data DIR" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, "order", "--order", "sequential", "--data", tmp_path)
+    assert code == 0 and json.loads(out) == [0, 1]
+
 
 def test_prepare_then_index_then_batch(tmp_path, capsys):
     import sentencepiece

@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory):
 
 
 def loader(data_dir, epochs, batch=BATCH):
-    config = load_config("tiny", [f"data.source=k2", f"data.path={data_dir}", "data.order=0,1,2",
+    config = load_config("tiny", ["data.source=k2", f"data.path={data_dir}", "data.order=0,1,2",
                                   f"data.seq_len={SEQ_LEN}", f"data.global_batch_size={batch}",
                                   f"data.micro_batch_size={batch}", f"data.epochs={epochs}"])
     return StepLoader.from_config(config)

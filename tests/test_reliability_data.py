@@ -197,6 +197,26 @@ def test_damaged_data_directory_is_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "b.npy").exists()
 
 
+def test_a_stale_index_message_is_a_way_out(tmp_path, capsys):
+    """A file changed keeping its size and mtime: its manifest still matches, so `data index`
+    alone skips it (before: the message said only "re-run `k2jax data index`", which changed
+    nothing). Doing what the message says makes the batch readable again."""
+    import re
+
+    data_dir = _indexed(tmp_path / "data")
+    _shift_lines_keeping_size_and_mtime(data_dir)
+    argv = ["data", "batch", "--data", str(data_dir), "--step", "0", "--global-batch", "8",
+            "--seq-len", str(SEQ_LEN), "--order", "0,1,2", "--out", str(tmp_path / "b.npy")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    remedy = re.search(r"delete (\S+) and re-run `k2jax data index (\S+)`", err)
+    assert remedy and remedy.group(1).endswith("chunk_0.json"), err
+    os.remove(remedy.group(1))
+    assert main(["data", "index", remedy.group(2), "--quiet"]) == 0
+    assert main(argv) == 0, capsys.readouterr().err
+
+
 def test_bool_token_ids_are_refused_by_pack(tmp_path, capsys):
     """Before: JSON `true` packed as token id 1."""
     data_dir = _indexed(tmp_path)

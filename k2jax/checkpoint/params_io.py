@@ -43,6 +43,8 @@ def weights_kind(directory: str) -> str:
         return "params"
     if (path / "state").exists():
         return "state"
+    if not path.exists():
+        raise UserError(f"{directory}: not found")
     raise UserError(f"{directory}: not a k2jax weights directory (no params/) nor a training "
                     "checkpoint step directory (no state/)")
 

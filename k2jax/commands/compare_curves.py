@@ -17,10 +17,13 @@ from k2jax.commands.cli_args import add_command
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
-        subparsers, "compare-curves", "a run's loss curve vs a W&B CSV export (table + PNG)",
+        subparsers, "compare-curves",
+        "a run's loss curve vs a W&B CSV export or another run (table + PNG)",
         "k2jax compare-curves --run runs/k2 --reference k2_wandb.csv --steps 94000:95000 "
         "--out curves.png", description=__doc__)
-    p.add_argument("--run", required=True, metavar="RUN_DIR|FILE.jsonl")
+    p.add_argument("--run", required=True, metavar="RUN_DIR|FILE.jsonl",
+                   help="a run directory (its metrics.jsonl) or a JSON-lines file (eval-loss "
+                        "--json output)")
     p.add_argument("--reference", required=True, metavar="FILE.csv|RUN_DIR|FILE.jsonl",
                    help="a W&B CSV export, or another run as --run takes it")
     p.add_argument("--steps", metavar="A:B", help="half-open step range (either end optional)")

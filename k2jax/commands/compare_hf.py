@@ -172,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         print(f"k2jax compare-hf: FAILED: {'; '.join(failures)}", file=sys.stderr)
         if args.checkpoint:
-            _explain_low_precision(args.checkpoint)
+            _explain_low_precision(args.checkpoint, args.max_abs)
         return 1
     return 0
 
 
-def _explain_low_precision(checkpoint: str) -> None:
+def _explain_low_precision(checkpoint: str, max_abs: float) -> None:
     """A bf16/fp16 --checkpoint cannot meet fp32 thresholds: say so, or the failure reads as a
     broken conversion (a tiny fp32 model converted with --dtype bf16 differs by 0.087)."""
     from k2jax.weights import open_weights
@@ -186,8 +186,9 @@ def _explain_low_precision(checkpoint: str) -> None:
     if dtype != "float32":
         print(f"k2jax compare-hf: --checkpoint {checkpoint} holds {dtype} weights, so its logits "
               f"differ from transformers' fp32 ones by {dtype}'s rounding of every weight "
-              "(far past 1e-5: 0.087 for a tiny random fp32 model): compare an fp32 conversion (convert "
-              "hf-to-orbax --dtype fp32) or raise --max-abs/--max-kl", file=sys.stderr)
+              f"(far past --max-abs {max_abs:g}: 0.087 for a tiny random fp32 model): compare an "
+              "fp32 conversion (convert hf-to-orbax --dtype fp32) or raise --max-abs/--max-kl",
+              file=sys.stderr)
 
 
 def _table(report: dict) -> str:

@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Export a k2jax weights directory, or a training checkpoint step directory "
                     "(parameters only), as a Hugging Face LlamaForCausalLM directory.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="weights directory, or run_dir/checkpoints/<step>")
+                   help="weights directory, run_dir/checkpoints/<step>, or run directory (its "
+                        "latest complete checkpoint, as in eval-loss and generate)")
     p.add_argument("--out", required=True, metavar="DIR", help="Hugging Face directory to write")
     p.add_argument("--dtype", type=dtype_type(), default="bf16", metavar=dtype_metavar(),
                    help="dtype of the exported tensors")
@@ -67,9 +68,11 @@ def cmd_hf_to_orbax(args) -> int:
 
 def cmd_orbax_to_hf(args) -> int:
     from k2jax.convert.orbax_to_hf import convert_orbax_to_hf
+    from k2jax.weights import resolve_checkpoint  # a run directory: its latest complete step
 
+    checkpoint = resolve_checkpoint(args.checkpoint)
     with writing(args.out):  # a full disk named by the output, when the OS names no file
-        out = convert_orbax_to_hf(args.checkpoint, args.out, dtype=args.dtype,
+        out = convert_orbax_to_hf(checkpoint, args.out, dtype=args.dtype,
                                   shard_size=args.shard_size, tokenizer=args.tokenizer,
                                   force=args.force, progress=args.progress)
     print(f"wrote {out}")

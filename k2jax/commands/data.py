@@ -21,7 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     commands = add_command_group(
         subparsers, "data", "K2 data: index, pack, batch, locate, order, prepare, prepare-chat",
         "k2jax data locate --data /data/k2 --step 150000", __doc__, metavar="DATA_COMMAND")
+    _add_index_and_pack(commands)
+    _add_step_commands(commands)
+    _add_prepare(commands)
+    _add_prepare_chat(commands)
 
+
+def _add_index_and_pack(commands: argparse._SubParsersAction) -> None:
     p = add_command(commands, "index", "write the line-offset index of chunk_*.jsonl files",
                     "k2jax data index --data /data/k2 --workers 8")
     p.add_argument("data", metavar="DIR", nargs="?", default=None,
@@ -36,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = add_command(commands, "pack", "rewrite indexed chunks as memory-mappable uint16 rows",
                     "k2jax data pack --data /data/k2 --out /data/k2-packed --workers 32")
-    p.add_argument("--out", required=True, metavar="DIR2")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory to write the packed chunks to (chunk_{i}.tokens.u16)")
     p.add_argument("--workers", type=int, default=1, help="chunks packed in parallel processes")
     p.add_argument("--chunks", type=_id_list, default=None, metavar="IDS",
                    help="comma-separated chunk ids (unset: all)")
@@ -44,10 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_progress_flags(p)
     p.set_defaults(func=cmd_pack)
 
+
+def _add_step_commands(commands: argparse._SubParsersAction) -> None:
     p = add_command(commands, "batch", "write the global batch of a step as int32 [B, S] .npy",
                     "k2jax data batch --data /data/k2 --step 150000 --out step150000.npy")
     _add_order_args(p)
-    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.add_argument("--out", required=True, metavar="FILE.npy", help="the .npy file to write")
     p.set_defaults(func=cmd_batch)
 
     p = add_command(commands, "locate", "print which files and lines feed a step (JSON)",
@@ -62,6 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", help="needed for 'sequential' (the files present)")
     p.set_defaults(func=cmd_order)
 
+
+def _add_prepare(commands: argparse._SubParsersAction) -> None:
     p = add_command(commands, "prepare", "tokenize text into K2-format chunk_{i}.jsonl files",
                     "k2jax data prepare --tokenizer tokenizer.model --input docs.jsonl "
                     "--out /data/mine --num-chunks 16")
@@ -71,7 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a directory = one subset of *.jsonl files (K2's layout); a file = a "
                         "subset named by its stem: .jsonl with a 'text' field per line "
                         "('content' for refinedweb and starcoder*), or plain text (one document)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new directory: chunk_{i}.jsonl and their line index")
     p.add_argument("--num-chunks", type=int, default=1, help="K2: 360")
     p.add_argument("--special-base-id", type=int, default=None,
                    help="id of the first added special token (unset: SentencePiece size)")
@@ -94,6 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "num_chunks": "--num-chunks", "seq_len": "--seq-len", "fim_rate": "--fim-rate",
         "fim_spm_rate": "--fim-spm-rate", "repeat": "--repeat"})
 
+
+def _add_prepare_chat(commands: argparse._SubParsersAction) -> None:
     p = add_command(commands, "prepare-chat", "chat conversations (jsonl messages) -> packed "
                     "rows with an assistant-only loss mask and document segment ids",
                     "k2jax data prepare-chat --tokenizer tokenizer.model --input chats.jsonl "
@@ -130,7 +144,8 @@ PACK_ALIASES = (DATA_PATH, SEQ_LEN, VOCAB_SIZE, INDEX_DIR)
 CHAT_PRESET = "k2-chat"  # prepare-chat's settings: K2-Chat's markers and context
 def _add_order_args(p: argparse.ArgumentParser) -> None:
     add_run_dir_arg(p)
-    p.add_argument("--step", required=True, type=int)
+    p.add_argument("--step", required=True, type=int,
+                   help="0-based step: global rows [step * B, (step + 1) * B) of the order")
     add_config_args(p, (*STEP_DATA_ALIASES, VOCAB_SIZE))
 
 
@@ -249,6 +264,9 @@ def cmd_order(args) -> int:
     from k2jax.data import chunk_files
     from k2jax.data.order import resolve_chunk_order
 
+    if args.order == "sequential" and not args.data:
+        raise UserError("--order sequential: the chunk files present, in id order; give "
+                        "--data DIR to say where they are")
     available = chunk_files.find_chunk_ids(epath.Path(args.data)) if args.data else []
     print(json.dumps(resolve_chunk_order(args.order, available)))
     return 0

@@ -106,10 +106,16 @@ def check_model_args(argv: list[str]) -> None:
         return ""
     if value("--model") != "k2jax":
         return
+    from k2jax.lm_eval import LM_EVAL_ARGS, MODEL_ARGS
+
     keys = {item.split("=", 1)[0].strip() for item in value("--model_args").split(",")}
     if not keys & {"hf", "checkpoint"}:
         raise UserError("--model_args: give hf=DIR or checkpoint=DIR (the weights to evaluate; "
                         "k2jax eval-tasks --help lists the other keys)")
+    unknown = sorted(keys - set(MODEL_ARGS) - set(LM_EVAL_ARGS) - {""})
+    if unknown:
+        raise UserError(f"--model_args: unknown key(s) {', '.join(unknown)} (k2jax's: "
+                        f"{', '.join(MODEL_ARGS)}; k2jax eval-tasks --help)")
 
 
 def lm_eval_argv(args: list[str]) -> list[str]:

@@ -39,11 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="each prompt is a user message, rendered with the chat template of "
                         "--config (data.chat; unset: k2-chat) exactly as `data prepare-chat` "
                         "renders training data")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens generated per prompt at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0: every token")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1: every token")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (--temperature > 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a prompt's generation at this text (repeatable; EOS always stops)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",

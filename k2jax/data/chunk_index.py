@@ -153,14 +153,6 @@ def build_index(data_dir: str | os.PathLike, index_dir: Optional[str | os.PathLi
     return {"indexed": indexed, "skipped": skipped}
 
 
-def stale_index_error(path: object, line_number: int, data_dir: object) -> UserError:
-    """A line that does not sit where the index says: the file changed after indexing while
-    keeping its size and mtime (the manifest check cannot see that)."""
-    return UserError(f"{path}:{line_number}: the line index is stale (line {line_number} does "
-                     "not start or end where it was indexed: the file changed but kept its size "
-                     f"and mtime); re-run `k2jax data index {data_dir}`")
-
-
 class ChunkIndex:
     """The checked index of some chunk files: line counts now, offsets on demand.
 
@@ -206,8 +198,22 @@ class ChunkIndex:
         expected = self.line_counts[chunk_id] + 1
         if offsets.dtype != np.int64 or offsets.shape != (expected,):
             raise UserError(f"{path}: holds {offsets.shape} {offsets.dtype}, expected int64 "
-                            f"({expected},); re-run `k2jax data index {self.data_dir}`")
+                            f"({expected},); {self._rebuild(chunk_id)}")
         return offsets
+
+    def _rebuild(self, chunk_id: int) -> str:
+        """The way out when the manifest still matches the file, so that `data index` alone
+        would skip the chunk as indexed: its manifest goes first."""
+        return (f"delete {manifest_path(self.index_dir, chunk_id)} and re-run "
+                f"`k2jax data index {self.data_dir}`")
+
+    def stale_line(self, chunk_id: int, line_number: int) -> UserError:
+        """A line that does not sit where the index says: the file changed after indexing while
+        keeping its size and mtime (the manifest check cannot see that)."""
+        path = chunk_files.jsonl_path(self.data_dir, chunk_id)
+        return UserError(f"{path}:{line_number}: the line index is stale (line {line_number} "
+                         "does not start or end where it was indexed: the file changed but kept "
+                         f"its size and mtime); {self._rebuild(chunk_id)}")
 
     def offsets(self, chunk_id: int) -> np.ndarray:
         """int64 [num_lines + 1] byte offsets of chunk `chunk_id` (memory-mapped when local)."""

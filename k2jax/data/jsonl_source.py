@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from k2jax.data import chunk_files
-from k2jax.data.chunk_index import ChunkIndex, stale_index_error
+from k2jax.data.chunk_index import ChunkIndex
 from k2jax.data.process_local import ProcessLocalHandles
 from k2jax.errors import UserError
 from k2jax.storage import is_remote, remote
@@ -194,13 +194,13 @@ class JsonlChunkReader(ProcessLocalHandles):
             lead = int(span[0] > 0)  # the newline before the run: its lines start where indexed
             data = self._read_bytes(chunk_id, int(span[0]) - lead, int(span[-1] - span[0]) + lead)
             if data[:lead] not in (b"", b"\n"):
-                raise stale_index_error(path, first_line + 1, self.index.data_dir)
+                raise self.index.stale_line(chunk_id, first_line + 1)
             data = data[lead:]
             starts = span - span[0]
             for k in range(count):
                 line = data[starts[k]:starts[k + 1]]
                 if not line.endswith(b"\n") and first_line + k + 1 < self.line_counts[chunk_id]:
-                    raise stale_index_error(path, first_line + k + 1, self.index.data_dir)
+                    raise self.index.stale_line(chunk_id, first_line + k + 1)
                 row_tokens, row_mask = parse_row(line, path, first_line + k + 1, self.seq_len,
                                                  self.vocab_size)
                 tokens[first_index + k] = row_tokens

@@ -1,6 +1,12 @@
 """k2jax as an lm-evaluation-harness model: `--model k2jax` (see k2jax.lm_eval.backend)."""
 
 MODEL_NAME = "k2jax"
+# The model_args K2JaxLM takes (its keyword parameters); anything else is a typo, refused.
+MODEL_ARGS = ("checkpoint", "hf", "tokenizer", "dtype", "batch_size", "max_length",
+              "max_gen_toks", "data", "fsdp", "tensor", "attention", "logits_dtype")
+# What lm-eval itself adds to every model's arguments (its --batch_size, --max_batch_size,
+# --device flags): accepted, and unused but batch_size.
+LM_EVAL_ARGS = ("batch_size", "max_batch_size", "device")
 
 
 def register() -> None:

@@ -31,8 +31,14 @@ class K2JaxLM(TemplateLM):
                  tokenizer: Optional[str] = None, dtype: str = "fp32", batch_size=8,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, data: int = 1,
                  fsdp: int = -1, tensor: int = 1, attention: str = "auto",
-                 logits_dtype: Optional[str] = None, **unused):
+                 logits_dtype: Optional[str] = None, **lm_eval_args):
         super().__init__()
+        from k2jax.lm_eval import LM_EVAL_ARGS, MODEL_ARGS
+
+        unknown = sorted(set(lm_eval_args) - set(LM_EVAL_ARGS))
+        if unknown:  # a typo (tensr=8) would otherwise run on a mesh nobody asked for
+            raise UserError(f"model_args: unknown key(s) {', '.join(unknown)} (k2jax's: "
+                            f"{', '.join(MODEL_ARGS)})")
         from k2jax import distributed
         from k2jax.config import MeshConfig
         from k2jax.generate import Generator
