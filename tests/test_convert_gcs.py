@@ -130,8 +130,8 @@ def test_missing_bucket_object_and_permission_are_one_line(gcs_server, gcs_bucke
     code, _, err = convert(capsys, "hf-to-orbax", "--hf", f"{gcs_bucket}/nothing", "--out",
                            tmp_path / "o")
     assert code == 2 and err.count("\n") == 1 and f"{gcs_bucket}/nothing: not found" in err
-    code, _, err = convert(capsys, "orbax-to-hf", "--checkpoint", tmp_path / "w", "--out",
-                           gcs_bucket, "--force")  # never a whole bucket
+    code, _, err = convert(capsys, "hf-to-orbax", "--hf", hf_dir, "--out", gcs_bucket,
+                           "--force")  # never a whole bucket
     assert code == 2 and "expected a directory inside a bucket" in err
     fsspec.filesystem("gs").put(str(hf_dir) + "/", f"{gcs_bucket}/hf/", recursive=True)
     fsspec.filesystem("gs").rm_file(f"{gcs_bucket}/hf/model-00002-of-00002.safetensors")

@@ -134,15 +134,19 @@ class Mlp(nn.Module):
         init = weight_init(cfg)
         pdtype = dtype_of(cfg.param_dtype)
         e, m = cfg.hidden_size, cfg.intermediate_size
+        # gate_proj first: Linen draws each parameter's init key in creation order, so this
+        # order keeps every SwiGLU model's initial weights what they were before relu existed.
+        swiglu = cfg.mlp_activation != "relu"
+        if swiglu:
+            w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_down_MxE = logical_param(self, "down_proj", (m, e), ("mlp", "embed"),
                                    output_projection_init(cfg), pdtype)
         up_BxSxM = project(x_BxSxE, w_up_ExM)
-        if cfg.mlp_activation == "relu":
-            hidden_BxSxM = jax.nn.relu(up_BxSxM)
-        else:
-            w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
+        if swiglu:
             hidden_BxSxM = jax.nn.silu(project(x_BxSxE, w_gate_ExM)) * up_BxSxM
+        else:
+            hidden_BxSxM = jax.nn.relu(up_BxSxM)
         hidden_BxSxM = constrain(hidden_BxSxM, ("batch", "length", "mlp"))
         out_BxSxE = project(hidden_BxSxM, w_down_MxE)
         return checkpoint_name(out_BxSxE, "mlp_out")
