@@ -288,8 +288,8 @@ def test_data_prepare_on_a_full_disk(tmp_path):
                  "--quiet")
     line = one_error_line(limited(argv, 3000))
     assert line == "k2jax data prepare: error: " + PROBLEM + str(out), line
-    assert list(out.iterdir()) == []  # no spool, no half chunk
+    assert not out.exists()  # no spool, no half chunk: the --out it made is gone too
     ok = limited(argv, resource.RLIM_INFINITY)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["chunk_0.jsonl", "chunk_1.jsonl",
-                                                     "prepare.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".k2index", "chunk_0.jsonl",
+                                                     "chunk_1.jsonl", "prepare.json"]
