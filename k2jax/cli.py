@@ -64,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(background.first_problem)
         return code
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        message = f"{prog}: error: {err}"
     except Exception as err:  # a full disk, a directory given as a file: the user's to fix
         problem = storage_failure(err) or path_failure(err)
         if problem is None:
             raise
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-    if argv is None:  # the process is this command: nothing may follow the one line
-        quiet_until_exit()
+        message = f"{prog}: error: {problem}"
+    if argv is None:  # the process is this command: nothing may follow the one line (the
+        quiet_until_exit()  # filters go on first: a background thread may report any moment)
+    print(message, file=sys.stderr, flush=True)
     return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

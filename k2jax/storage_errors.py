@@ -149,8 +149,11 @@ def _is_background_noise(unraisable) -> bool:
     closed', no object), or a restore's coroutine collected unfinished ('Exception ignored in:
     <coroutine object _read_array_index_and_device_put>')."""
     exc = unraisable.exc_value
-    return ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-             and unraisable.object is None) or _is_orbax_coroutine(unraisable.object))
+    return _is_closed_loop(exc) or _is_orbax_coroutine(unraisable.object)
+
+
+def _is_closed_loop(exc: Optional[BaseException]) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
 class _StorageRecordFilter(logging.Filter):
@@ -194,9 +197,18 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
         if not _is_background_noise(unraisable):
             previous_hook(unraisable)
 
+    previous_excepthook = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        # TensorStore's threads finishing a read for a loop Orbax has closed report it with
+        # PyErr_Print, i.e. through sys.excepthook, not as an unraisable exception.
+        if not _is_closed_loop(value):
+            previous_excepthook(kind, value, traceback)
+
     for name in loggers:
         logging.getLogger(name).addFilter(record_filter)
     sys.unraisablehook = unraisable_hook
+    sys.excepthook = excepthook
     try:
         yield record_filter
     finally:
@@ -218,6 +230,15 @@ def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
         if not _is_background_noise(unraisable):
             previous_hook(unraisable)
 
+    previous_excepthook = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        # TensorStore's threads finishing a read for a loop Orbax has closed report it with
+        # PyErr_Print, i.e. through sys.excepthook, not as an unraisable exception.
+        if not _is_closed_loop(value):
+            previous_excepthook(kind, value, traceback)
+
     for name in loggers:
         logging.getLogger(name).addFilter(record_filter)
     sys.unraisablehook = unraisable_hook
+    sys.excepthook = excepthook
