@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             code = int(args.func(args) or 0)
         if background.first_problem is not None:  # a library logged it and carried on
             raise UserError(background.first_problem)
+        if argv is None:  # nothing after the result either (a recovered restore's leftovers)
+            quiet_until_exit()
         return code
     except UserError as err:
         message = f"{prog}: error: {err}"

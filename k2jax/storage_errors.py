@@ -197,18 +197,9 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
         if not _is_background_noise(unraisable):
             previous_hook(unraisable)
 
-    previous_excepthook = sys.excepthook
-
-    def excepthook(kind, value, traceback) -> None:
-        # TensorStore's threads finishing a read for a loop Orbax has closed report it with
-        # PyErr_Print, i.e. through sys.excepthook, not as an unraisable exception.
-        if not _is_closed_loop(value):
-            previous_excepthook(kind, value, traceback)
-
     for name in loggers:
         logging.getLogger(name).addFilter(record_filter)
     sys.unraisablehook = unraisable_hook
-    sys.excepthook = excepthook
     try:
         yield record_filter
     finally:
@@ -219,10 +210,10 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
 
 
 def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
-    """For a process ending after a reported failure: the same filters as
-    quiet_background_storage_errors, for the rest of the process. Orbax's threads may let go
-    of a failed future only at interpreter exit ('_GatheringFuture exception was never
-    retrieved', with the storage error's traceback), after the one-line message."""
+    """For a process whose command has ended (after its result, or its one-line failure): the
+    same filters as quiet_background_storage_errors, for the rest of the process. Orbax's
+    threads may let go of a failed future only at interpreter exit ('_GatheringFuture exception
+    was never retrieved', with the storage error's traceback), after the one-line message."""
     record_filter = _StorageRecordFilter()
     previous_hook = sys.unraisablehook
 
@@ -240,5 +231,12 @@ def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
 
     for name in loggers:
         logging.getLogger(name).addFilter(record_filter)
+    # The command has ended: a future or task asyncio finds unretrieved when it is collected
+    # is work the command abandoned (a restore that failed and was recovered from).
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved)
     sys.unraisablehook = unraisable_hook
     sys.excepthook = excepthook
+
+
+def _drop_unretrieved(record: logging.LogRecord) -> bool:
+    return not record.getMessage().endswith("exception was never retrieved")

@@ -25,3 +25,15 @@ def test_closed_loop_reports_are_dropped_and_other_errors_kept(monkeypatch, caps
     assert capsys.readouterr().err == ""
     sys.excepthook(ValueError, ValueError("a real bug"), None)
     assert "a real bug" in capsys.readouterr().err
+
+
+def test_unretrieved_asyncio_leftovers_are_dropped(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    quiet_until_exit()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.error("Future exception was never retrieved")
+    asyncio_log.error("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
