@@ -78,22 +78,20 @@ class MetricsWriter:
     def flush(self) -> None:
         """Everything written so far is in storage (on gs:// it is otherwise kept up to
         k2jax.append_log.FLUSH_SECONDS): the trainer calls it with each checkpoint."""
-        if not self.enabled:
-            return
-        for log, path in ((self._events, self.tensorboard_dir), (self._jsonl, self.jsonl_path),
-                          (self._spikes, self.run.spikes_file)):
-            if log is not None:
-                with writing(path):
-                    log.flush()
+        self._each_log("flush")
 
     def close(self) -> None:
+        self._each_log("close")
+
+    def _each_log(self, method: str) -> None:
+        """Calls `method` of every open log, a failure worded with that log's path."""
         if not self.enabled:
             return
         for log, path in ((self._events, self.tensorboard_dir), (self._jsonl, self.jsonl_path),
                           (self._spikes, self.run.spikes_file)):
             if log is not None:
                 with writing(path):
-                    log.close()
+                    getattr(log, method)()
 
 
 def _drop_partial_last_line(path) -> None:
