@@ -374,6 +374,8 @@ class TrainConfig:
     keep_period: Optional[int] = None  # also keep every Nth step permanently
     async_checkpoint: bool = True
     resume_step: Optional[int] = None
+    # Weights to start from (parameters only): a converted weights directory, a checkpoint step
+    # directory, or a run directory (its latest complete step).
     init_from: Optional[str] = None
     # Continue a run from released weights (init_from) at this global step: the lr schedule,
     # the data position and checkpoint numbering continue from it; AdamW's moments start fresh.

@@ -132,6 +132,10 @@ def test_resume_step_and_init_from(tmp_path):
     state, step = trainer.initial_state()
     assert step == 0 and int(state.step) == 0
     assert_trees_equal(state.params, restore_params_numpy(tmp_path / "a", 2))
+    # ... and a run directory: its latest complete step (4), as --checkpoint does.
+    state, _ = Trainer(small_config(tmp_path / "c", "train.steps=1",
+                                    f"train.init_from={tmp_path / 'a'}")).initial_state()
+    assert_trees_equal(state.params, restore_params_numpy(tmp_path / "a", 4))
 
 
 @pytest.mark.slow  # two training runs: ~18 s idle

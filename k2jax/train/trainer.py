@@ -98,8 +98,12 @@ class Trainer:
             self.log(f"resumed from step {restored[1]} ({self.checkpoints.directory})")
             return restored
         if train.init_from:
-            params = restore_params(train.init_from, self.setup.abstract_state.params)
-            self.log(f"initialised parameters from {train.init_from}"
+            from k2jax.weights.source import resolve_checkpoint
+
+            # A run directory means its latest complete step, as for --checkpoint.
+            source = resolve_checkpoint(train.init_from, self.log)
+            params = restore_params(source, self.setup.abstract_state.params)
+            self.log(f"initialised parameters from {source}"
                      + (f"; continuing at step {train.start_step} with fresh AdamW moments"
                         if train.start_step else ""))
             return self.setup.init_state(params, train.start_step), train.start_step
