@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from k2jax.aot.run_estimate import band_fields, format_lines, run_fields, run_steps
 from k2jax.aot.topology import Slice
 from k2jax.aot.xla_flags import compile_with_flags
 from k2jax.atomic_write import write_bytes_atomic
-from k2jax.config import Config
+from k2jax.config import Config, resolve_device_batch
 from k2jax.errors import UserError
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
 from k2jax.train.flops import model_flops_per_step
@@ -152,6 +153,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
                     measure_flops: bool, hlo_out: Optional[str] = None) -> dict:
     devices = topology_devices(tpu_slice, num_slices)
     chips = len(devices)
+    config = resolve_device_batch(config, chips)  # data.per_device_batch_size, if set
     start = time.perf_counter()
     setup = build_training_setup(config, devices)
     state, rows, mesh = setup.abstract_state, setup.padding.padded_rows, setup.mesh
@@ -186,6 +188,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "slices": num_slices, "chips": chips, "mesh": dict(mesh.shape),
         "attention": config.model.attention, "remat": config.model.remat,
         "global_batch_size": config.data.global_batch_size,
+        "per_device_batch_size": config.data.per_device_batch_size,
         "micro_batch_size": config.data.micro_batch_size,
         "accumulation_steps": config.data.accumulation_steps,
         "device_batch_rows": rows, "padding_rows": rows - config.data.global_batch_size,
@@ -205,18 +208,20 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "step_time_source": None,
         "gradient_dtype": config.train.gradient_dtype,
         "xla_flags": config.train.xla_flags,
+        # Read by libtpu once, at start-up; train.xla_flags wins for the flags it names.
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS"),
         "hlo_out": _write_hlo(compiled, hlo_out),
     }
     if compiled is not None:  # the step-time model (k2jax/aot/step_time.py) walks its HLO
         from k2jax.aot.step_time import predict_compiled
 
         report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
-        if report.get("predicted_step_seconds"):  # the step-time model sees the HLO's FLOPs
-            report["predicted_mfu"] = model_flops / (
-                max(report["predicted_step_seconds"], floor_seconds) * chips * peak)
-        from k2jax.aot.calibration import step_band
-
-        report["calibrated_step_seconds_range"] = list(step_band(report["predicted_step_seconds"]))
+        step = report.get("predicted_step_seconds")
+        if step:  # the step-time model sees the HLO's FLOPs
+            report["predicted_mfu"] = model_flops / (max(step, floor_seconds) * chips * peak)
+            report.update(band_fields(step, report["predicted_mfu"]))
+            report.update(run_fields(run_steps(config.train.steps, config.train.start_step),
+                                     step, report["predicted_step_band_seconds"], chips))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         cost = step_cost(config, devices, setup.padding.micro_rows)
@@ -242,13 +247,18 @@ COMPILER_COUNT_NOTE = ("the compiler does not see inside Pallas/Mosaic kernels, 
                        "out")
 
 
+def _per_device(report: dict) -> str:
+    per_device = report.get("per_device_batch_size")
+    return "" if per_device is None else f" ({per_device} per device x {report['chips']})"
+
+
 def format_report(report: dict) -> str:
     gib = lambda b: f"{b / 1024 ** 3:.2f} GiB"
     lines = [
         f"{report['topology']} ({report['topology_string']} x {report['slices']} slice(s), "
         f"{report['chips']} chips), mesh {report['mesh']}, remat {report['remat']}, "
         f"attention {report['attention']}",
-        f"batch {report['global_batch_size']} x {report['seq_len']} in "
+        f"batch {report['global_batch_size']}{_per_device(report)} x {report['seq_len']} in "
         f"{report['accumulation_steps']} micro-batch(es) of {report['micro_batch_size']} "
         f"(+{report['padding_rows']} zero-mask padding rows on the devices)",
         f"per chip: parameters {gib(report['params_bytes_per_chip'])}, optimizer state "
@@ -272,7 +282,5 @@ def format_report(report: dict) -> str:
                      f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
                      f"{report['collective_seconds']:.3f}), predicted MFU "
                      f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
-        from k2jax.aot.calibration import band_line
-
-        lines.append(band_line(report["predicted_step_seconds"]))
+    lines.extend(format_lines(report))  # the calibration band, the run's days
     return "\n".join(lines)

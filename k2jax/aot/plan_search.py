@@ -17,7 +17,8 @@ import time
 from typing import Callable, Optional
 
 from k2jax.aot.topology import Slice
-from k2jax.config import REMAT_POLICIES, Config, ConfigError, load_config
+from k2jax.config import (REMAT_POLICIES, Config, ConfigError, load_config,
+                          resolve_device_batch)
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION
 
 TENSOR_SIZES = (1, 2, 4, 8)
@@ -68,15 +69,21 @@ def search(config_path: str, overrides: list[str], tpu_slice: Slice, slices: int
            log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """Compile plans until `budget_seconds` is spent; return their reports (each with "plan"
     and "plan_overrides"), ranked: plans that fit, fastest predicted step first, then the rest."""
-    config = load_config(config_path, overrides)
+    devices = tpu_slice.chips * slices  # one JAX device per chip on every generation here
+
+    def load(more: list[str]) -> Config:
+        return resolve_device_batch(load_config(config_path, more, per_device_batch=True),
+                                    devices)
+
+    config = load(overrides)
     start = time.perf_counter()
     reports = []
-    for plan in candidate_plans(config, tpu_slice.chips * slices):
+    for plan in candidate_plans(config, devices):
         if time.perf_counter() - start >= budget_seconds:
             break
         extra = plan.overrides(config.data.global_batch_size)
         try:
-            variant = load_config(config_path, overrides + extra)
+            variant = load(overrides + extra)
         except ConfigError:
             continue  # e.g. a tensor size the mesh cannot take
         if log:

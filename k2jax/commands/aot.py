@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from k2jax.config import load_config
     from k2jax.errors import UserError
 
-    config = load_config(args.config, args.overrides)
+    # data.per_device_batch_size is made rows once the slice's devices are known.
+    config = load_config(args.config, args.overrides, per_device_batch=True)
     tpu_slice = parse_slice(args.topology)
     if args.slices < 1:
         raise UserError(f"--slices: must be >= 1, got {args.slices}")
