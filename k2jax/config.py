@@ -51,6 +51,7 @@ class ModelConfig:
     num_heads: int = 32
     num_kv_heads: int = 32
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    # Not given in a config file: 2048, or data.seq_len when that is longer.
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     # RoPE inverse frequencies rounded to this dtype (then used in fp32). K2's Megatron run had
@@ -534,12 +535,26 @@ def config_from_dict(data: dict[str, Any], per_device_batch: bool = False) -> Co
     `per_device_batch`: the caller knows its devices and calls `resolve_device_batch` before
     using the batch, so data.per_device_batch_size may leave the global batch open; any other
     caller needs the global batch now and gets one line saying so."""
-    config = build_section(Config, data, "").validate()
+    config = build_section(Config, _context_follows_seq_len(data), "").validate()
     if not per_device_batch and not config.data.batch_resolved:
         raise ConfigError("data.per_device_batch_size", "needs the number of devices, which only "
                           "training and AOT planning know; give data.global_batch_size "
                           "(per_device_batch_size x devices) here instead")
     return config
+
+
+def _context_follows_seq_len(data: dict[str, Any]) -> dict[str, Any]:
+    """A config that trains at data.seq_len past LlamaConfig's 2048 without naming
+    model.max_position_embeddings means a context of seq_len (MaxText has only
+    max_target_length): say so for it. A context that is named is kept, and checked."""
+    model, section = data.get("model"), data.get("data")
+    seq_len = section.get("seq_len") if isinstance(section, dict) else None
+    if (not isinstance(seq_len, int) or isinstance(seq_len, bool)
+            or seq_len <= ModelConfig.max_position_embeddings
+            or (isinstance(model, dict) and "max_position_embeddings" in model)
+            or (model is not None and not isinstance(model, dict))):
+        return data
+    return {**data, "model": {**(model or {}), "max_position_embeddings": seq_len}}
 
 
 def resolve_device_batch(config: Config, devices: int) -> Config:

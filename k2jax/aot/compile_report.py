@@ -31,7 +31,7 @@ from k2jax.atomic_write import write_bytes_atomic
 from k2jax.config import Config, resolve_device_batch
 from k2jax.errors import UserError
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
-from k2jax.train.flops import model_flops_per_step
+from k2jax.train.flops import attention_flops_per_step, model_flops_per_step
 from k2jax.train.setup import build_training_setup
 
 
@@ -219,6 +219,9 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         step = report.get("predicted_step_seconds")
         if step:  # the step-time model sees the HLO's FLOPs
             report["predicted_mfu"] = model_flops / (max(step, floor_seconds) * chips * peak)
+            # MaxText's 2024-05..2025-07 convention (full attention), to compare like for like.
+            report["predicted_mfu_full_attention"] = report["predicted_mfu"] * (
+                1 + attention_flops_per_step(config) / model_flops)
             report.update(band_fields(step, report["predicted_mfu"]))
             report.update(run_fields(run_steps(config.train.steps, config.train.start_step),
                                      step, report["predicted_step_band_seconds"], chips))
