@@ -69,7 +69,13 @@ def format_lines(report: dict) -> list[str]:
         d_low, d_high = report["run_days_band"]
         h_low, h_high = report["run_chip_hours_band"]
         lines.append(f"run of {report['run_steps']:,} steps (train.steps - train.start_step) on "
-                     f"{report['chips']} chips: {report['run_days']:.3g} days ({d_low:.3g}-"
-                     f"{d_high:.3g} across the band), {report['run_chip_hours']:,.0f} chip-hours "
-                     f"({h_low:,.0f}-{h_high:,.0f})")
+                     f"{report['chips']} chips: {_amount(report['run_days'])} days "
+                     f"({_amount(d_low)}-{_amount(d_high)} across the band), "
+                     f"{_amount(report['run_chip_hours'])} chip-hours ({_amount(h_low)}-"
+                     f"{_amount(h_high)})")
     return lines
+
+
+def _amount(x: float) -> str:
+    """88.8, 545,870, 0.0123: three significant figures, thousands grouped."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
