@@ -566,11 +566,11 @@ def resolve_device_batch(config: Config, devices: int) -> Config:
     per_device = data.per_device_batch_size
     if per_device is None:
         return config
-    rows = per_device * devices
-    if rows != int(rows) or rows < 1:
+    product = per_device * devices
+    rows = round(product)
+    if abs(product - rows) > 1e-9 * max(1, rows) or rows < 1:  # 0.7 x 10 is 7.000000000000001
         raise ConfigError("data.per_device_batch_size", f"{per_device} x {devices} devices = "
-                          f"{rows} rows: expected a whole number of rows")
-    rows = int(rows)
+                          f"{product:g} rows: expected a whole number of rows")
     if data.global_batch_size is not None and data.global_batch_size != rows:
         raise ConfigError("data.global_batch_size", f"{data.global_batch_size} conflicts with "
                           f"data.per_device_batch_size={per_device} x {devices} devices = "

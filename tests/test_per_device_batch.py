@@ -42,8 +42,10 @@ def test_a_given_micro_batch_is_kept_and_checked():
 def test_fractions_of_a_row_per_device_are_allowed_when_the_rows_are_whole():
     assert resolve_device_batch(per_device("data.per_device_batch_size=0.5"),
                                 8).data.global_batch_size == 4
+    assert resolve_device_batch(per_device("data.per_device_batch_size=0.7"),
+                                10).data.global_batch_size == 7  # 7.000000000000001 in floats
     with pytest.raises(ConfigError, match=r"^config key 'data.per_device_batch_size': 0.3 x 8 "
-                                          r"devices = .* rows: expected a whole number of rows$"):
+                                          r"devices = 2.4 rows: expected a whole number of rows$"):
         resolve_device_batch(per_device("data.per_device_batch_size=0.3"), 8)
 
 
