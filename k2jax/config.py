@@ -34,7 +34,12 @@ from k2jax.errors import ConfigError
 DEFAULT_BATCH_ROWS = 256  # data.global_batch_size and micro_batch_size when neither is given
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out",
-                  "offload_qkv_out")
+                  "offload_qkv_out", "custom")
+# The tensors of a layer `model.remat: custom` can keep (model.remat_save) or move to host
+# memory (model.remat_offload) between the passes; MaxText's custom policy names them
+# decoder_layer_input, query_proj, key_proj, value_proj, out_proj, mlpwo.
+REMAT_TENSORS = ("decoder_layer_input", "query_proj", "key_proj", "value_proj",
+                 "attention_out", "mlp_out")
 
 
 @dataclasses.dataclass
@@ -72,6 +77,10 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     scan_layers: bool = True
     remat: str = "full"
+    # remat custom: the REMAT_TENSORS kept on device / offloaded to pinned host memory (the
+    # rest recomputed), as MaxText's remat_policy custom with "device" / "offload" per tensor.
+    remat_save: list[str] = dataclasses.field(default_factory=list)
+    remat_offload: list[str] = dataclasses.field(default_factory=list)
     attention: Literal["auto", "xla", "pallas", "splash", "cudnn"] = "auto"
     attention_block_q: Optional[int] = None  # None: per-TPU-generation default
     attention_block_kv: Optional[int] = None
@@ -108,11 +117,28 @@ class ModelConfig:
             setattr(self, key, found.name)  # "bf16" -> "bfloat16", the name jnp and HF take
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        self._validate_custom_remat()
         blocks = self.attention_backward_blocks
         if blocks is not None and (len(blocks) != 4 or any(b <= 0 or b % 128 for b in blocks)):
             raise ConfigError("model.attention_backward_blocks", f"expected 4 positive multiples "
                               f"of 128 [block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv], "
                               f"got {blocks!r}")
+
+
+    def _validate_custom_remat(self) -> None:
+        for key in ("remat_save", "remat_offload"):
+            names = getattr(self, key)
+            if names and self.remat != "custom":
+                raise ConfigError(f"model.{key}", f"only with model.remat custom (got "
+                                  f"{self.remat!r})")
+            unknown = [n for n in names if n not in REMAT_TENSORS]
+            if unknown:
+                raise ConfigError(f"model.{key}", f"unknown tensor(s) {unknown} (known: "
+                                  f"{', '.join(REMAT_TENSORS)})")
+        both = sorted(set(self.remat_save) & set(self.remat_offload))
+        if both:
+            raise ConfigError("model.remat_offload", f"{both} also in model.remat_save: a tensor "
+                              f"is kept on device or offloaded, not both")
 
 
 @dataclasses.dataclass

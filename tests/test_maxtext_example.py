@@ -18,6 +18,10 @@ COMPILED = {"model": None, "mesh": None,
             "train": ("xla_flags", "gradient_dtype")}
 NOT_COMPILED_MODEL = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
                       "scaled_output_init", "rms_norm_eps")
+REMAT = ("remat", "remat_save", "remat_offload")
+# MaxText's policy for the run: custom, these offloaded to host, the rest recomputed.
+PUBLISHED_OFFLOAD = ["decoder_layer_input", "query_proj", "key_proj", "value_proj",
+                     "attention_out"]
 
 
 def _calibration_case_config():
@@ -39,9 +43,18 @@ def test_the_example_is_the_calibration_case():
     for section, keys in COMPILED.items():
         mine, theirs = (dataclasses.asdict(getattr(c, section)) for c in (example, reference))
         for key in keys or mine:
-            if section == "model" and key in NOT_COMPILED_MODEL:
+            if section == "model" and (key in NOT_COMPILED_MODEL or key in REMAT):
                 continue
             assert mine[key] == theirs[key], f"{section}.{key}: {mine[key]} != {theirs[key]}"
+    # The remat as published; the calibration case may still use its nearest policy of before
+    # model.remat custom existed (offload_qkv_out), and then only that may differ.
+    assert (example.model.remat, example.model.remat_offload) == ("custom", PUBLISHED_OFFLOAD)
+    assert example.model.remat_save == []
+    if reference.model.remat == "custom":
+        assert [getattr(reference.model, k) for k in REMAT] == [
+            getattr(example.model, k) for k in REMAT]
+    else:
+        assert reference.model.remat == "offload_qkv_out"
     # The start-up flag the case sets in LIBTPU_INIT_ARGS is the one the example's comment names.
     assert case.libtpu_init_args in EXAMPLE.read_text()
 

@@ -36,7 +36,9 @@ class Plan:
     def overrides(self, global_batch: int) -> list[str]:
         return [f"mesh.tensor={self.tensor}", "mesh.fsdp=-1",
                 f"data.micro_batch_size={global_batch // self.micro_batches}",
-                f"model.remat={self.remat}", f"model.attention={self.attention}"]
+                f"model.remat={self.remat}", f"model.attention={self.attention}"] + (
+                    [] if self.remat == "custom"  # another policy drops custom's tensor lists
+                    else ["model.remat_save=[]", "model.remat_offload=[]"])
 
 
 def plan_of(config: Config) -> Plan:
@@ -52,7 +54,8 @@ def candidate_plans(config: Config, chips: int) -> list[Plan]:
     batch = config.data.global_batch_size
     tensors = [t for t in TENSOR_SIZES if heads % t == 0 and chips % t == 0]
     micros = [m for m in MICRO_BATCH_COUNTS if batch % m == 0]
-    remats = [r for r in REMAT_POLICIES if r != "none"]  # no-remat never fits a large model
+    # no-remat never fits a large model; custom is the config's own choice of tensors
+    remats = [r for r in REMAT_POLICIES if r not in ("none", "custom")]
     grid = [Plan(*p) for p in itertools.product(tensors, micros, remats, ATTENTION_KERNELS)]
     if start not in grid:
         grid.append(start)
