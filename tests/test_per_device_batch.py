@@ -92,6 +92,7 @@ def test_the_data_commands_refuse_it_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "data.per_device_batch_size" in err[0], err
 
 
+@pytest.mark.slow  # a train step's compile: ~10 s on a loaded 2-core VM
 def test_the_trainer_honours_it_on_its_devices(tmp_path):
     """One CPU device here: 3 rows per device make a global batch of 3 x 1, and the run's saved
     config records the rows it trained on."""

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from k2jax.config import REMAT_TENSORS, ModelConfig, load_config
+from k2jax.config import REMAT_TENSORS, load_config
 from k2jax.errors import ConfigError
 from train_utils import SMALL_MODEL, TINY
 
