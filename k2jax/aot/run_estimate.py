@@ -31,12 +31,14 @@ def band_fields(predicted_step: float, predicted_mfu: float) -> dict:
 
 
 def calibration_line(predicted_step: float, predicted_mfu: float) -> str:
-    """'calibrated step 21.2-23.8 s, MFU 59.5%-66.6% (the model against N published MaxText
-    runs: mean, worst, spread; ...)': three significant figures, so a small plan's band shows."""
+    """'calibrated step 21.2-23.8 s, MFU between 59.5% and 66.7% (the model against N
+    published MaxText runs: mean, worst, spread; ...)': three significant figures, so a small
+    plan's band shows."""
     low, high = step_band(predicted_step)
     s = error_summary()
-    return (f"calibrated step {low:.3g}-{high:.3g} s, MFU {predicted_mfu * predicted_step / high:.1%}"
-            f"-{predicted_mfu * predicted_step / low:.1%} (the model against {s['cases']} "
+    return (f"calibrated step {low:.3g}-{high:.3g} s, MFU between "
+            f"{predicted_mfu * predicted_step / high:.1%} and "
+            f"{predicted_mfu * predicted_step / low:.1%} (the model against {s['cases']} "
             f"published MaxText runs: mean {s['mean']:+.1%}, worst {s['worst']:+.1%}, spread "
             f"{s['spread']:.1%}; calibrated {CALIBRATED_ON}; docs/performance.md)")
 
