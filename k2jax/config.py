@@ -31,9 +31,15 @@ from k2jax.config_files import (  # noqa: F401
     resolve_config_path)
 from k2jax.errors import ConfigError
 
+DEFAULT_BATCH_ROWS = 256  # data.global_batch_size and micro_batch_size when neither is given
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out",
-                  "offload_qkv_out")
+                  "offload_qkv_out", "custom")
+# The tensors of a layer `model.remat: custom` can keep (model.remat_save) or move to host
+# memory (model.remat_offload) between the passes; MaxText's custom policy names them
+# decoder_layer_input, query_proj, key_proj, value_proj, out_proj, mlpwo.
+REMAT_TENSORS = ("decoder_layer_input", "query_proj", "key_proj", "value_proj",
+                 "attention_out", "mlp_out")
 
 
 @dataclasses.dataclass
@@ -50,6 +56,7 @@ class ModelConfig:
     num_heads: int = 32
     num_kv_heads: int = 32
     head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    # Not given in a config file: 2048, or data.seq_len when that is longer.
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
     # RoPE inverse frequencies rounded to this dtype (then used in fp32). K2's Megatron run had
@@ -70,6 +77,10 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     scan_layers: bool = True
     remat: str = "full"
+    # remat custom: the REMAT_TENSORS kept on device / offloaded to pinned host memory (the
+    # rest recomputed), as MaxText's remat_policy custom with "device" / "offload" per tensor.
+    remat_save: list[str] = dataclasses.field(default_factory=list)
+    remat_offload: list[str] = dataclasses.field(default_factory=list)
     attention: Literal["auto", "xla", "pallas", "splash", "cudnn"] = "auto"
     attention_block_q: Optional[int] = None  # None: per-TPU-generation default
     attention_block_kv: Optional[int] = None
@@ -106,11 +117,28 @@ class ModelConfig:
             setattr(self, key, found.name)  # "bf16" -> "bfloat16", the name jnp and HF take
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        self._validate_custom_remat()
         blocks = self.attention_backward_blocks
         if blocks is not None and (len(blocks) != 4 or any(b <= 0 or b % 128 for b in blocks)):
             raise ConfigError("model.attention_backward_blocks", f"expected 4 positive multiples "
                               f"of 128 [block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv], "
                               f"got {blocks!r}")
+
+
+    def _validate_custom_remat(self) -> None:
+        for key in ("remat_save", "remat_offload"):
+            names = getattr(self, key)
+            if names and self.remat != "custom":
+                raise ConfigError(f"model.{key}", f"only with model.remat custom (got "
+                                  f"{self.remat!r})")
+            unknown = [n for n in names if n not in REMAT_TENSORS]
+            if unknown:
+                raise ConfigError(f"model.{key}", f"unknown tensor(s) {unknown} (known: "
+                                  f"{', '.join(REMAT_TENSORS)})")
+        both = sorted(set(self.remat_save) & set(self.remat_offload))
+        if both:
+            raise ConfigError("model.remat_offload", f"{both} also in model.remat_save: a tensor "
+                              f"is kept on device or offloaded, not both")
 
 
 @dataclasses.dataclass
@@ -166,8 +194,16 @@ class DataConfig:
     format: Literal["auto", "jsonl", "packed"] = "auto"
     index_dir: Optional[str] = None  # line-offset index of jsonl chunks; None: <path>/.k2index
     seq_len: int = 2048
-    global_batch_size: int = 256
-    micro_batch_size: int = 256  # rows per accumulation micro-step, over the whole mesh
+    # Rows per optimizer step. null: 256, or per_device_batch_size x devices when that is set.
+    global_batch_size: Optional[int] = None
+    # Rows per accumulation micro-step, over the whole mesh. null: 256, or with
+    # per_device_batch_size the whole global batch (one micro-step, as MaxText without
+    # gradient accumulation).
+    micro_batch_size: Optional[int] = None
+    # MaxText's per_device_batch_size: the global batch is this x the number of devices of the
+    # mesh (all slices), known only when the devices are (`resolve_device_batch`: the trainer
+    # and `k2jax aot` do it). A fraction is allowed where the product is whole. null: unused.
+    per_device_batch_size: Optional[Union[int, float]] = None
     start_row: int = 0  # global row offset added to step * global_batch_size
     # The step that reads row start_row of the order: step t reads rows from start_row +
     # (t - first_step) * global_batch_size. 0 for a run whose order starts with its first step;
@@ -200,16 +236,35 @@ class DataConfig:
     # windows of this many rows.
     synthetic_chunk_rows: int = 1000000
 
+    def __post_init__(self):
+        if self.per_device_batch_size is None:  # the batch does not depend on the devices
+            if self.global_batch_size is None:
+                self.global_batch_size = DEFAULT_BATCH_ROWS
+            if self.micro_batch_size is None:
+                self.micro_batch_size = DEFAULT_BATCH_ROWS
+        elif self.global_batch_size is not None and self.micro_batch_size is None:
+            self.micro_batch_size = self.global_batch_size
+
     @property
     def accumulation_steps(self) -> int:
         return self.global_batch_size // self.micro_batch_size
 
+    @property
+    def batch_resolved(self) -> bool:
+        """False while per_device_batch_size waits for the device count."""
+        return self.global_batch_size is not None
+
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError("data.seq_len", f"must be at least 2, got {self.seq_len}")
-        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
-            raise ConfigError("data.global_batch_size", "batch sizes must be positive")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.per_device_batch_size is not None and not self.per_device_batch_size > 0:
+            raise ConfigError("data.per_device_batch_size", f"must be positive or null, got "
+                              f"{self.per_device_batch_size}")
+        for key in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"data.{key}", f"must be positive, got {getattr(self, key)}")
+        if self.batch_resolved and self.micro_batch_size is not None and (
+                self.global_batch_size % self.micro_batch_size):
             raise ConfigError("data.micro_batch_size", f"{self.micro_batch_size} does not divide "
                               f"data.global_batch_size={self.global_batch_size}")
         for i, window in enumerate(self.moved_row_ranges):
@@ -492,7 +547,7 @@ class Config:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")
-        if (self.train.loss_normalization == "per_group"
+        if (self.train.loss_normalization == "per_group" and self.data.batch_resolved
                 and self.data.global_batch_size % self.train.loss_group_rows):
             raise ConfigError("train.loss_group_rows", f"{self.train.loss_group_rows} does not "
                               f"divide data.global_batch_size={self.data.global_batch_size}")
@@ -502,9 +557,55 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A validated Config from plain data (a loaded YAML file, a run's saved config)."""
-    return build_section(Config, data, "").validate()
+def config_from_dict(data: dict[str, Any], per_device_batch: bool = False) -> Config:
+    """A validated Config from plain data (a loaded YAML file, a run's saved config).
+
+    `per_device_batch`: the caller knows its devices and calls `resolve_device_batch` before
+    using the batch, so data.per_device_batch_size may leave the global batch open; any other
+    caller needs the global batch now and gets one line saying so."""
+    config = build_section(Config, _context_follows_seq_len(data), "").validate()
+    if not per_device_batch and not config.data.batch_resolved:
+        raise ConfigError("data.per_device_batch_size", "needs the number of devices, which only "
+                          "training and AOT planning know; give data.global_batch_size "
+                          "(per_device_batch_size x devices) here instead")
+    return config
+
+
+def _context_follows_seq_len(data: dict[str, Any]) -> dict[str, Any]:
+    """A config that trains at data.seq_len past LlamaConfig's 2048 without naming
+    model.max_position_embeddings means a context of seq_len (MaxText has only
+    max_target_length): say so for it. A context that is named is kept, and checked."""
+    model, section = data.get("model"), data.get("data")
+    seq_len = section.get("seq_len") if isinstance(section, dict) else None
+    if (not isinstance(seq_len, int) or isinstance(seq_len, bool)
+            or seq_len <= ModelConfig.max_position_embeddings
+            or (isinstance(model, dict) and "max_position_embeddings" in model)
+            or (model is not None and not isinstance(model, dict))):
+        return data
+    return {**data, "model": {**(model or {}), "max_position_embeddings": seq_len}}
+
+
+def resolve_device_batch(config: Config, devices: int) -> Config:
+    """The config with data.per_device_batch_size made rows for a mesh of `devices` devices
+    (all slices): global_batch_size = per_device_batch_size x devices, and micro_batch_size
+    that too unless given. A config without per_device_batch_size is returned as it is; a
+    global_batch_size given beside it must agree."""
+    data = config.data
+    per_device = data.per_device_batch_size
+    if per_device is None:
+        return config
+    product = per_device * devices
+    rows = round(product)
+    if abs(product - rows) > 1e-9 * max(1, rows) or rows < 1:  # 0.7 x 10 is 7.000000000000001
+        raise ConfigError("data.per_device_batch_size", f"{per_device} x {devices} devices = "
+                          f"{product:g} rows: expected a whole number of rows")
+    if data.global_batch_size is not None and data.global_batch_size != rows:
+        raise ConfigError("data.global_batch_size", f"{data.global_batch_size} conflicts with "
+                          f"data.per_device_batch_size={per_device} x {devices} devices = "
+                          f"{rows}; set one of them")
+    micro = rows if data.micro_batch_size is None else data.micro_batch_size
+    resolved = dataclasses.replace(data, global_batch_size=rows, micro_batch_size=micro)
+    return dataclasses.replace(config, data=resolved).validate()
 
 
 def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:
@@ -513,7 +614,8 @@ def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> Model
     return build_section(ModelConfig, data, prefix)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                per_device_batch: bool = False) -> Config:
     """Load a YAML config file or preset name (None: the dataclass defaults) and apply
-    overrides."""
-    return config_from_dict(load_config_dict(path, overrides))
+    overrides. `per_device_batch`: see `config_from_dict`."""
+    return config_from_dict(load_config_dict(path, overrides), per_device_batch)

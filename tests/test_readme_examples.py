@@ -462,6 +462,10 @@ COMMANDS: list[tuple[str, object]] = [
     (r"k2jax aot --config configs/k2-65b\.yaml --topology v5e-256",
      Skip("K2-65B AOT compile: minutes of CPU and many GB (tests/test_aot.py, slow, plans it)")),
     (r"k2jax aot --config configs/tiny\.yaml --topology v5e-4$", Run(check=check_aot)),
+    (r"k2jax aot --config configs/examples/llama3\.1-8b-v6e-256\.yaml --topology v6e-256",
+     Skip("an 8B AOT compile for 256 chips: minutes of CPU (the calibration's case; "
+          "tests/test_maxtext_example.py checks the file is it, tests/test_aot_llama_shapes.py "
+          "compiles the same settings at small shapes)")),
     # Reproduce K2's loss at a released checkpoint
     (r"for i in \$\(seq 0 100\); do hf download LLM360/K2Datasets",
      Run(check=check_downloaded_chunks, why="bin/hf: a local stand-in for the Hub")),

@@ -24,7 +24,10 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_laye
 
 
 def _loss_and_grads(remat: str):
-    config = dataclasses.replace(TINY, remat=remat)
+    return _loss_and_grads_of(dataclasses.replace(TINY, remat=remat))
+
+
+def _loss_and_grads_of(config: ModelConfig):
     model = K2Model(config)
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
     params = model.init(jax.random.key(1), tokens)["params"]

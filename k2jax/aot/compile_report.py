@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
 from typing import Any, Optional
 
@@ -24,13 +23,15 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from k2jax.aot.compile_failures import OomMemory, oom_bytes, vmem_oom_line
+from k2jax.aot.run_estimate import band_fields, format_lines, run_fields, run_steps
 from k2jax.aot.topology import Slice
 from k2jax.aot.xla_flags import compile_with_flags
 from k2jax.atomic_write import write_bytes_atomic
-from k2jax.config import Config
+from k2jax.config import Config, resolve_device_batch
 from k2jax.errors import UserError
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION, pallas_interpret
-from k2jax.train.flops import model_flops_per_step
+from k2jax.train.flops import attention_flops_per_step, model_flops_per_step
 from k2jax.train.setup import build_training_setup
 
 
@@ -78,27 +79,6 @@ def _cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return dict(cost or {})
-
-
-_SUFFIX = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
-
-
-def _oom_bytes(message: str) -> Optional[int]:
-    """Bytes the compiler says it needs, from a TPU compile-time HBM OOM error (else None)."""
-    match = re.search(r"memory required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
-    if "Ran out of memory" not in message or not match:
-        return None
-    return int(float(match.group(1)) * _SUFFIX[match.group(2)])
-
-
-@dataclasses.dataclass
-class _OomMemory:
-    """memory_analysis() stand-in when the compile failed for lack of HBM."""
-
-    temp_size_in_bytes: int
-    argument_size_in_bytes: int = 0
-    output_size_in_bytes: int = 0
-    alias_size_in_bytes: int = 0
 
 
 def _layer_variant(config: Config, layers: int, micro_rows: int) -> Config:
@@ -152,6 +132,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
                     measure_flops: bool, hlo_out: Optional[str] = None) -> dict:
     devices = topology_devices(tpu_slice, num_slices)
     chips = len(devices)
+    config = resolve_device_batch(config, chips)  # data.per_device_batch_size, if set
     start = time.perf_counter()
     setup = build_training_setup(config, devices)
     state, rows, mesh = setup.abstract_state, setup.padding.padded_rows, setup.mesh
@@ -160,8 +141,11 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
     except UserError:
         raise
     except Exception as err:  # the TPU compiler refuses programs that exceed HBM
-        required = _oom_bytes(str(err))
+        required = oom_bytes(str(err))
         if required is None:
+            vmem = vmem_oom_line(str(err))
+            if vmem is not None:
+                raise UserError(vmem) from None
             raise
         compiled = None
     compile_seconds = time.perf_counter() - start
@@ -170,7 +154,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
     params_bytes = _shard_bytes(state.params)
     opt_bytes = _shard_bytes(state.opt_state)
     if memory is None:  # out of HBM at compile time: the compiler's own figure
-        memory = _OomMemory(required)
+        memory = OomMemory(required)
     # Arguments (state, batch) + outputs not aliased to a donated argument + temporaries.
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
@@ -186,6 +170,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "slices": num_slices, "chips": chips, "mesh": dict(mesh.shape),
         "attention": config.model.attention, "remat": config.model.remat,
         "global_batch_size": config.data.global_batch_size,
+        "per_device_batch_size": config.data.per_device_batch_size,
         "micro_batch_size": config.data.micro_batch_size,
         "accumulation_steps": config.data.accumulation_steps,
         "device_batch_rows": rows, "padding_rows": rows - config.data.global_batch_size,
@@ -201,22 +186,29 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
         "compile_seconds": round(compile_seconds, 2),
         "model_flops_per_step": model_flops, "peak_flops_per_chip": peak,
         "model_flops_floor_seconds": floor_seconds,
+        # None when the compiler ran out of HBM (no program to time); else the model's.
+        "predicted_step_seconds": None, "predicted_mfu": None,
         "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None,
         "step_time_source": None,
         "gradient_dtype": config.train.gradient_dtype,
         "xla_flags": config.train.xla_flags,
+        # Read by libtpu once, at start-up; train.xla_flags wins for the flags it names.
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS"),
         "hlo_out": _write_hlo(compiled, hlo_out),
     }
     if compiled is not None:  # the step-time model (k2jax/aot/step_time.py) walks its HLO
         from k2jax.aot.step_time import predict_compiled
 
         report.update(predict_compiled(compiled, mesh, tpu_slice.generation.name, model_flops))
-        if report.get("predicted_step_seconds"):  # the step-time model sees the HLO's FLOPs
-            report["predicted_mfu"] = model_flops / (
-                max(report["predicted_step_seconds"], floor_seconds) * chips * peak)
-        from k2jax.aot.calibration import step_band
-
-        report["calibrated_step_seconds_range"] = list(step_band(report["predicted_step_seconds"]))
+        step = report.get("predicted_step_seconds")
+        if step:  # the step-time model sees the HLO's FLOPs
+            report["predicted_mfu"] = model_flops / (max(step, floor_seconds) * chips * peak)
+            # MaxText's 2024-05..2025-07 convention (full attention), to compare like for like.
+            report["predicted_mfu_full_attention"] = report["predicted_mfu"] * (
+                1 + attention_flops_per_step(config) / model_flops)
+            report.update(band_fields(step, report["predicted_mfu"]))
+            report.update(run_fields(run_steps(config.train.steps, config.train.start_step),
+                                     step, report["predicted_step_band_seconds"], chips))
     if measure_flops and compiled is not None:
         start = time.perf_counter()
         cost = step_cost(config, devices, setup.padding.micro_rows)
@@ -242,13 +234,18 @@ COMPILER_COUNT_NOTE = ("the compiler does not see inside Pallas/Mosaic kernels, 
                        "out")
 
 
+def _per_device(report: dict) -> str:
+    per_device = report.get("per_device_batch_size")
+    return "" if per_device is None else f" ({per_device} per device x {report['chips']})"
+
+
 def format_report(report: dict) -> str:
     gib = lambda b: f"{b / 1024 ** 3:.2f} GiB"
     lines = [
         f"{report['topology']} ({report['topology_string']} x {report['slices']} slice(s), "
         f"{report['chips']} chips), mesh {report['mesh']}, remat {report['remat']}, "
         f"attention {report['attention']}",
-        f"batch {report['global_batch_size']} x {report['seq_len']} in "
+        f"batch {report['global_batch_size']}{_per_device(report)} x {report['seq_len']} in "
         f"{report['accumulation_steps']} micro-batch(es) of {report['micro_batch_size']} "
         f"(+{report['padding_rows']} zero-mask padding rows on the devices)",
         f"per chip: parameters {gib(report['params_bytes_per_chip'])}, optimizer state "
@@ -272,7 +269,8 @@ def format_report(report: dict) -> str:
                      f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
                      f"{report['collective_seconds']:.3f}), predicted MFU "
                      f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
-        from k2jax.aot.calibration import band_line
-
-        lines.append(band_line(report["predicted_step_seconds"]))
+    lines.extend(format_lines(report))  # the calibration band, the run's days
     return "\n".join(lines)
+
+
+_oom_bytes = oom_bytes  # the older private name (tests/test_aot.py)

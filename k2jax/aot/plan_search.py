@@ -17,7 +17,8 @@ import time
 from typing import Callable, Optional
 
 from k2jax.aot.topology import Slice
-from k2jax.config import REMAT_POLICIES, Config, ConfigError, load_config
+from k2jax.config import (REMAT_POLICIES, Config, ConfigError, load_config,
+                          resolve_device_batch)
 from k2jax.model.attention_core import TPU_DEFAULT_ATTENTION
 
 TENSOR_SIZES = (1, 2, 4, 8)
@@ -35,7 +36,9 @@ class Plan:
     def overrides(self, global_batch: int) -> list[str]:
         return [f"mesh.tensor={self.tensor}", "mesh.fsdp=-1",
                 f"data.micro_batch_size={global_batch // self.micro_batches}",
-                f"model.remat={self.remat}", f"model.attention={self.attention}"]
+                f"model.remat={self.remat}", f"model.attention={self.attention}"] + (
+                    [] if self.remat == "custom"  # another policy drops custom's tensor lists
+                    else ["model.remat_save=[]", "model.remat_offload=[]"])
 
 
 def plan_of(config: Config) -> Plan:
@@ -51,7 +54,8 @@ def candidate_plans(config: Config, chips: int) -> list[Plan]:
     batch = config.data.global_batch_size
     tensors = [t for t in TENSOR_SIZES if heads % t == 0 and chips % t == 0]
     micros = [m for m in MICRO_BATCH_COUNTS if batch % m == 0]
-    remats = [r for r in REMAT_POLICIES if r != "none"]  # no-remat never fits a large model
+    # no-remat never fits a large model; custom is the config's own choice of tensors
+    remats = [r for r in REMAT_POLICIES if r not in ("none", "custom")]
     grid = [Plan(*p) for p in itertools.product(tensors, micros, remats, ATTENTION_KERNELS)]
     if start not in grid:
         grid.append(start)
@@ -68,15 +72,21 @@ def search(config_path: str, overrides: list[str], tpu_slice: Slice, slices: int
            log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """Compile plans until `budget_seconds` is spent; return their reports (each with "plan"
     and "plan_overrides"), ranked: plans that fit, fastest predicted step first, then the rest."""
-    config = load_config(config_path, overrides)
+    devices = tpu_slice.chips * slices  # one JAX device per chip on every generation here
+
+    def load(more: list[str]) -> Config:
+        return resolve_device_batch(load_config(config_path, more, per_device_batch=True),
+                                    devices)
+
+    config = load(overrides)
     start = time.perf_counter()
     reports = []
-    for plan in candidate_plans(config, tpu_slice.chips * slices):
+    for plan in candidate_plans(config, devices):
         if time.perf_counter() - start >= budget_seconds:
             break
         extra = plan.overrides(config.data.global_batch_size)
         try:
-            variant = load_config(config_path, overrides + extra)
+            variant = load(overrides + extra)
         except ConfigError:
             continue  # e.g. a tensor size the mesh cannot take
         if log:

@@ -23,9 +23,15 @@ def add_parser(subparsers) -> None:
                     "bytes of parameters, optimizer state and temporaries against HBM (v4 32 "
                     "GiB, v5e 16, v5p 95, v6e 32), compiler FLOPs per step, and the step-time "
                     "model's predicted step (compute, HBM-bound and exposed collective "
-                    "seconds, from the compiled HLO; docs/performance.md) and MFU. " + TOPOLOGY_HELP + " Example: k2jax aot --config "
-                    "configs/k2-65b.yaml --topology v5p-512",
+                    "seconds, from the compiled HLO; docs/performance.md) and MFU, with the "
+                    "band the model's calibration against published MaxText runs puts around "
+                    "them and the days and chip-hours of the config's train.steps. Any dense "
+                    "LLaMA-shaped config works, data.per_device_batch_size included (made rows "
+                    "for the slice's devices): docs/maxtext.md. " + TOPOLOGY_HELP + " Example: "
+                    "k2jax aot --config configs/k2-65b.yaml --topology v5p-512",
         epilog="example:\n  k2jax aot --config configs/k2-65b.yaml --topology v5p-512 --json\n"
+               "  k2jax aot --config configs/examples/llama3.1-8b-v6e-256.yaml --topology "
+               "v6e-256 --json\n"
                "  k2jax aot --config configs/k2-65b.yaml --topology v5e-256 --search "
                "--time-budget 3600",
         formatter_class=HelpFormatter)
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from k2jax.config import load_config
     from k2jax.errors import UserError
 
-    config = load_config(args.config, args.overrides)
+    # data.per_device_batch_size is made rows once the slice's devices are known.
+    config = load_config(args.config, args.overrides, per_device_batch=True)
     tpu_slice = parse_slice(args.topology)
     if args.slices < 1:
         raise UserError(f"--slices: must be >= 1, got {args.slices}")

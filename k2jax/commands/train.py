@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         from k2jax import distributed
         from k2jax.config import load_config
 
-        config = load_config(args.config, args.overrides)  # validate before touching devices
+        # Validated before touching devices; data.per_device_batch_size becomes rows once they
+        # are known (the trainer).
+        config = load_config(args.config, args.overrides, per_device_batch=True)
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         stop.take_back()  # the cluster client installs a SIGTERM handler of its own
         from k2jax.train.trainer import train

@@ -159,7 +159,10 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
-        x_BxSxE = constrain(x_BxSxE, ("batch", "length", "embed"))
+        # Named so that model.remat custom can offload it (the scan saves each layer's input);
+        # every use below goes through the name, so an offloaded copy replaces the input.
+        x_BxSxE = checkpoint_name(constrain(x_BxSxE, ("batch", "length", "embed")),
+                                  "decoder_layer_input")
         h = RMSNorm(self.config, name="input_norm")(x_BxSxE)
         x_BxSxE = x_BxSxE + Attention(self.config, name="attention")(
             h, cos_BxSxD, sin_BxSxD, segment_ids_BxS)

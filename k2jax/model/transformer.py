@@ -22,9 +22,14 @@ from k2jax.model.rope import rope_cos_sin
 _SAVED_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
 
 
-def remat_policy(name: str):
-    """jax.checkpoint policy for `model.remat` (None: no remat at all)."""
+def remat_policy(name: str, save: tuple = (), offload: tuple = ()):
+    """jax.checkpoint policy for `model.remat` (None: no remat at all); `save`/`offload`: the
+    tensors `custom` keeps on device / in pinned host memory (model.remat_save/_offload)."""
     policies = jax.checkpoint_policies
+    if name == "custom":  # MaxText's custom policy: each named tensor device, offload or remat
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=list(save), names_which_can_be_offloaded=list(offload),
+            offload_src="device", offload_dst="pinned_host")
     return {
         "none": None,
         "full": policies.nothing_saveable,
@@ -67,7 +72,8 @@ class K2Model(nn.Module):
         cfg = self.config
         layer = DecoderLayer
         if cfg.remat != "none":
-            layer = nn.remat(layer, policy=remat_policy(cfg.remat),
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat, tuple(cfg.remat_save),
+                                                        tuple(cfg.remat_offload)),
                              prevent_cse=not cfg.scan_layers)
         return layer
 

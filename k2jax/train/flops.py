@@ -48,6 +48,14 @@ def model_flops_per_step(config: Config) -> float:
     return flops_per_token(config.model, config.data.seq_len) * tokens_per_step(config)
 
 
+def attention_flops_per_step(config: Config) -> float:
+    """The causal attention term of `model_flops_per_step` (6 L S H D per token). Adding it once
+    more gives the full-attention count MaxText used from 2024-05 to 2025-07 (docs/maxtext.md)."""
+    m = config.model
+    return (6 * m.num_layers * config.data.seq_len * m.num_heads * m.resolved_head_dim
+            * tokens_per_step(config))
+
+
 def peak_flops_for(device) -> float | None:
     kind = str(getattr(device, "device_kind", "")).lower()
     for name, peak in PEAK_FLOPS.items():

@@ -16,7 +16,7 @@ from k2jax.checkpoint.params_io import restore_params
 from k2jax.atomic_write import no_trace_if_refused
 from k2jax.checkpoint.run_lock import run_dir_lock
 from k2jax.checkpoint.set_aside import restore_newest_intact
-from k2jax.config import Config
+from k2jax.config import Config, resolve_device_batch
 from k2jax.data.loader import StepLoader
 from k2jax.data.rollback import rollback_files, rollback_window
 from k2jax.errors import UserError, one_line
@@ -40,6 +40,8 @@ class Trainer:
 
     def __init__(self, config: Config, progress: ProgressArg = "auto",
                  stop: Optional[StopRequested] = None):
+        # data.per_device_batch_size x every device of the mesh (all hosts): the global batch.
+        config = resolve_device_batch(config, jax.device_count())
         self.config, self.progress, self.stop = config, progress, stop
         self._bar: Optional[Progress] = None
         self.run_dir = RunDir(config.train.run_dir)
