@@ -19,9 +19,17 @@ import subprocess
 import sys
 import time
 
-# The 134 M model of benchmarks/generate.py: hidden 768, MLP 2048, 12 layers, K2's vocabulary.
-HIDDEN, MLP, LAYERS, VOCAB = 768, 2048, 12, 32032
+# The 134 M model of benchmarks/generate.py (SHAPE_100M with K2's vocabulary).
+HIDDEN, MLP, LAYERS = 768, 2048, 12
 CASES = {"decode step, 2 rows": 2, "scoring forward, 4 x 132 tokens": 4 * 132}
+
+
+def _vocab() -> int:
+    from generate import K2_CONFIG  # benchmarks/generate.py, beside this script
+
+    from k2jax.config import load_config
+
+    return load_config(K2_CONFIG).model.vocab_size
 
 
 def _weights(rng, torch_layout: bool):
@@ -32,7 +40,7 @@ def _weights(rng, torch_layout: bool):
               "up": (HIDDEN, MLP), "down": (MLP, HIDDEN)}
     layers = [{k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in shapes.items()}
               for _ in range(LAYERS)]
-    head = (rng.standard_normal((HIDDEN, VOCAB)) * 0.02).astype(np.float32)
+    head = (rng.standard_normal((HIDDEN, _vocab())) * 0.02).astype(np.float32)
     if torch_layout:
         layers = [{k: v.T.copy() for k, v in layer.items()} for layer in layers]
         head = head.T.copy()
