@@ -1,0 +1,121 @@
+"""model.loss_chunk_tokens (model/chunked_loss.py): the loss's logits a chunk of the sequence at
+a time. The chunked loss and gradients are the unchunked ones (fp32 sums reordered, <= 1e-6
+relative), with bf16-rounded logits, tied embeddings, packed documents and a loss mask;
+`auto` leaves small models (tiny, the tests' configs) on the unchunked path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2jax.config import MeshConfig, ModelConfig, load_config
+from k2jax.errors import ConfigError
+from k2jax.model import K2Model
+from k2jax.model.chunked_loss import resolve_chunk_tokens
+from k2jax.sharding.mesh import build_mesh
+from k2jax.train.step_loss import StepLoss
+
+SEQ = 16
+CONFIG = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=2, num_kv_heads=2, max_position_embeddings=SEQ,
+                     param_dtype="float32", compute_dtype="float32", remat="none",
+                     attention="xla", initializer_range=0.5)  # logits of a few units
+
+
+def _batch(packed: bool) -> dict:
+    tokens = jax.random.randint(jax.random.key(1), (4, SEQ), 0, CONFIG.vocab_size)
+    mask = (jax.random.uniform(jax.random.key(2), (4, SEQ)) > 0.3).astype(jnp.float32)
+    batch = {"tokens": tokens, "loss_mask": mask}
+    if packed:  # two documents a row, the second starting at a row-dependent position
+        starts = jnp.array([3, 7, 8, 12])[:, None]
+        index = jnp.arange(SEQ)[None, :]
+        batch["segment_ids"] = jnp.where(index < starts, 1, 2).astype(jnp.int32)
+        batch["positions"] = jnp.where(index < starts, index, index - starts).astype(jnp.int32)
+    return batch
+
+
+def _loss_and_grads(config: ModelConfig, batch: dict):
+    mesh = build_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    step_loss = StepLoss(config, mesh, load_config("tiny").mesh.rules, rows=4, accumulation=2)
+    params = nn.meta.unbox(K2Model(config).init(jax.random.key(0), batch["tokens"][:1])["params"])
+    return jax.jit(step_loss.value_and_grad)(params, batch)[:2]
+
+
+def _assert_close(chunked, whole):
+    (loss_c, grads_c), (loss_w, grads_w) = chunked, whole
+    assert float(loss_c) == pytest.approx(float(loss_w), rel=1e-6)
+    for path, g_c in jax.tree_util.tree_leaves_with_path(grads_c):
+        g_w = dict(jax.tree_util.tree_leaves_with_path(grads_w))[path]
+        scale = float(jnp.max(jnp.abs(g_w)))
+        assert scale > 0, jax.tree_util.keystr(path)
+        # Elementwise, relative to the tensor's largest entry (fp32 sums in another order).
+        assert float(jnp.max(jnp.abs(g_c - g_w))) <= 1e-6 * scale, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16_logits", "tied", "packed"])
+def test_chunked_loss_and_gradients_equal_the_whole(variant):
+    config = CONFIG
+    if variant == "bf16_logits":
+        config = dataclasses.replace(config, logits_dtype="bfloat16")
+    if variant == "tied":
+        config = dataclasses.replace(config, tie_word_embeddings=True)
+    batch = _batch(packed=variant == "packed")
+    whole = _loss_and_grads(dataclasses.replace(config, loss_chunk_tokens=None), batch)
+    chunked = _loss_and_grads(dataclasses.replace(config, loss_chunk_tokens=SEQ // 4), batch)
+    _assert_close(chunked, whole)
+    if variant == "bf16_logits":  # the rounding is really there: fp32 logits give another loss
+        fp32 = _loss_and_grads(dataclasses.replace(CONFIG, loss_chunk_tokens=SEQ // 4), batch)
+        assert abs(float(fp32[0]) - float(chunked[0])) > 1e-6
+
+
+def test_chunking_drops_the_whole_logits_from_the_program():
+    """The jitted step holds no [micro rows, seq, vocab] tensor, only [.., chunk, vocab] ones."""
+    batch = _batch(packed=False)
+    config = dataclasses.replace(CONFIG, loss_chunk_tokens=SEQ // 4)
+    mesh = build_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    params = nn.meta.unbox(K2Model(config).init(jax.random.key(0), batch["tokens"][:1])["params"])
+
+    def hlo(cfg):
+        step_loss = StepLoss(cfg, mesh, load_config("tiny").mesh.rules, rows=4, accumulation=2)
+        return jax.jit(step_loss.value_and_grad).lower(params, batch).as_text()
+
+    whole_logits = f"2x{SEQ}x{CONFIG.vocab_size}xf32"
+    assert whole_logits in hlo(dataclasses.replace(config, loss_chunk_tokens=None))
+    chunked = hlo(config)
+    assert whole_logits not in chunked and f"2x{SEQ // 4}x{CONFIG.vocab_size}xf32" in chunked
+
+
+def test_auto_leaves_tiny_and_test_models_unchunked():
+    tiny = load_config("tiny")
+    assert tiny.model.loss_chunk_tokens == "auto"
+    rows = tiny.data.micro_batch_size
+    assert resolve_chunk_tokens("auto", rows, tiny.data.seq_len, tiny.model.vocab_size) is None
+    assert resolve_chunk_tokens(None, 4, 8192, 128256) is None
+    assert resolve_chunk_tokens(0, 4, 8192, 128256) is None
+
+
+def test_auto_chunks_large_vocab_long_sequences():
+    # 4 rows x 8192 x 128256 fp32 = 16.8 GB a device: chunks of <= 256 MiB, dividing 8192.
+    chunk = resolve_chunk_tokens("auto", 4, 8192, 128256)
+    assert chunk == 128 and 4 * chunk * 128256 * 4 <= 256 << 20
+    # 1 row, vocab split over 2 devices: 2.1 GB, over the 1 GiB trigger; over 4: 1.05 GB, not.
+    assert resolve_chunk_tokens("auto", 1, 8192, 128256 / 2) == 1024
+    assert resolve_chunk_tokens("auto", 1, 8192, 128256 / 4) is None
+    assert resolve_chunk_tokens("auto", 1, 4096, 128256 / 4) is None  # 525 MB: whole
+    assert resolve_chunk_tokens(512, 1, 4096, 32000) == 512
+    assert resolve_chunk_tokens(4096, 1, 4096, 32000) is None  # one chunk: the whole path
+
+
+def test_bad_chunk_sizes_are_one_line():
+    with pytest.raises(ConfigError, match=r"model.loss_chunk_tokens.*does not divide "
+                                          r"data.seq_len=64"):
+        load_config("tiny", ["model.loss_chunk_tokens=24"])
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens.*positive"):
+        load_config("tiny", ["model.loss_chunk_tokens=-8"])
+    with pytest.raises(ConfigError, match="does not divide the sequence length 100"):
+        resolve_chunk_tokens(64, 1, 100, 300)
