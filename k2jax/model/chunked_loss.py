@@ -4,11 +4,14 @@ logits ever exist.
 Unchunked, a micro-batch's fp32 logits [rows, seq, vocab] are live whole, and their gradient is
 built whole: at vocab 128256 and seq 8192 that is 4.2 GB per row per copy. Chunked, the output
 projection, the rounding to model.logits_dtype and the token losses run over `chunk` positions
-at a time inside a `lax.scan`, each chunk under `jax.checkpoint`: the backward recomputes that
-chunk's logits from the final hidden states and the head weight (about 2 x tokens x hidden x
-vocab extra FLOPs per step, one more head matmul) instead of keeping them. The numerics are the
-unchunked ones (bf16-rounded logits and dlogits where configured); only the order of the fp32
-sums differs.
+at a time inside a `lax.scan`; a custom VJP's backward scan recomputes each chunk's logits
+from the final hidden states and the head weight (about 2 x tokens x hidden x vocab extra FLOPs
+per step, one more head matmul) instead of keeping them, and accumulates the head's gradient
+over the chunks. The head is cast and all-gathered once per micro-batch and its gradient
+reduce-scattered once (jax.checkpoint'd chunks left XLA doing both per chunk: 4x the step's
+collective time). The numerics are the unchunked ones (bf16-rounded logits and dlogits where
+configured, fp32 weight gradients under train.gradient_dtype float32); only the order of the
+fp32 sums differs.
 
 Chunk c holds positions {j * n + c} (n chunks): a strided split keeps a sharded length axis
 sharded in every chunk, where contiguous chunks would put the shards on the scanned axis.
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from k2jax.errors import ConfigError
 from k2jax.model.layers import constrain
 from k2jax.model.loss import next_token_labels, token_losses
-from k2jax.model.transformer import output_logits
+from k2jax.model.weight_grad import _fp32_weight_gradients
 
 # `auto` chunks when one device's fp32 logits of a micro-batch would exceed AUTO_TRIGGER_BYTES,
 # in chunks of at most AUTO_CHUNK_BYTES per device (the backward holds a few such copies).
@@ -55,25 +58,109 @@ def resolve_chunk_tokens(setting: Union[int, str, None], rows_per_device: float,
 
 def chunked_next_token_loss(hidden_BxSxE: jnp.ndarray, head_ExV: jnp.ndarray,
                             tokens_BxS: jnp.ndarray, loss_mask_BxS: jnp.ndarray,
-                            logits_dtype: str, chunk: int) -> jnp.ndarray:
+                            logits_dtype: str, chunk: int, batch_shards: int = 1) -> jnp.ndarray:
     """sum(token loss * mask) over the micro-batch, as masked_next_token_loss(output_logits(
-    hidden, head), tokens, mask)[0] computes it, `chunk` positions at a time."""
-    batch, seq, embed = hidden_BxSxE.shape
-    n = seq // chunk
+    hidden, head), tokens, mask)[0] computes it, `chunk` positions at a time. `batch_shards`:
+    the devices the rows are split over (mesh.rules' batch axes)."""
     mask_BxS = loss_mask_BxS.astype(jnp.float32).at[:, -1].set(0.0)
+    return _chunked_loss(hidden_BxSxE, head_ExV, next_token_labels(tokens_BxS), mask_BxS,
+                         logits_dtype, chunk, batch_shards)
 
-    def split(x):  # [B, S, ...] -> [n, B, chunk, ...], chunk c = positions {j * n + c}
-        x = x.reshape(batch, chunk, n, *x.shape[2:])
-        return jnp.moveaxis(x, 2, 0)
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan: no CSE to prevent
-    def chunk_loss(head_ExV, x_BxCxE, labels_BxC, mask_BxC):
-        x_BxCxE = constrain(x_BxCxE, ("batch", "length", "embed"))
-        logits = output_logits(x_BxCxE, head_ExV, logits_dtype)
-        return jnp.sum(token_losses(logits.astype(jnp.float32), labels_BxC) * mask_BxC)
+def _split(x, n: int):
+    """[B, S, ...] -> [n, B, S / n, ...]; chunk c = positions {j * n + c}."""
+    x = x.reshape(x.shape[0], x.shape[1] // n, n, *x.shape[2:])
+    return jnp.moveaxis(x, 2, 0)
+
+
+def _unsplit(x):
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _gathered_head(head_ExV, dtype):
+    # Cast and all-gathered over the embed (FSDP) axis once per micro-batch, outside the chunk
+    # loop: left inside, XLA gathered the head (and reduce-scattered its gradient) per chunk.
+    return constrain(head_ExV.astype(dtype), (None, "vocab"))
+
+
+def _chunk_logits(x_BxCxE, head_c, logits_dtype):
+    """output_logits with the already cast head: fp32 [B, C, V], rounded to logits_dtype."""
+    x_BxCxE = constrain(x_BxCxE, ("batch", "length", "embed"))
+    batch, length, _ = x_BxCxE.shape
+    logits = jnp.dot(x_BxCxE.reshape(batch * length, -1), head_c,
+                     preferred_element_type=jnp.float32).reshape(batch, length, -1)
+    if logits_dtype != "float32":
+        logits = logits.astype(logits_dtype).astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def _masked_sum(logits, labels_BxC, mask_BxC):
+    return jnp.sum(token_losses(logits, labels_BxC) * mask_BxC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_loss(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype, chunk,
+                  batch_shards):
+    n = hidden_BxSxE.shape[1] // chunk
+    head_c = _gathered_head(head_ExV, hidden_BxSxE.dtype)
 
     def add_chunk(total, xs):
-        return total + chunk_loss(head_ExV, *xs), None
+        x, labels, mask = xs
+        return total + _masked_sum(_chunk_logits(x, head_c, logits_dtype), labels, mask), None
 
-    chunks = (split(hidden_BxSxE), split(next_token_labels(tokens_BxS)), split(mask_BxS))
+    chunks = (_split(hidden_BxSxE, n), _split(labels_BxS, n), _split(mask_BxS, n))
     return jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)[0]
+
+
+def _chunked_loss_fwd(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype, chunk,
+                      batch_shards):
+    loss = _chunked_loss(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype, chunk,
+                         batch_shards)
+    return loss, (hidden_BxSxE, head_ExV, labels_BxS, mask_BxS)
+
+
+def _chunked_loss_bwd(logits_dtype, chunk, batch_shards, residuals, grad):
+    """Each chunk's logits recomputed, then the unchunked backward's own steps: token_losses'
+    dlogits, rounded to logits_dtype (rounded_logits), dx by autodiff of the matmul, dW = x^T
+    dlogits accumulated over the chunks in fp32 (weight_grad.matmul: fp32 under
+    train.gradient_dtype float32, else each chunk's dW in the activations' dtype), one partial
+    sum per batch shard (`batch_shards`, the devices the rows are split over) until the end."""
+    hidden_BxSxE, head_ExV, labels_BxS, mask_BxS = residuals
+    n, dtype = hidden_BxSxE.shape[1] // chunk, hidden_BxSxE.dtype
+    shards = batch_shards if hidden_BxSxE.shape[0] % batch_shards == 0 else 1
+    head_c = _gathered_head(head_ExV, dtype)
+    fp32_dw = _fp32_weight_gradients() and jnp.dtype(head_ExV.dtype).itemsize > jnp.dtype(
+        dtype).itemsize
+
+    def chunk_grads(dw_DxExV, xs):
+        x, labels, mask = xs
+        logits = _chunk_logits(x, head_c, logits_dtype)
+        _, loss_vjp = jax.vjp(lambda lg: _masked_sum(lg, labels, mask), logits)
+        (dlogits,) = loss_vjp(grad)
+        if logits_dtype != "float32":
+            dlogits = dlogits.astype(logits_dtype).astype(jnp.float32)
+        x_RxE, dlogits_RxV = x.reshape(-1, x.shape[-1]), dlogits.reshape(-1, dlogits.shape[-1])
+        _, x_vjp = jax.vjp(lambda v: jnp.dot(v, head_c, preferred_element_type=jnp.float32),
+                           x_RxE)
+        (dx_RxE,) = x_vjp(dlogits_RxV)  # autodiff's, as the unchunked backward
+        # dW = x^T dlogits over this device's rows only (a leading batch-sharded axis): a
+        # replicated accumulator would be all-reduced every chunk.
+        # (lax.dot_general with mixed input dtypes, as weight_grad.matmul's: jnp.einsum would
+        # promote x to fp32 first and give other sums.)
+        dw = jax.lax.dot_general(x_RxE.reshape(shards, -1, x_RxE.shape[-1]),
+                                 dlogits_RxV.reshape(shards, -1, dlogits_RxV.shape[-1]),
+                                 (((1,), (1,)), ((0,), (0,))),
+                                 preferred_element_type=jnp.float32 if fp32_dw else dtype)
+        dw_DxExV = constrain(dw_DxExV + dw.astype(jnp.float32), ("batch", None, "vocab"))
+        return dw_DxExV, dx_RxE.reshape(x.shape)
+
+    chunks = (_split(hidden_BxSxE, n), _split(labels_BxS, n), _split(mask_BxS, n))
+    dw_DxExV = constrain(jnp.zeros((shards, *head_ExV.shape), jnp.float32),
+                         ("batch", None, "vocab"))
+    dw_DxExV, dx_chunks = jax.lax.scan(chunk_grads, dw_DxExV, chunks)
+    dw_ExV = constrain(jnp.sum(dw_DxExV, axis=0), ("embed", "vocab"))  # one reduce-scatter
+    return _unsplit(dx_chunks), dw_ExV.astype(head_ExV.dtype), None, None
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

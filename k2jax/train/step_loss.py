@@ -71,7 +71,8 @@ class StepLoss:
             return masked_next_token_loss(logits, tokens, weighted_mask)[0]
         hidden, head = model.apply({"params": params}, *inputs, return_hidden=True)
         return chunked_next_token_loss(hidden, head, tokens, weighted_mask,
-                                       self.model_config.logits_dtype, chunk)
+                                       self.model_config.logits_dtype, chunk,
+                                       self._shards("batch"))
 
     def _prepare(self, batch: dict):
         """(micro-batch inputs, document keys, divisor, counted tokens) of a device batch."""
