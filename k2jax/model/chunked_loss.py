@@ -32,8 +32,11 @@ from k2jax.model.weight_grad import _fp32_weight_gradients
 
 # `auto` chunks when one device's fp32 logits of a micro-batch would exceed AUTO_TRIGGER_BYTES,
 # in chunks of at most AUTO_CHUNK_BYTES per device (the backward holds a few such copies).
+# Smaller chunks cost HBM time: each chunk reads and writes the fp32 head-gradient accumulator
+# (hidden x vocab x 8 bytes a device; v6e-8, docs/training_numerics.md: 128-position chunks
+# predicted 0.138 s a step, 512-position 0.111 s, unchunked 0.097 s).
 AUTO_TRIGGER_BYTES = 1 << 30
-AUTO_CHUNK_BYTES = 256 << 20
+AUTO_CHUNK_BYTES = 512 << 20
 
 
 def resolve_chunk_tokens(setting: Union[int, str, None], rows_per_device: float, seq_len: int,
