@@ -4,12 +4,14 @@ logits ever exist.
 Unchunked, a micro-batch's fp32 logits [rows, seq, vocab] are live whole, and their gradient is
 built whole: at vocab 128256 and seq 8192 that is 4.2 GB per row per copy. Chunked, the output
 projection, the rounding to model.logits_dtype and the token losses run over `chunk` positions
-at a time inside a `lax.scan`; a custom VJP's backward scan recomputes each chunk's logits
-from the final hidden states and the head weight (about 2 x tokens x hidden x vocab extra FLOPs
-per step, one more head matmul) instead of keeping them, and accumulates the head's gradient
-over the chunks. The head is cast and all-gathered once per micro-batch and its gradient
-reduce-scattered once (jax.checkpoint'd chunks left XLA doing both per chunk: 4x the step's
-collective time). The numerics are the unchunked ones (bf16-rounded logits and dlogits where
+at a time inside a `lax.scan`; the backward recomputes each chunk's logits from the final
+hidden states and the head weight (about 2 x tokens x hidden x vocab extra FLOPs per step, one
+more head matmul) instead of keeping them. Two ways, by the head's size a device
+(`gathers_head`): a custom VJP gathers the bf16 head once a micro-batch and accumulates its
+gradient whole in fp32, reduce-scattered once (fast; the whole head twice on each device), or
+jax.checkpoint'd chunks, for which XLA gathers the head and reduce-scatters its gradient per
+chunk (more collectives; no whole copy: what lets a 70B-class plan fit).
+The numerics are the unchunked ones (bf16-rounded logits and dlogits where
 configured, fp32 weight gradients under train.gradient_dtype float32); only the order of the
 fp32 sums differs.
 
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from k2jax.errors import ConfigError
 from k2jax.model.layers import constrain
 from k2jax.model.loss import next_token_labels, token_losses
+from k2jax.model.transformer import output_logits
 from k2jax.model.weight_grad import _fp32_weight_gradients
 
 # `auto` chunks when one device's fp32 logits of a micro-batch would exceed AUTO_TRIGGER_BYTES,
@@ -37,6 +40,11 @@ from k2jax.model.weight_grad import _fp32_weight_gradients
 # predicted 0.138 s a step, 512-position 0.111 s, unchunked 0.097 s).
 AUTO_TRIGGER_BYTES = 1 << 30
 AUTO_CHUNK_BYTES = 512 << 20
+# The head gathered once a micro-batch while its bf16 copy and fp32 gradient fit this a device
+# (`gathers_head`). Measured (k2jax aot, 2026-12-07): on v6e-8 with a 512-wide head the per-chunk
+# gathers and reduce-scatters cost 0.25 s of a 0.14 s step; a LLaMA-3-70B plan on v6e-256 (1 row
+# a chip, seq 8192) needed 35.1 GB a chip gathering once, 28.5 GB gathering per chunk.
+HEAD_GATHER_BYTES = 1 << 30
 
 
 def resolve_chunk_tokens(setting: Union[int, str, None], rows_per_device: float, seq_len: int,
@@ -59,15 +67,44 @@ def resolve_chunk_tokens(setting: Union[int, str, None], rows_per_device: float,
     return max(fitting, default=1)
 
 
+def gathers_head(hidden_size: int, vocab_per_device: float) -> bool:
+    """Whether the head is gathered once (bf16 copy + fp32 gradient accumulator whole on each
+    device: hidden x vocab x 6 bytes) rather than per chunk: only while that is <= 1 GiB."""
+    return hidden_size * vocab_per_device * 6 <= HEAD_GATHER_BYTES
+
+
 def chunked_next_token_loss(hidden_BxSxE: jnp.ndarray, head_ExV: jnp.ndarray,
                             tokens_BxS: jnp.ndarray, loss_mask_BxS: jnp.ndarray,
-                            logits_dtype: str, chunk: int, batch_shards: int = 1) -> jnp.ndarray:
+                            logits_dtype: str, chunk: int, batch_shards: int = 1,
+                            gather_head: bool = True) -> jnp.ndarray:
     """sum(token loss * mask) over the micro-batch, as masked_next_token_loss(output_logits(
     hidden, head), tokens, mask)[0] computes it, `chunk` positions at a time. `batch_shards`:
-    the devices the rows are split over (mesh.rules' batch axes)."""
+    the devices the rows are split over (mesh.rules' batch axes). gather_head: the head
+    gathered and its gradient reduce-scattered once (fast, hidden x vocab x 6 bytes a device),
+    else per chunk (jax.checkpoint'd chunks: the gradient stays sharded, more collectives)."""
     mask_BxS = loss_mask_BxS.astype(jnp.float32).at[:, -1].set(0.0)
-    return _chunked_loss(hidden_BxSxE, head_ExV, next_token_labels(tokens_BxS), mask_BxS,
-                         logits_dtype, chunk, batch_shards)
+    labels_BxS = next_token_labels(tokens_BxS)
+    if gather_head:
+        return _chunked_loss(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype, chunk,
+                             batch_shards)
+    return _checkpointed_chunks(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype,
+                                chunk)
+
+
+def _checkpointed_chunks(hidden_BxSxE, head_ExV, labels_BxS, mask_BxS, logits_dtype, chunk):
+    """Each chunk under jax.checkpoint: autodiff recomputes its logits; XLA gathers the head
+    and reduce-scatters its gradient per chunk, so no whole-head copy is ever live."""
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan: no CSE to prevent
+    def chunk_loss(head_ExV, x_BxCxE, labels_BxC, mask_BxC):
+        x_BxCxE = constrain(x_BxCxE, ("batch", "length", "embed"))
+        return _masked_sum(output_logits(x_BxCxE, head_ExV, logits_dtype), labels_BxC, mask_BxC)
+
+    def add_chunk(total, xs):
+        return total + chunk_loss(head_ExV, *xs), None
+
+    n = hidden_BxSxE.shape[1] // chunk
+    chunks = (_split(hidden_BxSxE, n), _split(labels_BxS, n), _split(mask_BxS, n))
+    return jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), chunks)[0]
 
 
 def _split(x, n: int):

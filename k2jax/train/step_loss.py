@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from k2jax.config import ModelConfig
 from k2jax.data.loader import DOCUMENT_KEYS
 from k2jax.model import K2Model, masked_next_token_loss
-from k2jax.model.chunked_loss import chunked_next_token_loss, resolve_chunk_tokens
+from k2jax.model.chunked_loss import (chunked_next_token_loss, gathers_head,
+                                      resolve_chunk_tokens)
 from k2jax.model.weight_grad import weight_gradient_dtype
 from k2jax.sharding.rules import rules_list
 from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
@@ -70,9 +71,10 @@ class StepLoss:
             logits = model.apply({"params": params}, *inputs)
             return masked_next_token_loss(logits, tokens, weighted_mask)[0]
         hidden, head = model.apply({"params": params}, *inputs, return_hidden=True)
-        return chunked_next_token_loss(hidden, head, tokens, weighted_mask,
-                                       self.model_config.logits_dtype, chunk,
-                                       self._shards("batch"))
+        cfg = self.model_config
+        gather = gathers_head(cfg.hidden_size, cfg.vocab_size / self._shards("vocab"))
+        return chunked_next_token_loss(hidden, head, tokens, weighted_mask, cfg.logits_dtype,
+                                       chunk, self._shards("batch"), gather)
 
     def _prepare(self, batch: dict):
         """(micro-batch inputs, document keys, divisor, counted tokens) of a device batch."""
