@@ -61,7 +61,7 @@ class ModelConfig:
     # The loss's logits made and dropped this many positions at a time (model/chunked_loss.py):
     # only one chunk's [rows, chunk, vocab] exists, and the backward recomputes it (one more
     # head matmul, ~2 x tokens x hidden x vocab FLOPs a step). auto: chunked only where one
-    # device's fp32 logits of a micro-batch would pass 1 GiB (chunks of <= 256 MiB); an int:
+    # device's fp32 logits of a micro-batch would pass 1 GiB (chunks of <= 512 MiB); an int:
     # that many (it must divide data.seq_len); null or 0: never. Same loss, fp32 sums reordered.
     loss_chunk_tokens: Union[int, Literal["auto"], None] = "auto"
     rms_norm_eps: float = 1e-6

@@ -10,7 +10,6 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from k2jax.config import MeshConfig, ModelConfig, load_config

@@ -41,9 +41,10 @@ from k2jax.model.weight_grad import _fp32_weight_gradients
 AUTO_TRIGGER_BYTES = 1 << 30
 AUTO_CHUNK_BYTES = 512 << 20
 # The head gathered once a micro-batch while its bf16 copy and fp32 gradient fit this a device
-# (`gathers_head`). Measured (k2jax aot, 2026-12-07): on v6e-8 with a 512-wide head the per-chunk
-# gathers and reduce-scatters cost 0.25 s of a 0.14 s step; a LLaMA-3-70B plan on v6e-256 (1 row
-# a chip, seq 8192) needed 35.1 GB a chip gathering once, 28.5 GB gathering per chunk.
+# (`gathers_head`). Measured (k2jax aot, 2026-12-07): v6e-8, a 512-wide head, 4 rows a chip,
+# 128-position chunks: predicted 0.138 s a step gathering once, 0.398 s per chunk (0.235 s of
+# exposed collectives); a LLaMA-3-70B plan on v6e-256 (1 row a chip, seq 8192): 35.1 GB a chip
+# gathering once (does not fit), 29.07 GB per chunk (fits).
 HEAD_GATHER_BYTES = 1 << 30
 
 
