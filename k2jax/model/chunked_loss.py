@@ -186,9 +186,7 @@ def _chunked_loss_bwd(logits_dtype, chunk, batch_shards, residuals, grad):
                            x_RxE)
         (dx_RxE,) = x_vjp(dlogits_RxV)  # autodiff's, as the unchunked backward
         # dW = x^T dlogits over this device's rows only (a leading batch-sharded axis): a
-        # replicated accumulator would be all-reduced every chunk.
-        # (lax.dot_general with mixed input dtypes, as weight_grad.matmul's: jnp.einsum would
-        # promote x to fp32 first and give other sums.)
+        # replicated accumulator would be all-reduced every chunk. The dot is weight_grad's.
         dw = jax.lax.dot_general(x_RxE.reshape(shards, -1, x_RxE.shape[-1]),
                                  dlogits_RxV.reshape(shards, -1, dlogits_RxV.shape[-1]),
                                  (((1,), (1,)), ((0,), (0,))),
