@@ -65,6 +65,12 @@ class ModelConfig:
     # Logits rounded to this dtype before the fp32 loss, and their gradient likewise in the
     # backward. K2's output_layer is a bf16 linear (k2-train megatron/model/gpt_model.py).
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The loss's logits made and dropped this many positions at a time (model/chunked_loss.py):
+    # only one chunk's [rows, chunk, vocab] exists, and the backward recomputes it (one more
+    # head matmul, ~2 x tokens x hidden x vocab FLOPs a step). auto: chunked only where one
+    # device's fp32 logits of a micro-batch would pass 1 GiB (chunks of <= 512 MiB); an int:
+    # that many (it must divide data.seq_len); null or 0: never. Same loss, fp32 sums reordered.
+    loss_chunk_tokens: Union[int, Literal["auto"], None] = "auto"
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     # Megatron's init: o_proj and down_proj at initializer_range / sqrt(2 * num_layers).
@@ -118,6 +124,9 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"expected one of {REMAT_POLICIES}, got {self.remat!r}")
         self._validate_custom_remat()
+        if self.loss_chunk_tokens != "auto" and (self.loss_chunk_tokens or 0) < 0:
+            raise ConfigError("model.loss_chunk_tokens", f"expected a positive number of "
+                              f"positions, auto, 0 or null, got {self.loss_chunk_tokens!r}")
         blocks = self.attention_backward_blocks
         if blocks is not None and (len(blocks) != 4 or any(b <= 0 or b % 128 for b in blocks)):
             raise ConfigError("model.attention_backward_blocks", f"expected 4 positive multiples "
@@ -547,6 +556,10 @@ class Config:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds "
                               f"model.max_position_embeddings={self.model.max_position_embeddings}")
+        chunk = self.model.loss_chunk_tokens
+        if chunk != "auto" and chunk and self.data.seq_len % chunk:
+            raise ConfigError("model.loss_chunk_tokens", f"{chunk} does not divide "
+                              f"data.seq_len={self.data.seq_len}")
         if (self.train.loss_normalization == "per_group" and self.data.batch_resolved
                 and self.data.global_batch_size % self.train.loss_group_rows):
             raise ConfigError("train.loss_group_rows", f"{self.train.loss_group_rows} does not "

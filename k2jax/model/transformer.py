@@ -63,8 +63,21 @@ def _rounded_logits_bwd(dtype, _, grad_BxSxV):
 rounded_logits.defvjp(_rounded_logits_fwd, _rounded_logits_bwd)
 
 
+def output_logits(x_BxSxE: jnp.ndarray, head_ExV: jnp.ndarray, logits_dtype: str) -> jnp.ndarray:
+    """The final normed hidden states through the output projection: fp32 logits [B, S, V]
+    rounded to `logits_dtype` (model.logits_dtype). The loss applies it a chunk of the sequence
+    at a time (model/chunked_loss.py); the model to the whole sequence."""
+    logits = project(x_BxSxE, head_ExV, preferred_element_type=jnp.float32)
+    if logits_dtype != "float32":
+        logits = rounded_logits(logits, logits_dtype)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
 class K2Model(nn.Module):
-    """tokens int32 [B, S] -> logits float32 [B, S, vocab] (rounded to model.logits_dtype)."""
+    """tokens int32 [B, S] -> logits float32 [B, S, vocab] (rounded to model.logits_dtype), or
+    with return_hidden=True (final normed hidden states [B, S, E], output head [E, V]): the
+    head's parameter (lm_head, or embed_tokens.T when tied) for a caller applying
+    `output_logits` itself."""
 
     config: ModelConfig
 
@@ -79,7 +92,7 @@ class K2Model(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxS: jnp.ndarray, positions_BxS: Optional[jnp.ndarray] = None,
-                 segment_ids_BxS: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                 segment_ids_BxS: Optional[jnp.ndarray] = None, return_hidden: bool = False):
         cfg = self.config
         pdtype, compute = dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype)
         init = weight_init(cfg)  # Megatron's init_method for embedding and lm_head alike
@@ -110,7 +123,6 @@ class K2Model(nn.Module):
         else:
             head_ExV = logical_param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size),
                                      ("embed", "vocab"), init, pdtype)
-        logits = project(x_BxSxE, head_ExV, preferred_element_type=jnp.float32)
-        if cfg.logits_dtype != "float32":
-            logits = rounded_logits(logits, cfg.logits_dtype)
-        return constrain(logits, ("batch", "length", "vocab"))
+        if return_hidden:
+            return x_BxSxE, head_ExV
+        return output_logits(x_BxSxE, head_ExV, cfg.logits_dtype)

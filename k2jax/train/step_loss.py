@@ -8,13 +8,16 @@ divisor (train/loss_weights.py: `global` = sum(loss * mask) / sum(mask) over the
 `per_group` = K2's mean of each group's masked mean), so the loss does not depend on the
 micro-batch split or the mesh. Packed documents attend within their own document and restart
 positions at its first token, in training and evaluation alike. The logits are rounded to
-model.logits_dtype before the fp32 loss (model/transformer.py).
+model.logits_dtype before the fp32 loss (model/transformer.py); where one device's logits of a
+micro-batch would be large, they are made and dropped a chunk of the sequence at a time
+(model.loss_chunk_tokens, model/chunked_loss.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -24,6 +27,8 @@ from jax.sharding import Mesh
 from k2jax.config import ModelConfig
 from k2jax.data.loader import DOCUMENT_KEYS
 from k2jax.model import K2Model, masked_next_token_loss
+from k2jax.model.chunked_loss import (chunked_next_token_loss, gathers_head,
+                                      resolve_chunk_tokens)
 from k2jax.model.weight_grad import weight_gradient_dtype
 from k2jax.sharding.rules import rules_list
 from k2jax.train.loss_weights import counted_tokens_per_row, loss_row_weights
@@ -45,10 +50,31 @@ class StepLoss:
     group_rows: int = 4
     gradient_dtype: str = "float32"
 
+    def _shards(self, logical: str) -> int:
+        """Devices one logical axis is split over (mesh.rules)."""
+        axes = self.rules.get(logical)
+        axes = [] if axes is None else [axes] if isinstance(axes, str) else axes
+        return math.prod(self.mesh.shape[axis] for axis in axes)
+
+    def _chunk_tokens(self, tokens) -> Optional[int]:
+        """model.loss_chunk_tokens for this micro-batch's shape and the mesh (None: whole)."""
+        cfg = self.model_config
+        rows, seq = tokens.shape
+        return resolve_chunk_tokens(cfg.loss_chunk_tokens, rows / self._shards("batch"), seq,
+                                    cfg.vocab_size / self._shards("vocab"))
+
     def _summed_loss(self, params, tokens, weighted_mask, documents: dict):
-        logits = K2Model(self.model_config).apply(
-            {"params": params}, tokens, documents.get("positions"), documents.get("segment_ids"))
-        return masked_next_token_loss(logits, tokens, weighted_mask)[0]
+        model = K2Model(self.model_config)
+        inputs = (tokens, documents.get("positions"), documents.get("segment_ids"))
+        chunk = self._chunk_tokens(tokens)
+        if chunk is None:
+            logits = model.apply({"params": params}, *inputs)
+            return masked_next_token_loss(logits, tokens, weighted_mask)[0]
+        hidden, head = model.apply({"params": params}, *inputs, return_hidden=True)
+        cfg = self.model_config
+        gather = gathers_head(cfg.hidden_size, cfg.vocab_size / self._shards("vocab"))
+        return chunked_next_token_loss(hidden, head, tokens, weighted_mask, cfg.logits_dtype,
+                                       chunk, self._shards("batch"), gather)
 
     def _prepare(self, batch: dict):
         """(micro-batch inputs, document keys, divisor, counted tokens) of a device batch."""
