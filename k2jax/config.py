@@ -33,7 +33,7 @@ from k2jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out",
-                  "offload_qkv_out")
+                  "offload_qkv_out", "offload_input_qkv_out")
 
 
 @dataclasses.dataclass

@@ -8,7 +8,12 @@ Sources (public; docs/performance.md "Step-time model" repeats them):
   one-way ICI bandwidth per link, links per chip (6 on the 3-D tori v4/v5p, 4 on the 2-D v5e/v6e),
   wrap-around rules, DCN egress per chip:
   https://jax-ml.github.io/scaling-book/tpus/
-Figures are per chip (v4 and v5p chips have two TensorCores run as one "megacore" device).
+- Google Cloud's TPU7x (Ironwood) page, https://cloud.google.com/tpu/docs/tpu7x: per chip
+  2307 TFLOP/s bf16, 192 GiB HBM at 7380 GB/s, two TensorCores, ICI 1200 GB/s bidirectional
+  (v5p's figure), DCN 100 Gbps; a dual-chiplet chip that JAX sees as two devices.
+Figures are per JAX device: per chip on v4/v5p (two TensorCores run as one "megacore" device)
+and v5e/v6e (one TensorCore), half a chip on tpu7x (each TensorCore its own device; the
+step-time model walks one device's program, so it divides the device's own share).
 """
 
 from __future__ import annotations
@@ -63,7 +68,15 @@ CHIPS = {
     # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
     "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10,
                mxu_efficiency=MXU_EFFICIENCY),
+    # tpu7x (Ironwood), per device = half a chip: 2307/2 TFLOP/s, 192/2 GiB at 7380/2 GB/s;
+    # the chip's ICI (1200 GB/s bidirectional, as v5p's: 6 links of 9e10 B/s one way, a 3-D
+    # torus of 4x4x4 cubes that wraps as v5p's) and its DCN (100 Gbps) and PCIe are shared by
+    # its two devices, which run the same program at once: half of each link per device.
+    "tpu7x": Chip("tpu7x", 2307e12 / 2, 96 * GIB, 7.38e12 / 2, 9e10 / 2, 6, 3, 4, False,
+                  1.25e10 / 2, mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=1.5e10 / 2),
 }
+# JAX devices per chip (the model's figures above are per device).
+DEVICES_PER_CHIP = {"v4": 1, "v5p": 1, "v5e": 1, "v6e": 1, "tpu7x": 2}
 
 
 def chip_for(generation: str) -> Chip:

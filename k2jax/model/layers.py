@@ -160,6 +160,8 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxE, cos_BxSxD, sin_BxSxD, segment_ids_BxS=None):
         x_BxSxE = constrain(x_BxSxE, ("batch", "length", "embed"))
+        # Named so that a remat policy can offload it (offload_input_qkv_out); an identity.
+        x_BxSxE = checkpoint_name(x_BxSxE, "decoder_layer_input")
         h = RMSNorm(self.config, name="input_norm")(x_BxSxE)
         x_BxSxE = x_BxSxE + Attention(self.config, name="attention")(
             h, cos_BxSxD, sin_BxSxD, segment_ids_BxS)
