@@ -299,6 +299,31 @@ ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128], v: bf16[8,2048,128]) -> b
         4 * 8 * 2048 * 2048 * 128 * 10 / 16)
 
 
+def test_splash_fused_backward_counts_dq_dk_and_dv():
+    """splash's fused backward is its dkv kernel writing dq too (partial per kv block, as on
+    the v6e recipes' HLO): 10 units, where the dkv-only kernel counts 8."""
+    def kernel(results: str) -> float:
+        text = f"""
+HloModule m
+ENTRY %main (q: bf16[2,4,2048,128], k: bf16[2,1,2048,128]) -> bf16[2,1,2048,128] {{
+  %q = bf16[2,4,2048,128]{{3,2,1,0}} parameter(0)
+  %k = bf16[2,1,2048,128]{{3,2,1,0}} parameter(1)
+  ROOT %splash_mha_dkv_no_residuals = {results} custom-call(%q, %k), custom_call_target="tpu_custom_call"
+}}
+"""
+        module = parse_module(text)
+        entry = module[module.entry]
+        return attention_kernel_flops(entry.root, entry)
+
+    dkv = "(bf16[2,1,2048,128], bf16[2,1,2048,128])"
+    fused = "(bf16[2,4,4,2048,128], bf16[2,1,2048,128], bf16[2,1,2048,128])"
+    causal = 0.5  # no block sizes recorded
+    assert kernel(dkv) == pytest.approx(8 * 2 * 4 * 2048 * 2048 * 128 * causal)
+    assert kernel(fused) == pytest.approx(10 * 2 * 4 * 2048 * 2048 * 128 * causal)
+    mha_dkv = "(bf16[2,4,2048,128], bf16[2,4,2048,128])"  # dk, dv shaped like q: still 8
+    assert kernel(mha_dkv) == pytest.approx(8 * 2 * 4 * 2048 * 2048 * 128 * causal)
+
+
 def test_windowed_einsum_convolution_counts_only_window_positions_on_the_input():
     # XLA's windowed einsums: a size-16 window over a padded input of size 1, so each output
     # sees 1 of 16 positions (times the size-2 window over 2), not the whole kernel.
