@@ -103,6 +103,22 @@ def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_coun
     assert out["extrapolated_layer_loops"] == 2
     assert out["hlo_flops_per_chip"] == 2 * 32 * 2 * 128 * 512 * 256
 
+def test_a_layer_scan_with_a_peeled_iteration_runs_the_rest_of_the_layers():
+    """XLA peels one backward iteration out of the layer scan of the v6e offloading recipes
+    (3 trips in a 4-layer compile): costed at 32 layers, the loop runs 31 times and the peeled
+    layer once. A 3-trip loop whose body is not the scanned layer is left alone."""
+    layer = MATMUL.replace("constant(7)", "constant(3)").replace(
+        "calls=%fused_dot\n", 'calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp('
+        'KModel))/while/body/closed_call/checkpoint/layers/mlp/dot_general"}\n', 1)
+    out = predict(layer, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(4, 32))
+    assert out["extrapolated_layer_loops"] == 1
+    assert out["hlo_flops_per_chip"] == 31 * 2 * 128 * 512 * 256
+    other = MATMUL.replace("constant(7)", "constant(3)")
+    out = predict(other, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(4, 32))
+    assert out["extrapolated_layer_loops"] == 0
+    assert out["hlo_flops_per_chip"] == 3 * 2 * 128 * 512 * 256
+
+
 SLICED = """
 HloModule m, is_scheduled=true
 

@@ -81,7 +81,8 @@ class StepTimeModel:
                  layer_trips: Optional[tuple[int, int]] = None):
         """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
         layer count) are costed at `full` trips, extrapolating per layer from a cheaper
-        compile. `extrapolated_loops` names the loops so costed: a scanned step has two (the
+        compile; a layer scan with one or two iterations peeled out of its loop, at
+        `full` - that many. `extrapolated_loops` names the loops so costed: a scanned step has two (the
         forward and the backward scan); fewer means XLA unrolled one, whose layers then count
         only `compiled` times."""
         self.module, self.chip, self.layer_trips = module, chip, layer_trips
@@ -240,8 +241,11 @@ class StepTimeModel:
             if trips is None:
                 body.unknown_trip_counts += 1
                 trips = 1
-            elif self.layer_trips and trips == self.layer_trips[0]:
-                trips = self.layer_trips[1]
+            elif self.layer_trips and self._is_layer_loop(instr, trips):
+                # A layer scan with k iterations peeled out of the loop (XLA's pipelining of
+                # the backward scan with host offload: 3 trips of a 4-layer compile) runs
+                # full - k times; the peeled layers are costed once where they are.
+                trips += self.layer_trips[1] - self.layer_trips[0]
                 self.extrapolated_loops.add(instr.name)
             return body, float(trips)
         if op in ("call", "async-start") and (instr.called("to_apply") or instr.called("calls")):
@@ -254,6 +258,18 @@ class StepTimeModel:
             if costs:
                 return max(costs, key=lambda c: c.seconds), 1.0
         return None
+
+    def _is_layer_loop(self, instr: Instruction, trips: int) -> bool:
+        """A loop of the compiled layer count, or one or two fewer whose body runs the
+        scanned layer (op names under the scan's `while/body/.../layers/`) and no loop."""
+        compiled = self.layer_trips[0]
+        if trips == compiled:
+            return True
+        if not compiled - 2 <= trips < compiled or trips < 1:
+            return False
+        body = self.module[instr.called("body")].instructions
+        return (not any(i.opcode == "while" for i in body)
+                and any("/while/body/" in i.op_name and "layers/" in i.op_name for i in body))
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
