@@ -178,7 +178,7 @@ CASES = [
          0.4546, True, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
          "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
          SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
-         "--xla_sc_disjoint_spmem=false"),
+         "--xla_sc_disjoint_spmem=false", min_compile_layers=4),
     # tpu-recipes training/trillium/Llama3.1-8B-MaxText/v6e-{8,16,32}/README.md: workload
     # llama3_1_8b_8192_no_collective_matmul @9f1820b47 (tpu-recipes-v0.1.4): batch 3, seq 8192,
     # fsdp = all chips, remat custom (layer input, q/k/v/out offloaded = offload_input_qkv_out),
@@ -268,7 +268,8 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
         report = compile_report(case_config(case, layers), tpu_slice, case.slices,
                                 measure_flops=False, hlo_out=hlo)
         if report["hlo_out"] is None:
-            return {"case": case.name, "error": "compiler out of HBM"}
+            return {"case": case.name, "error": "compiler out of HBM",
+                    "compile_seconds": round(time.perf_counter() - start, 1)}
     compile_seconds = time.perf_counter() - start
     from k2jax.sharding.mesh import build_mesh
 
@@ -287,7 +288,9 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
         return {"case": case.name,
                 "error": f"XLA unrolled a layer scan of the {layers}-layer compile "
                          f"({pred['extrapolated_layer_loops']} of 2 scans left to extrapolate): "
-                         f"rerun with --layers {case.model['layers']}"}
+                         f"rerun with more --layers",
+                "compile_seconds": round(compile_seconds, 1),
+                "cost_seconds": round(time.perf_counter() - start - compile_seconds, 1)}
     published_mfu = published_mfu_of(case, flops, chip.peak_flops)
     published_step = (case.published_step_seconds or
                       (flops / (published_mfu * _chips(case) * chip.peak_flops)
