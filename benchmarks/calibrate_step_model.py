@@ -261,7 +261,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
 
     tpu_slice = parse_slice(case.topology)
     hlo = os.path.join(hlo_dir or "/tmp", f"calibrate-{case.name}-{layers}l.hlo")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if reuse and os.path.exists(hlo):  # an earlier run's compile of the same case
         report = {"bytes_per_chip": float("nan")}
     else:
@@ -271,6 +271,8 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
             return {"case": case.name, "error": "compiler out of HBM",
                     "compile_seconds": round(time.perf_counter() - start, 1)}
     compile_seconds = time.perf_counter() - start
+    # CPU seconds of all this process's threads: what the compile costs whatever the load.
+    compile_cpu_seconds = time.process_time() - cpu_start
     from k2jax.sharding.mesh import build_mesh
 
     config = case_config(case, layers)
@@ -290,6 +292,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
                          f"({pred['extrapolated_layer_loops']} of 2 scans left to extrapolate): "
                          f"rerun with more --layers",
                 "compile_seconds": round(compile_seconds, 1),
+                "compile_cpu_seconds": round(compile_cpu_seconds, 1),
                 "cost_seconds": round(time.perf_counter() - start - compile_seconds, 1)}
     published_mfu = published_mfu_of(case, flops, chip.peak_flops)
     published_step = (case.published_step_seconds or
@@ -311,6 +314,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
             "exposed_host_transfer_seconds": pred["exposed_host_transfer_seconds"],
             "hbm_gib_per_chip_compiled": report["bytes_per_chip"] / 1024 ** 3,
             "compile_seconds": round(compile_seconds, 1),
+            "compile_cpu_seconds": round(compile_cpu_seconds, 1),
             "cost_seconds": round(time.perf_counter() - start - compile_seconds, 1),
             "load_average": round(os.getloadavg()[0], 1), "source": case.source}
 
@@ -370,13 +374,14 @@ def main(argv=None) -> int:
                                           + startup).strip()
     if not args.json and chosen:
         print(HEADER)
-    spent = 0.0
+    spent = cpu = 0.0
     for case in chosen:
         row = run_case(case, max(args.layers, case.min_compile_layers), args.hlo_dir, args.reuse)
         spent += row.get("compile_seconds", 0.0) + row.get("cost_seconds", 0.0)
+        cpu += row.get("compile_cpu_seconds", 0.0)
         print(json.dumps(row) if args.json else format_row(row), flush=True)
     if chosen and not args.json:
-        print(f"{len(chosen)} cases: {spent:.0f} s of compiling and costing"
+        print(f"{len(chosen)} cases: {spent:.0f} s of compiling and costing ({cpu:.0f} CPU s)"
               f"{' (reused HLO)' if args.reuse else ''}, load average now "
               f"{os.getloadavg()[0]:.1f}")
     if args.check_extrapolation:
