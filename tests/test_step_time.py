@@ -9,6 +9,7 @@ import pytest
 from k2jax.aot.chips import CHIPS, axis_wraps
 from k2jax.aot.collectives import DeviceLayout, collective_seconds
 from k2jax.aot.hlo_text import parse_module, replica_groups
+from k2jax.aot.loop_trips import trip_count
 from k2jax.aot.op_cost import attention_kernel_flops
 from k2jax.aot.step_time import StepTimeModel, predict
 
@@ -75,6 +76,17 @@ def test_trip_count_follows_the_counter_step_and_start():
     assert StepTimeModel(parse_module(text), V5P, LAYOUT).step().flops == 4 * 2 * 128 * 512 * 256
     started = text.replace("%zero = s32[] constant(0)", "%zero = s32[] constant(2)")
     assert StepTimeModel(parse_module(started), V5P, LAYOUT).step().flops == 3 * 2 * 128 * 512 * 256
+
+
+def test_a_counter_starting_at_a_copied_constant_counts_from_it():
+    """A peeled loop (its first iteration moved out) starts its counter at copy(constant(1))."""
+    peeled = MATMUL.replace(
+        "%init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %a, %b)",
+        "%one = s32[] constant(1)\n  %start = s32[] copy(%one)\n"
+        "  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%start, %a, %b)")
+    module = parse_module(peeled)
+    entry = module[module.entry]
+    assert trip_count(module, entry.by_name["loop"], entry) == 6
 
 
 def test_known_trip_count_wins_over_the_condition():
