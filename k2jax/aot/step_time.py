@@ -125,6 +125,10 @@ class StepTimeModel:
 
     def _fused_collective_seconds(self, coll: Instruction, comp: Computation) -> float:
         kind = coll.opcode.removesuffix("-start")
+        if kind == "all-reduce" and _only_sliced(coll, comp):
+            # XLA's all-reduce-scatter fusion: an all-reduce of which each device keeps its
+            # dynamic-slice is a reduce-scatter (the ring moves the input once, not twice).
+            kind = "reduce-scatter"
         operand_bytes = sum(self.costs.operand_bytes(coll, comp))
         return collective_seconds(kind, coll, operand_bytes, coll.result_bytes, self.chip,
                                   self.layout)
@@ -273,6 +277,13 @@ class StepTimeModel:
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
+
+
+def _only_sliced(instr: Instruction, comp: Computation) -> bool:
+    """Whether every user of `instr` in `comp` is a dynamic-slice of it."""
+    users = [i for i in comp.instructions if instr.name in i.operands]
+    return bool(users) and all(u.opcode == "dynamic-slice" and u.operands[0] == instr.name
+                               for u in users)
 
 
 def _channel(coll: Instruction) -> str:
