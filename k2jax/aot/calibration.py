@@ -24,8 +24,10 @@ ERRORS = {
     "32b-v5p-128-2025": +0.0291,
     "llama2-70b-v5p-512": +0.0502,
     # v6e (Trillium), tpu-recipes' published step times: published / predicted step - 1.
-    "llama3.1-8b-v6e-8": +0.2184,
-    "mistral-7b-v6e-8": +0.1860,
+    "llama3.1-8b-v6e-8": +0.2180,
+    "llama3.1-8b-v6e-16": +0.2229,
+    "llama3.1-8b-v6e-32": +0.2307,
+    "mistral-7b-v6e-8": +0.1864,
 }
 
 
