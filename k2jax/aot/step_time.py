@@ -17,8 +17,9 @@ order), one compute stream and one collective stream per chip:
   fusion, from the flags MaxText's runs set: one collective, by channel id, carried through a
   chain of fusions) starts with the first fusion of its chain and is waited for at the end of
   the last, so it overlaps the chain's own compute and everything scheduled in between. A
-  synchronous collective stalls the compute stream for its whole duration. Collectives run one
-  at a time on the collective stream. Exposed communication = the stalls.
+  synchronous collective stalls the compute stream for its whole duration. XLA's
+  all-reduce-scatter fusion (an all-reduce each device dynamic-slices) is a reduce-scatter.
+  Collectives run one at a time on the collective stream. Exposed communication = the stalls.
 - Loops cost their body times the trip count (k2jax/aot/loop_trips.py).
 
 predicted step = compute + memory + exposed communication; predicted MFU = model FLOPs per step
@@ -81,10 +82,10 @@ class StepTimeModel:
                  layer_trips: Optional[tuple[int, int]] = None):
         """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
         layer count) are costed at `full` trips, extrapolating per layer from a cheaper
-        compile; a layer scan with one or two iterations peeled out of its loop, at
-        `full` - that many. `extrapolated_loops` names the loops so costed: a scanned step has two (the
-        forward and the backward scan); fewer means XLA unrolled one, whose layers then count
-        only `compiled` times."""
+        compile; a layer scan with one or two iterations peeled out of its loop, at `full`
+        less that many. `extrapolated_loops` names the loops so costed: a scanned step has two
+        (the forward and the backward scan); fewer means XLA unrolled one, whose layers then
+        count only `compiled` times."""
         self.module, self.chip, self.layer_trips = module, chip, layer_trips
         self.layout = layout
         self.costs = OpCosts(module)
