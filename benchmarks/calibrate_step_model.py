@@ -1,21 +1,24 @@
 """Calibrate the TPU step-time model (k2jax/aot/step_time.py) against published TPU results.
 
 Builds in k2jax the dense LLaMA-style runs MaxText publishes (AI-Hypercomputer/maxtext: the
-v5p and v5e READMEs and their configs/*.sh, the Llama 2 70B v5p-512 config; their batch,
-sequence length, remat policy and ICI/DCN sharding as published), AOT-compiles each for its
-TPU topology with libtpu (no TPU needed), and prints predicted against published MFU.
+v5p and v5e READMEs and their configs/*.sh, the Llama 2 70B v5p-512 config; Google's
+tpu-recipes v6e runs of Llama 3.1 8B and Mistral 7B; their batch, sequence length, remat
+policy and ICI/DCN sharding as published), AOT-compiles each for its TPU topology with libtpu
+(no TPU needed), and prints predicted against published MFU, or against the published step
+time where a recipe gives one (error = published step / predicted step - 1).
 
 Compile cost: each run is compiled with `--layers` (default 2) scanned layers and its
 layer loop is costed at the published layer count (the scan body is one layer, so the
 extrapolation is exact per layer: `StepTimeModel(layer_trips=...)`); `--check-extrapolation`
 also compiles a small model at both layer counts and compares. A compile in which XLA unrolled
 the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
-it with more `--layers`.
+it with more `--layers` (cases that need 4 say so in `min_compile_layers`). Each row gives the
+compile's wall and CPU seconds and the load average; `--reuse` re-costs kept HLO in seconds.
 
 Each case is the configuration as published, read at the MaxText commit its `source` names
 (model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
 and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxText's of that
-date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan 2025.
+date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan and Jul 2025.
 
     JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
 """
