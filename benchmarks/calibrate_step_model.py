@@ -265,7 +265,10 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
     tpu_slice = parse_slice(case.topology)
     hlo = os.path.join(hlo_dir or "/tmp", f"calibrate-{case.name}-{layers}l.hlo")
     start, cpu_start = time.perf_counter(), time.process_time()
-    if reuse and os.path.exists(hlo):  # an earlier run's compile of the same case
+    if reuse and not os.path.exists(hlo):  # --reuse never starts a compile by surprise
+        return {"case": case.name, "error": f"--reuse: no kept HLO {hlo} (run without --reuse "
+                                            f"to compile it)"}
+    if reuse:  # an earlier run's compile of the same case
         report = {"bytes_per_chip": float("nan")}
     else:
         report = compile_report(case_config(case, layers), tpu_slice, case.slices,
@@ -358,7 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hlo-dir", default="/tmp", help="where the compiled HLO is kept")
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
     parser.add_argument("--reuse", action="store_true",
-                        help="cost the HLO an earlier run left in --hlo-dir instead of compiling")
+                        help="cost the HLO an earlier run left in --hlo-dir instead of compiling "
+                             "(a case without one is an error row, not a compile)")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     chosen = CASES
