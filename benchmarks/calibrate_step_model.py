@@ -1,21 +1,24 @@
 """Calibrate the TPU step-time model (k2jax/aot/step_time.py) against published TPU results.
 
 Builds in k2jax the dense LLaMA-style runs MaxText publishes (AI-Hypercomputer/maxtext: the
-v5p and v5e READMEs and their configs/*.sh, the Llama 2 70B v5p-512 config; their batch,
-sequence length, remat policy and ICI/DCN sharding as published), AOT-compiles each for its
-TPU topology with libtpu (no TPU needed), and prints predicted against published MFU.
+v5p and v5e READMEs and their configs/*.sh, the Llama 2 70B v5p-512 config; Google's
+tpu-recipes v6e runs of Llama 3.1 8B and Mistral 7B; their batch, sequence length, remat
+policy and ICI/DCN sharding as published), AOT-compiles each for its TPU topology with libtpu
+(no TPU needed), and prints predicted against published MFU, or against the published step
+time where a recipe gives one (error = published step / predicted step - 1).
 
 Compile cost: each run is compiled with `--layers` (default 2) scanned layers and its
 layer loop is costed at the published layer count (the scan body is one layer, so the
 extrapolation is exact per layer: `StepTimeModel(layer_trips=...)`); `--check-extrapolation`
 also compiles a small model at both layer counts and compares. A compile in which XLA unrolled
 the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
-it with more `--layers`.
+it with more `--layers` (cases that need 4 say so in `min_compile_layers`). Each row gives the
+compile's wall and CPU seconds and the load average; `--reuse` re-costs kept HLO in seconds.
 
 Each case is the configuration as published, read at the MaxText commit its `source` names
 (model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
 and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxText's of that
-date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan 2025.
+date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan and Jul 2025.
 
     JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
 """
@@ -99,6 +102,19 @@ V6E_LLAMA31_8B_FLAGS = (
     "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED "
     "--xla_should_add_loop_invariant_op_in_chain=ENABLED --xla_max_concurrent_host_send_recv=100 "
     "--xla_tpu_scheduler_percent_shared_memory_limit=100 --xla_latency_hiding_scheduler_rerun=2")
+# The tpu-recipes v6e runs (MaxText@tpu-recipes-v0.1.4 = 9f1820b47, 2025-07-10, and
+# tpu-recipes-v0.1.2 = 14b5876ea, 2025-04-16; benchmarks/xla_flags_library.py the same in both
+# for these groups) add DISABLE_COLLECTIVE_MATMUL to the flags above.
+V6E_RECIPE_FLAGS = (V6E_LLAMA31_8B_FLAGS
+                    + " --xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000")
+# MaxText's mistral-7b.yml @14b5876ea: Llama-shaped (no sliding window in its decoder), vocab
+# 32000, rope 1e6.
+MISTRAL_7B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, layers=32,
+                  vocab=32000, activation="swiglu", tied=False)
+# Splash as the recipes set it (sa_block_* 2048 everywhere, sa_use_fused_bwd_kernel).
+SPLASH_2048_FUSED = ("model.attention_block_q=2048", "model.attention_block_kv=2048",
+                     "model.attention_backward_blocks=[2048,2048,2048,2048]",
+                     "model.attention_fused_backward=true")
 LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80,
                   vocab=32000, activation="swiglu", tied=False)
 
@@ -119,6 +135,13 @@ class Case:
     xla_flags: str = ""
     overrides: tuple = ()  # further k2jax settings of the published run
     libtpu_init_args: str = ""  # flags libtpu reads only at start-up (set before it loads)
+    # A published step time (tpu-recipes' "completed step: N, seconds: S" line): the error is
+    # then published step / predicted step - 1, whatever the MFU convention; published_mfu is
+    # derived from it (MaxText's TFLOP/s of that date over the chip's peak).
+    published_step_seconds: float = 0.0
+    # Layers to compile instead of --layers: with 2, XLA unrolled both layer scans of the v6e
+    # offloading recipes (libtpu 0.0.42.1, 2026-12-07: no while loop left), so they compile 4.
+    min_compile_layers: int = 0
 
 
 _V5P_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5p/README.md + {}.sh, base.yml"
@@ -152,15 +175,32 @@ CASES = [
     # v6e (Trillium), a model under 20B: Llama 3.1 8B at 45.46% (docs/reference/models/
     # tiering.md) = llama3_1_8b_8192 in benchmarks/maxtext_trillium_model_configs.py @5e6a7caff
     # (2025-09-26): batch 4, seq 8192, fsdp 256, remat custom offloading the layer input and
-    # q/k/v/out projections to host (k2jax's nearest: offload_qkv_out, which offloads q/k/v,
-    # attention out and mlp out), splash 2048 blocks with the fused backward. Read causal.
-    Case("llama3.1-8b-v6e-256", "v6e-256", 1, LLAMA31_8B, 8192, 4, "offload_qkv_out", 1,
+    # q/k/v/out projections to host (= offload_input_qkv_out), splash 2048 blocks with the
+    # fused backward. Read causal.
+    Case("llama3.1-8b-v6e-256", "v6e-256", 1, LLAMA31_8B, 8192, 4, "offload_input_qkv_out", 1,
          0.4546, True, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
          "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
-         ("model.attention_block_q=2048", "model.attention_block_kv=2048",
-          "model.attention_backward_blocks=[2048,2048,2048,2048]",
-          "model.attention_fused_backward=true", "model.rope_theta=500000.0"),
-         "--xla_sc_disjoint_spmem=false"),
+         SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
+         "--xla_sc_disjoint_spmem=false", min_compile_layers=4),
+    # tpu-recipes training/trillium/Llama3.1-8B-MaxText/v6e-{8,16,32}/README.md: workload
+    # llama3_1_8b_8192_no_collective_matmul @9f1820b47 (tpu-recipes-v0.1.4): batch 3, seq 8192,
+    # fsdp = all chips, remat custom (layer input, q/k/v/out offloaded = offload_input_qkv_out),
+    # splash 2048 with the fused backward. Published "seconds: 3.443 / 3.393 / 3.495" (step 14).
+    # MaxText's TFLOP/s then (maxtext_utils.py @9f1820b47) counts full attention.
+    *(Case(f"llama3.1-8b-v6e-{n}", f"v6e-{n}", 1, LLAMA31_8B, 8192, 3, "offload_input_qkv_out",
+           1, 0.0, False, f"maxtext@9f1820b47 (2025-07-10) tpu-recipes-v0.1.4 "
+           f"llama3_1_8b_8192_no_collective_matmul; tpu-recipes Llama3.1-8B-MaxText/v6e-{n}",
+           V6E_RECIPE_FLAGS, SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
+           "--xla_sc_disjoint_spmem=false", seconds, 4)
+      for n, seconds in ((8, 3.443), (16, 3.393), (32, 3.495))),
+    # tpu-recipes training/trillium/Mistral-7B-MaxText/README.md: mistral_7b @14b5876ea
+    # (tpu-recipes-v0.1.2), v6e-8, batch 6, seq 8192, the same remat, splash and flags;
+    # "completed step: 6, seconds: 6.320".
+    Case("mistral-7b-v6e-8", "v6e-8", 1, MISTRAL_7B, 8192, 6, "offload_input_qkv_out", 1, 0.0,
+         False, "maxtext@14b5876ea (2025-04-16) tpu-recipes-v0.1.2 mistral_7b; tpu-recipes "
+         "Mistral-7B-MaxText/README.md", V6E_RECIPE_FLAGS,
+         SPLASH_2048_FUSED + ("model.rope_theta=1000000.0",), "--xla_sc_disjoint_spmem=false",
+         6.320, 4),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
          True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
                "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
@@ -184,7 +224,7 @@ def maxtext_flops_per_step(case: Case) -> float:
 def _chips(case: Case) -> int:
     from k2jax.aot.topology import parse_slice
 
-    return parse_slice(case.topology).chips * case.slices
+    return parse_slice(case.topology).devices * case.slices  # tpu7x: 2 devices per chip
 
 
 def case_config(case: Case, layers: int):
@@ -224,15 +264,21 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
 
     tpu_slice = parse_slice(case.topology)
     hlo = os.path.join(hlo_dir or "/tmp", f"calibrate-{case.name}-{layers}l.hlo")
-    start = time.perf_counter()
-    if reuse and os.path.exists(hlo):  # an earlier run's compile of the same case
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if reuse and not os.path.exists(hlo):  # --reuse never starts a compile by surprise
+        return {"case": case.name, "error": f"--reuse: no kept HLO {hlo} (run without --reuse "
+                                            f"to compile it)"}
+    if reuse:  # an earlier run's compile of the same case
         report = {"bytes_per_chip": float("nan")}
     else:
         report = compile_report(case_config(case, layers), tpu_slice, case.slices,
                                 measure_flops=False, hlo_out=hlo)
         if report["hlo_out"] is None:
-            return {"case": case.name, "error": "compiler out of HBM"}
+            return {"case": case.name, "error": "compiler out of HBM",
+                    "compile_seconds": round(time.perf_counter() - start, 1)}
     compile_seconds = time.perf_counter() - start
+    # CPU seconds of all this process's threads: what the compile costs whatever the load.
+    compile_cpu_seconds = time.process_time() - cpu_start
     from k2jax.sharding.mesh import build_mesh
 
     config = case_config(case, layers)
@@ -250,21 +296,40 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
         return {"case": case.name,
                 "error": f"XLA unrolled a layer scan of the {layers}-layer compile "
                          f"({pred['extrapolated_layer_loops']} of 2 scans left to extrapolate): "
-                         f"rerun with --layers {case.model['layers']}"}
+                         f"rerun with more --layers",
+                "compile_seconds": round(compile_seconds, 1),
+                "compile_cpu_seconds": round(compile_cpu_seconds, 1),
+                "cost_seconds": round(time.perf_counter() - start - compile_seconds, 1)}
+    published_mfu = published_mfu_of(case, flops, chip.peak_flops)
+    published_step = (case.published_step_seconds or
+                      (flops / (published_mfu * _chips(case) * chip.peak_flops)
+                       if published_mfu else None))
     return {"case": case.name, "topology": case.topology, "slices": case.slices,
             "compiled_layers": layers, "layers": case.model["layers"],
-            "published_mfu": case.published_mfu, "predicted_mfu": pred["predicted_mfu"],
-            "relative_error": (pred["predicted_mfu"] / case.published_mfu - 1
-                               if case.published_mfu else None),
+            "published_mfu": published_mfu, "predicted_mfu": pred["predicted_mfu"],
+            # = published step / predicted step - 1 (the same model FLOPs on both sides)
+            "relative_error": (pred["predicted_mfu"] / published_mfu - 1 if published_mfu
+                               else None),
             "predicted_step_seconds": pred["predicted_step_seconds"],
-            "published_step_seconds": (flops / (case.published_mfu * _chips(case)
-                                                * chip.peak_flops) if case.published_mfu
-                                       else None),
+            "published_step_seconds": published_step,
+            "published": "step" if case.published_step_seconds else "mfu",
             "compute_seconds": pred["compute_seconds"], "memory_seconds": pred["memory_seconds"],
             "exposed_collective_seconds": pred["exposed_collective_seconds"],
             "collective_seconds": pred["collective_seconds"],
+            "host_transfer_seconds": pred["host_transfer_seconds"],
+            "exposed_host_transfer_seconds": pred["exposed_host_transfer_seconds"],
             "hbm_gib_per_chip_compiled": report["bytes_per_chip"] / 1024 ** 3,
-            "compile_seconds": round(compile_seconds, 1), "source": case.source}
+            "compile_seconds": round(compile_seconds, 1),
+            "compile_cpu_seconds": round(compile_cpu_seconds, 1),
+            "cost_seconds": round(time.perf_counter() - start - compile_seconds, 1),
+            "load_average": round(os.getloadavg()[0], 1), "source": case.source}
+
+
+def published_mfu_of(case: Case, flops: float, peak_flops: float) -> float:
+    """The published MFU, or the one a published step time gives with MaxText's FLOPs."""
+    if case.published_step_seconds:
+        return flops / (case.published_step_seconds * _chips(case) * peak_flops)
+    return case.published_mfu
 
 
 def format_row(r: dict) -> str:
@@ -274,13 +339,14 @@ def format_row(r: dict) -> str:
             f"{r['relative_error']:+.1%} | {r['predicted_step_seconds']:.2f} | "
             f"{r['published_step_seconds']:.2f} | {r['compute_seconds']:.2f} / "
             f"{r['memory_seconds']:.2f} / {r['exposed_collective_seconds']:.2f} "
-            f"(of {r['collective_seconds']:.2f}) | {r['compiled_layers']}->{r['layers']} | "
-            f"{r['compile_seconds']:.0f} |")
+            f"(of {r['collective_seconds']:.2f}) / {r['exposed_host_transfer_seconds']:.2f} "
+            f"(of {r['host_transfer_seconds']:.2f}) | {r['compiled_layers']}->{r['layers']} | "
+            f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']}) |")
 
 
 HEADER = ("| case | published MFU | predicted MFU | rel. error | predicted step s | published "
-          "step s | compute / memory / exposed comm s (all comm) | layers compiled->costed | "
-          "compile s |\n|---|---|---|---|---|---|---|---|---|")
+          "step s | compute / memory / exposed comm (all comm) / exposed host DMA (all) s | "
+          "layers compiled->costed | compile + cost s |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:
@@ -295,7 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hlo-dir", default="/tmp", help="where the compiled HLO is kept")
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
     parser.add_argument("--reuse", action="store_true",
-                        help="cost the HLO an earlier run left in --hlo-dir instead of compiling")
+                        help="cost the HLO an earlier run left in --hlo-dir instead of compiling "
+                             "(a case without one is an error row, not a compile)")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     chosen = CASES
@@ -314,9 +381,16 @@ def main(argv=None) -> int:
                                           + startup).strip()
     if not args.json and chosen:
         print(HEADER)
+    spent = cpu = 0.0
     for case in chosen:
-        row = run_case(case, args.layers, args.hlo_dir, args.reuse)
+        row = run_case(case, max(args.layers, case.min_compile_layers), args.hlo_dir, args.reuse)
+        spent += row.get("compile_seconds", 0.0) + row.get("cost_seconds", 0.0)
+        cpu += row.get("compile_cpu_seconds", 0.0)
         print(json.dumps(row) if args.json else format_row(row), flush=True)
+    if chosen and not args.json:
+        print(f"{len(chosen)} cases: {spent:.0f} s of compiling and costing ({cpu:.0f} CPU s)"
+              f"{' (reused HLO)' if args.reuse else ''}, load average now "
+              f"{os.getloadavg()[0]:.1f}")
     if args.check_extrapolation:
         check = check_extrapolation(args.layers, args.hlo_dir, args.reuse)
         print(json.dumps(check) if args.json else

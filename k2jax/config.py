@@ -34,7 +34,7 @@ from k2jax.errors import ConfigError
 DEFAULT_BATCH_ROWS = 256  # data.global_batch_size and micro_batch_size when neither is given
 MESH_AXES = ("data", "fsdp", "tensor")  # k2jax.sharding.mesh.AXES, without importing jax
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_out",
-                  "offload_qkv_out", "custom")
+                  "offload_qkv_out", "offload_input_qkv_out", "custom")
 # The tensors of a layer `model.remat: custom` can keep (model.remat_save) or move to host
 # memory (model.remat_offload) between the passes; MaxText's custom policy names them
 # decoder_layer_input, query_proj, key_proj, value_proj, out_proj, mlpwo.

@@ -27,13 +27,17 @@ pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
     ("v5e-256", "v5e:16x16", 256),  # v5e and v6e suffixes count chips
     ("v6e-8", "v6e:2x4", 8),
     ("v5p:8x8x8", "v5p:8x8x8", 512),
+    ("tpu7x-8", "tpu7x:2x2x1", 4),  # tpu7x counts TensorCores = JAX devices, 2 per chip
+    ("tpu7x-128", "tpu7x:4x4x4", 64),
+    ("tpu7x:2x2x1", "tpu7x:2x2x1", 4),
 ])
 def test_slice_names(name, topology, chips):
     tpu_slice = parse_slice(name)
     assert (tpu_slice.topology, tpu_slice.chips) == (topology, chips)
+    assert tpu_slice.devices == chips * (2 if name.startswith("tpu7x") else 1)
 
 
-@pytest.mark.parametrize("name", ["v5p-12", "v7x-8", "tpu", "v5e-3"])
+@pytest.mark.parametrize("name", ["v5p-12", "v7x-8", "tpu", "v5e-3", "tpu7x-6", "tpu8-8"])
 def test_bad_slice_names(name):
     with pytest.raises(UserError, match="^topology "):
         parse_slice(name)
@@ -92,6 +96,23 @@ def test_aot_compile_small_model_for_v5e_4():
     assert 1.0 <= report["flops_per_step"] / report["model_flops_per_step"] <= 1.5
     assert 0 < report["estimated_mfu"] <= 1.0
     assert report["compile_seconds"] > 0
+
+
+def test_aot_compiles_for_ironwood_with_per_device_figures():
+    """tpu7x-8 = tpu7x:2x2x1: 4 chips that JAX sees as 8 devices (2 per chip). The report's
+    per-"chip" keys are per device there: half a chip's HBM, half its peak."""
+    pytest.importorskip("libtpu")
+    cmd = [sys.executable, "-m", "k2jax.cli", "aot", "--config", str(TINY), "--topology",
+           "tpu7x-8", "--json", "--no-flops", *SMALL_MODEL, "mesh.fsdp=8",
+           "data.micro_batch_size=8", "model.attention=xla", "model.compute_dtype=bfloat16"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["chips"] == 8 and report["topology_string"] == "tpu7x:2x2x1"
+    assert report["hbm_bytes_per_chip"] == 96 * 1024 ** 3
+    assert report["peak_flops_per_chip"] == pytest.approx(2307e12 / 2)
+    assert 0 < report["predicted_mfu"] <= 1.0 and report["predicted_step_seconds"] > 0
 
 
 def test_aot_compiles_the_pallas_kernel_inside_the_sharded_step():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from k2jax.aot.calibration import ERRORS, band_line, error_summary, step_band
+from k2jax.aot.calibration import ERRORS, band_line, error_summary, errors_for, step_band
 
 
 def test_band_is_the_prediction_scaled_by_the_extreme_errors():
@@ -17,3 +17,11 @@ def test_the_printed_line_names_the_recorded_calibration():
     line = band_line(21.0)
     assert f"{low:.2f}-{high:.2f} s" in line and f"{len(ERRORS)} published" in line
     assert low <= high
+
+
+def test_a_generation_with_cases_gets_its_own_band():
+    errors = {"32b-v5p-128": -0.06, "32b-2xv5p-128": -0.02, "llama3.1-8b-v6e-8": 0.2}
+    assert set(errors_for("v5p", errors)) == {"32b-v5p-128", "32b-2xv5p-128"}
+    assert step_band(10.0, errors, "v6e") == pytest.approx((12.0, 12.0))
+    assert errors_for("v4", errors) == errors  # no case there: all of them
+    assert "on v6e" in band_line(10.0, "v6e")

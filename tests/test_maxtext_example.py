@@ -46,15 +46,18 @@ def test_the_example_is_the_calibration_case():
             if section == "model" and (key in NOT_COMPILED_MODEL or key in REMAT):
                 continue
             assert mine[key] == theirs[key], f"{section}.{key}: {mine[key]} != {theirs[key]}"
-    # The remat as published; the calibration case may still use its nearest policy of before
-    # model.remat custom existed (offload_qkv_out), and then only that may differ.
+    # The remat as published; the calibration case names the same policy by its preset
+    # (offload_input_qkv_out = custom offloading exactly these tensors).
     assert (example.model.remat, example.model.remat_offload) == ("custom", PUBLISHED_OFFLOAD)
     assert example.model.remat_save == []
     if reference.model.remat == "custom":
         assert [getattr(reference.model, k) for k in REMAT] == [
             getattr(example.model, k) for k in REMAT]
     else:
-        assert reference.model.remat == "offload_qkv_out"
+        from k2jax.model.transformer import _MAXTEXT_OFFLOADED
+
+        assert reference.model.remat == "offload_input_qkv_out"
+        assert list(_MAXTEXT_OFFLOADED) == PUBLISHED_OFFLOAD
     # The start-up flag the case sets in LIBTPU_INIT_ARGS is the one the example's comment names.
     assert case.libtpu_init_args in EXAMPLE.read_text()
 

@@ -1,4 +1,5 @@
-"""model.remat offload_qkv_out: save_qkv_out's tensors kept in pinned host memory between the
+"""model.remat offload_qkv_out (save_qkv_out's tensors) and offload_input_qkv_out (MaxText's
+custom recipe: layer input, q/k/v and attention output) kept in pinned host memory between the
 forward and the backward pass. Same loss and gradients as full remat (CPU has a pinned_host
 memory space too); the step-time model charges the host <-> HBM transfers."""
 
@@ -40,16 +41,19 @@ def _loss_and_grads_of(config: ModelConfig):
 
 
 @pytest.mark.slow  # two compiles of a scanned model with remat: minutes on a loaded 2-core VM
-def test_offloaded_remat_has_the_loss_and_gradients_of_full_remat():
+@pytest.mark.parametrize("policy", ["offload_qkv_out", "offload_input_qkv_out"])
+def test_offloaded_remat_has_the_loss_and_gradients_of_full_remat(policy):
     (full_loss, full_grads), (off_loss, off_grads) = (_loss_and_grads(r)
-                                                      for r in ("full", "offload_qkv_out"))
+                                                      for r in ("full", policy))
     assert float(off_loss) == pytest.approx(float(full_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(full_grads), jax.tree.leaves(off_grads)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow
-def test_tpu_compile_puts_the_saved_tensors_in_host_memory_and_the_model_charges_them(tmp_path):
+@pytest.mark.parametrize("policy", ["offload_qkv_out", "offload_input_qkv_out"])
+def test_tpu_compile_puts_the_saved_tensors_in_host_memory_and_the_model_charges_them(
+        tmp_path, policy):
     """On CPU the policy's host placement is a no-op (its memory is the host's); a TPU AOT
     compile places the saved tensors in host memory (layout memory space S(5))."""
     pytest.importorskip("libtpu")
@@ -62,7 +66,7 @@ def test_tpu_compile_puts_the_saved_tensors_in_host_memory_and_the_model_charges
     hlo = tmp_path / "step.hlo"
     config = load_config(TINY_YAML, SMALL_MODEL + [
         "mesh.fsdp=4", "data.micro_batch_size=8", "model.attention=xla",
-        "model.compute_dtype=bfloat16", "model.remat=offload_qkv_out"])
+        "model.compute_dtype=bfloat16", f"model.remat={policy}"])
     report = compile_report(config, parse_slice("v5p-8"), measure_flops=False, hlo_out=str(hlo))
     assert "S(5)" in hlo.read_text()
     assert report["host_transfer_seconds"] > 0

@@ -32,3 +32,15 @@ def test_days_and_chip_hours_of_the_run():
     report = {"chips": 256, **band_fields(22.66, 0.625), **run}
     text = "\n".join(format_lines(report))
     assert "run of 338,760 steps" in text and "88.8 days" in text and "calibrated step" in text
+
+
+def test_a_generation_with_cases_of_its_own_gets_their_band():
+    from k2jax.aot.calibration import errors_for
+
+    v6e = errors_for("v6e")
+    assert v6e and len(v6e) < len(errors_for())  # v6e's cases only
+    fields = band_fields(10.0, 0.5, "v6e")
+    assert fields["predicted_step_band_seconds"] == [10.0 * (1 + min(v6e.values())),
+                                                     10.0 * (1 + max(v6e.values()))]
+    assert f"{len(v6e)} published MaxText runs on v6e" in fields["calibration_line"]
+    assert band_fields(10.0, 0.5, "v4")["calibration"]["cases"] == len(errors_for())  # none: all

@@ -9,6 +9,7 @@ import pytest
 from k2jax.aot.chips import CHIPS, axis_wraps
 from k2jax.aot.collectives import DeviceLayout, collective_seconds
 from k2jax.aot.hlo_text import parse_module, replica_groups
+from k2jax.aot.loop_trips import trip_count
 from k2jax.aot.op_cost import attention_kernel_flops
 from k2jax.aot.step_time import StepTimeModel, predict
 
@@ -77,6 +78,17 @@ def test_trip_count_follows_the_counter_step_and_start():
     assert StepTimeModel(parse_module(started), V5P, LAYOUT).step().flops == 3 * 2 * 128 * 512 * 256
 
 
+def test_a_counter_starting_at_a_copied_constant_counts_from_it():
+    """A peeled loop (its first iteration moved out) starts its counter at copy(constant(1))."""
+    peeled = MATMUL.replace(
+        "%init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %a, %b)",
+        "%one = s32[] constant(1)\n  %start = s32[] copy(%one)\n"
+        "  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%start, %a, %b)")
+    module = parse_module(peeled)
+    entry = module[module.entry]
+    assert trip_count(module, entry.by_name["loop"], entry) == 6
+
+
 def test_known_trip_count_wins_over_the_condition():
     text = MATMUL.replace("condition=%cond, body=%body",
                           'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"80"}}')
@@ -102,6 +114,22 @@ def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_coun
     out = predict(both, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
     assert out["extrapolated_layer_loops"] == 2
     assert out["hlo_flops_per_chip"] == 2 * 32 * 2 * 128 * 512 * 256
+
+def test_a_layer_scan_with_a_peeled_iteration_runs_the_rest_of_the_layers():
+    """XLA peels one backward iteration out of the layer scan of the v6e offloading recipes
+    (3 trips in a 4-layer compile): costed at 32 layers, the loop runs 31 times and the peeled
+    layer once. A 3-trip loop whose body is not the scanned layer is left alone."""
+    layer = MATMUL.replace("constant(7)", "constant(3)").replace(
+        "calls=%fused_dot\n", 'calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp('
+        'KModel))/while/body/closed_call/checkpoint/layers/mlp/dot_general"}\n', 1)
+    out = predict(layer, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(4, 32))
+    assert out["extrapolated_layer_loops"] == 1
+    assert out["hlo_flops_per_chip"] == 31 * 2 * 128 * 512 * 256
+    other = MATMUL.replace("constant(7)", "constant(3)")
+    out = predict(other, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(4, 32))
+    assert out["extrapolated_layer_loops"] == 0
+    assert out["hlo_flops_per_chip"] == 3 * 2 * 128 * 512 * 256
+
 
 SLICED = """
 HloModule m, is_scheduled=true
@@ -297,6 +325,31 @@ ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128], v: bf16[8,2048,128]) -> b
     # 4 x 4 blocks of 512, causal: 10 of 16 visited.
     assert attention_kernel_flops(entry.root, entry) == pytest.approx(
         4 * 8 * 2048 * 2048 * 128 * 10 / 16)
+
+
+def test_splash_fused_backward_counts_dq_dk_and_dv():
+    """splash's fused backward is its dkv kernel writing dq too (partial per kv block, as on
+    the v6e recipes' HLO): 10 units, where the dkv-only kernel counts 8."""
+    def kernel(results: str) -> float:
+        text = f"""
+HloModule m
+ENTRY %main (q: bf16[2,4,2048,128], k: bf16[2,1,2048,128]) -> bf16[2,1,2048,128] {{
+  %q = bf16[2,4,2048,128]{{3,2,1,0}} parameter(0)
+  %k = bf16[2,1,2048,128]{{3,2,1,0}} parameter(1)
+  ROOT %splash_mha_dkv_no_residuals = {results} custom-call(%q, %k), custom_call_target="tpu_custom_call"
+}}
+"""
+        module = parse_module(text)
+        entry = module[module.entry]
+        return attention_kernel_flops(entry.root, entry)
+
+    dkv = "(bf16[2,1,2048,128], bf16[2,1,2048,128])"
+    fused = "(bf16[2,4,4,2048,128], bf16[2,1,2048,128], bf16[2,1,2048,128])"
+    causal = 0.5  # no block sizes recorded
+    assert kernel(dkv) == pytest.approx(8 * 2 * 4 * 2048 * 2048 * 128 * causal)
+    assert kernel(fused) == pytest.approx(10 * 2 * 4 * 2048 * 2048 * 128 * causal)
+    mha_dkv = "(bf16[2,4,2048,128], bf16[2,4,2048,128])"  # dk, dv shaped like q: still 8
+    assert kernel(mha_dkv) == pytest.approx(8 * 2 * 4 * 2048 * 2048 * 128 * causal)
 
 
 def test_windowed_einsum_convolution_counts_only_window_positions_on_the_input():

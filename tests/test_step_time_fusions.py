@@ -113,3 +113,38 @@ def test_a_collective_carried_by_fusions_counts_once_and_overlaps_its_chain():
     exposed = StepTimeModel(parse_module(bare), V5P, LAYOUT).step().exposed_collective_seconds
     assert exposed == pytest.approx(max(0.0, gather - (ags_s + agd_s)))
     assert exposed > step.exposed_collective_seconds
+
+
+# XLA's all-reduce-scatter fusion (a gradient reduce-scatter on the v6e recipes' HLO): an
+# all-reduce of which each device keeps its dynamic-slice.
+REDUCE_SCATTER = """
+HloModule m, is_scheduled=true
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (input.1: bf16[4096,4096]) -> bf16[4096,1024] {
+  %input.1 = bf16[4096,4096]{1,0} parameter(0)
+  %all-reduce.1 = bf16[4096,4096]{1,0} all-reduce(%input.1), channel_id=7, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  %zero = u32[] constant(0)
+  %pid = u32[] partition-id()
+  %width = u32[] constant(1024)
+  %offset = u32[] multiply(%pid, %width)
+  ROOT %ds = bf16[4096,1024]{1,0} dynamic-slice(%all-reduce.1, %zero, %offset), dynamic_slice_sizes={4096,1024}
+}
+
+ENTRY %main (g: bf16[4096,4096]) -> bf16[4096,1024] {
+  %g = bf16[4096,4096]{1,0} parameter(0)
+  ROOT %rs = bf16[4096,1024]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+
+
+def test_an_all_reduce_scatter_fusion_costs_a_reduce_scatter():
+    step = StepTimeModel(parse_module(REDUCE_SCATTER), V5P, LAYOUT).step()
+    ring = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_bandwidth)  # input x (n-1)/n, once
+    assert step.collectives == 1
+    assert step.collective_seconds == pytest.approx(ring)

@@ -8,7 +8,12 @@ Sources (public; docs/performance.md "Step-time model" repeats them):
   one-way ICI bandwidth per link, links per chip (6 on the 3-D tori v4/v5p, 4 on the 2-D v5e/v6e),
   wrap-around rules, DCN egress per chip:
   https://jax-ml.github.io/scaling-book/tpus/
-Figures are per chip (v4 and v5p chips have two TensorCores run as one "megacore" device).
+- Google Cloud's TPU7x (Ironwood) page, https://cloud.google.com/tpu/docs/tpu7x: per chip
+  2307 TFLOP/s bf16, 192 GiB HBM at 7380 GB/s, two TensorCores, ICI 1200 GB/s bidirectional
+  (v5p's figure), DCN 100 Gbps; a dual-chiplet chip that JAX sees as two devices.
+Figures are per JAX device: per chip on v4/v5p (two TensorCores run as one "megacore" device)
+and v5e/v6e (one TensorCore), half a chip on tpu7x (each TensorCore its own device; the
+step-time model walks one device's program, so it divides the device's own share).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class Chip:
     # peak x this. Stated, not fitted: see MXU_EFFICIENCY.
     mxu_efficiency: float = 1.0
     # bytes/s between host memory and HBM per chip (PCIe): offloaded remat's traffic.
-    host_bandwidth: float = 1.5e10
+    host_bandwidth: float = 1.5e10  # HOST_BANDWIDTH below
 
 
 # The one public measurement found of an XLA bf16 matmul on a TPU against its peak: JAX's Pallas
@@ -42,8 +47,12 @@ class Chip:
 # jnp.matmul (8Ki)^3 bf16 on v5e: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
 # No per-generation figure is published for v4, v5p or v6e; they take v5e's until one is.
 MXU_EFFICIENCY = 0.923
-# Host <-> HBM: the JAX scaling book's TPU chapter puts PCIe at 1.5e10 bytes/s per chip (its v6e
-# worked example; "16-32 GB/s" across generations). Used for every generation.
+# Host <-> HBM (PCIe), per chip and direction: the JAX scaling book's TPU chapter ("PCIe
+# bandwidth is typically around 1.5e10 bytes / second per chip", with the footnote "Trillium
+# (TPU v6e) has 32GB/s, about 2x higher than v5"): 1.5e10 for v4/v5p/v5e, 3.2e10 for v6e. No
+# figure is published for tpu7x: it takes the typical 1.5e10.
+HOST_BANDWIDTH = 1.5e10
+V6E_HOST_BANDWIDTH = 3.2e10
 
 
 CHIPS = {
@@ -62,8 +71,16 @@ CHIPS = {
     # v6e (Trillium): 918 TFLOP/s, 32 GiB at 1.64 TB/s; ICI 9e10 B/s one way per link (3,584 Gbps
     # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
     "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10,
-               mxu_efficiency=MXU_EFFICIENCY),
+               mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=V6E_HOST_BANDWIDTH),
+    # tpu7x (Ironwood), per device = half a chip: 2307/2 TFLOP/s, 192/2 GiB at 7380/2 GB/s;
+    # the chip's ICI (1200 GB/s bidirectional, as v5p's: 6 links of 9e10 B/s one way, a 3-D
+    # torus of 4x4x4 cubes that wraps as v5p's) and its DCN (100 Gbps) and PCIe are shared by
+    # its two devices, which run the same program at once: half of each link per device.
+    "tpu7x": Chip("tpu7x", 2307e12 / 2, 96 * GIB, 7.38e12 / 2, 9e10 / 2, 6, 3, 4, False,
+                  1.25e10 / 2, mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=HOST_BANDWIDTH / 2),
 }
+# JAX devices per chip (the model's figures above are per device).
+DEVICES_PER_CHIP = {"v4": 1, "v5p": 1, "v5e": 1, "v6e": 1, "tpu7x": 2}
 
 
 def chip_for(generation: str) -> Chip:

@@ -206,7 +206,7 @@ def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
             # MaxText's 2024-05..2025-07 convention (full attention), to compare like for like.
             report["predicted_mfu_full_attention"] = report["predicted_mfu"] * (
                 1 + attention_flops_per_step(config) / model_flops)
-            report.update(band_fields(step, report["predicted_mfu"]))
+            report.update(band_fields(step, report["predicted_mfu"], tpu_slice.generation.name))
             report.update(run_fields(run_steps(config.train.steps, config.train.start_step),
                                      step, report["predicted_step_band_seconds"], chips))
     if measure_flops and compiled is not None:

@@ -47,7 +47,13 @@ def _is_int(text: str) -> bool:
 
 
 def _constant_value(comp: Computation, name: str) -> Optional[int]:
+    """The integer constant `name` is, also through copies (a peeled loop's counter starts
+    at `copy(constant(1))`: XLA moved its first iteration out of the loop)."""
     op = comp.by_name.get(name)
+    for _ in range(4):
+        if op is None or op.opcode not in ("copy", "bitcast", "convert") or not op.operands:
+            break
+        op = comp.by_name.get(op.operands[0])
     if op is not None and op.opcode == "constant" and _is_int(op.operand_text):
         return int(op.operand_text)
     return None

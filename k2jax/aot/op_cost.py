@@ -96,7 +96,11 @@ def attention_kernel_flops(instr: Instruction, comp: Computation) -> float:
         return 0.0
     q, k = arrays[0], arrays[1]
     lowered = where.lower()
-    if "dkv" in lowered:
+    if "dkv" in lowered and _writes_dq(instr, q, k):
+        # splash's fused backward (use_fused_bwd_kernel) is its dkv kernel that also writes
+        # dq (as partial sums per kv block, reduced after): dq, dk and dv in one pass.
+        kind, units = "bwd", 10
+    elif "dkv" in lowered:
         kind, units = "dkv", 8
     elif "dq" in lowered:
         kind, units = "dq", 6
@@ -107,6 +111,13 @@ def attention_kernel_flops(instr: Instruction, comp: Computation) -> float:
     seq_q, seq_k, head_dim = q.dims[-2], k.dims[-2], q.dims[-1]
     rows = math.prod(q.dims[:-1])
     return units * rows * seq_k * head_dim * _causal_fraction(instr.rest, kind, seq_q, seq_k)
+
+
+def _writes_dq(instr: Instruction, q, k) -> bool:
+    """Whether a backward kernel writes dq beside dk and dv: three results shaped like q or k
+    (heads, S, D; splash's fused backward adds a kv-block axis in front of dq), not two."""
+    shapes = {tuple(q.dims[-3:]), tuple(k.dims[-3:])}
+    return sum(len(a.dims) >= 3 and tuple(a.dims[-3:]) in shapes for a in instr.shape) >= 3
 
 
 class OpCosts:

@@ -17,8 +17,9 @@ order), one compute stream and one collective stream per chip:
   fusion, from the flags MaxText's runs set: one collective, by channel id, carried through a
   chain of fusions) starts with the first fusion of its chain and is waited for at the end of
   the last, so it overlaps the chain's own compute and everything scheduled in between. A
-  synchronous collective stalls the compute stream for its whole duration. Collectives run one
-  at a time on the collective stream. Exposed communication = the stalls.
+  synchronous collective stalls the compute stream for its whole duration. XLA's
+  all-reduce-scatter fusion (an all-reduce each device dynamic-slices) is a reduce-scatter.
+  Collectives run one at a time on the collective stream. Exposed communication = the stalls.
 - Loops cost their body times the trip count (k2jax/aot/loop_trips.py).
 
 predicted step = compute + memory + exposed communication; predicted MFU = model FLOPs per step
@@ -81,9 +82,10 @@ class StepTimeModel:
                  layer_trips: Optional[tuple[int, int]] = None):
         """`layer_trips=(compiled, full)`: loops of `compiled` trips (the scan over a reduced
         layer count) are costed at `full` trips, extrapolating per layer from a cheaper
-        compile. `extrapolated_loops` names the loops so costed: a scanned step has two (the
-        forward and the backward scan); fewer means XLA unrolled one, whose layers then count
-        only `compiled` times."""
+        compile; a layer scan with one or two iterations peeled out of its loop, at `full`
+        less that many. `extrapolated_loops` names the loops so costed: a scanned step has two
+        (the forward and the backward scan); fewer means XLA unrolled one, whose layers then
+        count only `compiled` times."""
         self.module, self.chip, self.layer_trips = module, chip, layer_trips
         self.layout = layout
         self.costs = OpCosts(module)
@@ -124,6 +126,10 @@ class StepTimeModel:
 
     def _fused_collective_seconds(self, coll: Instruction, comp: Computation) -> float:
         kind = coll.opcode.removesuffix("-start")
+        if kind == "all-reduce" and _only_sliced(coll, comp):
+            # XLA's all-reduce-scatter fusion: an all-reduce of which each device keeps its
+            # dynamic-slice is a reduce-scatter (the ring moves the input once, not twice).
+            kind = "reduce-scatter"
         operand_bytes = sum(self.costs.operand_bytes(coll, comp))
         return collective_seconds(kind, coll, operand_bytes, coll.result_bytes, self.chip,
                                   self.layout)
@@ -240,8 +246,11 @@ class StepTimeModel:
             if trips is None:
                 body.unknown_trip_counts += 1
                 trips = 1
-            elif self.layer_trips and trips == self.layer_trips[0]:
-                trips = self.layer_trips[1]
+            elif self.layer_trips and self._is_layer_loop(instr, trips):
+                # A layer scan with k iterations peeled out of the loop (XLA's pipelining of
+                # the backward scan with host offload: 3 trips of a 4-layer compile) runs
+                # full - k times; the peeled layers are costed once where they are.
+                trips += self.layer_trips[1] - self.layer_trips[0]
                 self.extrapolated_loops.add(instr.name)
             return body, float(trips)
         if op in ("call", "async-start") and (instr.called("to_apply") or instr.called("calls")):
@@ -255,8 +264,27 @@ class StepTimeModel:
                 return max(costs, key=lambda c: c.seconds), 1.0
         return None
 
+    def _is_layer_loop(self, instr: Instruction, trips: int) -> bool:
+        """A loop of the compiled layer count, or one or two fewer whose body runs the
+        scanned layer (op names under the scan's `while/body/.../layers/`) and no loop."""
+        compiled = self.layer_trips[0]
+        if trips == compiled:
+            return True
+        if not compiled - 2 <= trips < compiled or trips < 1:
+            return False
+        body = self.module[instr.called("body")].instructions
+        return (not any(i.opcode == "while" for i in body)
+                and any("/while/body/" in i.op_name and "layers/" in i.op_name for i in body))
+
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
+
+
+def _only_sliced(instr: Instruction, comp: Computation) -> bool:
+    """Whether every user of `instr` in `comp` is a dynamic-slice of it."""
+    users = [i for i in comp.instructions if instr.name in i.operands]
+    return bool(users) and all(u.opcode == "dynamic-slice" and u.operands[0] == instr.name
+                               for u in users)
 
 
 def _channel(coll: Instruction) -> str:

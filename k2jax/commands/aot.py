@@ -11,7 +11,9 @@ from k2jax.commands.cli_args import HelpFormatter
 TOPOLOGY_HELP = (
     "TPU slice in Google's naming: v4-N and v5p-N count TensorCores (2 per chip: v5p-512 is "
     "256 chips, topology v5p:4x8x8; v4-1024 is 512 chips, v4:8x8x8); v5e-N and v6e-N count "
-    "chips (v5e-256 is v5e:16x16). A topology string such as v5p:4x8x8 is also accepted.")
+    "chips (v5e-256 is v5e:16x16); tpu7x-N (Ironwood) counts TensorCores, which there are the "
+    "JAX devices, 2 per chip (tpu7x-8 is 4 chips, tpu7x:2x2x1, 8 devices; per-chip figures are "
+    "then per device). A topology string such as v5p:4x8x8 is also accepted.")
 
 
 def add_parser(subparsers) -> None:

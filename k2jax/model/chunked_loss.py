@@ -2,7 +2,7 @@
 logits ever exist.
 
 Unchunked, a micro-batch's fp32 logits [rows, seq, vocab] are live whole, and their gradient is
-built whole: at vocab 128256 and seq 8192 that is 4.2 GB per row per copy. Chunked, the output
+built whole: at vocab 128256 and seq 8Ki that is 4.2 GB per row per copy. Chunked, the output
 projection, the rounding to model.logits_dtype and the token losses run over `chunk` positions
 at a time inside a `lax.scan`; the backward recomputes each chunk's logits from the final
 hidden states and the head weight (about 2 x tokens x hidden x vocab extra FLOPs per step, one
@@ -43,7 +43,7 @@ AUTO_CHUNK_BYTES = 512 << 20
 # The head gathered once a micro-batch while its bf16 copy and fp32 gradient fit this a device
 # (`gathers_head`). Measured (k2jax aot, 2026-12-07): v6e-8, a 512-wide head, 4 rows a chip,
 # 128-position chunks: predicted 0.138 s a step gathering once, 0.398 s per chunk (0.235 s of
-# exposed collectives); a LLaMA-3-70B plan on v6e-256 (1 row a chip, seq 8192): 35.1 GB a chip
+# exposed collectives); a LLaMA-3-70B plan on v6e-256 (1 row a chip, seq 8Ki): 35.1 GB a chip
 # gathering once (does not fit), 29.07 GB per chunk (fits).
 HEAD_GATHER_BYTES = 1 << 30
 

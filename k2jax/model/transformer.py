@@ -20,6 +20,11 @@ from k2jax.model.layers import (DecoderLayer, RMSNorm, constrain, dtype_of, logi
 from k2jax.model.rope import rope_cos_sin
 
 _SAVED_PROJECTIONS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_out")
+# MaxText's `remat_policy: custom` of its v6e recipes (decoder_layer_input, query_proj,
+# key_proj, value_proj and out_proj "offload"; everything else "remat"): the layer input and
+# the attention's q/k/v and output projections, not the MLP output.
+_MAXTEXT_OFFLOADED = ("decoder_layer_input", "query_proj", "key_proj", "value_proj",
+                      "attention_out")
 
 
 def remat_policy(name: str, save: tuple = (), offload: tuple = ()):
@@ -40,6 +45,11 @@ def remat_policy(name: str, save: tuple = (), offload: tuple = ()):
         # backward pass instead of HBM (MaxText's offloaded remat): HBM for PCIe traffic.
         "offload_qkv_out": policies.save_and_offload_only_these_names(
             names_which_can_be_saved=[], names_which_can_be_offloaded=list(_SAVED_PROJECTIONS),
+            offload_src="device", offload_dst="pinned_host"),
+        # MaxText's offloading recipe exactly (= `custom` with remat_offload _MAXTEXT_OFFLOADED):
+        # the backward recomputes each layer from the offloaded layer input.
+        "offload_input_qkv_out": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_MAXTEXT_OFFLOADED),
             offload_src="device", offload_dst="pinned_host"),
     }[name]
 
