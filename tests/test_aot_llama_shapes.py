@@ -103,6 +103,11 @@ def test_llama_shaped_config_predicts_mfu(tmp_path, name, data, rows):
     assert f"calibrated step {low:.3g}-{high:.3g} s" in text
     assert f"batch {rows} ({per_device} per device x 8) x 8192" in text
     assert "run of 1,000 steps" in text
+    # The step line names every part that adds up to the step (host transfers when offloading).
+    parts = ("compute_seconds", "memory_seconds", "exposed_collective_seconds",
+             "exposed_host_transfer_seconds")
+    assert sum(report[k] for k in parts) == pytest.approx(step)
+    assert ("exposed host transfers" in text) == bool(report["host_transfer_seconds"])
 
 
 def test_a_conflicting_global_batch_is_one_line(tmp_path):

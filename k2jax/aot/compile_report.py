@@ -267,7 +267,11 @@ def format_report(report: dict) -> str:
         lines.append(f"predicted step {report['predicted_step_seconds']:.3f} s = compute "
                      f"{report['compute_seconds']:.3f} + HBM-bound {report['memory_seconds']:.3f}"
                      f" + exposed collectives {report['exposed_collective_seconds']:.3f} (of "
-                     f"{report['collective_seconds']:.3f}), predicted MFU "
+                     f"{report['collective_seconds']:.3f})"
+                     + (f" + exposed host transfers {report['exposed_host_transfer_seconds']:.3f}"
+                        f" (of {report['host_transfer_seconds']:.3f})"
+                        if report.get("host_transfer_seconds") else "")
+                     + f", predicted MFU "
                      f"{report['predicted_mfu']:.1%} (step-time model, docs/performance.md)")
     lines.extend(format_lines(report))  # the calibration band, the run's days
     return "\n".join(lines)
