@@ -42,6 +42,7 @@ def local_files_of(directory):
             for root, _, names in os.walk(directory) for name in names}
 
 
+@pytest.mark.slow  # ~5 s; local conversion stays quick (test_convert)
 def test_both_directions_through_gs_equal_local(gcs_server, gcs_bucket, hf_dir, tmp_path,
                                                capsys):
     # HF (local) -> weights on gs:// ; HF on gs:// -> weights (local)

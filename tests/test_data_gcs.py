@@ -51,6 +51,7 @@ def batch(capsys, data, step, out, *extra):
                "--seq-len", SEQ_LEN, "--order", "sequential", "--out", out, *extra)
 
 
+@pytest.mark.slow  # ~9 s; the local path stays quick (test_data_cli)
 def test_index_batch_locate_pack_on_gs_equal_local(gcs_server, gcs_bucket, local_chunks,
                                                    tmp_path, capsys):
     data = f"{gcs_bucket}/data"

@@ -93,6 +93,7 @@ def test_the_train_steps_loss_rounds_the_logits():
     assert float(loss) == pytest.approx(float(total / count), rel=1e-6)
 
 
+@pytest.mark.slow  # ~5 s: a decode compile
 def test_decode_logits_are_rounded_like_the_forward():
     """generate and lm-eval's generate_until decode through the KV cache: the same bf16 logits
     as the model's forward (K2's scoring), for every position of a prefill."""
