@@ -37,3 +37,25 @@ def test_unretrieved_asyncio_leftovers_are_dropped(monkeypatch, caplog):
     asyncio_log.error("Future exception was never retrieved")
     asyncio_log.error("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_unawaited_coroutines_are_dropped_and_other_warnings_kept(monkeypatch):
+    import gc
+    import warnings
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+
+    async def abandoned():
+        pass
+
+    with warnings.catch_warnings(record=True) as seen:  # restores the filters afterwards
+        warnings.simplefilter("always")
+        quiet_until_exit()
+        coroutine = abandoned()
+        del coroutine
+        gc.collect()
+        warnings.warn("something else", RuntimeWarning)
+    assert [str(w.message) for w in seen] == ["something else"]
