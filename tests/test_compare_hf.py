@@ -46,6 +46,7 @@ def test_orbax_checkpoint_and_token_ids_pass(setup, capsys, tmp_path):
     assert code == 0 and report["max_abs"] < 1e-4 and report["tokens"] == 2 * 11
 
 
+@pytest.mark.slow  # quick group time (~3 s)
 def test_bf16_rope_frequencies_round_both_stacks(setup, capsys):
     """--rope-freq-dtype bfloat16: transformers' inv_freq is rounded too, so the stacks still
     agree, on losses that differ from the float32 ones (the rounding took effect on both)."""

@@ -24,6 +24,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow  # quick group time (~5 s; prepare -> index -> batch stays quick)
 def test_index_batch_locate_pack(k2_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "index", k2_dir, "--workers", 2, "--quiet")
     assert code == 0 and "indexed 360 files" in out

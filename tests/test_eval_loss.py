@@ -92,6 +92,7 @@ def test_eval_loss_default_is_k2s_bf16_rope_frequencies(setup, k2_rope_model, ca
         assert abs(record["loss"] - stock) > 3e-5, (record, stock)
 
 
+@pytest.mark.slow  # quick group time (~2.5 s; the bf16 RoPE default stays quick)
 def test_eval_loss_rounds_logits_to_the_configs_logits_dtype(setup, k2_rope_model, capsys):
     """model.logits_dtype=bfloat16 (K2's, issue 26) rounds the logits before the fp32 loss:
     transformers' bf16-rounded logits give the loss, its fp32 ones do not (a shift of ~1e-4
@@ -105,6 +106,7 @@ def test_eval_loss_rounds_logits_to_the_configs_logits_dtype(setup, k2_rope_mode
     assert abs(rounded - exact) > 1e-5, (rounded, exact)
 
 
+@pytest.mark.slow  # quick group time (~2 s; the fp32 parity stays quick)
 def test_eval_loss_bf16_close(setup, capsys):
     records = eval_loss(capsys, "--hf", str(setup["hf"]), "--data", str(setup["data"]),
                         "--steps", "1", "--dtype", "bf16")
@@ -199,6 +201,7 @@ def test_eval_loss_any_batch_size_under_per_group(setup, capsys, k2_rope_model):
     assert abs(record["loss"] - float(nll.mean())) < 1e-5
 
 
+@pytest.mark.slow  # quick group time (~5 s)
 def test_eval_loss_and_compare_hf_read_the_configs_synthetic_source(setup, capsys):
     """The config's data source, as `train` reads it (before, data.source was forced to k2 and
     a config without data.path failed): configs/tiny.yaml is synthetic."""

@@ -130,6 +130,7 @@ def test_wrong_block_decisions_are_detected(monkeypatch, mutation):
     assert rel_err(got[0], want[0]) > 1e-3
 
 
+@pytest.mark.slow  # quick group time (~3 s; the float64 references stay quick)
 def test_causal_skipping_matches_brute_force():
     """Block-level decisions (skip, mask, DMA clamp) against a brute-force scan of the mask,
     over block shapes with bq <, =, > bkv and padded sequences."""

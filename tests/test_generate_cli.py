@@ -56,6 +56,7 @@ def error_line(capsys, argv) -> str:
     return err[0]
 
 
+@pytest.mark.slow  # quick group time (~6 s; test_generate's bad-input test stays quick)
 def test_generate_bad_input(checkpoint, tmp_path, capsys):
     base = ["generate", "--hf", str(checkpoint)]
     assert "prompt 0: 40 tokens + --max-new-tokens 4 exceed the model's context of 32" in \

@@ -66,7 +66,8 @@ def _rewrite_first_line(directory, keep_size_and_mtime: bool):
     return row["token_ids"]
 
 
-@pytest.mark.parametrize("keep_size_and_mtime", [False, True],
+@pytest.mark.parametrize("keep_size_and_mtime", [
+    False, pytest.param(True, marks=pytest.mark.slow)],  # quick group time: ~3 s each
                          ids=["size changed", "same size and mtime"])
 def test_a_stale_packed_form_is_refused(packed_dir, tmp_path, capsys, keep_size_and_mtime):
     """Before: `data batch` (format auto) returned the old first row, rc 0."""
@@ -177,7 +178,15 @@ DAMAGED_DATA = {
 }
 
 
-@pytest.mark.parametrize("case", DAMAGED_DATA, ids=list(DAMAGED_DATA))
+# Quick group time (~1.6 s each): these relatives of a quick case run in the slow group.
+_SLOW_DAMAGE = {"chunk file is a directory (index)", ".k2index is a file (index)",
+                "offsets truncated in the header", "offsets file is a directory",
+                "index manifest is a directory", "bool token id"}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(name, marks=pytest.mark.slow) if name in _SLOW_DAMAGE else name
+    for name in DAMAGED_DATA], ids=list(DAMAGED_DATA))
 def test_damaged_data_directory_is_one_line(tmp_path, capsys, case):
     damage, command, expected = DAMAGED_DATA[case]
     data_dir = _indexed(tmp_path / "data")

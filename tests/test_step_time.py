@@ -4,6 +4,8 @@ FLOPs and bytes per op, loop trip counts, replica-group spellings, ring costs, o
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from k2jax.aot.chips import CHIPS, axis_wraps
@@ -325,6 +327,63 @@ ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128], v: bf16[8,2048,128]) -> b
     # 4 x 4 blocks of 512, causal: 10 of 16 visited.
     assert attention_kernel_flops(entry.root, entry) == pytest.approx(
         4 * 8 * 2048 * 2048 * 128 * 10 / 16)
+
+
+def test_a_dimension_under_the_mxu_side_fills_part_of_it():
+    """v6e's 256x256 array (the scaling book) is half filled by a contraction or stationary
+    width of 128; the 128x128 arrays of earlier generations are full. An attention kernel's
+    matmuls all carry head_dim, so head_dim 128 runs at half rate on v6e."""
+    from k2jax.aot.op_cost import attention_mxu_fill, mxu_fill
+
+    def entry_of(text: str):
+        module = parse_module(text)
+        return module[module.entry]
+
+    def dot(lhs: str, rhs: str, out: str, dims: str):
+        return entry_of(f"""
+HloModule m
+ENTRY %main (a: bf16[{lhs}], b: bf16[{rhs}]) -> bf16[{out}] {{
+  %a = bf16[{lhs}] parameter(0)
+  %b = bf16[{rhs}] parameter(1)
+  ROOT %d = bf16[{out}] dot(%a, %b), {dims}
+}}
+""")
+
+    plain = "lhs_contracting_dims={1}, rhs_contracting_dims={0}"
+    k128 = dot("4096,128", "128,4096", "4096,4096", plain)
+    assert mxu_fill(k128.root, k128, 128) == 1.0 and mxu_fill(k128.root, k128, 256) == 0.5
+    # q.k^T with heads as a batch dimension: the contraction is head_dim.
+    scores = dot("8,2048,128", "8,2048,128", "8,2048,2048",
+                 "lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, "
+                 "rhs_contracting_dims={2}")
+    assert mxu_fill(scores.root, scores, 256) == 0.5
+    # A narrow operand (here the weights' 128 columns) streams while the wide one is held.
+    narrow = dot("4096,4096", "4096,128", "4096,128", plain)
+    assert mxu_fill(narrow.root, narrow, 256) == 1.0
+    # 320 = 256 + 64: two tiles of 256 hold it, 320 / 512 filled.
+    odd = dot("4096,320", "320,4096", "4096,4096", plain)
+    assert mxu_fill(odd.root, odd, 256) == pytest.approx(320 / 512)
+
+    splash_text = """
+HloModule m
+ENTRY %main (q: bf16[8,2048,128], k: bf16[8,2048,128]) -> bf16[8,2048,128] {
+  %q = bf16[8,2048,128]{2,1,0} parameter(0)
+  %k = bf16[8,2048,128]{2,1,0} parameter(1)
+  ROOT %splash_mha_fwd = bf16[8,2048,128]{2,1,0} custom-call(%q, %k), custom_call_target="tpu_custom_call"
+}
+"""
+    splash = entry_of(splash_text)
+    assert attention_mxu_fill(splash.root, splash, 128) == 1.0
+    assert attention_mxu_fill(splash.root, splash, 256) == 0.5
+    # The walk charges the padded work: the same kernel takes twice as long on a v6e-sized
+    # array as on a full one, everything else equal.
+    v6e = CHIPS["v6e"]
+    full = dataclasses.replace(v6e, mxu_side=128)
+    module = parse_module(splash_text)
+    half = StepTimeModel(module, v6e, LAYOUT).step()
+    whole = StepTimeModel(module, full, LAYOUT).step()
+    assert half.flops == whole.flops > 0
+    assert half.compute_seconds == pytest.approx(2 * whole.compute_seconds)
 
 
 def test_splash_fused_backward_counts_dq_dk_and_dv():

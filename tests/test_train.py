@@ -83,6 +83,7 @@ def test_two_runs_are_bitwise_identical_and_loss_falls(tmp_path):
                        restore_params_numpy(tmp_path / "b", 30))
 
 
+@pytest.mark.slow  # quick group time (~6 s; resume and data-order tests stay quick)
 def test_the_trainer_reads_each_steps_batch_once(tmp_path, monkeypatch):
     """The step compiles from shapes, so no step is read for compiling; a resumed run reads
     from its checkpoint's step on, each step once."""

@@ -37,6 +37,7 @@ def test_matches_float64_reference(name):
         assert rel_err(got, ref) < 1e-5, (name, label)
 
 
+@pytest.mark.slow  # quick group time (~3 s)
 def test_causal_boundary_is_sharp():
     """A reference whose causal diagonal moves by one must not match (so the test can fail)."""
     q, k, v, do, _ = random_inputs(5, 1, 64, 2, 2, 32, jnp.float32, 0)

@@ -40,6 +40,8 @@ class Chip:
     mxu_efficiency: float = 1.0
     # bytes/s between host memory and HBM per chip (PCIe): offloaded remat's traffic.
     host_bandwidth: float = 1.5e10  # HOST_BANDWIDTH below
+    # Side of the MXU's systolic array: a matmul dimension it holds is padded to a multiple.
+    mxu_side: int = 128  # every generation before v6e (V6E_MXU_SIDE below)
 
 
 # The one public measurement found of an XLA bf16 matmul on a TPU against its peak: JAX's Pallas
@@ -53,6 +55,10 @@ MXU_EFFICIENCY = 0.923
 # figure is published for tpu7x: it takes the typical 1.5e10.
 HOST_BANDWIDTH = 1.5e10
 V6E_HOST_BANDWIDTH = 3.2e10
+# The MXU's systolic array, the JAX scaling book's TPU chapter: "128x128 (256x256 on TPU v6e)",
+# "the dimensions of your tensors needs to be twice as large to utilize the MXU fully" on v6e.
+# tpu7x's is not published: it takes v6e's, the generation it follows.
+V6E_MXU_SIDE = 256
 
 
 CHIPS = {
@@ -71,13 +77,15 @@ CHIPS = {
     # v6e (Trillium): 918 TFLOP/s, 32 GiB at 1.64 TB/s; ICI 9e10 B/s one way per link (3,584 Gbps
     # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
     "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10,
-               mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=V6E_HOST_BANDWIDTH),
+               mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=V6E_HOST_BANDWIDTH,
+               mxu_side=V6E_MXU_SIDE),
     # tpu7x (Ironwood), per device = half a chip: 2307/2 TFLOP/s, 192/2 GiB at 7380/2 GB/s;
     # the chip's ICI (1200 GB/s bidirectional, as v5p's: 6 links of 9e10 B/s one way, a 3-D
     # torus of 4x4x4 cubes that wraps as v5p's) and its DCN (100 Gbps) and PCIe are shared by
     # its two devices, which run the same program at once: half of each link per device.
     "tpu7x": Chip("tpu7x", 2307e12 / 2, 96 * GIB, 7.38e12 / 2, 9e10 / 2, 6, 3, 4, False,
-                  1.25e10 / 2, mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=HOST_BANDWIDTH / 2),
+                  1.25e10 / 2, mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=HOST_BANDWIDTH / 2,
+                  mxu_side=V6E_MXU_SIDE),
 }
 # JAX devices per chip (the model's figures above are per device).
 DEVICES_PER_CHIP = {"v4": 1, "v5p": 1, "v5e": 1, "v6e": 1, "tpu7x": 2}

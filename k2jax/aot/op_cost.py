@@ -3,9 +3,12 @@ convolution, Pallas kernel or unfused data movement), and the collectives a fusi
 itself (async collective fusion): what the step-time walk (k2jax/aot/step_time.py) charges per op.
 
 FLOPs are counted from the shapes of the dots and convolutions inside a fusion (2 per
-multiply-add); bytes are what the op reads and writes in HBM: its operands and result, except
-that an operand only sliced inside the fusion (also inside a fusion nested in it) counts for
-the slice, and the buffer a dynamic-update-slice writes in place counts for the update.
+multiply-add). MXU FLOPs are the same work as the systolic array does it: a dimension the array
+holds (the contraction, the stationary operand's width) is padded up to a multiple of the
+array's side, 128 or 256 (v6e), so a head_dim of 128 fills half a v6e array. Bytes are what the
+op reads and writes in HBM: its operands and result, except that an operand only sliced
+inside the fusion (also inside a fusion nested in it) counts for the slice, and the buffer a
+dynamic-update-slice writes in place counts for the update.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ _VIEWS = {"bitcast", "reshape", "copy"}
 @dataclasses.dataclass(frozen=True)
 class FusedCost:
     flops: float
+    mxu_flops: float  # flops as the MXU runs them (padded to its side; see mxu_fill)
     read: list  # per parameter: bytes actually read, or None for all of it
     written: Optional[float]  # bytes written, or None for the whole result
     collectives: tuple  # (instruction, computation) of each collective inside, nested too
@@ -64,6 +68,43 @@ def dot_flops(instr: Instruction, comp: Computation) -> float:
     return 2.0 * out * macs
 
 
+def _filled(size: int, side: int) -> float:
+    """Fraction of the array's `side` a dimension of `size` fills, over all its tiles."""
+    return size / (math.ceil(size / side) * side) if size > 0 else 1.0
+
+
+def mxu_fill(instr: Instruction, comp: Computation, side: int) -> float:
+    """Fraction of an MXU of `side` x `side` a dot keeps busy. The array holds a tile of the
+    stationary operand (contraction x width) while the other operand's rows stream through, so
+    the contraction and the stationary operand's width are padded to multiples of `side`. XLA
+    may make either operand the stationary one: the wider one is assumed. Convolutions
+    (XLA's windowed einsums, whose dims are a dot's) count as filled."""
+    if instr.opcode != "dot" or len(instr.operands) < 2:
+        return 1.0
+    lhs, rhs = (comp.by_name.get(name) for name in instr.operands[:2])
+    if lhs is None or rhs is None or not lhs.shape or not rhs.shape:
+        return 1.0
+
+    def free_and_contracted(array, side_name: str) -> tuple[int, int]:
+        dims = array.shape[0].dims
+        contracted = set(_dims_attr(instr, f"{side_name}_contracting_dims"))
+        batch = set(_dims_attr(instr, f"{side_name}_batch_dims"))
+        free = math.prod(d for i, d in enumerate(dims) if i not in contracted | batch)
+        return free, math.prod(dims[i] for i in contracted)
+
+    lhs_free, contracted = free_and_contracted(lhs, "lhs")
+    rhs_free, _ = free_and_contracted(rhs, "rhs")
+    return _filled(contracted, side) * max(_filled(lhs_free, side), _filled(rhs_free, side))
+
+
+def attention_mxu_fill(instr: Instruction, comp: Computation, side: int) -> float:
+    """Every matmul of an attention kernel has head_dim as its contraction (q.k, do.v) or as
+    the width of its stationary operand (p.v, ds.k, ds.q): the kernel fills head_dim / side
+    of each tile (half a v6e array at head_dim 128)."""
+    arrays = _attention_arrays(instr, comp)
+    return _filled(arrays[0].dims[-1], side) if len(arrays) >= 2 else 1.0
+
+
 _ATTENTION = re.compile(r"(splash|flash|mha|attention)", re.IGNORECASE)
 
 
@@ -83,19 +124,11 @@ def _causal_fraction(rest: str, kind: str, seq_q: int, seq_k: int) -> float:
 
 def attention_kernel_flops(instr: Instruction, comp: Computation) -> float:
     """FLOPs of an attention Pallas kernel (an opaque custom call), from its q, k shapes."""
-    where = instr.op_name + " " + instr.name
-    if not _ATTENTION.search(where):
-        return 0.0
-    arrays = []
-    for name in instr.operands:
-        op = comp.by_name.get(name)
-        if op is not None and len(op.shape) == 1 and len(op.shape[0].dims) >= 3 \
-                and op.shape[0].dtype in ("bf16", "f32", "f16"):
-            arrays.append(op.shape[0])
+    arrays = _attention_arrays(instr, comp)
     if len(arrays) < 2:
         return 0.0
     q, k = arrays[0], arrays[1]
-    lowered = where.lower()
+    lowered = (instr.op_name + " " + instr.name).lower()
     if "dkv" in lowered and _writes_dq(instr, q, k):
         # splash's fused backward (use_fused_bwd_kernel) is its dkv kernel that also writes
         # dq (as partial sums per kv block, reduced after): dq, dk and dv in one pass.
@@ -113,6 +146,19 @@ def attention_kernel_flops(instr: Instruction, comp: Computation) -> float:
     return units * rows * seq_k * head_dim * _causal_fraction(instr.rest, kind, seq_q, seq_k)
 
 
+def _attention_arrays(instr: Instruction, comp: Computation) -> list:
+    """The array operands (q, k, v, ...) of an attention kernel; [] for any other op."""
+    if not _ATTENTION.search(instr.op_name + " " + instr.name):
+        return []
+    arrays = []
+    for name in instr.operands:
+        op = comp.by_name.get(name)
+        if op is not None and len(op.shape) == 1 and len(op.shape[0].dims) >= 3 \
+                and op.shape[0].dtype in ("bf16", "f32", "f16"):
+            arrays.append(op.shape[0])
+    return arrays
+
+
 def _writes_dq(instr: Instruction, q, k) -> bool:
     """Whether a backward kernel writes dq beside dk and dv: three results shaped like q or k
     (heads, S, D; splash's fused backward adds a kv-block axis in front of dq), not two."""
@@ -121,10 +167,11 @@ def _writes_dq(instr: Instruction, q, k) -> bool:
 
 
 class OpCosts:
-    """Per-op FLOPs and bytes of one module (fusions memoized by name)."""
+    """Per-op FLOPs and bytes of one module (fusions memoized by name), for a chip whose MXU
+    is `mxu_side` x `mxu_side`."""
 
-    def __init__(self, module: Module):
-        self.module = module
+    def __init__(self, module: Module, mxu_side: int = 128):
+        self.module, self.mxu_side = module, mxu_side
         self._memo: dict[str, FusedCost] = {}
 
     def fused(self, name: str) -> FusedCost:
@@ -133,25 +180,28 @@ class OpCosts:
         if name in self._memo:
             return self._memo[name]
         comp = self.module[name]
-        flops, collectives = 0.0, []
+        flops, mxu_flops, collectives = 0.0, 0.0, []
         users: dict[str, list[Instruction]] = {}
         for instr in comp.instructions:
             for op in instr.operands:
                 users.setdefault(op, []).append(instr)
             if instr.opcode in ("dot", "convolution"):
-                flops += dot_flops(instr, comp)
+                dot = dot_flops(instr, comp)
+                flops += dot
+                mxu_flops += dot / mxu_fill(instr, comp, self.mxu_side)
             elif instr.opcode in COLLECTIVES:
                 collectives.append((instr, comp))
             elif instr.opcode == "fusion" and instr.called("calls") in self.module.computations:
                 inner = self.fused(instr.called("calls"))
                 flops += inner.flops
+                mxu_flops += inner.mxu_flops
                 collectives.extend(inner.collectives)
         params = sorted((i for i in comp.instructions if i.opcode == "parameter"),
                         key=_param_index)
         in_place, written = self._in_place_writes(comp)
         read = [0.0 if p.name in in_place else self._sliced_bytes(p.name, users)
                 for p in params]
-        result = FusedCost(flops, read, written, tuple(collectives))
+        result = FusedCost(flops, mxu_flops, read, written, tuple(collectives))
         self._memo[name] = result
         return result
 
@@ -203,28 +253,31 @@ class OpCosts:
             out.append(op.result_bytes if op is not None else 0.0)
         return out
 
-    def op_cost(self, instr: Instruction, comp: Computation) -> tuple[float, float]:
-        """(FLOPs, HBM bytes) of one compute op."""
+    def op_cost(self, instr: Instruction, comp: Computation) -> tuple[float, float, float]:
+        """(FLOPs, MXU FLOPs, HBM bytes) of one compute op."""
         operand_bytes = self.operand_bytes(instr, comp)
         if instr.opcode == "fusion" and instr.called("calls") in self.module.computations:
             cost = self.fused(instr.called("calls"))
             read = cost.read + [None] * len(operand_bytes)
             total = sum(b if r is None else min(r, b) for b, r in zip(operand_bytes, read))
-            return cost.flops, total + (instr.result_bytes if cost.written is None
-                                        else cost.written)
+            return cost.flops, cost.mxu_flops, total + (instr.result_bytes if cost.written is None
+                                                         else cost.written)
         if instr.opcode in ("dot", "convolution"):
-            return dot_flops(instr, comp), sum(operand_bytes) + instr.result_bytes
+            flops = dot_flops(instr, comp)
+            return (flops, flops / mxu_fill(instr, comp, self.mxu_side),
+                    sum(operand_bytes) + instr.result_bytes)
         if instr.opcode == "custom-call":
-            flops = attention_kernel_flops(instr, comp)
             if "AllocateBuffer" in instr.rest or "AssumeGatherIndicesInBound" in instr.rest:
-                return 0.0, 0.0
-            return flops, sum(operand_bytes) + instr.result_bytes
+                return 0.0, 0.0, 0.0
+            flops = attention_kernel_flops(instr, comp)
+            return (flops, flops / attention_mxu_fill(instr, comp, self.mxu_side),
+                    sum(operand_bytes) + instr.result_bytes)
         if instr.opcode == "dynamic-update-slice":
             update = operand_bytes[1] if len(operand_bytes) > 1 else 0.0
-            return 0.0, 2 * update
+            return 0.0, 0.0, 2 * update
         if instr.opcode in _SLICERS:
-            return 0.0, 2 * instr.result_bytes
-        return 0.0, sum(operand_bytes) + instr.result_bytes
+            return 0.0, 0.0, 2 * instr.result_bytes
+        return 0.0, 0.0, sum(operand_bytes) + instr.result_bytes
 
     def fused_collectives(self, instr: Instruction) -> tuple:
         """Collectives a fusion runs inside itself (async collective fusion), else ()."""

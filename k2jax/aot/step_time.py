@@ -3,8 +3,9 @@
 The model, op by op in XLA's schedule order (the text of a scheduled module is in schedule
 order), one compute stream and one collective stream per chip:
 
-- Compute ops take max(FLOPs / (peak x MXU efficiency), bytes / HBM bandwidth)
-  (k2jax/aot/op_cost.py counts both; the chip's stated MXU efficiency is in chips.py). An op
+- Compute ops take max(MXU FLOPs / (peak x MXU efficiency), bytes / HBM bandwidth)
+  (k2jax/aot/op_cost.py counts both; MXU FLOPs pad each matmul to the array's side, 128 or
+  256 on v6e; the chip's stated MXU efficiency and side are in chips.py). An op
   whose FLOP time is the larger is "compute", the others "memory".
 - Attention kernels (splash, k2jax's flash; opaque custom calls) count 4 (forward), 6 (dq),
   8 (dk/dv) or 10 (fused backward) x batch.heads x Sq x Sk x head_dim FLOPs, times the fraction
@@ -88,7 +89,7 @@ class StepTimeModel:
         count only `compiled` times."""
         self.module, self.chip, self.layer_trips = module, chip, layer_trips
         self.layout = layout
-        self.costs = OpCosts(module)
+        self.costs = OpCosts(module, chip.mxu_side)
         self.extrapolated_loops: set[str] = set()
         self._memo: dict[str, StepTime] = {}
 
@@ -220,8 +221,8 @@ class StepTimeModel:
             if key not in walk.chain_finish:
                 walk.chain_finish[key] = walk.issue(self._fused_collective_seconds(inner,
                                                                                    inner_comp))
-        flops, nbytes = self.costs.op_cost(instr, comp)
-        flop_s = flops / (self.chip.peak_flops * self.chip.mxu_efficiency)
+        flops, mxu_flops, nbytes = self.costs.op_cost(instr, comp)
+        flop_s = mxu_flops / (self.chip.peak_flops * self.chip.mxu_efficiency)
         byte_s = nbytes / self.chip.hbm_bandwidth
         if flop_s >= byte_s and flops > 0:
             total.compute_seconds += flop_s
