@@ -116,6 +116,27 @@ MISTRAL_7B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=14336, la
 SPLASH_2048_FUSED = ("model.attention_block_q=2048", "model.attention_block_kv=2048",
                      "model.attention_backward_blocks=[2048,2048,2048,2048]",
                      "model.attention_fused_backward=true")
+# MaxText's gpt3-175b.yml @14b5876ea: 12288 wide, 96 heads of 128 (MHA), a GELU MLP of 2
+# matrices (49152), 96 layers, vocab 50304 through the embedding (logits_via_embedding).
+# Its LayerNorms, biases and learned positions are not expressible here (RMSNorm, no bias,
+# RoPE): elementwise work of well under 1% of the step at this width.
+GPT3_175B = dict(hidden=12288, heads=96, kv_heads=96, head_dim=128, mlp=49152, layers=96,
+                 vocab=50304, activation="gelu", tied=True)
+# benchmarks/xla_flags_library.py @14b5876ea: DENSE_VMEM_LIMIT_FLAG + CF_FOR_ALL_GATHER +
+# DATA_PARALLEL_OVERLAP + DISABLE_BUNDLE_AWARE_COST_MODEL.
+V6E_GPT3_FLAGS = (
+    "--xla_tpu_scoped_vmem_limit_kib=98304 --xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true "
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+    "--xla_tpu_use_bundle_aware_cost_model_for_fusions=false")
+# sa_block_q 1024, sa_block_q_dkv 2048, sa_block_q_dq 2048, the rest base.yml's 512, no fused
+# backward.
+SPLASH_GPT3 = ("model.attention_block_q=1024", "model.attention_block_kv=512",
+               "model.attention_backward_blocks=[2048,512,2048,512]",
+               "model.attention_fused_backward=false")
 LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80,
                   vocab=32000, activation="swiglu", tied=False)
 
@@ -206,6 +227,14 @@ CASES = [
          "Mistral-7B-MaxText/README.md", V6E_RECIPE_FLAGS,
          SPLASH_2048_FUSED + ("model.rope_theta=1000000.0",), "--xla_sc_disjoint_spmem=false",
          6.320, 4),
+    # tpu-recipes training/trillium/GPT3-175B-MaxText/bf16/README.md: gpt_3_175b_bf16
+    # @14b5876ea (tpu-recipes-v0.1.2), v6e-256, batch 3, seq 2048 (base.yml), fsdp 256, remat
+    # full (no offload: the kind of K2's v6e plan), splash; "completed step: 15, seconds:
+    # 17.182". Added 2026-12-07 after the MXU-side change, as a run the model had not seen.
+    Case("gpt3-175b-v6e-256", "v6e-256", 1, GPT3_175B, 2048, 3, "full", 1, 0.0, False,
+         "maxtext@14b5876ea (2025-04-16) tpu-recipes-v0.1.2 gpt_3_175b_bf16; tpu-recipes "
+         "GPT3-175B-MaxText/bf16/README.md", V6E_GPT3_FLAGS, SPLASH_GPT3,
+         published_step_seconds=17.182),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
          True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
                "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
@@ -216,7 +245,7 @@ def maxtext_flops_per_step(case: Case) -> float:
     """MaxText's model FLOPs of the case's date: 6 x matmul weights (with one vocab x emb
     matrix: tied, or the untied output layer) + attention, causal or full."""
     m = case.model
-    mlp_matrices = 2 if m["activation"] == "relu" else 3
+    mlp_matrices = 3 if m["activation"] == "swiglu" else 2
     per_layer = (m["hidden"] * m["head_dim"] * (2 * m["heads"] + 2 * m["kv_heads"])
                  + mlp_matrices * m["hidden"] * m["mlp"])
     weights = m["layers"] * per_layer + m["hidden"] * m["vocab"]
@@ -250,8 +279,9 @@ def case_config(case: Case, layers: int):
         f"data.seq_len={case.seq_len}", f"data.global_batch_size={rows}",
         f"data.micro_batch_size={rows}", "mesh.data=1", "mesh.fsdp=-1",
         f"mesh.tensor={case.tensor}", f"mesh.dcn_data={case.slices}",
-        # MaxText reduces the gradients of its bf16 weight copies in bf16.
-        "train.gradient_dtype=bfloat16",
+        # MaxText reduces the gradients of its bf16 weight copies in bf16, and computes the
+        # whole logits (no vocabulary tiling in these runs).
+        "train.gradient_dtype=bfloat16", "model.loss_chunk_tokens=null",
     ]
     overrides.append(f"train.xla_flags={case.xla_flags}")
     overrides.extend(case.overrides)

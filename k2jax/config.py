@@ -49,9 +49,10 @@ class ModelConfig:
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
-    # swiglu: LLaMA's down(silu(gate(x)) * up(x)), 3 matrices. relu: down(relu(up(x))), 2
-    # matrices (MaxText's base model before 2024-02; for the step-time calibration, not HF).
-    mlp_activation: Literal["swiglu", "relu"] = "swiglu"
+    # swiglu: LLaMA's down(silu(gate(x)) * up(x)), 3 matrices. relu / gelu: down(act(up(x))),
+    # 2 matrices (MaxText's base model before 2024-02, its GPT-3; for the step-time
+    # calibration, not HF).
+    mlp_activation: Literal["swiglu", "relu", "gelu"] = "swiglu"
     num_layers: int = 32
     num_heads: int = 32
     num_kv_heads: int = 32

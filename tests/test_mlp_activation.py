@@ -1,5 +1,6 @@
-"""model.mlp_activation relu: the 2-matrix MLP (MaxText's base model of 2023, for the step-time
-calibration): its parameters, its output and the FLOP count that MFU uses."""
+"""model.mlp_activation relu and gelu: the 2-matrix MLP (MaxText's base model of 2023 and its
+GPT-3, for the step-time calibration): its parameters, its output and the FLOP count that MFU
+uses."""
 
 import dataclasses
 
@@ -27,6 +28,18 @@ def test_relu_mlp_is_down_of_relu_of_up():
     up, down = (jax.tree.leaves(params[k])[0] for k in ("up_proj", "down_proj"))
     expected = jnp.maximum(x @ up, 0.0) @ down
     assert jnp.allclose(Mlp(cfg).apply({"params": params}, x), expected, atol=1e-5)
+
+
+def test_gelu_mlp_is_down_of_tanh_gelu_of_up():
+    cfg = dataclasses.replace(TINY, mlp_activation="gelu")
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+    params = Mlp(cfg).init(jax.random.key(0), x)["params"]
+    assert set(params) == {"up_proj", "down_proj"}
+    up, down = (jax.tree.leaves(params[k])[0] for k in ("up_proj", "down_proj"))
+    h = x @ up  # GELU's tanh form, written out
+    expected = (0.5 * h * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (h + 0.044715 * h ** 3)))) @ down
+    assert jnp.allclose(Mlp(cfg).apply({"params": params}, x), expected, atol=1e-5)
+    assert matmul_params(cfg) == matmul_params(dataclasses.replace(TINY, mlp_activation="relu"))
 
 
 def test_relu_counts_two_matrices_and_swiglu_three():

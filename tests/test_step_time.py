@@ -102,7 +102,7 @@ def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_coun
     # A 2-layer compile costed at 32 layers: the loop of 2 trips runs 32 times, and predict
     # says how many loops it extrapolated (the calibration needs the forward and backward scan:
     # XLA unrolled the backward one in a 2-layer multi-slice compile).
-    two = MATMUL.replace("constant(7)", "constant(2)")
+    two = _layer_body(MATMUL.replace("constant(7)", "constant(2)"))
     out = predict(two, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
     assert out["hlo_flops_per_chip"] == 32 * 2 * 128 * 512 * 256
     assert out["extrapolated_layer_loops"] == 1
@@ -116,14 +116,84 @@ def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_coun
     out = predict(both, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
     assert out["extrapolated_layer_loops"] == 2
     assert out["hlo_flops_per_chip"] == 2 * 32 * 2 * 128 * 512 * 256
+    # A loop of the same trip count that does not run the layer (the chunked loss's loop over
+    # its chunks) keeps its trips.
+    chunks = MATMUL.replace("constant(7)", "constant(2)")
+    out = predict(chunks, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(2, 32))
+    assert out["extrapolated_layer_loops"] == 0
+    assert out["hlo_flops_per_chip"] == 2 * 2 * 128 * 512 * 256
+
+
+NESTED = """
+HloModule m, is_scheduled=true
+
+%fused_dot (param_0: bf16[128,256], param_1: bf16[256,512]) -> bf16[128,512] {
+  %param_0 = bf16[128,256]{1,0} parameter(0)
+  %param_1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[128,512]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner_body (p: (s32[], bf16[128,256], bf16[256,512])) -> (s32[], bf16[128,256], bf16[256,512]) {
+  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[128,256]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[256,512]{1,0} get-tuple-element(%p), index=2
+  %f = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/jvp(KModel)/while/body/closed_call/checkpoint/layers/mlp/dot_general"}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)
+}
+
+%cond (p: (s32[], bf16[128,256], bf16[256,512])) -> pred[] {
+  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(2)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%outer_body (p: (s32[], bf16[128,256], bf16[256,512])) -> (s32[], bf16[128,256], bf16[256,512]) {
+  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[128,256]{1,0} get-tuple-element(%p), index=1
+  %w = bf16[256,512]{1,0} get-tuple-element(%p), index=2
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %x, %w)
+  %windowed = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%inner_body, metadata={op_name="jit(step)/jvp(KModel)/while/body/closed_call/checkpoint/layers/attention/dot_general"}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)
+}
+
+ENTRY %main (a: bf16[128,256], b: bf16[256,512]) -> bf16[256,512] {
+  %a = bf16[128,256]{1,0} parameter(0)
+  %b = bf16[256,512]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %a, %b)
+  %layers = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%outer_body
+  ROOT %out = bf16[256,512]{1,0} get-tuple-element(%layers), index=2
+}
+"""
+
+
+def test_a_loop_inside_a_layer_loop_keeps_its_trips():
+    """A windowed einsum's loop inside the layer (its ops named under layers/) may have as many
+    trips as the compile has layers: only the layer scan around it is extrapolated."""
+    model = StepTimeModel(parse_module(NESTED), V5P, LAYOUT, layer_trips=(2, 32))
+    assert model.step().flops == 32 * 2 * 2 * 128 * 512 * 256
+    assert model.extrapolated_loops == {"layers"}
+
+
+def _layer_body(text: str) -> str:
+    """MATMUL's loop body named as the scanned layer's (op names under while/body/.../layers/)."""
+    return text.replace(
+        "calls=%fused_dot\n", 'calls=%fused_dot, metadata={op_name="jit(step)/jvp(KModel)/'
+        'while/body/closed_call/checkpoint/layers/mlp/dot_general"}\n', 1)
 
 def test_a_layer_scan_with_a_peeled_iteration_runs_the_rest_of_the_layers():
     """XLA peels one backward iteration out of the layer scan of the v6e offloading recipes
     (3 trips in a 4-layer compile): costed at 32 layers, the loop runs 31 times and the peeled
     layer once. A 3-trip loop whose body is not the scanned layer is left alone."""
-    layer = MATMUL.replace("constant(7)", "constant(3)").replace(
-        "calls=%fused_dot\n", 'calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp('
-        'KModel))/while/body/closed_call/checkpoint/layers/mlp/dot_general"}\n', 1)
+    layer = _layer_body(MATMUL.replace("constant(7)", "constant(3)"))
     out = predict(layer, V5P, LAYOUT, model_flops_per_step=1.0, chips=4, layer_trips=(4, 32))
     assert out["extrapolated_layer_loops"] == 1
     assert out["hlo_flops_per_chip"] == 31 * 2 * 128 * 512 * 256

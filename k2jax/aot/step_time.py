@@ -91,6 +91,7 @@ class StepTimeModel:
         self.layout = layout
         self.costs = OpCosts(module, chip.mxu_side)
         self.extrapolated_loops: set[str] = set()
+        self._layer_loop_depth = 0  # > 0 while costing a layer loop's body
         self._memo: dict[str, StepTime] = {}
 
     # --- collectives -------------------------------------------------------------------
@@ -242,12 +243,16 @@ class StepTimeModel:
         op = instr.opcode
         if op == "while":
             trips = trip_count(self.module, instr, parent)
+            layer_loop = (trips is not None and self.layer_trips is not None
+                          and self._is_layer_loop(instr, trips))
+            self._layer_loop_depth += layer_loop
             body = StepTime()
             body.add(self.computation(instr.called("body")))
+            self._layer_loop_depth -= layer_loop
             if trips is None:
                 body.unknown_trip_counts += 1
                 trips = 1
-            elif self.layer_trips and self._is_layer_loop(instr, trips):
+            elif layer_loop:
                 # A layer scan with k iterations peeled out of the loop (XLA's pipelining of
                 # the backward scan with host offload: 3 trips of a 4-layer compile) runs
                 # full - k times; the peeled layers are costed once where they are.
@@ -266,16 +271,19 @@ class StepTimeModel:
         return None
 
     def _is_layer_loop(self, instr: Instruction, trips: int) -> bool:
-        """A loop of the compiled layer count, or one or two fewer whose body runs the
-        scanned layer (op names under the scan's `while/body/.../layers/`) and no loop."""
+        """A loop, not inside another layer loop, whose body runs the scanned layer (op names
+        under the scan's `while/body/.../layers/`), of the compiled layer count, or one or two
+        fewer with no loop inside (a scan with iterations peeled out). Other loops of that
+        count keep their trips: the chunked loss's loop over 4 chunks in a 4-layer compile,
+        a windowed einsum's loop inside a layer."""
         compiled = self.layer_trips[0]
-        if trips == compiled:
-            return True
-        if not compiled - 2 <= trips < compiled or trips < 1:
+        if self._layer_loop_depth or not compiled - 2 <= trips <= compiled or trips < 1:
             return False
         body = self.module[instr.called("body")].instructions
-        return (not any(i.opcode == "while" for i in body)
-                and any("/while/body/" in i.op_name and "layers/" in i.op_name for i in body))
+        runs_layer = any("/while/body/" in i.op_name and "layers/" in i.op_name for i in body)
+        if trips == compiled:
+            return runs_layer
+        return runs_layer and not any(i.opcode == "while" for i in body)
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)

@@ -124,7 +124,8 @@ def splash_backward(cfg: ModelConfig) -> dict:
 
 
 class Mlp(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); or, with model.mlp_activation relu, down(relu(up(x)))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); or, with model.mlp_activation relu or gelu,
+    down(act(up(x)))."""
 
     config: ModelConfig
 
@@ -136,7 +137,7 @@ class Mlp(nn.Module):
         e, m = cfg.hidden_size, cfg.intermediate_size
         # gate_proj first: Linen draws each parameter's init key in creation order, so this
         # order keeps every SwiGLU model's initial weights what they were before relu existed.
-        swiglu = cfg.mlp_activation != "relu"
+        swiglu = cfg.mlp_activation == "swiglu"
         if swiglu:
             w_gate_ExM = logical_param(self, "gate_proj", (e, m), ("embed", "mlp"), init, pdtype)
         w_up_ExM = logical_param(self, "up_proj", (e, m), ("embed", "mlp"), init, pdtype)
@@ -145,6 +146,8 @@ class Mlp(nn.Module):
         up_BxSxM = project(x_BxSxE, w_up_ExM)
         if swiglu:
             hidden_BxSxM = jax.nn.silu(project(x_BxSxE, w_gate_ExM)) * up_BxSxM
+        elif cfg.mlp_activation == "gelu":  # tanh-approximated, as flax's and MaxText's
+            hidden_BxSxM = jax.nn.gelu(up_BxSxM, approximate=True)
         else:
             hidden_BxSxM = jax.nn.relu(up_BxSxM)
         hidden_BxSxM = constrain(hidden_BxSxM, ("batch", "length", "mlp"))

@@ -28,7 +28,7 @@ PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5 lite": 197e12, "v5p": 459e12, "v6
 def matmul_params(config: ModelConfig) -> int:
     e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
     n, k, d = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    mlp_matrices = 2 if config.mlp_activation == "relu" else 3
+    mlp_matrices = 3 if config.mlp_activation == "swiglu" else 2
     per_layer = e * d * (2 * n + 2 * k) + mlp_matrices * e * m
     return config.num_layers * per_layer + e * v  # + output projection
 
