@@ -31,6 +31,19 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
+def pytest_collection_finish(session):
+    """Python's cyclic garbage collector, left alone, spent 91 of the quick group's 212 s
+    (2026-12-07: 7,206 collections, each full one walking the ~1M objects that jax, torch and
+    transformers leave once imported). Those objects live as long as the session: freeze them
+    out of the collector's walks once the test modules are imported (165 s, 32 s of it in the
+    collector). Garbage made by the tests is still collected; nothing a test computes
+    changes."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def gcs_server(tmp_path_factory):
     """A real GCS protocol server on 127.0.0.1 (tests/gcs_server.py), with this process's
