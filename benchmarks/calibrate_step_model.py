@@ -2,8 +2,8 @@
 
 Builds in k2jax the dense LLaMA-style runs MaxText publishes (AI-Hypercomputer/maxtext: the
 v5p and v5e READMEs and their configs/*.sh, the Llama 2 70B v5p-512 config; Google's
-tpu-recipes v6e runs of Llama 3.1 8B and Mistral 7B; their batch, sequence length, remat
-policy and ICI/DCN sharding as published), AOT-compiles each for its TPU topology with libtpu
+tpu-recipes v6e runs of Llama 3.1 8B, Mistral 7B and GPT-3 175B; their batch, sequence length,
+remat policy and ICI/DCN sharding as published), AOT-compiles each for its TPU topology with libtpu
 (no TPU needed), and prints predicted against published MFU, or against the published step
 time where a recipe gives one (error = published step / predicted step - 1).
 
@@ -21,6 +21,7 @@ and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxTex
 date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan and Jul 2025.
 
     JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
+    python benchmarks/calibrate_step_model.py --stored   # the kept programs, in seconds
 """
 
 from __future__ import annotations
