@@ -101,6 +101,26 @@ def test_bad_values_name_the_key(override, key):
     assert err.value.key == key and "\n" not in str(err.value)
 
 
+def test_a_key_given_twice_is_one_line_naming_it(tmp_path, capsys):
+    """YAML keeps the last of two equal keys silently (configs/k2-65b.yaml once stated
+    train.xla_flags twice): a config file saying one key twice is refused, through the CLI."""
+    config = tmp_path / "twice.yaml"
+    config.write_text("base: %s\ntrain:\n  steps: 3\n  seed: 1\n  steps: 4\n"
+                      % (CONFIGS / "tiny.yaml"))
+    with pytest.raises(UserError, match=r"twice.yaml:5: key 'steps' is given twice"):
+        load_config(config)
+    assert main(["aot", "--config", str(config), "--topology", "v5p-8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "key 'steps' is given twice" in err[0], err
+    # The same key in two sections, and every shipped config, are fine.
+    config.write_text("model: {seed: 1}\ntrain: {seed: 1}\n")
+    from k2jax.config_files import read_config_file
+
+    assert read_config_file(config) == {"model": {"seed": 1}, "train": {"seed": 1}}
+    for shipped in sorted(CONFIGS.rglob("*.yaml")):
+        read_config_file(shipped)
+
+
 def test_missing_config_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "nope.yaml")
