@@ -5,26 +5,14 @@ docs/performance.md with it (`python benchmarks/calibrate_step_model.py --stored
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
+from calibration_script import calibration_module
 from k2jax.aot.calibration import ERRORS
-from train_utils import REPO
-
-
-def _calibration_module():
-    spec = importlib.util.spec_from_file_location(
-        "calibrate_step_model", REPO / "benchmarks" / "calibrate_step_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
 
 
 def test_every_recorded_error_is_the_model_on_its_stored_program():
-    calibrate = _calibration_module()
+    calibrate = calibration_module()
     assert {case.name for case in calibrate.CASES} == set(ERRORS)
     for case in calibrate.CASES:
         row = calibrate.run_case(case, max(2, case.min_compile_layers), calibrate.STORED_HLO,

@@ -5,9 +5,8 @@ MaxText user would write from scratch equals the case the model is checked again
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 
+from calibration_script import calibration_module
 from k2jax.config import load_config, resolve_device_batch
 from train_utils import REPO
 
@@ -25,12 +24,7 @@ PUBLISHED_OFFLOAD = ["decoder_layer_input", "query_proj", "key_proj", "value_pro
 
 
 def _calibration_case_config():
-    spec = importlib.util.spec_from_file_location(
-        "calibrate_step_model", REPO / "benchmarks" / "calibrate_step_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    module = sys.modules[spec.name]
+    module = calibration_module()
     case = next(c for c in module.CASES if c.name == "llama3.1-8b-v6e-256")
     return module.case_config(case, case.model["layers"]), case
 

@@ -20,24 +20,19 @@ TINY = ModelConfig(vocab_size=96, hidden_size=16, intermediate_size=40, num_laye
                    remat="none", attention="xla")
 
 
-def test_relu_mlp_is_down_of_relu_of_up():
-    cfg = dataclasses.replace(TINY, mlp_activation="relu")
+def _tanh_gelu(h):  # GELU's tanh form, written out
+    return 0.5 * h * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (h + 0.044715 * h ** 3)))
+
+
+@pytest.mark.parametrize("activation, act", [("relu", lambda h: jnp.maximum(h, 0.0)),
+                                             ("gelu", _tanh_gelu)])
+def test_two_matrix_mlp_is_down_of_act_of_up(activation, act):
+    cfg = dataclasses.replace(TINY, mlp_activation=activation)
     x = jax.random.normal(jax.random.key(1), (2, 3, 16))
     params = Mlp(cfg).init(jax.random.key(0), x)["params"]
     assert set(params) == {"up_proj", "down_proj"}
     up, down = (jax.tree.leaves(params[k])[0] for k in ("up_proj", "down_proj"))
-    expected = jnp.maximum(x @ up, 0.0) @ down
-    assert jnp.allclose(Mlp(cfg).apply({"params": params}, x), expected, atol=1e-5)
-
-
-def test_gelu_mlp_is_down_of_tanh_gelu_of_up():
-    cfg = dataclasses.replace(TINY, mlp_activation="gelu")
-    x = jax.random.normal(jax.random.key(1), (2, 3, 16))
-    params = Mlp(cfg).init(jax.random.key(0), x)["params"]
-    assert set(params) == {"up_proj", "down_proj"}
-    up, down = (jax.tree.leaves(params[k])[0] for k in ("up_proj", "down_proj"))
-    h = x @ up  # GELU's tanh form, written out
-    expected = (0.5 * h * (1 + jnp.tanh(jnp.sqrt(2 / jnp.pi) * (h + 0.044715 * h ** 3)))) @ down
+    expected = act(x @ up) @ down
     assert jnp.allclose(Mlp(cfg).apply({"params": params}, x), expected, atol=1e-5)
     assert matmul_params(cfg) == matmul_params(dataclasses.replace(TINY, mlp_activation="relu"))
 

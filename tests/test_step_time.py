@@ -124,33 +124,9 @@ def test_layer_extrapolation_costs_and_names_each_scan_of_the_compiled_trip_coun
     assert out["hlo_flops_per_chip"] == 2 * 2 * 128 * 512 * 256
 
 
-NESTED = """
-HloModule m, is_scheduled=true
-
-%fused_dot (param_0: bf16[128,256], param_1: bf16[256,512]) -> bf16[128,512] {
-  %param_0 = bf16[128,256]{1,0} parameter(0)
-  %param_1 = bf16[256,512]{1,0} parameter(1)
-  ROOT %dot.1 = bf16[128,512]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-}
-
-%inner_body (p: (s32[], bf16[128,256], bf16[256,512])) -> (s32[], bf16[128,256], bf16[256,512]) {
-  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %x = bf16[128,256]{1,0} get-tuple-element(%p), index=1
-  %w = bf16[256,512]{1,0} get-tuple-element(%p), index=2
-  %f = bf16[128,512]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(step)/jvp(KModel)/while/body/closed_call/checkpoint/layers/mlp/dot_general"}
-  %one = s32[] constant(1)
-  %next = s32[] add(%i, %one)
-  ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)
-}
-
-%cond (p: (s32[], bf16[128,256], bf16[256,512])) -> pred[] {
-  %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %n = s32[] constant(2)
-  ROOT %lt = pred[] compare(%i, %n), direction=LT
-}
-
+# A layer scan of 2 trips whose body runs a loop of 2 trips of the layer's matmul (a windowed
+# einsum inside the layer): MATMUL's loop becomes the inner one.
+_OUTER_BODY = """
 %outer_body (p: (s32[], bf16[128,256], bf16[256,512])) -> (s32[], bf16[128,256], bf16[256,512]) {
   %p = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
@@ -158,27 +134,26 @@ HloModule m, is_scheduled=true
   %w = bf16[256,512]{1,0} get-tuple-element(%p), index=2
   %zero = s32[] constant(0)
   %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %x, %w)
-  %windowed = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%inner_body, metadata={op_name="jit(step)/jvp(KModel)/while/body/closed_call/checkpoint/layers/attention/dot_general"}
+  %windowed = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%body, metadata={op_name="jit(step)/jvp(KModel)/while/body/closed_call/checkpoint/layers/attention/dot_general"}
   %one = s32[] constant(1)
   %next = s32[] add(%i, %one)
   ROOT %t = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%next, %x, %w)
 }
 
-ENTRY %main (a: bf16[128,256], b: bf16[256,512]) -> bf16[256,512] {
-  %a = bf16[128,256]{1,0} parameter(0)
-  %b = bf16[256,512]{1,0} parameter(1)
-  %zero = s32[] constant(0)
-  %init = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) tuple(%zero, %a, %b)
-  %layers = (s32[], bf16[128,256]{1,0}, bf16[256,512]{1,0}) while(%init), condition=%cond, body=%outer_body
-  ROOT %out = bf16[256,512]{1,0} get-tuple-element(%layers), index=2
-}
 """
+
+
+def _nested() -> str:
+    inner = _layer_body(MATMUL.replace("constant(7)", "constant(2)"))
+    head, entry = inner.split("ENTRY", 1)
+    entry = entry.replace("body=%body", "body=%outer_body").replace("%loop", "%layers")
+    return head + _OUTER_BODY.lstrip("\n") + "ENTRY" + entry
 
 
 def test_a_loop_inside_a_layer_loop_keeps_its_trips():
     """A windowed einsum's loop inside the layer (its ops named under layers/) may have as many
     trips as the compile has layers: only the layer scan around it is extrapolated."""
-    model = StepTimeModel(parse_module(NESTED), V5P, LAYOUT, layer_trips=(2, 32))
+    model = StepTimeModel(parse_module(_nested()), V5P, LAYOUT, layer_trips=(2, 32))
     assert model.step().flops == 32 * 2 * 2 * 128 * 512 * 256
     assert model.extrapolated_loops == {"layers"}
 
