@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from k2jax import __version__
+from k2jax.aot.fast_malloc import restart_with_fast_malloc
 from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if argv is None and args.command == "aot":  # the process is this compile: a fifth of it
+        restart_with_fast_malloc()  # is malloc (k2jax/aot/fast_malloc.py)
     # Errors name the subcommand: "k2jax data prepare-chat: error: ..."
     prog = command_parser.prog if command_parser else f"k2jax {args.command}"
     try:
