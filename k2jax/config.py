@@ -37,8 +37,8 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_o
                   "offload_qkv_out", "offload_input_qkv_out", "custom")
 # The tensors of a layer `model.remat: custom` can keep (model.remat_save) or move to host
 # memory (model.remat_offload) between the passes; MaxText's custom policy names them
-# decoder_layer_input, query_proj, key_proj, value_proj, out_proj, mlpwo.
-REMAT_TENSORS = ("decoder_layer_input", "query_proj", "key_proj", "value_proj",
+# decoder_layer_input, query_proj, key_proj, value_proj, context, out_proj, mlpwo.
+REMAT_TENSORS = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "context",
                  "attention_out", "mlp_out")
 
 

@@ -78,3 +78,31 @@ def test_offloading_the_layer_input_moves_it_off_the_device(tmp_path):
     kept, offloaded = reports["kept"], reports["offloaded"]
     assert kept["temp_bytes_per_chip"] - offloaded["temp_bytes_per_chip"] > stacked_inputs / 2
     assert offloaded["host_transfer_seconds"] > kept["host_transfer_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", ["context", "attention_out"])
+def test_a_saved_name_is_a_residual_of_the_layer(name):
+    """remat_save=[name] keeps that tensor between the passes (jax's print_saved_residuals
+    names it), and `full` keeps none of them: context is the attention output before its
+    projection."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from k2jax.model.transformer import K2Model
+    from test_remat_offload import TINY as TINY_MODEL
+
+    def saved_names(config):
+        model = K2Model(config)
+        tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+        params = model.init(jax.random.key(1), tokens)["params"]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(lambda p: model.apply({"params": p}, tokens).sum(), params)
+        return printed.getvalue()
+
+    unrolled = dataclasses.replace(TINY_MODEL, scan_layers=False)  # scan outputs are unnamed
+    kept = saved_names(dataclasses.replace(unrolled, remat="custom", remat_save=[name]))
+    assert f"named '{name}'" in kept
+    assert "named '" not in saved_names(dataclasses.replace(unrolled, remat="full"))

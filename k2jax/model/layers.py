@@ -111,6 +111,7 @@ class Attention(nn.Module):
             q, key, value, impl=cfg.attention, causal=True, segment_ids=segment_ids_BxS,
             block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
             splash_backward=splash_backward(cfg))
+        out_BxSxNxD = checkpoint_name(out_BxSxNxD, "context")  # before the projection
         out_BxSxE = project(out_BxSxNxD, wo_NxDxE, in_dims=2)
         return checkpoint_name(out_BxSxE, "attention_out")
 
