@@ -60,6 +60,11 @@ def test_oom_message_is_parsed():
                "memory required for HLO temporaries (3.69T) exceeds available HBM (95.73G).")
     assert _oom_bytes(message) == int(3.69 * 1024 ** 4)
     assert _oom_bytes("some other error") is None
+    # libtpu 0.0.42.1, Llama 3.1 8B at batch 5 on v6e-64 with the whole fp32 logits:
+    just_over = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent "
+                 "error. Ran out of memory in memory space hbm. Used 31.32G of 31.25G hbm. "
+                 "Exceeded hbm capacity by 74.68M.")
+    assert _oom_bytes(just_over) == int(31.32 * 1024 ** 3)
 
 
 def test_aot_compile_small_model_for_v5e_4():

@@ -12,9 +12,14 @@ _SUFFIX = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
 def oom_bytes(message: str) -> Optional[int]:
-    """Bytes the compiler says it needs, from a TPU compile-time HBM OOM error (else None)."""
-    match = re.search(r"memory required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
-    if "Ran out of memory" not in message or not match:
+    """Bytes the compiler says it needs, from a TPU compile-time HBM OOM error (else None).
+    libtpu words it two ways: "memory required for HLO temporaries (3.69T) exceeds ..." and,
+    for a plan just over, "Ran out of memory in memory space hbm. Used 31.32G of 31.25G hbm"."""
+    if "Ran out of memory" not in message:
+        return None
+    match = (re.search(r"memory required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
+             or re.search(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm", message))
+    if not match:
         return None
     return int(float(match.group(1)) * _SUFFIX[match.group(2)])
 
