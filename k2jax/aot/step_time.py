@@ -224,7 +224,7 @@ class StepTimeModel:
                                                                                    inner_comp))
         flops, mxu_flops, nbytes = self.costs.op_cost(instr, comp)
         flop_s = mxu_flops / (self.chip.peak_flops * self.chip.mxu_efficiency)
-        byte_s = nbytes / self.chip.hbm_bandwidth
+        byte_s = nbytes / self.chip.hbm_achieved
         if flop_s >= byte_s and flops > 0:
             total.compute_seconds += flop_s
         else:
@@ -280,13 +280,19 @@ class StepTimeModel:
         if self._layer_loop_depth or not compiled - 2 <= trips <= compiled or trips < 1:
             return False
         body = self.module[instr.called("body")].instructions
-        runs_layer = any("/while/body/" in i.op_name and "layers/" in i.op_name for i in body)
+        # Work named under the layer scan; XLA sinks constants shared with the layer into other
+        # loops under the layer's name (the chunked loss's backward loop holds one).
+        runs_layer = any("/while/body/" in i.op_name and "layers/" in i.op_name
+                         and i.opcode not in _NO_WORK for i in body)
         if trips == compiled:
             return runs_layer
         return runs_layer and not any(i.opcode == "while" for i in body)
 
     def step(self) -> StepTime:
         return self.computation(self.module.entry)
+
+
+_NO_WORK = ("constant", "parameter", "get-tuple-element", "tuple", "bitcast")
 
 
 def _only_sliced(instr: Instruction, comp: Computation) -> bool:
