@@ -42,13 +42,41 @@ class Chip:
     host_bandwidth: float = 1.5e10  # HOST_BANDWIDTH below
     # Side of the MXU's systolic array: a matmul dimension it holds is padded to a multiple.
     mxu_side: int = 128  # every generation before v6e (V6E_MXU_SIDE below)
+    # Fractions of the rated HBM, ICI and DCN figures above that a large copy / collective
+    # reaches, from public measurements (the *_EFFICIENCY constants below).
+    hbm_efficiency: float = 1.0
+    ici_efficiency: float = 1.0
+    dcn_efficiency: float = 1.0
+
+    @property
+    def hbm_achieved(self) -> float:
+        """Bytes/s of HBM traffic (reads + writes) a large copy reaches."""
+        return self.hbm_bandwidth * self.hbm_efficiency
+
+    @property
+    def ici_link_achieved(self) -> float:
+        """Bytes/s one direction of one link carries in a large collective."""
+        return self.ici_link_bandwidth * self.ici_efficiency
+
+    @property
+    def dcn_achieved(self) -> float:
+        """Bytes/s of DCN egress per chip a large multi-slice collective reaches."""
+        return self.dcn_bandwidth * self.dcn_efficiency
 
 
-# The one public measurement found of an XLA bf16 matmul on a TPU against its peak: JAX's Pallas
-# TPU matmul guide (https://docs.jax.dev/en/latest/pallas/tpu/matmul.html, "XLA matmul"),
-# jnp.matmul (8Ki)^3 bf16 on v5e: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
-# No per-generation figure is published for v4, v5p or v6e; they take v5e's until one is.
+# Efficiencies: a generation's own public measurement where there is one; otherwise its
+# family's (v4 and v5p take v5e's, tpu7x takes v6e's, the generation it follows); otherwise the
+# rated figure (1.0). Stated, never fitted to the calibration cases.
+# XLA bf16 matmul against the chip's peak:
+# - v5e: JAX's Pallas TPU matmul guide (https://docs.jax.dev/en/latest/pallas/tpu/matmul.html,
+#   "XLA matmul"), jnp.matmul (8Ki)^3 bf16: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
+# - v6e: tpu-recipes microbenchmarks/README.md (2025-04), benchmark_matmul.py (8192)^3 bf16 on a
+#   v6e-1, timed on the device trace: 827.47 TFLOP/s of 918 = 90.1%.
 MXU_EFFICIENCY = 0.923
+V6E_MXU_EFFICIENCY = 827.47 / 918
+# HBM: v6e, the same README, benchmark_hbm.py copying 32 MiB: 1359.6 GB/s of reads + writes
+# against the rated 1640: 82.9%. No other generation has a published figure.
+V6E_HBM_EFFICIENCY = 1359.6 / 1640
 # Host <-> HBM (PCIe), per chip and direction: the JAX scaling book's TPU chapter ("PCIe
 # bandwidth is typically around 1.5e10 bytes / second per chip", with the footnote "Trillium
 # (TPU v6e) has 32GB/s, about 2x higher than v5"): 1.5e10 for v4/v5p/v5e, 3.2e10 for v6e. No
@@ -60,32 +88,51 @@ V6E_HOST_BANDWIDTH = 3.2e10
 # tpu7x's is not published: it takes v6e's, the generation it follows.
 V6E_MXU_SIDE = 256
 
+# Collectives reach less than the links' figures. Two public measurements, each compared with
+# what k2jax/aot/collectives.py computes for the same collective:
+# - v6e: tpu-recipes microbenchmarks/trillium/collectives/README.md (2025-04), psum of a bf16
+#   17408 x 17408 matrix (0.606 GB) over a v6e-256's ICI, 235.76 GB/s in its convention
+#   (2 x bytes x 255/256 / time): 5.12 ms; the model: 2 x 0.606e9 x 255/256 over both wrapped
+#   axes of 2 x 9e10 = 3.35 ms, so 0.655. The same run's psum over DCN between 2 slices (each
+#   chip's 0.303 GB half with its peer): 73.7 ms; the model at 1.25e10 B/s: 24.2 ms, so 0.33.
+# - v5e: the JAX scaling book's sharding chapter, a profiled all-gather over a 4-chip v5e axis
+#   without wrap-around: 680 us against the 560 us of the book's (and this model's) formula:
+#   0.82.
+# v4 and v5p take v5e's ICI figure, tpu7x v6e's (the family rule above); DCN stays at its rated
+# figure on v4, v5p and v5e.
+V6E_ICI_EFFICIENCY = 3.35 / 5.12
+V6E_DCN_EFFICIENCY = 24.2 / 73.7
+ICI_EFFICIENCY = 560 / 680
+
 
 CHIPS = {
     # v4: 275 TFLOP/s, 32 GiB at 1.2 TB/s; ICI 4.5e10 B/s one way per link, 6 links; slices of
     # whole 4x4x4 cubes are tori (optical switches close the rings); DCN 25 GB/s per 4-chip host.
     "v4": Chip("v4", 275e12, 32 * GIB, 1.2e12, 4.5e10, 6, 3, 4, False, 6.25e9,
-               mxu_efficiency=MXU_EFFICIENCY),
+               mxu_efficiency=MXU_EFFICIENCY, ici_efficiency=ICI_EFFICIENCY),
     # v5p: 459 TFLOP/s, 95 GiB at 2.76 TB/s; ICI 9e10 B/s one way per link, 6 links (4,800 Gbps
     # per chip, Google); wrap-around on cube-multiple axes as v4; DCN 50 Gbps per chip.
     "v5p": Chip("v5p", 459e12, 95 * GIB, 2.765e12, 9e10, 6, 3, 4, False, 6.25e9,
-               mxu_efficiency=MXU_EFFICIENCY),
+               mxu_efficiency=MXU_EFFICIENCY, ici_efficiency=ICI_EFFICIENCY),
     # v5e: 197 TFLOP/s, 16 GiB at 819 GB/s; ICI 4.5e10 B/s one way per link (1,600 Gbps per
     # chip), 4 links, 2-D; only the full 16-chip axis of a 16x16 pod wraps; DCN 25 Gbps per chip.
     "v5e": Chip("v5e", 197e12, 16 * GIB, 8.19e11, 4.5e10, 4, 2, 16, True, 3.125e9,
-               mxu_efficiency=MXU_EFFICIENCY),
+               mxu_efficiency=MXU_EFFICIENCY, ici_efficiency=ICI_EFFICIENCY),
     # v6e (Trillium): 918 TFLOP/s, 32 GiB at 1.64 TB/s; ICI 9e10 B/s one way per link (3,584 Gbps
     # per chip), 4 links, 2-D, wraps as v5e; DCN 100 Gbps per chip.
     "v6e": Chip("v6e", 918e12, 32 * GIB, 1.64e12, 9e10, 4, 2, 16, True, 1.25e10,
-               mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=V6E_HOST_BANDWIDTH,
-               mxu_side=V6E_MXU_SIDE),
+               mxu_efficiency=V6E_MXU_EFFICIENCY, host_bandwidth=V6E_HOST_BANDWIDTH,
+               mxu_side=V6E_MXU_SIDE, hbm_efficiency=V6E_HBM_EFFICIENCY,
+               ici_efficiency=V6E_ICI_EFFICIENCY, dcn_efficiency=V6E_DCN_EFFICIENCY),
     # tpu7x (Ironwood), per device = half a chip: 2307/2 TFLOP/s, 192/2 GiB at 7380/2 GB/s;
     # the chip's ICI (1200 GB/s bidirectional, as v5p's: 6 links of 9e10 B/s one way, a 3-D
     # torus of 4x4x4 cubes that wraps as v5p's) and its DCN (100 Gbps) and PCIe are shared by
     # its two devices, which run the same program at once: half of each link per device.
     "tpu7x": Chip("tpu7x", 2307e12 / 2, 96 * GIB, 7.38e12 / 2, 9e10 / 2, 6, 3, 4, False,
-                  1.25e10 / 2, mxu_efficiency=MXU_EFFICIENCY, host_bandwidth=HOST_BANDWIDTH / 2,
-                  mxu_side=V6E_MXU_SIDE),
+                  1.25e10 / 2, mxu_efficiency=V6E_MXU_EFFICIENCY,
+                  host_bandwidth=HOST_BANDWIDTH / 2, mxu_side=V6E_MXU_SIDE,
+                  hbm_efficiency=V6E_HBM_EFFICIENCY, ici_efficiency=V6E_ICI_EFFICIENCY,
+                  dcn_efficiency=V6E_DCN_EFFICIENCY),
 }
 # JAX devices per chip (the model's figures above are per device).
 DEVICES_PER_CHIP = {"v4": 1, "v5p": 1, "v5e": 1, "v6e": 1, "tpu7x": 2}

@@ -4,7 +4,9 @@ Bandwidth: a replica group spans some physical torus axes of its slice (the axes
 its chips' coordinates differ). A ring along one axis moves data over that axis's links in both
 directions when the axis wraps around (a torus: 2 x the one-way link bandwidth), in one
 direction's worth when it does not (a line); a group spanning several axes uses them all at once
-(the bandwidths add), as in the JAX scaling book's collective costs.
+(the bandwidths add), as in the JAX scaling book's collective costs. Link and DCN figures are
+the chip's rated ones times the fraction a measured collective reached (Chip.ici_efficiency,
+Chip.dcn_efficiency: k2jax/aot/chips.py says which measurements).
 
 Bytes (ring algorithms, n chips in the group, per chip):
   all-gather      output x (n-1)/n          reduce-scatter  input x (n-1)/n
@@ -61,8 +63,8 @@ def ici_bandwidth(group: Sequence[int], chip: Chip, layout: DeviceLayout) -> flo
         span = len({c[axis] for c in coords})
         if span > 1:
             both_ways = axis_wraps(chip, length, span)
-            total += chip.ici_link_bandwidth * (2 if both_ways else 1)
-    return total or chip.ici_link_bandwidth
+            total += chip.ici_link_achieved * (2 if both_ways else 1)
+    return total or chip.ici_link_achieved
 
 
 def _ring_bytes(kind: str, n: int, operand_bytes: float, out_bytes: float) -> float:
@@ -91,8 +93,8 @@ def collective_seconds(kind: str, instr: Instruction, operand_bytes: float, out_
         if not moving:
             return 0.0
         if any(layout.slices[s] != layout.slices[t] for s, t in moving):
-            return out_bytes / chip.dcn_bandwidth
-        return out_bytes / chip.ici_link_bandwidth
+            return out_bytes / chip.dcn_achieved
+        return out_bytes / chip.ici_link_achieved
     group = replica_groups(instr, num_devices)[0]
     slices = sorted({layout.slices[i] for i in group})
     per_slice = [i for i in group if layout.slices[i] == slices[0]]
@@ -101,7 +103,7 @@ def collective_seconds(kind: str, instr: Instruction, operand_bytes: float, out_
         per_slice, chip, layout)
     if n_dcn > 1:  # the slice-to-slice stage carries 1/n_ici of the bytes per chip
         seconds += _ring_bytes(kind, n_dcn, operand_bytes / n_ici,
-                               out_bytes / n_ici) / chip.dcn_bandwidth
+                               out_bytes / n_ici) / chip.dcn_achieved
     return seconds
 
 
@@ -114,7 +116,7 @@ def megascale_seconds(transfer_type: str, payload_bytes: float, chip: Chip,
     n = len(set(layout.slices))
     kind = transfer_type.lower().replace("_", "-")
     out_bytes = payload_bytes * (n if kind == "all-gather" else 1)
-    return _ring_bytes(kind, n, payload_bytes, out_bytes) / chip.dcn_bandwidth
+    return _ring_bytes(kind, n, payload_bytes, out_bytes) / chip.dcn_achieved
 
 
 def _pairs(text: str) -> list[str]:
