@@ -98,13 +98,13 @@ ENTRY %main (w: bf16[1024,4096], x: bf16[4096,4096]) -> bf16[4096,4096] {{
 
 def test_a_collective_carried_by_fusions_counts_once_and_overlaps_its_chain():
     step = StepTimeModel(parse_module(CHAIN), V5P, LAYOUT).step()
-    gather = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_bandwidth)
+    gather = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_achieved)
     assert step.collectives == 1
     assert step.collective_seconds == pytest.approx(gather)
     # exposed: what the gather takes beyond the ops from its first fusion to its last
-    ags_s = (1024 * 4096 * 2 + 4096 * 4096 * 2) / V5P.hbm_bandwidth
+    ags_s = (1024 * 4096 * 2 + 4096 * 4096 * 2) / V5P.hbm_achieved
     matmul = 2 * 4096 ** 3 / (V5P.peak_flops * V5P.mxu_efficiency)
-    agd_s = (1024 * 4096 * 2 + 2 * 4096 * 4096 * 2) / V5P.hbm_bandwidth
+    agd_s = (1024 * 4096 * 2 + 2 * 4096 * 4096 * 2) / V5P.hbm_achieved
     assert step.exposed_collective_seconds == pytest.approx(
         max(0.0, gather - (ags_s + matmul + agd_s)))
     # Without the matmul in between, the chain hides less of it.
@@ -145,6 +145,6 @@ ENTRY %main (g: bf16[4096,4096]) -> bf16[4096,1024] {
 
 def test_an_all_reduce_scatter_fusion_costs_a_reduce_scatter():
     step = StepTimeModel(parse_module(REDUCE_SCATTER), V5P, LAYOUT).step()
-    ring = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_bandwidth)  # input x (n-1)/n, once
+    ring = 3 / 4 * 4096 * 4096 * 2 / (2 * V5P.ici_link_achieved)  # input x (n-1)/n, once
     assert step.collectives == 1
     assert step.collective_seconds == pytest.approx(ring)
