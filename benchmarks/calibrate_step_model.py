@@ -138,6 +138,25 @@ V6E_GPT3_FLAGS = (
 SPLASH_GPT3 = ("model.attention_block_q=1024", "model.attention_block_kv=512",
                "model.attention_backward_blocks=[2048,512,2048,512]",
                "model.attention_fused_backward=false")
+# MaxText's llama3.1-405b.yml @14b5876ea: 16384 wide, 128 heads of 128 with 8 KV heads, SwiGLU
+# 53248, 126 layers, vocab 128256 untied, rope 500000.
+LLAMA31_405B = dict(hidden=16384, heads=128, kv_heads=8, head_dim=128, mlp=53248, layers=126,
+                    vocab=128256, activation="swiglu", tied=False)
+# benchmarks/xla_flags_library.py @14b5876ea and @3eb77db3c: DENSE_VMEM_LIMIT_FLAG +
+# CF_FOR_ALL_GATHER + HOST_OFFLOAD_FLAGS (the Llama 3.1 405B recipes on v6e and v5p).
+DENSE_CF_HOST_OFFLOAD_FLAGS = (
+    "--xla_tpu_scoped_vmem_limit_kib=98304 --xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true "
+    "--xla_tpu_enable_all_experimental_scheduler_features=true "
+    "--xla_tpu_enable_scheduler_memory_pressure_tracking=true "
+    "--xla_tpu_host_transfer_overlap_limit=24 --xla_tpu_aggressive_opt_barrier_removal=ENABLED "
+    "--xla_lhs_prioritize_async_depth_over_stall=ENABLED "
+    "--xla_tpu_enable_ag_backward_pipelining=true "
+    "--xla_should_allow_loop_variant_parameter_in_chain=ENABLED "
+    "--xla_should_add_loop_invariant_op_in_chain=ENABLED --xla_max_concurrent_host_send_recv=100 "
+    "--xla_tpu_scheduler_percent_shared_memory_limit=100 --xla_latency_hiding_scheduler_rerun=2")
 LLAMA2_70B = dict(hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp=28672, layers=80,
                   vocab=32000, activation="swiglu", tied=False)
 
@@ -199,16 +218,34 @@ CASES = [
          V5P_FLAGS_2025),
     # save_dot_except_mlpwi saves q/k/v, attention out and mlp out projections = save_qkv_out.
     # "512 chips" in tiering.md; the config says 1 x v5p-512 (256 chips) for a 4M-token batch.
-    # v6e (Trillium), a model under 20B: Llama 3.1 8B at 45.46% (docs/reference/models/
-    # tiering.md) = llama3_1_8b_8192 in benchmarks/maxtext_trillium_model_configs.py @5e6a7caff
-    # (2025-09-26): batch 4, seq 8192, fsdp 256, remat custom offloading the layer input and
-    # q/k/v/out projections to host (= offload_input_qkv_out), splash 2048 blocks with the
-    # fused backward. Read causal.
+    # v6e (Trillium), a model under 20B: Llama 3.1 8B, llama3_1_8b_8192 in benchmarks/
+    # maxtext_trillium_model_configs.py (@5e6a7caff, 2025-09-26, and the same at 9f1820b47):
+    # batch 4, seq 8192, fsdp 256, remat custom offloading the layer input and q/k/v/out
+    # projections to host (= offload_input_qkv_out), splash 2048 blocks with the fused backward.
+    # Published step: tpu-recipes Llama3.1-8B-MaxText/v6e-256/README.md (tpu-recipes-v0.1.4),
+    # "completed step: 14, seconds: 4.546" (until 2026-12-07 read from tiering.md's 45.46% MFU
+    # as causal, 4.04 s; the recipe's step is that MFU read as full attention).
     Case("llama3.1-8b-v6e-256", "v6e-256", 1, LLAMA31_8B, 8192, 4, "offload_input_qkv_out", 1,
-         0.4546, True, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
-         "configs.py llama3_1_8b_8192; tiering.md", V6E_LLAMA31_8B_FLAGS,
-         SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
-         "--xla_sc_disjoint_spmem=false", min_compile_layers=4),
+         0.0, False, "maxtext@5e6a7caff (2025-09-26) benchmarks/maxtext_trillium_model_"
+         "configs.py llama3_1_8b_8192; tpu-recipes Llama3.1-8B-MaxText/v6e-256/README.md",
+         V6E_LLAMA31_8B_FLAGS, SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
+         "--xla_sc_disjoint_spmem=false", 4.546, min_compile_layers=4),
+    # Two runs added 2026-12-07 after the efficiencies of k2jax/aot/chips.py, not seen by the
+    # model before they were costed: tpu-recipes Llama3.1-8B-MaxText/v6e-64 and v6e-128
+    # READMEs (tpu-recipes-v0.1.4 = maxtext@9f1820b47): llama3_1_8b_8192_bs5 (batch 5) on
+    # v6e-64, "seconds: 5.652"; llama3_1_8b_8192 (batch 4) on v6e-128, "seconds: 4.602"; the
+    # flags and settings of the v6e-256 run. One deviation: k2jax's logits are fp32 (MaxText's
+    # bf16), and at batch 5 the whole fp32 logits (19.6 GiB) do not fit a v6e's 31.25 GiB
+    # (libtpu: "Used 31.32G of 31.25G hbm"), so that case computes the loss in 4 sequence
+    # chunks (the same FLOPs).
+    *(Case(f"llama3.1-8b-v6e-{n}", f"v6e-{n}", 1, LLAMA31_8B, 8192, batch, "offload_input_qkv_out",
+           1, 0.0, False, f"maxtext@9f1820b47 (2025-07-10) tpu-recipes-v0.1.4 {workload}; "
+           f"tpu-recipes Llama3.1-8B-MaxText/v6e-{n}/README.md", V6E_LLAMA31_8B_FLAGS,
+           SPLASH_2048_FUSED + ("model.rope_theta=500000.0",) + loss, "--xla_sc_disjoint_spmem=false",
+           seconds, 4)
+      for n, batch, workload, seconds, loss in (
+          (64, 5, "llama3_1_8b_8192_bs5", 5.652, ("model.loss_chunk_tokens=2048",)),
+          (128, 4, "llama3_1_8b_8192", 4.602, ()))),
     # tpu-recipes training/trillium/Llama3.1-8B-MaxText/v6e-{8,16,32}/README.md: workload
     # llama3_1_8b_8192_no_collective_matmul @9f1820b47 (tpu-recipes-v0.1.4): batch 3, seq 8192,
     # fsdp = all chips, remat custom (layer input, q/k/v/out offloaded = offload_input_qkv_out),
@@ -236,6 +273,36 @@ CASES = [
          "maxtext@14b5876ea (2025-04-16) tpu-recipes-v0.1.2 gpt_3_175b_bf16; tpu-recipes "
          "GPT3-175B-MaxText/bf16/README.md", V6E_GPT3_FLAGS, SPLASH_GPT3,
          published_step_seconds=17.182),
+    # tpu-recipes training/trillium/Llama3.1-405B-MaxText/README.md: llama3_1_405b_8192_pure_
+    # fsdp_ici @14b5876ea (tpu-recipes-v0.1.2), 2 x v6e-256, batch 1, seq 8192, fsdp 256 in a
+    # slice x 2 over DCN, remat custom offloading only the layer input (base.yml: the rest
+    # recomputed), splash as GPT-3's; "completed step: 14, seconds: 54.803". Added 2026-12-07
+    # as the second run the model had not seen (nothing changed for it).
+    Case("llama3.1-405b-2xv6e-256", "v6e-256", 2, LLAMA31_405B, 8192, 1, "custom", 1, 0.0,
+         False, "maxtext@14b5876ea (2025-04-16) tpu-recipes-v0.1.2 llama3_1_405b_8192_pure_"
+         "fsdp_ici; tpu-recipes Llama3.1-405B-MaxText/README.md",
+         DENSE_CF_HOST_OFFLOAD_FLAGS,
+         SPLASH_GPT3 + ("model.remat_offload=[decoder_layer_input]", "mesh.dcn_data=1",
+                        "mesh.dcn_fsdp=2", "model.rope_theta=500000.0"),
+         published_step_seconds=54.803, min_compile_layers=4),
+    # tpu-recipes training/v5p/Llama3.1-405B-MaxText/README.md (tpu-recipes@7e88b6d, 2025-10-07):
+    # llama3_1_405b_8192_v5p_1024 in benchmarks/maxtext_v5p_model_configs.py @3eb77db3c
+    # (2025-10-06), v5p-1024 (512 chips), batch 2, seq 8192, fsdp 512, remat custom (layer input
+    # kept, base.yml's default; context and mlpwo offloaded; the rest recomputed), splash 2048
+    # blocks everywhere without the fused backward, num_vocab_tiling 4 (= 4 sequence chunks of
+    # the loss), the 405B v6e run's flags; "completed step: 10, seconds: 131.474" (MaxText's
+    # TFLOP/s there counts causal attention: 314.530 x 131.474 = its FLOPs to 1e-6). Added
+    # 2026-12-07 after the efficiencies of chips.py, not seen by the model before it was costed.
+    Case("llama3.1-405b-v5p-1024", "v5p-1024", 1, LLAMA31_405B, 8192, 2, "custom", 1, 0.0,
+         True, "maxtext@3eb77db3c (2025-10-06) benchmarks/maxtext_v5p_model_configs.py "
+         "llama3_1_405b_8192_v5p_1024; tpu-recipes v5p/Llama3.1-405B-MaxText/README.md",
+         DENSE_CF_HOST_OFFLOAD_FLAGS,
+         ("model.attention_block_q=2048", "model.attention_block_kv=2048",
+          "model.attention_backward_blocks=[2048,2048,2048,2048]",
+          "model.attention_fused_backward=false", "model.remat_save=[decoder_layer_input]",
+          "model.remat_offload=[context,mlp_out]", "model.loss_chunk_tokens=2048",
+          "model.rope_theta=500000.0"),
+         published_step_seconds=131.474, min_compile_layers=4),
     Case("llama2-70b-v5p-512", "v5p-512", 1, LLAMA2_70B, 4096, 4, "save_qkv_out", 1, 0.654,
          True, "maxtext@e1fde4579 (2025-09-03) docs/reference/models/tiering.md, "
                "MaxText/configs/v5p/llama2_70b.sh", LLAMA2_FLAGS),
@@ -412,6 +479,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.stored:
         args.reuse, args.hlo_dir = True, STORED_HLO
+    if argv is None and not args.reuse:  # this process is the command, and it compiles
+        from k2jax.aot.fast_malloc import restart_with_fast_malloc
+
+        restart_with_fast_malloc()  # a fifth of a compile is malloc (k2jax/aot/fast_malloc.py)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     chosen = CASES
     if args.cases:
@@ -436,9 +507,11 @@ def main(argv=None) -> int:
         cpu += row.get("compile_cpu_seconds", 0.0)
         print(json.dumps(row) if args.json else format_row(row), flush=True)
     if chosen and not args.json:
+        from k2jax.aot.fast_malloc import malloc_in_use
+
         print(f"{len(chosen)} cases: {spent:.0f} s of compiling and costing ({cpu:.0f} CPU s)"
               f"{' (reused HLO)' if args.reuse else ''}, load average now "
-              f"{os.getloadavg()[0]:.1f}")
+              f"{os.getloadavg()[0]:.1f}, malloc {malloc_in_use()}")
     if args.check_extrapolation:
         check = check_extrapolation(args.layers, args.hlo_dir, args.reuse)
         print(json.dumps(check) if args.json else
