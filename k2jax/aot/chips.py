@@ -70,7 +70,7 @@ class Chip:
 # XLA bf16 matmul against the chip's peak:
 # - v5e: JAX's Pallas TPU matmul guide (https://docs.jax.dev/en/latest/pallas/tpu/matmul.html,
 #   "XLA matmul"), jnp.matmul (8Ki)^3 bf16: 181.8 TFLOP/s of 197 = 92.3% (4096^3: 84.3%).
-# - v6e: tpu-recipes microbenchmarks/README.md (2025-04), benchmark_matmul.py (8192)^3 bf16 on a
+# - v6e: tpu-recipes microbenchmarks/README.md (2025-04), benchmark_matmul.py (8Ki)^3 bf16 on a
 #   v6e-1, timed on the device trace: 827.47 TFLOP/s of 918 = 90.1%.
 MXU_EFFICIENCY = 0.923
 V6E_MXU_EFFICIENCY = 827.47 / 918
