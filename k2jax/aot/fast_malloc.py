@@ -32,6 +32,8 @@ def fast_malloc_library(dirs: Optional[tuple[str, ...]] = None) -> Optional[str]
 
 
 def already_fast(environ=os.environ) -> bool:
+    """Whether not to restart: K2JAX_FAST_MALLOC is set (0, or the library this process was
+    restarted with) or a TCMalloc / jemalloc is preloaded already."""
     preloaded = environ.get("LD_PRELOAD", "")
     return environ.get(ENV) not in (None, "") or "tcmalloc" in preloaded or "jemalloc" in preloaded
 
