@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from k2jax.aot.calibration import errors_for
+from k2jax.aot.run_estimate import three_figures
 from train_utils import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow  # TPU AOT compiles with libtpu
@@ -100,7 +101,7 @@ def test_llama_shaped_config_predicts_mfu(tmp_path, name, data, rows):
 
     text = format_report(report)
     per_device = data["data"]["per_device_batch_size"]
-    assert f"calibrated step {low:.3g}-{high:.3g} s" in text
+    assert f"calibrated step {three_figures(low)}-{three_figures(high)} s" in text
     assert f"batch {rows} ({per_device} per device x 8) x 8192" in text
     assert "run of 1,000 steps" in text
     # The step line names every part that adds up to the step (host transfers when offloading).

@@ -4,7 +4,8 @@ calibration's (k2jax/aot/calibration.py), and the run's days and chip-hours foll
 import pytest
 
 from k2jax.aot.calibration import ERRORS, error_summary
-from k2jax.aot.run_estimate import band_fields, format_lines, run_fields, run_steps
+from k2jax.aot.run_estimate import (band_fields, format_lines, run_fields, run_steps,
+                                    three_figures)
 
 
 def test_the_band_is_derived_from_the_recorded_errors():
@@ -18,7 +19,7 @@ def test_the_band_is_derived_from_the_recorded_errors():
     summary = error_summary()
     assert fields["calibration"]["cases"] == summary["cases"] == len(ERRORS)
     line = fields["calibration_line"]
-    assert f"calibrated step {low:.3g}-{high:.3g} s" in line
+    assert f"calibrated step {three_figures(low)}-{three_figures(high)} s" in line
     assert f"mean {summary['mean']:+.1%}, worst {summary['worst']:+.1%}" in line
 
 
@@ -44,3 +45,10 @@ def test_a_generation_with_cases_of_its_own_gets_their_band():
                                                      10.0 * (1 + max(v6e.values()))]
     assert f"{len(v6e)} published MaxText runs on v6e" in fields["calibration_line"]
     assert band_fields(10.0, 0.5, "v4")["calibration"]["cases"] == len(errors_for())  # none: all
+
+
+def test_band_figures_keep_three_significant_figures_with_their_zeros():
+    assert [three_figures(x) for x in (24.0, 21.14, 0.01234, 123.4, 5.0)] == [
+        "24.0", "21.1", "0.0123", "123", "5.00"]
+    line = band_fields(23.18 / (1 + max(ERRORS.values())), 0.6)["calibration_line"]
+    assert f"-{three_figures(23.18)} s" in line

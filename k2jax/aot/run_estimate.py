@@ -7,6 +7,7 @@ A rerun of the calibration changes `calibration.ERRORS`, and with it every band 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from k2jax.aot.calibration import CALIBRATED_ON, error_summary, errors_for, step_band
@@ -37,16 +38,22 @@ def calibration_line(predicted_step: float, predicted_mfu: float,
                      generation: Optional[str] = None) -> str:
     """'calibrated step 21.2-23.8 s, MFU between 59.5% and 66.7% (the model against N
     published MaxText runs: mean, worst, spread; ...)': three significant figures, so a small
-    plan's band shows."""
+    plan's band shows, with their trailing zeros ("21.1-24.0 s", not "21.1-24 s")."""
     low, high = step_band(predicted_step, generation=generation)
     s = error_summary(errors_for(generation))
     where = f" on {generation}" if generation and len(errors_for(generation)) < len(
         errors_for()) else ""
-    return (f"calibrated step {low:.3g}-{high:.3g} s, MFU between "
+    return (f"calibrated step {three_figures(low)}-{three_figures(high)} s, MFU between "
             f"{predicted_mfu * predicted_step / high:.1%} and "
             f"{predicted_mfu * predicted_step / low:.1%} (the model against {s['cases']} "
             f"published MaxText runs{where}: mean {s['mean']:+.1%}, worst {s['worst']:+.1%}, spread "
             f"{s['spread']:.1%}; calibrated {CALIBRATED_ON}; docs/performance.md)")
+
+
+def three_figures(seconds: float) -> str:
+    """A number to three significant figures, zeros kept: 24.0, 0.0123, 123."""
+    decimals = max(0, 2 - math.floor(math.log10(seconds))) if seconds > 0 else 2
+    return f"{seconds:.{decimals}f}"
 
 
 def run_steps(steps, start_step: int) -> Optional[int]:
@@ -85,5 +92,5 @@ def format_lines(report: dict) -> list[str]:
 
 
 def _amount(x: float) -> str:
-    """88.8, 545,870, 0.0123: three significant figures, thousands grouped."""
-    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+    """88.8, 94.0, 545,870, 0.0123: three significant figures, thousands grouped."""
+    return f"{x:,.0f}" if x >= 1000 else three_figures(x)
