@@ -15,7 +15,10 @@ class ConfigError(UserError):
         super().__init__(f"config key '{key}': {problem}")
 
 
-_TENSORSTORE_DETAILS = re.compile(r"\.?\s*See full TensorStore details:|<bound method pybind11")
+# Where a TensorStore error's message turns into debris: the pointer to its details, the repr of
+# a bound method, or a store's own repr (its spec runs over many lines; an error may quote it).
+_TENSORSTORE_DETAILS = re.compile(
+    r"\.?\s*See full TensorStore details:|<bound method pybind11|<?\bTensorStore\(\{")
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:

@@ -245,3 +245,21 @@ def test_abandoned_orbax_work_is_quiet_and_other_leftovers_are_not(caplog):
     assert [u.object for u in seen] == [other_coroutine]
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == [
         "Task exception was never retrieved: mine"]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Error reading data file: truncated. See full TensorStore details: {...}",
+     "ValueError: Error reading data file: truncated"),
+    ("Error opening <bound method pybind11_object of TensorStore({\n  'driver': 'zarr'",
+     "ValueError: Error opening"),
+    ("Error reading TensorStore({\n  'context': {},\n  'driver': 'cast',",
+     "ValueError: Error reading"),
+    ("Error reading <TensorStore({'driver': 'cast'})>: DATA_LOSS", "ValueError: Error reading"),
+])
+def test_a_failed_restore_is_named_without_tensorstore_debris(message, expected):
+    """The 'checkpoint N failed to restore (...)' line quotes the error's first line; a store's
+    spec (many lines, and one of the leftovers these tests look for) is cut off wherever the
+    message quotes it."""
+    from k2jax.errors import one_line
+
+    assert one_line(ValueError(message)) == expected
