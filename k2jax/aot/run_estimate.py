@@ -50,10 +50,10 @@ def calibration_line(predicted_step: float, predicted_mfu: float,
             f"{s['spread']:.1%}; calibrated {CALIBRATED_ON}; docs/performance.md)")
 
 
-def three_figures(seconds: float) -> str:
-    """A number to three significant figures, zeros kept: 24.0, 0.0123, 123."""
-    decimals = max(0, 2 - math.floor(math.log10(seconds))) if seconds > 0 else 2
-    return f"{seconds:.{decimals}f}"
+def three_figures(x: float) -> str:
+    """A number (seconds, days) to three significant figures, zeros kept: 24.0, 0.0123, 123."""
+    decimals = max(0, 2 - math.floor(math.log10(x))) if x > 0 else 2
+    return f"{x:.{decimals}f}"
 
 
 def run_steps(steps, start_step: int) -> Optional[int]:
