@@ -16,8 +16,7 @@ from k2jax.aot.fast_malloc import restart_with_fast_malloc
 from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
-from k2jax.storage_errors import (path_failure, quiet_background_storage_errors, quiet_until_exit,
-                                  storage_failure)
+from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -60,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     prog = command_parser.prog if command_parser else f"k2jax {args.command}"
     try:
         # Library errors name parameters; a command lists the flags its user typed for them.
-        with quiet_background_storage_errors() as background, \
+        # When the process is this command, nothing Orbax's threads report after its result
+        # or its one line (a recovered restore's leftovers) is printed: the filters that stay
+        # until exit go on before the command's come off.
+        with quiet_background_storage_errors(until_exit=argv is None) as background, \
                 worded_as_flags(getattr(args, "flag_words", {})):
             code = int(args.func(args) or 0)
         if background.first_problem is not None:  # a library logged it and carried on
             raise UserError(background.first_problem)
-        if argv is None:  # nothing after the result either (a recovered restore's leftovers)
-            quiet_until_exit()
         return code
     except UserError as err:
         message = f"{prog}: error: {err}"
@@ -75,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         if problem is None:
             raise
         message = f"{prog}: error: {problem}"
-    if argv is None:  # the process is this command: nothing may follow the one line (the
-        quiet_until_exit()  # filters go on first: a background thread may report any moment)
     print(message, file=sys.stderr, flush=True)
     return 2
 

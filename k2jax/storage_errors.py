@@ -183,14 +183,17 @@ class _StorageRecordFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio")
+def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio"),
+                                    until_exit: bool = False
                                     ) -> Iterator[_StorageRecordFilter]:
     """While inside: storage failures logged by background threads (Orbax, through absl) and the
     'Event loop is closed' reports that follow a failed asynchronous save are not printed; every
     other record and unraisable exception is. The failure itself still reaches the caller from
     the save's wait (the CLI prints it as one line); `.first_problem` of the yielded filter holds
     it in case a library swallowed it. On the way out, abandoned coroutines and tasks are
-    collected while the filters still hold, not at interpreter exit."""
+    collected while the filters still hold, not at interpreter exit. `until_exit` (a process
+    that ends with this block): quiet_until_exit's filters go on before these come off, so a
+    background thread reporting in between is never printed."""
     record_filter = _StorageRecordFilter()
     previous_hook = sys.unraisablehook
 
@@ -205,7 +208,10 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
         yield record_filter
     finally:
         gc.collect()
-        sys.unraisablehook = previous_hook
+        if until_exit:
+            quiet_until_exit(loggers)  # chains to this block's hook, which then stays
+        else:
+            sys.unraisablehook = previous_hook
         for name in loggers:
             logging.getLogger(name).removeFilter(record_filter)
 
