@@ -64,7 +64,8 @@ def test_unawaited_coroutines_are_dropped_and_other_warnings_kept(monkeypatch):
 def test_a_command_that_ends_the_process_hands_over_without_a_gap(monkeypatch):
     """`k2jax` run as a process: the filters that stay until exit are on before the command's
     come off, so a closed-loop report from a thread right after the command is never printed
-    (it was between the two: one run of the slow group in ~2,600 printed a leftover)."""
+    (a report landing between the two would print: a likely cause of one failure in the slow
+    group, output lost)."""
     import warnings
 
     from k2jax.storage_errors import quiet_background_storage_errors
