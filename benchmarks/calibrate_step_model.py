@@ -359,9 +359,57 @@ def case_config(case: Case, layers: int):
                        [o for o in overrides if o is not None])
 
 
-# Each case's compiled program, xz-compressed (benchmarks/calibration_hlo/README.md says with
-# which jax and libtpu): --stored re-costs them all without compiling.
+# Each case's compiled program, xz-compressed, and the key it was compiled from (keys.json,
+# k2jax/aot/program_key.py): --stored re-costs them all without compiling, and a run compiles
+# only the cases whose key no longer matches.
 STORED_HLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_hlo")
+
+
+def set_startup_flags() -> None:
+    """Add the cases' start-up flags to LIBTPU_INIT_ARGS (libtpu reads them once, when it
+    starts, so they apply to every case of a run): always those of all the cases, so that a
+    case compiles the same whichever cases are chosen."""
+    startup = " ".join(sorted({c.libtpu_init_args for c in CASES if c.libtpu_init_args}))
+    current = os.environ.get("LIBTPU_INIT_ARGS", "")
+    if startup and startup not in current:
+        os.environ["LIBTPU_INIT_ARGS"] = f"{current} {startup}".strip()
+
+
+def hlo_name(case: Case, layers: int) -> str:
+    return f"calibrate-{case.name}-{layers}l.hlo"
+
+
+def case_program_key(case: Case, layers: int) -> str:
+    """What the case's compile is a function of (its lowered step, flags, start-up flags and
+    topology), hashed: lowering takes a second or two, the compile minutes."""
+    from k2jax.aot.compile_report import lowered_text
+    from k2jax.aot.program_key import program_key
+    from k2jax.aot.topology import parse_slice
+
+    config = case_config(case, layers)
+    lowered = lowered_text(config, parse_slice(case.topology), case.slices)
+    return program_key(lowered, config.train.xla_flags, os.environ.get("LIBTPU_INIT_ARGS", ""),
+                       case.topology, case.slices)
+
+
+def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = False) -> dict:
+    """The case's row, from a kept program compiled from the same key by this compiler
+    (`hlo_dir`'s, else the repository's), or from a compile into `hlo_dir`."""
+    from k2jax.aot.program_key import kept_program, record_program
+
+    start = time.perf_counter()
+    key = case_program_key(case, layers)
+    lower_seconds = round(time.perf_counter() - start, 1)
+    name = hlo_name(case, layers)
+    kept = None if recompile else (kept_program(hlo_dir, name, key)
+                                   or kept_program(STORED_HLO, name, key))
+    if kept is not None:
+        row = run_case(case, layers, os.path.dirname(kept), reuse=True)
+        return {**row, "kept": kept, "lower_seconds": lower_seconds}
+    row = run_case(case, layers, hlo_dir)
+    if os.path.exists(os.path.join(hlo_dir, name)):  # not when the compiler ran out of HBM
+        record_program(hlo_dir, name, key)
+    return {**row, "kept": None, "lower_seconds": lower_seconds}
 
 
 def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
@@ -373,7 +421,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
     from k2jax.aot.topology import parse_slice
 
     tpu_slice = parse_slice(case.topology)
-    hlo = os.path.join(hlo_dir or "/tmp", f"calibrate-{case.name}-{layers}l.hlo")
+    hlo = os.path.join(hlo_dir or "/tmp", hlo_name(case, layers))
     if reuse and not os.path.exists(hlo) and os.path.exists(hlo + ".xz"):
         hlo += ".xz"  # as stored in STORED_HLO
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -453,7 +501,13 @@ def format_row(r: dict) -> str:
             f"{r['memory_seconds']:.2f} / {r['exposed_collective_seconds']:.2f} "
             f"(of {r['collective_seconds']:.2f}) / {r['exposed_host_transfer_seconds']:.2f} "
             f"(of {r['host_transfer_seconds']:.2f}) | {r['compiled_layers']}->{r['layers']} | "
-            f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']}) |")
+            f"{_time_cell(r)} |")
+
+
+def _time_cell(r: dict) -> str:
+    if r.get("kept"):
+        return f"kept: {r['kept']} ({r['lower_seconds']:.0f} s to lower + {r['cost_seconds']:.0f})"
+    return f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']})"
 
 
 HEADER = ("| case | published MFU | predicted MFU | rel. error | predicted step s | published "
@@ -475,6 +529,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="cost the HLO an earlier run left in --hlo-dir instead of compiling "
                              "(a case without one is an error row, not a compile)")
+    parser.add_argument("--recompile", action="store_true",
+                        help="compile every case, even one whose program is kept (--hlo-dir "
+                             "or the repository) compiled from the same lowered program, flags "
+                             "and compiler: the cold run")
     parser.add_argument("--stored", action="store_true",
                         help=f"cost the compiled HLO kept in the repository ({STORED_HLO}): "
                              f"--reuse --hlo-dir {STORED_HLO}, in seconds")
@@ -496,24 +554,30 @@ def main(argv=None) -> int:
         chosen = [c for c in CASES if c.name in names]
     if args.cases == "":
         chosen = []
-    startup = " ".join(c.libtpu_init_args for c in chosen if c.libtpu_init_args)
-    if startup:  # read once, when libtpu starts: applies to every case of this run
-        os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") + " "
-                                          + startup).strip()
+    set_startup_flags()
     if not args.json and chosen:
         print(HEADER)
     spent = cpu = 0.0
+    kept = 0
     for case in chosen:
-        row = run_case(case, max(args.layers, case.min_compile_layers), args.hlo_dir, args.reuse)
-        spent += row.get("compile_seconds", 0.0) + row.get("cost_seconds", 0.0)
+        layers = max(args.layers, case.min_compile_layers)
+        if args.reuse:
+            row = run_case(case, layers, args.hlo_dir, reuse=True)
+        else:
+            row = compile_or_keep(case, layers, args.hlo_dir, args.recompile)
+        kept += bool(row.get("kept"))
+        spent += (row.get("lower_seconds", 0.0) + row.get("compile_seconds", 0.0)
+                  + row.get("cost_seconds", 0.0))
         cpu += row.get("compile_cpu_seconds", 0.0)
         print(json.dumps(row) if args.json else format_row(row), flush=True)
     if chosen and not args.json:
         from k2jax.aot.fast_malloc import malloc_in_use
 
-        print(f"{len(chosen)} cases: {spent:.0f} s of compiling and costing ({cpu:.0f} CPU s)"
-              f"{' (reused HLO)' if args.reuse else ''}, load average now "
-              f"{os.getloadavg()[0]:.1f}, malloc {malloc_in_use()}")
+        how = (" (reused HLO)" if args.reuse else
+               f" ({kept} of them kept programs of the same key, not compiled)" if kept else "")
+        print(f"{len(chosen)} cases{how}: {spent:.0f} s of lowering, compiling and costing "
+              f"({cpu:.0f} CPU s compiling), load average now {os.getloadavg()[0]:.1f}, "
+              f"malloc {malloc_in_use()}")
     if args.check_extrapolation:
         check = check_extrapolation(args.layers, args.hlo_dir, args.reuse)
         print(json.dumps(check) if args.json else

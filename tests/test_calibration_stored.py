@@ -19,3 +19,31 @@ def test_every_recorded_error_is_the_model_on_its_stored_program():
                                  reuse=True)
         assert "error" not in row, row
         assert row["relative_error"] == pytest.approx(ERRORS[case.name], abs=5e-4), case.name
+
+
+@pytest.mark.slow
+def test_every_stored_program_is_what_its_case_compiles_to_today(monkeypatch):
+    """The stored programs stand for compiles (a calibration run keeps them instead of
+    compiling): each must have been compiled from what its case lowers to today. A change of
+    k2jax's model code or of a case that alters a case's program fails here, naming the cases
+    to recompile; programs of another compiler are never kept."""
+    from k2jax.aot.program_key import kept_program, read_keys, toolchain
+
+    calibrate = calibration_module()
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "")
+    calibrate.set_startup_flags()  # as a run sets them
+    stale = []
+    for case in calibrate.CASES:
+        layers = max(2, case.min_compile_layers)
+        key = calibrate.case_program_key(case, layers)
+        if kept_program(calibrate.STORED_HLO, calibrate.hlo_name(case, layers), key) is None:
+            stale.append(case.name)
+    recorded = read_keys(calibrate.STORED_HLO)
+    assert len(recorded) == len(calibrate.CASES)
+    if {entry["toolchain"] for entry in recorded.values()} == {toolchain()}:
+        assert stale == [], (f"stored programs no longer what these cases compile to: "
+                             f"python benchmarks/calibrate_step_model.py --cases "
+                             f"{','.join(stale)} --hlo-dir DIR, then store them "
+                             f"(benchmarks/calibration_hlo/README.md)")
+    else:
+        assert len(stale) == len(calibrate.CASES)

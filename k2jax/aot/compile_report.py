@@ -114,11 +114,32 @@ def compile_report(config: Config, tpu_slice: Slice, num_slices: int = 1,
     would be on this CPU).
     `hlo_out`: file to write the compiled step's optimized HLO text to (atomically); nothing is
     written when the compiler ran out of HBM (report["hlo_out"] is then None)."""
-    if config.model.attention == "auto":
-        config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, attention=TPU_DEFAULT_ATTENTION))
     with pallas_interpret(False):
-        return _compile_report(config, tpu_slice, num_slices, measure_flops, hlo_out)
+        return _compile_report(_planned_attention(config), tpu_slice, num_slices, measure_flops,
+                               hlo_out)
+
+
+def _planned_attention(config: Config) -> Config:
+    if config.model.attention != "auto":
+        return config
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, attention=TPU_DEFAULT_ATTENTION))
+
+
+def lowered_text(config: Config, tpu_slice: Slice, num_slices: int = 1) -> str:
+    """The train step as `compile_report` hands it to the compiler (StableHLO, before any of
+    XLA's passes): with the same compiler and flags, the same text compiles to the same
+    program (k2jax/aot/program_key.py)."""
+    with pallas_interpret(False):
+        return _lowered(_planned_attention(config), tpu_slice, num_slices)[0].as_text()
+
+
+def _lowered(config: Config, tpu_slice: Slice, num_slices: int):
+    """(lowered step, config with its device batch resolved, devices, training setup)."""
+    devices = topology_devices(tpu_slice, num_slices)
+    config = resolve_device_batch(config, len(devices))  # data.per_device_batch_size, if set
+    setup = build_training_setup(config, devices)
+    return setup.lower(), config, devices, setup
 
 
 def _write_hlo(compiled, hlo_out: Optional[str]) -> Optional[str]:
@@ -130,14 +151,12 @@ def _write_hlo(compiled, hlo_out: Optional[str]) -> Optional[str]:
 
 def _compile_report(config: Config, tpu_slice: Slice, num_slices: int,
                     measure_flops: bool, hlo_out: Optional[str] = None) -> dict:
-    devices = topology_devices(tpu_slice, num_slices)
-    chips = len(devices)
-    config = resolve_device_batch(config, chips)  # data.per_device_batch_size, if set
     start = time.perf_counter()
-    setup = build_training_setup(config, devices)
+    lowered, config, devices, setup = _lowered(config, tpu_slice, num_slices)
+    chips = len(devices)
     state, rows, mesh = setup.abstract_state, setup.padding.padded_rows, setup.mesh
     try:
-        compiled = compile_with_flags(setup.lower(), config.train.xla_flags)
+        compiled = compile_with_flags(lowered, config.train.xla_flags)
     except UserError:
         raise
     except Exception as err:  # the TPU compiler refuses programs that exceed HBM

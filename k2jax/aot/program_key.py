@@ -1,0 +1,74 @@
+"""What a TPU compile is a function of, as one key: a compile may be skipped when a program
+compiled from the same key is kept.
+
+A compile's output depends on the lowered program (k2jax's model and step as jax lowered
+them: `compile_report.lowered_text`), the compile-time flags, the flags libtpu read at
+start-up, the target topology, and the compiler itself (jax and libtpu). The key hashes the
+first four; the compiler is kept beside it as the `toolchain`, so that a kept program compiled
+by another libtpu reads as "another compiler", not as a changed program. XLA compiles the same
+input the same way (tested on the calibration's programs: a recompile equals the kept text
+but for source line numbers in its metadata, which `as_text()` of the lowered program leaves
+out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from typing import Optional
+
+from k2jax.atomic_write import write_bytes_atomic
+
+KEYS_FILE = "keys.json"  # in a folder of compiled programs: file name -> its key
+
+
+def toolchain() -> str:
+    """'jax 0.10.2 + libtpu 0.0.42.1': the compiler a program was compiled with."""
+    versions = []
+    for package in ("jax", "libtpu"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} none")
+    return " + ".join(versions)
+
+
+def program_key(lowered: str, xla_flags: str, startup_flags: str, topology: str,
+                slices: int) -> str:
+    digest = hashlib.sha256()
+    for part in (lowered, " ".join(xla_flags.split()), " ".join(startup_flags.split()),
+                 topology, str(slices)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def read_keys(folder: str) -> dict:
+    path = os.path.join(folder, KEYS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def kept_program(folder: str, file_name: str, key: str) -> Optional[str]:
+    """The path of `folder`'s `file_name` (or its .xz) when it was compiled from `key` by
+    this toolchain, else None."""
+    entry = read_keys(folder).get(file_name)
+    if not entry or entry.get("program") != key or entry.get("toolchain") != toolchain():
+        return None
+    for path in (os.path.join(folder, file_name), os.path.join(folder, file_name + ".xz")):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def record_program(folder: str, file_name: str, key: str) -> None:
+    """Note in `folder`'s keys file that `file_name` was compiled from `key` by this
+    toolchain (written atomically: a run stopped midway leaves the file whole)."""
+    keys = read_keys(folder)
+    keys[file_name] = {"program": key, "toolchain": toolchain()}
+    text = json.dumps(keys, indent=1, sort_keys=True) + "\n"
+    write_bytes_atomic(os.path.join(folder, KEYS_FILE), text.encode())
