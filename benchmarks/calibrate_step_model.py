@@ -14,8 +14,18 @@ also compiles a small model at both layer counts and compares. A compile in whic
 the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
 it with more `--layers` (cases that need 4 say so in `min_compile_layers`). Each row gives the
 compile's wall and CPU seconds and the load average; `--reuse` re-costs kept HLO in seconds.
-All 19 cases compiled in 45 minutes on 2 cores under TCMalloc (2026-12-07); `--stored` re-costs
-the programs kept in the repository in about 2 s.
+All 19 cases compiled in 45 minutes on 2 cores under TCMalloc (2026-12-07; about 1.8 times
+that on a slower 2-vCPU VM); `--stored` re-costs the programs kept in the repository in about
+2 s.
+
+Kept programs: a case is compiled only when no program compiled from the same key is kept
+(k2jax/aot/program_key.py: the case's lowered step, its flags, libtpu's start-up flags and the
+topology, compiled by this jax and libtpu). The script lowers each case (a second or two), and
+costs `--hlo-dir`'s program or the repository's (benchmarks/calibration_hlo, keys.json) when
+its key matches, else compiles: a run with nothing changed takes under a minute, a change of
+k2jax's model code recompiles the cases whose program it changes, a new libtpu all of them.
+`--recompile` compiles every case; `--update-stored` keeps what a run compiled in the
+repository, with its key.
 
 Each case is the configuration as published, read at the MaxText commit its `source` names
 (model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
@@ -24,6 +34,7 @@ date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan a
 
     JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
     python benchmarks/calibrate_step_model.py --stored   # the kept programs, in seconds
+    python benchmarks/calibrate_step_model.py --recompile --hlo-dir DIR   # the cold run
 """
 
 from __future__ import annotations
@@ -392,10 +403,13 @@ def case_program_key(case: Case, layers: int) -> str:
                        case.topology, case.slices)
 
 
-def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = False) -> dict:
+def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = False,
+                    update_stored: bool = False) -> dict:
     """The case's row, from a kept program compiled from the same key by this compiler
-    (`hlo_dir`'s, else the repository's), or from a compile into `hlo_dir`."""
+    (`hlo_dir`'s, else the repository's), or from a compile into `hlo_dir` (`update_stored`:
+    also xz-compressed into the repository's, with its key)."""
     from k2jax.aot.program_key import kept_program, record_program
+    from k2jax.atomic_write import write_bytes_atomic
 
     start = time.perf_counter()
     key = case_program_key(case, layers)
@@ -406,9 +420,16 @@ def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = Fal
     if kept is not None:
         row = run_case(case, layers, os.path.dirname(kept), reuse=True)
         return {**row, "kept": kept, "lower_seconds": lower_seconds}
+    os.makedirs(hlo_dir, exist_ok=True)
     row = run_case(case, layers, hlo_dir)
-    if os.path.exists(os.path.join(hlo_dir, name)):  # not when the compiler ran out of HBM
+    compiled = os.path.join(hlo_dir, name)
+    if os.path.exists(compiled):  # not when the compiler ran out of HBM
         record_program(hlo_dir, name, key)
+        if update_stored and "error" not in row:
+            with open(compiled, "rb") as f:
+                packed = lzma.compress(f.read(), preset=9)
+            write_bytes_atomic(os.path.join(STORED_HLO, name + ".xz"), packed)
+            record_program(STORED_HLO, name, key)
     return {**row, "kept": None, "lower_seconds": lower_seconds}
 
 
@@ -506,7 +527,8 @@ def format_row(r: dict) -> str:
 
 def _time_cell(r: dict) -> str:
     if r.get("kept"):
-        return f"kept: {r['kept']} ({r['lower_seconds']:.0f} s to lower + {r['cost_seconds']:.0f})"
+        return (f"kept in {os.path.relpath(os.path.dirname(r['kept']))} "
+                f"({r['lower_seconds']:.0f} s to lower + {r['cost_seconds']:.0f})")
     return f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']})"
 
 
@@ -533,6 +555,10 @@ def main(argv=None) -> int:
                         help="compile every case, even one whose program is kept (--hlo-dir "
                              "or the repository) compiled from the same lowered program, flags "
                              "and compiler: the cold run")
+    parser.add_argument("--update-stored", action="store_true",
+                        help=f"keep each program compiled in this run in the repository "
+                             f"({STORED_HLO}, xz-compressed, with its key), to commit with "
+                             f"the errors it gives")
     parser.add_argument("--stored", action="store_true",
                         help=f"cost the compiled HLO kept in the repository ({STORED_HLO}): "
                              f"--reuse --hlo-dir {STORED_HLO}, in seconds")
@@ -564,7 +590,8 @@ def main(argv=None) -> int:
         if args.reuse:
             row = run_case(case, layers, args.hlo_dir, reuse=True)
         else:
-            row = compile_or_keep(case, layers, args.hlo_dir, args.recompile)
+            row = compile_or_keep(case, layers, args.hlo_dir, args.recompile,
+                                  args.update_stored)
         kept += bool(row.get("kept"))
         spent += (row.get("lower_seconds", 0.0) + row.get("compile_seconds", 0.0)
                   + row.get("cost_seconds", 0.0))

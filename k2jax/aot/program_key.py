@@ -35,10 +35,10 @@ def toolchain() -> str:
     return " + ".join(versions)
 
 
-def program_key(lowered: str, xla_flags: str, startup_flags: str, topology: str,
+def program_key(lowered: str, xla_flags: Optional[str], startup_flags: str, topology: str,
                 slices: int) -> str:
     digest = hashlib.sha256()
-    for part in (lowered, " ".join(xla_flags.split()), " ".join(startup_flags.split()),
+    for part in (lowered, " ".join((xla_flags or "").split()), " ".join(startup_flags.split()),
                  topology, str(slices)):
         digest.update(part.encode())
         digest.update(b"\0")
