@@ -408,7 +408,7 @@ def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = Fal
     """The case's row, from a kept program compiled from the same key by this compiler
     (`hlo_dir`'s, else the repository's), or from a compile into `hlo_dir` (`update_stored`:
     also xz-compressed into the repository's, with its key)."""
-    from k2jax.aot.program_key import kept_program, record_program
+    from k2jax.aot.program_key import kept_program, record_program, same_program
     from k2jax.atomic_write import write_bytes_atomic
 
     start = time.perf_counter()
@@ -423,8 +423,11 @@ def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = Fal
     os.makedirs(hlo_dir, exist_ok=True)
     row = run_case(case, layers, hlo_dir)
     compiled = os.path.join(hlo_dir, name)
+    stored = os.path.join(STORED_HLO, name + ".xz")
     if os.path.exists(compiled):  # not when the compiler ran out of HBM
         record_program(hlo_dir, name, key)
+        if os.path.exists(stored):  # a recompile (--recompile, or a changed key)
+            row["same_as_stored"] = same_program(compiled, stored)
         if update_stored and "error" not in row:
             with open(compiled, "rb") as f:
                 packed = lzma.compress(f.read(), preset=9)
@@ -438,6 +441,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
     from k2jax.aot.chips import chip_for
     from k2jax.aot.collectives import DeviceLayout
     from k2jax.aot.compile_report import compile_report, topology_devices
+    from k2jax.aot.program_key import read_program
     from k2jax.aot.step_time import predict
     from k2jax.aot.topology import parse_slice
 
@@ -466,8 +470,7 @@ def run_case(case: Case, layers: int, hlo_dir: Optional[str] = None,
     mesh = build_mesh(config.mesh, topology_devices(tpu_slice, case.slices))
     chip = chip_for(tpu_slice.generation.name)
     flops = maxtext_flops_per_step(case)
-    with (lzma.open(hlo, "rt") if hlo.endswith(".xz") else open(hlo)) as f:
-        text = f.read()
+    text = read_program(hlo)
     pred = predict(text, chip, DeviceLayout.from_devices(list(mesh.devices.flat)), flops,
                    _chips(case), layer_trips=(layers, case.model["layers"]))
     if layers < case.model["layers"] and pred["extrapolated_layer_loops"] < 2:
@@ -529,7 +532,10 @@ def _time_cell(r: dict) -> str:
     if r.get("kept"):
         return (f"kept in {os.path.relpath(os.path.dirname(r['kept']))} "
                 f"({r['lower_seconds']:.0f} s to lower + {r['cost_seconds']:.0f})")
-    return f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']})"
+    stored = {True: ", the stored program", False: ", not the stored program"}.get(
+        r.get("same_as_stored"), "")
+    return (f"{r['compile_seconds']:.0f} + {r['cost_seconds']:.0f} (load {r['load_average']})"
+            f"{stored}")
 
 
 HEADER = ("| case | published MFU | predicted MFU | rel. error | predicted step s | published "

@@ -33,4 +33,5 @@ def test_a_case_compiles_once_then_is_kept_until_its_program_changes(tmp_path, m
         assert calibrate.case_program_key(changed, 2) != key
     recompiled = calibrate.compile_or_keep(case, 2, str(tmp_path / "run3"), recompile=True)
     assert recompiled["kept"] is None
+    assert recompiled["same_as_stored"] is True  # XLA compiled the same key the same way
     assert recompiled["predicted_step_seconds"] == first["predicted_step_seconds"]

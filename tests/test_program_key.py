@@ -5,6 +5,7 @@ used by benchmarks/calibrate_step_model.py)."""
 from __future__ import annotations
 
 import json
+import lzma
 
 from k2jax.aot.program_key import (KEYS_FILE, kept_program, program_key, record_program,
                                    toolchain)
@@ -44,3 +45,32 @@ def test_a_recorded_program_may_be_kept_compressed_and_records_merge(tmp_path):
     assert kept_program(str(tmp_path), "p.hlo", key) == str(tmp_path / "p.hlo.xz")
     assert kept_program(str(tmp_path), "q.hlo", key) is None  # recorded, but no file
     assert set(json.loads((tmp_path / KEYS_FILE).read_text())) == {"p.hlo", "q.hlo"}
+
+
+COMPILED = '''HloModule jit_step, is_scheduled=true
+
+FileNames
+1 "{root}/k2jax/model/layers.py"
+
+StackFrames
+1 {{file_location_id={line} parent_frame_id=1}}
+
+ENTRY %main (p: f32[8]) -> f32[8] {{
+  %p = f32[8]{{0}} parameter(0), metadata={{op_name="p" source_file="{root}/x.py" source_line={line}}}
+  ROOT %n = f32[8]{{0}} negate(%p), metadata={{op_name="jit(step)/neg" stack_frame_id=1}}
+}}
+'''
+
+
+def test_two_compiles_differing_only_in_where_the_source_was_hold_the_same_program(tmp_path):
+    from k2jax.aot.program_key import same_program, without_debug_info
+
+    here = tmp_path / "a.hlo"
+    here.write_text(COMPILED.format(root="/work/main", line=169))
+    moved = tmp_path / "b.hlo.xz"  # stored compressed, compiled from another folder and line
+    moved.write_bytes(lzma.compress(COMPILED.format(root="/tmp/fresh", line=170).encode()))
+    assert same_program(str(here), str(moved))
+    assert "negate(%p)" in without_debug_info(here.read_text())
+    other = tmp_path / "c.hlo"
+    other.write_text(COMPILED.format(root="/work/main", line=169).replace("negate", "abs"))
+    assert not same_program(str(here), str(other))

@@ -6,9 +6,8 @@ them: `compile_report.lowered_text`), the compile-time flags, the flags libtpu r
 start-up, the target topology, and the compiler itself (jax and libtpu). The key hashes the
 first four; the compiler is kept beside it as the `toolchain`, so that a kept program compiled
 by another libtpu reads as "another compiler", not as a changed program. XLA compiles the same
-input the same way (tested on the calibration's programs: a recompile equals the kept text
-but for source line numbers in its metadata, which `as_text()` of the lowered program leaves
-out).
+input the same way: every calibration case compiled again gave its kept program but for debug
+information (`without_debug_info`), which `as_text()` of the lowered program leaves out.
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import lzma
 import os
+import re
 from typing import Optional
 
 from k2jax.atomic_write import write_bytes_atomic
@@ -72,3 +73,26 @@ def record_program(folder: str, file_name: str, key: str) -> None:
     keys[file_name] = {"program": key, "toolchain": toolchain()}
     text = json.dumps(keys, indent=1, sort_keys=True) + "\n"
     write_bytes_atomic(os.path.join(folder, KEYS_FILE), text.encode())
+
+
+# The file, function and stack-frame tables of a module's text ('3 "k2jax/model/layers.py"',
+# '17 {file_location_id=2 parent_frame_id=17}') and each op's metadata: where ops came from.
+_SOURCE_TABLE_LINE = re.compile(r'^\d+ (?:"[^"]*"|\{[a-z_]+=.*\})$')
+_OP_METADATA = re.compile(r", metadata=\{[^}]*\}")
+
+
+def without_debug_info(hlo_text: str) -> str:
+    """A compiled module's text without what only locates its source (line numbers move when
+    code is edited or run from another folder): the program itself."""
+    lines = (_OP_METADATA.sub("", line) for line in hlo_text.splitlines())
+    return "\n".join(line for line in lines if line.strip() and not _SOURCE_TABLE_LINE.match(line))
+
+
+def read_program(path: str) -> str:
+    with (lzma.open(path, "rt") if path.endswith(".xz") else open(path)) as f:
+        return f.read()
+
+
+def same_program(path: str, other: str) -> bool:
+    """Whether two compiled modules' files (plain or .xz) hold the same program."""
+    return without_debug_info(read_program(path)) == without_debug_info(read_program(other))
