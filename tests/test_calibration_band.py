@@ -2,7 +2,8 @@
 
 import pytest
 
-from k2jax.aot.calibration import ERRORS, band_line, error_summary, errors_for, step_band
+from k2jax.aot.calibration import ERRORS, error_summary, errors_for, step_band
+from k2jax.aot.run_estimate import calibration_line, three_figures
 
 
 def test_band_is_the_prediction_scaled_by_the_extreme_errors():
@@ -14,8 +15,9 @@ def test_band_is_the_prediction_scaled_by_the_extreme_errors():
 
 def test_the_printed_line_names_the_recorded_calibration():
     low, high = step_band(21.0)
-    line = band_line(21.0)
-    assert f"{low:.2f}-{high:.2f} s" in line and f"{len(ERRORS)} published" in line
+    line = calibration_line(21.0, 0.6)
+    assert f"{three_figures(low)}-{three_figures(high)} s" in line
+    assert f"{len(ERRORS)} published" in line
     assert low <= high
 
 
@@ -24,4 +26,4 @@ def test_a_generation_with_cases_gets_its_own_band():
     assert set(errors_for("v5p", errors)) == {"32b-v5p-128", "32b-2xv5p-128"}
     assert step_band(10.0, errors, "v6e") == pytest.approx((12.0, 12.0))
     assert errors_for("v4", errors) == errors  # no case there: all of them
-    assert "on v6e" in band_line(10.0, "v6e")
+    assert "on v6e" in calibration_line(10.0, 0.4, "v6e")

@@ -70,11 +70,3 @@ def step_band(predicted_seconds: float, errors: dict[str, float] = ERRORS,
     summary = error_summary(errors_for(generation, errors))
     return predicted_seconds * (1 + summary["min"]), predicted_seconds * (1 + summary["max"])
 
-
-def band_line(predicted_seconds: float, generation: str | None = None) -> str:
-    low, high = step_band(predicted_seconds, generation=generation)
-    s = error_summary(errors_for(generation))
-    where = f" on {generation}" if generation and s["cases"] < len(ERRORS) else ""
-    return (f"calibrated step {low:.2f}-{high:.2f} s (the model against {s['cases']} published "
-            f"MaxText runs{where}: mean {s['mean']:+.1%}, worst {s['worst']:+.1%}, spread "
-            f"{s['spread']:.1%}; docs/performance.md)")
