@@ -641,4 +641,10 @@ def check_extrapolation(layers: int, hlo_dir: Optional[str], reuse: bool) -> dic
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from k2jax.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as err:  # bad input (a damaged keys file, a flag libtpu refuses): one line
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)

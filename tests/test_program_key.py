@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import lzma
 
+import pytest
+
 from k2jax.aot.program_key import (KEYS_FILE, kept_program, program_key, record_program,
                                    toolchain)
+from k2jax.errors import UserError
 
 BASE = dict(lowered="module @jit_step {}", xla_flags="--a=1  --b=2", startup_flags="",
             topology="v5p-128", slices=1)
@@ -74,3 +77,12 @@ def test_two_compiles_differing_only_in_where_the_source_was_hold_the_same_progr
     other = tmp_path / "c.hlo"
     other.write_text(COMPILED.format(root="/work/main", line=169).replace("negate", "abs"))
     assert not same_program(str(here), str(other))
+
+
+def test_a_damaged_keys_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / KEYS_FILE).write_text('{"p.hlo": ')
+    with pytest.raises(UserError, match=f"{KEYS_FILE}: not a keys file"):
+        kept_program(str(tmp_path), "p.hlo", "k")
+    (tmp_path / KEYS_FILE).write_text("[]")
+    with pytest.raises(UserError, match="expected a JSON object"):
+        kept_program(str(tmp_path), "p.hlo", "k")

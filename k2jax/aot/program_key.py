@@ -21,6 +21,7 @@ import re
 from typing import Optional
 
 from k2jax.atomic_write import write_bytes_atomic
+from k2jax.errors import UserError
 
 KEYS_FILE = "keys.json"  # in a folder of compiled programs: file name -> its key
 
@@ -51,7 +52,15 @@ def read_keys(folder: str) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        try:
+            keys = json.load(f)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not a keys file ({err}); remove it to compile its "
+                            f"folder's cases again") from None
+    if not isinstance(keys, dict):
+        raise UserError(f"{path}: expected a JSON object of file name -> key, found "
+                        f"{type(keys).__name__}")
+    return keys
 
 
 def kept_program(folder: str, file_name: str, key: str) -> Optional[str]:
