@@ -408,7 +408,7 @@ def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = Fal
     """The case's row, from a kept program compiled from the same key by this compiler
     (`hlo_dir`'s, else the repository's), or from a compile into `hlo_dir` (`update_stored`:
     also xz-compressed into the repository's, with its key)."""
-    from k2jax.aot.program_key import kept_program, record_program, same_program
+    from k2jax.aot.program_key import kept_program, read_program, record_program, same_program
     from k2jax.atomic_write import write_bytes_atomic
 
     start = time.perf_counter()
@@ -429,9 +429,8 @@ def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = Fal
         if os.path.exists(stored):  # a recompile (--recompile, or a changed key)
             row["same_as_stored"] = same_program(compiled, stored)
         if update_stored and "error" not in row:
-            with open(compiled, "rb") as f:
-                packed = lzma.compress(f.read(), preset=9)
-            write_bytes_atomic(os.path.join(STORED_HLO, name + ".xz"), packed)
+            packed = lzma.compress(read_program(compiled).encode(), preset=9)
+            write_bytes_atomic(stored, packed)
             record_program(STORED_HLO, name, key)
     return {**row, "kept": None, "lower_seconds": lower_seconds}
 

@@ -43,7 +43,7 @@ def test_every_stored_program_is_what_its_case_compiles_to_today(monkeypatch):
     if {entry["toolchain"] for entry in recorded.values()} == {toolchain()}:
         assert stale == [], (f"stored programs no longer what these cases compile to: "
                              f"python benchmarks/calibrate_step_model.py --cases "
-                             f"{','.join(stale)} --hlo-dir DIR, then store them "
+                             f"{','.join(stale)} --hlo-dir DIR --update-stored "
                              f"(benchmarks/calibration_hlo/README.md)")
     else:
         assert len(stale) == len(calibrate.CASES)
