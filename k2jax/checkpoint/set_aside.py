@@ -21,6 +21,7 @@ from etils import epath
 
 from k2jax.errors import UserError, one_line
 from k2jax.storage import is_remote, remote
+from k2jax.storage_errors import restore_attempt
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's CommitFileTemporaryPath, used on GCS
 
@@ -57,7 +58,8 @@ def restore_newest_intact(checkpoints, steps: list[int], restore: Callable[[int]
     damaged = []
     for step in reversed(steps):
         try:
-            state = restore(step)
+            with restore_attempt():
+                state = restore(step)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure to read a step is damage
