@@ -86,3 +86,44 @@ def test_a_damaged_keys_file_is_one_line_naming_it(tmp_path):
     (tmp_path / KEYS_FILE).write_text("[]")
     with pytest.raises(UserError, match="expected a JSON object"):
         kept_program(str(tmp_path), "p.hlo", "k")
+
+
+KERNEL_SOURCE = '''import jax
+from jax.experimental import pallas as pl
+
+
+def _add(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + {addend}
+
+
+def add(x):
+    return pl.pallas_call(_add, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+'''
+
+
+def _lowered_for_tpu(folder, addend="1.0"):
+    """A step with a Pallas TPU kernel whose code lies in `folder`, lowered as compile_report
+    lowers (the kernel's Mosaic bytecode keeps that path, as it keeps the installed jax's)."""
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+
+    folder.mkdir()
+    (folder / "kernel.py").write_text(KERNEL_SOURCE.format(addend=addend))
+    spec = importlib.util.spec_from_file_location(f"kernel_{folder.name}", folder / "kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = jax.ShapeDtypeStruct((8, 128), jnp.float32)
+    return jax.jit(module.add).trace(x).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_a_kernel_installed_elsewhere_keeps_its_key_and_a_changed_kernel_does_not(tmp_path):
+    """CI's clone installs jax into its own .venv: the same step then lowers to a text whose
+    kernel bytecode names another path (all 19 stored programs read as stale in CI before)."""
+    here = _lowered_for_tpu(tmp_path / "venv")
+    elsewhere = _lowered_for_tpu(tmp_path / ".venv-of-a-clone")
+    assert here != elsewhere  # the raw text differs by the path inside the kernel's bytecode
+    key = lambda lowered: program_key(**{**BASE, "lowered": lowered})  # noqa: E731
+    assert key(here) == key(elsewhere)
+    assert key(_lowered_for_tpu(tmp_path / "changed", addend="2.0")) != key(here)

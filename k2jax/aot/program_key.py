@@ -12,6 +12,8 @@ information (`without_debug_info`), which `as_text()` of the lowered program lea
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -40,11 +42,43 @@ def toolchain() -> str:
 def program_key(lowered: str, xla_flags: Optional[str], startup_flags: str, topology: str,
                 slices: int) -> str:
     digest = hashlib.sha256()
-    for part in (lowered, " ".join((xla_flags or "").split()), " ".join(startup_flags.split()),
+    for part in (without_kernel_locations(lowered), " ".join((xla_flags or "").split()), " ".join(startup_flags.split()),
                  topology, str(slices)):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+# A Pallas TPU kernel sits in the program as Mosaic MLIR bytecode, base64 in its custom call's
+# backend config ('\22body\22: \22TUzv...' in the lowered text, '"body":"TUzv...' compiled), and
+# that bytecode keeps the kernel's source locations: the absolute path of the installed jax,
+# which differs between virtual environments (CI's clone has its own .venv), so the same
+# program would hash differently in each.
+_KERNEL_BODY = re.compile(r'(\\22body\\22: \\22|"body":")([A-Za-z0-9+/]+=*)')
+
+
+def without_kernel_locations(text: str) -> str:
+    """`text` (a lowered or compiled module) with each Mosaic kernel's bytecode replaced by the
+    digest of the kernel's text without source locations."""
+    return _KERNEL_BODY.sub(lambda match: match.group(1) + _kernel_digest(match.group(2)), text)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_digest(body: str) -> str:
+    from jax._src.interpreters import mlir  # jax's own way of reading a kernel (tpu_custom_call)
+    from jax._src.lib import tpu
+    from jaxlib.mlir import ir
+
+    context = mlir.make_ir_context()
+    tpu.register_dialect(context)
+    context.allow_unregistered_dialects = True  # serialized kernels use stable_mosaic.* ops
+    try:
+        with context:
+            module = ir.Module.parse(base64.b64decode(body))
+            text = module.operation.get_asm(enable_debug_info=False)
+    except Exception:  # noqa: BLE001 - unreadable: kept as it is (the key then differs)
+        return body
+    return "mosaic-sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_keys(folder: str) -> dict:
@@ -92,8 +126,10 @@ _OP_METADATA = re.compile(r", metadata=\{[^}]*\}")
 
 def without_debug_info(hlo_text: str) -> str:
     """A compiled module's text without what only locates its source (line numbers move when
-    code is edited or run from another folder): the program itself."""
-    lines = (_OP_METADATA.sub("", line) for line in hlo_text.splitlines())
+    code is edited or run from another folder, paths with the virtual environment): the program
+    itself."""
+    lines = (_OP_METADATA.sub("", line)
+             for line in without_kernel_locations(hlo_text).splitlines())
     return "\n".join(line for line in lines if line.strip() and not _SOURCE_TABLE_LINE.match(line))
 
 
