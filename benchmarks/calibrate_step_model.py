@@ -403,6 +403,19 @@ def case_program_key(case: Case, layers: int) -> str:
                        case.topology, case.slices)
 
 
+def prepare_hlo_dir(hlo_dir: str) -> None:
+    """Compiled programs go to `hlo_dir`: found unusable before the first compile, not after
+    minutes of it (one line, exit 2)."""
+    from k2jax.errors import UserError
+
+    try:
+        os.makedirs(hlo_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--hlo-dir {hlo_dir}: cannot be made a folder ({err.strerror})") from None
+    if not os.access(hlo_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--hlo-dir {hlo_dir}: this user cannot write there")
+
+
 def compile_or_keep(case: Case, layers: int, hlo_dir: str, recompile: bool = False,
                     update_stored: bool = False) -> dict:
     """The case's row, from a kept program compiled from the same key by this compiler
@@ -585,6 +598,8 @@ def main(argv=None) -> int:
         chosen = [c for c in CASES if c.name in names]
     if args.cases == "":
         chosen = []
+    if not args.reuse:
+        prepare_hlo_dir(args.hlo_dir)
     set_startup_flags()
     if not args.json and chosen:
         print(HEADER)
