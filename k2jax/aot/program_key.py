@@ -42,8 +42,8 @@ def toolchain() -> str:
 def program_key(lowered: str, xla_flags: Optional[str], startup_flags: str, topology: str,
                 slices: int) -> str:
     digest = hashlib.sha256()
-    for part in (without_kernel_locations(lowered), " ".join((xla_flags or "").split()), " ".join(startup_flags.split()),
-                 topology, str(slices)):
+    for part in (without_kernel_locations(lowered), " ".join((xla_flags or "").split()),
+                 " ".join(startup_flags.split()), topology, str(slices)):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()
