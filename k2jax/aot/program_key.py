@@ -65,18 +65,19 @@ def without_kernel_locations(text: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_digest(body: str) -> str:
-    from jax._src.interpreters import mlir  # jax's own way of reading a kernel (tpu_custom_call)
-    from jax._src.lib import tpu
-    from jaxlib.mlir import ir
-
-    context = mlir.make_ir_context()
-    tpu.register_dialect(context)
-    context.allow_unregistered_dialects = True  # serialized kernels use stable_mosaic.* ops
     try:
+        # jax's own way of reading a kernel back (jax/_src/tpu_custom_call.py); private API
+        from jax._src.interpreters import mlir
+        from jax._src.lib import tpu
+        from jaxlib.mlir import ir
+
+        context = mlir.make_ir_context()
+        tpu.register_dialect(context)
+        context.allow_unregistered_dialects = True  # serialized kernels use stable_mosaic.* ops
         with context:
             module = ir.Module.parse(base64.b64decode(body))
             text = module.operation.get_asm(enable_debug_info=False)
-    except Exception:  # noqa: BLE001 - unreadable: kept as it is (the key then differs)
+    except Exception:  # noqa: BLE001 - unreadable (another jax): kept whole, a stale key at worst
         return body
     return "mosaic-sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
