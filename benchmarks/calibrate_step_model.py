@@ -27,6 +27,10 @@ k2jax's model code recompiles the cases whose program it changes, a new libtpu a
 `--recompile` compiles every case; `--update-stored` keeps what a run compiled in the
 repository, with its key.
 
+Exit status: 0 when every chosen case was costed; 1 when a case was not (its row says why, e.g.
+no kept HLO under `--reuse`); 2 for bad arguments, an unusable `--hlo-dir`, a damaged keys
+file or a program that cannot be written (one line).
+
 Each case is the configuration as published, read at the MaxText commit its `source` names
 (model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
 and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxText's of that
@@ -555,12 +559,20 @@ HEADER = ("| case | published MFU | predicted MFU | rel. error | predicted step 
           "layers compiled->costed | compile + cost s |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of layers, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated case names (default: all): "
                         + ", ".join(c.name for c in CASES))
-    parser.add_argument("--layers", type=int, default=2, help="scanned layers to compile")
+    parser.add_argument("--layers", type=positive_int, default=2,
+                        help="scanned layers to compile")
     parser.add_argument("--check-extrapolation", action="store_true",
                         help="also compile a small model at --layers and 2 x --layers and "
                              "compare the extrapolated step with the compiled one")
@@ -604,7 +616,7 @@ def main(argv=None) -> int:
     if not args.json and chosen:
         print(HEADER)
     spent = cpu = 0.0
-    kept = 0
+    kept = failed = 0
     for case in chosen:
         layers = max(args.layers, case.min_compile_layers)
         if args.reuse:
@@ -613,6 +625,7 @@ def main(argv=None) -> int:
             row = compile_or_keep(case, layers, args.hlo_dir, args.recompile,
                                   args.update_stored)
         kept += bool(row.get("kept"))
+        failed += "error" in row
         spent += (row.get("lower_seconds", 0.0) + row.get("compile_seconds", 0.0)
                   + row.get("cost_seconds", 0.0))
         cpu += row.get("compile_cpu_seconds", 0.0)
@@ -625,6 +638,8 @@ def main(argv=None) -> int:
         print(f"{len(chosen)} cases{how}: {spent:.0f} s of lowering, compiling and costing "
               f"({cpu:.0f} CPU s compiling), load average now {os.getloadavg()[0]:.1f}, "
               f"malloc {malloc_in_use()}")
+    if failed:
+        print(f"{failed} of {len(chosen)} cases not costed (their rows say why)", file=sys.stderr)
     if args.check_extrapolation:
         check = check_extrapolation(args.layers, args.hlo_dir, args.reuse)
         print(json.dumps(check) if args.json else
@@ -632,7 +647,7 @@ def main(argv=None) -> int:
               f"layers costed at {check['costed_layers']}: {check['extrapolated_seconds']:.4f} s; "
               f"compiled at {check['costed_layers']}: {check['compiled_seconds']:.4f} s "
               f"({check['relative_difference']:+.2%})")
-    return 0
+    return 1 if failed else 0
 
 
 # A small model (fast to compile) for checking the per-layer extrapolation: the same step
@@ -644,11 +659,19 @@ EXTRAPOLATION_CHECK = Case("check-1b-v5p-8", "v5p-8", 1,
                            "none: an extrapolation check")
 
 
+def _predicted_seconds(row: dict) -> float:
+    from k2jax.errors import UserError
+
+    if "error" in row:
+        raise UserError(f"--check-extrapolation: {row['error']}")
+    return row["predicted_step_seconds"]
+
+
 def check_extrapolation(layers: int, hlo_dir: Optional[str], reuse: bool) -> dict:
     short = dataclasses.replace(EXTRAPOLATION_CHECK, model={**EXTRAPOLATION_CHECK.model,
                                                             "layers": 2 * layers})
-    extrapolated = run_case(short, layers, hlo_dir, reuse)["predicted_step_seconds"]
-    compiled = run_case(short, 2 * layers, hlo_dir, reuse)["predicted_step_seconds"]
+    extrapolated, compiled = (_predicted_seconds(run_case(short, n, hlo_dir, reuse))
+                              for n in (layers, 2 * layers))
     return {"case": short.name, "compiled_layers": layers, "costed_layers": 2 * layers,
             "extrapolated_seconds": extrapolated, "compiled_seconds": compiled,
             "relative_difference": extrapolated / compiled - 1}
