@@ -679,15 +679,15 @@ def check_extrapolation(layers: int, hlo_dir: Optional[str], reuse: bool) -> dic
 
 if __name__ == "__main__":
     from k2jax.errors import UserError
-    from k2jax.storage_errors import storage_failure
+    from k2jax.storage_errors import user_failure
 
     try:
         raise SystemExit(main())
     except UserError as err:  # bad input (a damaged keys file, a flag libtpu refuses): one line
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    except OSError as err:  # a full disk or quota under --hlo-dir: one line, not a traceback
-        problem = storage_failure(err)
+    except Exception as err:  # a full disk or quota under --hlo-dir: one line, as `k2jax` does
+        problem = user_failure(err)
         if problem is None:
             raise
         print(f"error: {problem}", file=sys.stderr)

@@ -16,7 +16,7 @@ from k2jax.aot.fast_malloc import restart_with_fast_malloc
 from k2jax.commands.cli_args import worded_as_flags
 from k2jax.errors import UserError
 from k2jax.platform import choose_platform
-from k2jax.storage_errors import path_failure, quiet_background_storage_errors, storage_failure
+from k2jax.storage_errors import quiet_background_storage_errors, user_failure
 
 SUBCOMMAND_MODULES = [
     "k2jax.commands.train",
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         message = f"{prog}: error: {err}"
     except Exception as err:  # a full disk, a directory given as a file: the user's to fix
-        problem = storage_failure(err) or path_failure(err)
+        problem = user_failure(err)
         if problem is None:
             raise
         message = f"{prog}: error: {problem}"

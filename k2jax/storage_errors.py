@@ -84,6 +84,12 @@ def path_failure(err: BaseException) -> Optional[str]:
     return None
 
 
+def user_failure(err: BaseException) -> Optional[str]:
+    """One line for a failure the user fixes (a full disk, a directory given as a file, a
+    missing gs:// object): storage_failure's, else path_failure's; None for anything else."""
+    return storage_failure(err) or path_failure(err)
+
+
 # gcsfs names the request, not the user's path: `b/BUCKET/o/KEY` or an API URL ending so.
 _GCS_REQUEST = re.compile(r"(?:^|[/\s])b/([^/?\s]+)(?:/o/?([^?\s]*))?")
 
