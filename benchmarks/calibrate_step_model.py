@@ -28,7 +28,7 @@ k2jax's model code recompiles the cases whose program it changes, a new libtpu a
 repository, with its key.
 
 Exit status: 0 when every chosen case was costed; 1 when a case was not (its row says why, e.g.
-no kept HLO under `--reuse`); 2 for bad arguments, an unusable `--hlo-dir`, a damaged keys
+no kept HLO under `--reuse`); 2 for bad arguments, an unusable or gs:// `--hlo-dir`, a damaged keys
 file or a program that cannot be written (one line).
 
 Each case is the configuration as published, read at the MaxText commit its `source` names
@@ -411,7 +411,11 @@ def prepare_hlo_dir(hlo_dir: str) -> None:
     """Compiled programs go to `hlo_dir`: found unusable before the first compile, not after
     minutes of it (one line, exit 2)."""
     from k2jax.errors import UserError
+    from k2jax.storage import is_remote
 
+    if is_remote(hlo_dir):  # os.makedirs would make a local folder named "gs:"
+        raise UserError(f"--hlo-dir {hlo_dir}: expected a local folder (kept programs and "
+                        f"their keys are read with local file access)")
     try:
         os.makedirs(hlo_dir, exist_ok=True)
     except OSError as err:

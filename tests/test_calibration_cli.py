@@ -43,3 +43,14 @@ def test_a_layer_count_below_one_is_refused():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(
         "argument --layers: expected a positive number of layers, got 0")
+
+
+def test_a_gcs_hlo_dir_is_refused_not_made_as_a_local_folder(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--cases", "32b-v5p-128", "--hlo-dir",
+                             "gs://bucket/hlo"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --hlo-dir gs://bucket/hlo: expected a local folder "
+                                     "(kept programs and their keys are read with local file "
+                                     "access)")
+    assert list(tmp_path.iterdir()) == []
