@@ -27,9 +27,9 @@ k2jax's model code recompiles the cases whose program it changes, a new libtpu a
 `--recompile` compiles every case; `--update-stored` keeps what a run compiled in the
 repository, with its key.
 
-Exit status: 0 when every chosen case was costed; 1 when a case was not (its row says why, e.g.
-no kept HLO under `--reuse`); 2 for bad arguments, an unusable or gs:// `--hlo-dir`, a damaged keys
-file or a program that cannot be written (one line).
+Exit status: 0 when every chosen case was costed; 1 when a case was not (its row says why,
+e.g. no kept HLO under `--reuse`); 2 for bad arguments, an unusable or gs:// `--hlo-dir`, a
+damaged keys file or a program that cannot be written (one line).
 
 Each case is the configuration as published, read at the MaxText commit its `source` names
 (model dims, activation, tied vocabulary, head_dim, per-device batch, remat, sharding, sequence,
