@@ -202,10 +202,19 @@ class Case:
     # offloading recipes (libtpu 0.0.42.1, 2026-12-07: no while loop left) and the multi-slice
     # backward scan, so they compile 4.
     min_compile_layers: int = 0
+    # The calibration case whose published recipe this run repeats at another scale or batch
+    # (or on a model of the same shape): such runs are compiled only with `--cases all`.
+    repeats: str = ""
 
 
 _V5P_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5p/README.md + {}.sh, base.yml"
 _V5E_2023 = "maxtext@76bd53b0f (2023-12-15) MaxText/configs/v5e/README.md + {}.sh, base.yml"
+# The calibration (the default run) is every published recipe once: the nine v5p/v5e runs, and
+# on v6e Llama 3.1 8B on v6e-256, GPT-3 175B, Llama 3.1 405B on 2 x v6e-256, and 405B on
+# v5p-1024. `--cases all` adds six runs that repeat the 8B recipe (`repeats`): 8B on v6e-8 to
+# v6e-128 and Mistral 7B on v6e-8 (the same remat, splash and flags; the v6e-8/16/32 and Mistral
+# workloads also turn collective matmul off). A v6e compile takes 3-8 minutes on 2 cores, so
+# the calibration compiles cold in under 30 minutes and all 19 in 45 (docs/performance.md).
 # remat_policy=minimal is jax's checkpoint_dots_with_no_batch_dims = k2jax save_dots_no_batch.
 # MaxText's MFU in Dec 2023 (train.py calculate_training_tflops @76bd53b0f): 6 x all
 # parameters + causal attention; in Jan 2025 (maxtext_utils.py @9501baa13): full attention.
@@ -259,7 +268,7 @@ CASES = [
            1, 0.0, False, f"maxtext@9f1820b47 (2025-07-10) tpu-recipes-v0.1.4 {workload}; "
            f"tpu-recipes Llama3.1-8B-MaxText/v6e-{n}/README.md", V6E_LLAMA31_8B_FLAGS,
            SPLASH_2048_FUSED + ("model.rope_theta=500000.0",) + loss, "--xla_sc_disjoint_spmem=false",
-           seconds, 4)
+           seconds, 4, repeats="llama3.1-8b-v6e-256")
       for n, batch, workload, seconds, loss in (
           (64, 5, "llama3_1_8b_8192_bs5", 5.652, ("model.loss_chunk_tokens=2048",)),
           (128, 4, "llama3_1_8b_8192", 4.602, ()))),
@@ -272,7 +281,7 @@ CASES = [
            1, 0.0, False, f"maxtext@9f1820b47 (2025-07-10) tpu-recipes-v0.1.4 "
            f"llama3_1_8b_8192_no_collective_matmul; tpu-recipes Llama3.1-8B-MaxText/v6e-{n}",
            V6E_RECIPE_FLAGS, SPLASH_2048_FUSED + ("model.rope_theta=500000.0",),
-           "--xla_sc_disjoint_spmem=false", seconds, 4)
+           "--xla_sc_disjoint_spmem=false", seconds, 4, repeats="llama3.1-8b-v6e-256")
       for n, seconds in ((8, 3.443), (16, 3.393), (32, 3.495))),
     # tpu-recipes training/trillium/Mistral-7B-MaxText/README.md: mistral_7b @14b5876ea
     # (tpu-recipes-v0.1.2), v6e-8, batch 6, seq 8192, the same remat, splash and flags;
@@ -281,7 +290,7 @@ CASES = [
          False, "maxtext@14b5876ea (2025-04-16) tpu-recipes-v0.1.2 mistral_7b; tpu-recipes "
          "Mistral-7B-MaxText/README.md", V6E_RECIPE_FLAGS,
          SPLASH_2048_FUSED + ("model.rope_theta=1000000.0",), "--xla_sc_disjoint_spmem=false",
-         6.320, 4),
+         6.320, 4, repeats="llama3.1-8b-v6e-256"),
     # tpu-recipes training/trillium/GPT3-175B-MaxText/bf16/README.md: gpt_3_175b_bf16
     # @14b5876ea (tpu-recipes-v0.1.2), v6e-256, batch 3, seq 2048 (base.yml), fsdp 256, remat
     # full (no offload: the kind of K2's v6e plan), splash; "completed step: 15, seconds:
@@ -563,6 +572,34 @@ HEADER = ("| case | published MFU | predicted MFU | rel. error | predicted step 
           "layers compiled->costed | compile + cost s |\n|---|---|---|---|---|---|---|---|---|")
 
 
+def calibration_cases() -> list:
+    return [c for c in CASES if not c.repeats]
+
+
+def chosen_cases(selection: str):
+    """`--cases`: 'calibration', 'all' or names (None, said in one line, for an unknown one)."""
+    if selection == "calibration":
+        return calibration_cases()
+    if selection == "all":
+        return list(CASES)
+    names = [n for n in selection.split(",") if n]
+    unknown = [n for n in names if n not in {c.name for c in CASES}]
+    if unknown:
+        print(f"--cases: unknown {unknown} (expected 'calibration', 'all' or case names)",
+              file=sys.stderr)
+        return None
+    return [c for c in CASES if c.name in names]
+
+
+def error_line(errors: dict) -> str:
+    """The run's errors as k2jax/aot/calibration.py records them (mean, spread, range)."""
+    from k2jax.aot.calibration import error_summary
+
+    s = error_summary(errors)
+    return (f"relative error over {s['cases']} cases: mean {s['mean']:+.1%}, spread "
+            f"{s['spread']:.1%}, from {s['min']:+.1%} to {s['max']:+.1%}")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -573,8 +610,12 @@ def positive_int(text: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", help="comma-separated case names (default: all): "
-                        + ", ".join(c.name for c in CASES))
+    parser.add_argument("--cases", default="calibration",
+                        help="'calibration' (the default: every published recipe once, "
+                             f"{len(calibration_cases())} cases), 'all' (also the runs that "
+                             "repeat a recipe at another scale, "
+                             f"{len(CASES)} cases), or comma-separated case names: "
+                             + ", ".join(c.name for c in CASES))
     parser.add_argument("--layers", type=positive_int, default=2,
                         help="scanned layers to compile")
     parser.add_argument("--check-extrapolation", action="store_true",
@@ -604,16 +645,9 @@ def main(argv=None) -> int:
 
         restart_with_fast_malloc()  # a fifth of a compile is malloc (k2jax/aot/fast_malloc.py)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    chosen = CASES
-    if args.cases:
-        names = args.cases.split(",")
-        unknown = [n for n in names if n not in {c.name for c in CASES}]
-        if unknown:
-            print(f"--cases: unknown {unknown}", file=sys.stderr)
-            return 2
-        chosen = [c for c in CASES if c.name in names]
-    if args.cases == "":
-        chosen = []
+    chosen = chosen_cases(args.cases)
+    if chosen is None:
+        return 2
     if not args.reuse:
         prepare_hlo_dir(args.hlo_dir)
     set_startup_flags()
@@ -621,6 +655,7 @@ def main(argv=None) -> int:
         print(HEADER)
     spent = cpu = 0.0
     kept = failed = 0
+    errors = {}
     for case in chosen:
         layers = max(args.layers, case.min_compile_layers)
         if args.reuse:
@@ -633,6 +668,8 @@ def main(argv=None) -> int:
         spent += (row.get("lower_seconds", 0.0) + row.get("compile_seconds", 0.0)
                   + row.get("cost_seconds", 0.0))
         cpu += row.get("compile_cpu_seconds", 0.0)
+        if row.get("relative_error") is not None:
+            errors[case.name] = row["relative_error"]
         print(json.dumps(row) if args.json else format_row(row), flush=True)
     if chosen and not args.json:
         from k2jax.aot.fast_malloc import malloc_in_use
@@ -642,6 +679,8 @@ def main(argv=None) -> int:
         print(f"{len(chosen)} cases{how}: {spent:.0f} s of lowering, compiling and costing "
               f"({cpu:.0f} CPU s compiling), load average now {os.getloadavg()[0]:.1f}, "
               f"malloc {malloc_in_use()}")
+        if errors:
+            print(error_line(errors))
     if failed:
         print(f"{failed} of {len(chosen)} cases not costed (their rows say why)", file=sys.stderr)
     if args.check_extrapolation:
