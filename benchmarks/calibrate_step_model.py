@@ -14,9 +14,11 @@ also compiles a small model at both layer counts and compares. A compile in whic
 the forward or the backward layer scan (the 2-layer multi-slice ones) is an error row: rerun
 it with more `--layers` (cases that need 4 say so in `min_compile_layers`). Each row gives the
 compile's wall and CPU seconds and the load average; `--reuse` re-costs kept HLO in seconds.
-All 19 cases compiled in 45 minutes on 2 cores under TCMalloc (2026-12-07; about 1.8 times
-that on a slower 2-vCPU VM); `--stored` re-costs the programs kept in the repository in about
-2 s.
+The default run is the calibration, every published recipe once (13 cases): compiled cold in
+20 minutes on 2 cores under TCMalloc (2026-12-07); `--cases all` adds the six runs that repeat
+the Llama 3.1 8B recipe at other scales or on Mistral 7B (19 cases: 45 minutes; about 1.8
+times as long on a slower 2-vCPU VM). The closing line gives the run's mean, spread and range
+of errors. `--stored` re-costs the programs kept in the repository in about 2 s.
 
 Kept programs: a case is compiled only when no program compiled from the same key is kept
 (k2jax/aot/program_key.py: the case's lowered step, its flags, libtpu's start-up flags and the
@@ -36,9 +38,9 @@ Each case is the configuration as published, read at the MaxText commit its `sou
 and the LIBTPU_INIT_ARGS of its .sh, passed as `train.xla_flags`). MFU is MaxText's of that
 date: 6 x all parameters + causal attention in Dec 2023; full attention in Jan and Jul 2025.
 
-    JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases NAME,...] [--json]
-    python benchmarks/calibrate_step_model.py --stored   # the kept programs, in seconds
-    python benchmarks/calibrate_step_model.py --recompile --hlo-dir DIR   # the cold run
+    JAX_PLATFORMS=cpu python benchmarks/calibrate_step_model.py [--cases calibration|all|NAME,...]
+    python benchmarks/calibrate_step_model.py --stored --cases all   # every kept program, 2 s
+    python benchmarks/calibrate_step_model.py --recompile --hlo-dir DIR   # the cold calibration
 """
 
 from __future__ import annotations
