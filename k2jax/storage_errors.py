@@ -17,9 +17,9 @@ import sys
 import traceback
 import urllib.parse
 import warnings
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from k2jax.errors import UserError
+from k2jax.errors import UserError, one_line
 
 _PROBLEMS = {
     errno.ENOSPC: "no space left on device",
@@ -256,25 +256,45 @@ def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
     sys.excepthook = excepthook
 
 
-@contextlib.contextmanager
-def restore_attempt() -> Iterator[None]:
-    """A checkpoint restore that the caller recovers from if it fails. Orbax's other reads of a
-    step that failed to restore go on failing in the background, and asyncio reports each such
-    future ('Future exception was never retrieved', with TensorStore's read error) whenever it
-    is collected: during the attempt, or minutes later. That work was abandoned on purpose and
-    its failure is reported as one line by the caller, so these reports are dropped during the
-    attempt and, if it fails, for the rest of the process (seen once in 10 in CI's
-    truncated-checkpoint test, after 'resumed from step 2')."""
+def recover_from(action: Callable[[], Any]) -> tuple[Any, Optional[str]]:
+    """(action(), None), or (None, one line saying why) when it failed with anything but a
+    UserError: a checkpoint restore that the caller recovers from (the previous step).
+
+    Orbax's other reads of a step that failed to restore are abandoned, and their leftovers are
+    reported whenever they are collected, during the attempt or minutes later: a failed future
+    nobody retrieved (asyncio's 'Future exception was never retrieved', seen once in 10 in CI's
+    truncated-checkpoint test, after 'resumed from step 2'), a read coroutine closed unfinished
+    ('Exception ignored in: <coroutine object _read_array_index_and_device_put>') and TensorStore
+    finishing a read for the closed loop ('Event loop is closed'). The failure is reported once,
+    as the line returned; so only that line is kept (the error's traceback held the abandoned
+    loop), what it left is collected at once with those reports dropped, and after a failure they
+    stay dropped for the rest of the process (TensorStore's threads report when they finish)."""
     asyncio_log = logging.getLogger("asyncio")
     already_quiet = _drop_unretrieved in asyncio_log.filters
     asyncio_log.addFilter(_drop_unretrieved)
+    previous_hook = sys.unraisablehook
+
+    def unraisable_hook(unraisable) -> None:
+        if not _is_background_noise(unraisable):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = unraisable_hook
+    failure = None
     try:
-        yield
-    except BaseException:
-        gc.collect()  # what is already unreachable is reported (and dropped) now
-        raise
-    if not already_quiet:
-        asyncio_log.removeFilter(_drop_unretrieved)
+        try:
+            return action(), None
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the caller recovers from any failure
+            failure = one_line(err)
+        gc.collect()  # the error is gone, so what the abandoned reads left is unreachable now
+        return None, failure
+    finally:
+        if failure is None:
+            if sys.unraisablehook is unraisable_hook:
+                sys.unraisablehook = previous_hook
+            if not already_quiet:
+                asyncio_log.removeFilter(_drop_unretrieved)
 
 
 def _drop_unretrieved(record: logging.LogRecord) -> bool:

@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional
 
 from etils import epath
 
-from k2jax.errors import UserError, one_line
+from k2jax.errors import UserError
 from k2jax.storage import is_remote, remote
-from k2jax.storage_errors import restore_attempt
+from k2jax.storage_errors import recover_from
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax's CommitFileTemporaryPath, used on GCS
 
@@ -57,20 +57,16 @@ def restore_newest_intact(checkpoints, steps: list[int], restore: Callable[[int]
     """
     damaged = []
     for step in reversed(steps):
-        try:
-            with restore_attempt():
-                state = restore(step)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure to read a step is damage
-            log(f"checkpoint {step} failed to restore ({one_line(err)}); trying the previous one")
-            damaged.append((step, err))
+        state, failure = recover_from(lambda: restore(step))  # any failure to read is damage
+        if failure is not None:
+            log(f"checkpoint {step} failed to restore ({failure}); trying the previous one")
+            damaged.append((step, failure))
             continue
         for bad, _ in damaged:
             log(f"checkpoint {bad} set aside as {checkpoints.set_aside(bad)}")
         return state, step
     if damaged:
-        step, err = damaged[0]
+        step, failure = damaged[0]
         raise UserError(f"no checkpoint in {checkpoints.directory} restores (step {step}: "
-                        f"{one_line(err)}); move them away to start afresh")
+                        f"{failure}); move them away to start afresh")
     return None
