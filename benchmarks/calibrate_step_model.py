@@ -579,13 +579,19 @@ def calibration_cases() -> list:
 
 
 def chosen_cases(selection: str):
-    """`--cases`: 'calibration', 'all' or names (None, said in one line, for an unknown one)."""
-    if selection == "calibration":
-        return calibration_cases()
-    if selection == "all":
-        return list(CASES)
-    names = [n for n in selection.split(",") if n]
-    unknown = [n for n in names if n not in {c.name for c in CASES}]
+    """`--cases`: comma-separated 'calibration', 'all' and case names, in CASES' order (None,
+    said in one line, for an unknown one)."""
+    groups = {"calibration": {c.name for c in calibration_cases()},
+              "all": {c.name for c in CASES}}
+    names = set()
+    unknown = []
+    for item in (n for n in selection.split(",") if n):
+        if item in groups:
+            names |= groups[item]
+        elif item in groups["all"]:
+            names.add(item)
+        else:
+            unknown.append(item)
     if unknown:
         print(f"--cases: unknown {unknown} (expected 'calibration', 'all' or case names)",
               file=sys.stderr)
@@ -613,10 +619,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="calibration",
-                        help="'calibration' (the default: every published recipe once, "
+                        help="comma-separated groups and names: 'calibration' (the "
+                             "default: every published recipe once, "
                              f"{len(calibration_cases())} cases), 'all' (also the runs that "
-                             "repeat a recipe at another scale, "
-                             f"{len(CASES)} cases), or comma-separated case names: "
+                             f"repeat a recipe at another scale, {len(CASES)} cases), case "
+                             "names: "
                              + ", ".join(c.name for c in CASES))
     parser.add_argument("--layers", type=positive_int, default=2,
                         help="scanned layers to compile")

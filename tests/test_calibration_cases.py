@@ -40,3 +40,15 @@ def test_the_calibration_covers_what_the_step_model_is_checked_on():
     v6e_hidden = {c.model["hidden"] for c in cases if _generation(c) == "v6e"}
     assert min(v6e_hidden) <= 4096 and max(v6e_hidden) >= 12288
     assert len({_generation(c) for c in cases}) == 3  # v5p, v5e, v6e
+
+
+def test_cases_takes_groups_and_names_together(capsys):
+    calibrate = calibration_module()
+    chosen = calibrate.chosen_cases("mistral-7b-v6e-8,calibration")
+    assert [c.name for c in chosen] == [c.name for c in calibrate.CASES
+                                        if not c.repeats or c.name == "mistral-7b-v6e-8"]
+    assert len(calibrate.chosen_cases("all,32b-v5p-128")) == len(calibrate.CASES)
+    assert calibrate.chosen_cases("") == []
+    assert calibrate.chosen_cases("calibration,nope") is None
+    assert capsys.readouterr().err.strip() == (
+        "--cases: unknown ['nope'] (expected 'calibration', 'all' or case names)")
