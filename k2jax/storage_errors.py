@@ -159,6 +159,15 @@ def _is_background_noise(unraisable) -> bool:
     return _is_closed_loop(exc) or _is_orbax_coroutine(unraisable.object)
 
 
+def _dropping_background_noise(previous_hook):
+    """An unraisable hook that passes all but _is_background_noise's reports to `previous_hook`."""
+    def unraisable_hook(unraisable) -> None:
+        if not _is_background_noise(unraisable):
+            previous_hook(unraisable)
+
+    return unraisable_hook
+
+
 def _is_closed_loop(exc: Optional[BaseException]) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
@@ -202,11 +211,7 @@ def quiet_background_storage_errors(loggers: tuple[str, ...] = ("absl", "asyncio
     background thread reporting in between is never printed."""
     record_filter = _StorageRecordFilter()
     previous_hook = sys.unraisablehook
-
-    def unraisable_hook(unraisable) -> None:
-        if not _is_background_noise(unraisable):
-            previous_hook(unraisable)
-
+    unraisable_hook = _dropping_background_noise(previous_hook)
     for name in loggers:
         logging.getLogger(name).addFilter(record_filter)
     sys.unraisablehook = unraisable_hook
@@ -229,11 +234,7 @@ def quiet_until_exit(loggers: tuple[str, ...] = ("absl", "asyncio")) -> None:
     was never retrieved', with the storage error's traceback), after the one-line message."""
     record_filter = _StorageRecordFilter()
     previous_hook = sys.unraisablehook
-
-    def unraisable_hook(unraisable) -> None:
-        if not _is_background_noise(unraisable):
-            previous_hook(unraisable)
-
+    unraisable_hook = _dropping_background_noise(previous_hook)
     previous_excepthook = sys.excepthook
 
     def excepthook(kind, value, traceback) -> None:
@@ -273,11 +274,7 @@ def recover_from(action: Callable[[], Any]) -> tuple[Any, Optional[str]]:
     already_quiet = _drop_unretrieved in asyncio_log.filters
     asyncio_log.addFilter(_drop_unretrieved)
     previous_hook = sys.unraisablehook
-
-    def unraisable_hook(unraisable) -> None:
-        if not _is_background_noise(unraisable):
-            previous_hook(unraisable)
-
+    unraisable_hook = _dropping_background_noise(previous_hook)
     sys.unraisablehook = unraisable_hook
     failure = None
     try:

@@ -97,6 +97,14 @@ def test_a_command_that_ends_the_process_hands_over_without_a_gap(monkeypatch):
     assert printed == [Bug]
 
 
+class _Checkpoints:
+    """Steps 2 and 4 of a run, as restore_newest_intact sees them (4 fails to restore)."""
+    directory = "checkpoints"
+
+    def set_aside(self, step):
+        return f"damaged_checkpoints/{step}"
+
+
 def test_a_recovered_restore_leaves_no_unretrieved_future_report(monkeypatch, caplog):
     """A restore that failed left a future whose failure nobody retrieves (Orbax's other reads
     of the damaged step); the run goes on from the previous step without asyncio printing it
@@ -119,12 +127,6 @@ def test_a_recovered_restore_leaves_no_unretrieved_future_report(monkeypatch, ca
     assert any("never retrieved" in r.getMessage() for r in caplog.records)
     caplog.clear()
 
-    class Checkpoints:
-        directory = "checkpoints"
-
-        def set_aside(self, step):
-            return f"damaged_checkpoints/{step}"
-
     def restore(step):
         if step == 4:
             leave_a_failed_future()
@@ -132,7 +134,7 @@ def test_a_recovered_restore_leaves_no_unretrieved_future_report(monkeypatch, ca
         return "state"
 
     logged = []
-    assert restore_newest_intact(Checkpoints(), [2, 4], restore, logged.append) == ("state", 2)
+    assert restore_newest_intact(_Checkpoints(), [2, 4], restore, logged.append) == ("state", 2)
     leave_a_failed_future()  # collected later, after the run went on
     gc.collect()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
@@ -178,12 +180,6 @@ def test_a_recovered_restore_leaves_no_unfinished_read_report(monkeypatch):
     assert len(reported) == 1 and "orbax" in reported[0].object.cr_code.co_filename
     reported.clear()
 
-    class Checkpoints:
-        directory = "checkpoints"
-
-        def set_aside(self, step):
-            return f"damaged_checkpoints/{step}"
-
     def restore(step):
         if step == 4:
             held = abandon_a_read()  # held by the error's traceback, as Orbax's loop is
@@ -191,7 +187,7 @@ def test_a_recovered_restore_leaves_no_unfinished_read_report(monkeypatch):
         return "state"
 
     logged = []
-    assert restore_newest_intact(Checkpoints(), [2, 4], restore, logged.append) == ("state", 2)
+    assert restore_newest_intact(_Checkpoints(), [2, 4], restore, logged.append) == ("state", 2)
     abandon_a_read()  # collected later, after the run went on
     gc.collect()
     assert reported == []
